@@ -1,0 +1,303 @@
+#!/usr/bin/env python
+"""Pre-train a masked autoencoder ViT with decorrelated backpropagation (DBP-MAE), or the plain BP baseline.
+
+Follows transformers' examples/pytorch/image-pretraining/run_mae.py. Launch with accelerate (one or many processes):
+
+    accelerate launch examples/run_mae_dbp.py                       # offline demo on embedded natural images
+    accelerate launch examples/run_mae_dbp.py examples/configs/paper_vit_b16_imagenet10.yaml
+    accelerate launch examples/run_mae_dbp.py --train_dir imgs/ --output_dir out --bp_baseline
+
+A JSON or YAML file as the only argument holds the same fields as the command-line flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+import transformers
+from datasets import load_dataset
+from transformers import (
+    AutoConfig,
+    HfArgumentParser,
+    TrainingArguments,
+    ViTImageProcessorPil,
+    ViTMAEConfig,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+import hf_dbp
+from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
+from hf_dbp.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MAEImageTransform,
+    demo_image_dataset,
+    drop_unreadable_images,
+    find_image_column,
+)
+from hf_dbp.plotting import plot_training_curves
+
+logger = logging.getLogger(__name__)
+
+# What `accelerate launch examples/run_mae_dbp.py` with no argument runs: a small ViT on crops of scikit-image's
+# photographs, a few minutes on 2 CPU cores.
+DEMO_ARGS = {
+    "output_dir": "outputs/mae-dbp-demo",
+    "config_overrides": (
+        "image_size=32,patch_size=4,hidden_size=96,num_hidden_layers=4,num_attention_heads=4,intermediate_size=384,"
+        "decoder_hidden_size=64,decoder_num_hidden_layers=2,decoder_num_attention_heads=4,decoder_intermediate_size=256"
+    ),
+    "norm_pix_loss": True,
+    "per_device_train_batch_size": 64,
+    "per_device_eval_batch_size": 128,
+    "num_train_epochs": 8,
+    "base_learning_rate": 1.5e-3,
+    "weight_decay": 0.05,
+    "adam_beta2": 0.95,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 20,
+    "logging_steps": 8,
+    "eval_strategy": "epoch",
+    "save_strategy": "no",
+    "dataloader_num_workers": 0,
+    "seed": 0,
+    "report_to": "none",
+}
+
+
+@dataclass
+class DataTrainingArguments:
+    """Which data to pre-train and evaluate on."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Name of a dataset on the Hub (or a local dataset script-free folder)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration name of the dataset."})
+    image_column_name: str | None = field(default=None, metadata={"help": "Column holding the images (default: 'image' or 'img')."})
+    train_dir: str | None = field(default=None, metadata={"help": "A folder of training images (searched recursively)."})
+    validation_dir: str | None = field(default=None, metadata={"help": "A folder of validation images."})
+    train_val_split: float = field(default=0.15, metadata={"help": "Fraction of train held out for validation when there is no validation split."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training images (e.g. a tenth of ImageNet-1K)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many validation images."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for checking the images."})
+
+    def has_data_source(self) -> bool:
+        return self.dataset_name is not None or self.train_dir is not None
+
+
+@dataclass
+class ModelArguments:
+    """Which model to pre-train."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "A ViTMAE or DBP-MAE checkpoint to start from; leave out to train from scratch."})
+    config_name: str | None = field(default=None, metadata={"help": "A config to train from scratch (name or path), if not the model's."})
+    config_overrides: str | None = field(default=None, metadata={"help": "Override config values from scratch, e.g. 'image_size=32,patch_size=8,hidden_size=48'."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to store downloaded models and datasets."})
+    model_revision: str = field(default="main", metadata={"help": "Model version (branch, tag or commit)."})
+    token: str | None = field(default=None, metadata={"help": "Hub token for private models or datasets."})
+    mask_ratio: float = field(default=0.75, metadata={"help": "Fraction of patches masked."})
+    norm_pix_loss: bool = field(default=True, metadata={"help": "Reconstruct per-patch normalised pixels."})
+
+
+@dataclass
+class DBPArguments:
+    """Decorrelated backpropagation settings (see hf_dbp.ViTMAEDBPConfig)."""
+
+    bp_baseline: bool = field(default=False, metadata={"help": "Train the plain BP model instead (the decorrelation loss is still measured)."})
+    decorrelation_lr: float = field(default=1e-3, metadata={"help": "Step size of the R update."})
+    decorrelation_kappa: float = field(default=1e-2, metadata={"help": "0 = pure decorrelation, 1 = pure variance normalisation."})
+    decorrelation_sample_fraction: float = field(default=0.1, metadata={"help": "Fraction of rows per forward used for R's statistics."})
+    decorrelation_layers: list[str] = field(
+        default_factory=lambda: list(hf_dbp.DECORRELATION_LAYER_KINDS),
+        metadata={"help": "Layer kinds to decorrelate: patch_embeddings qkv o_proj fc1 fc2."},
+    )
+
+    def config_values(self) -> dict:
+        return {
+            "decorrelation_lr": self.decorrelation_lr,
+            "decorrelation_kappa": self.decorrelation_kappa,
+            "decorrelation_sample_fraction": self.decorrelation_sample_fraction,
+            "decorrelation_layers": list(self.decorrelation_layers),
+        }
+
+
+@dataclass
+class CustomTrainingArguments(TrainingArguments):
+    base_learning_rate: float = field(default=1.5e-4, metadata={"help": "lr = base_learning_rate * total batch size / 256."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the image column for the transform."})
+
+
+def parse_args():
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, DBPArguments, CustomTrainingArguments))
+    if len(sys.argv) == 1:
+        return parser.parse_dict(DEMO_ARGS)
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses()
+
+
+def load_images(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int) -> datasets.DatasetDict:
+    if data_args.dataset_name is not None:
+        ds = load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir, token=model_args.token)
+    elif data_args.train_dir is not None:
+        data_files = {"train": os.path.join(data_args.train_dir, "**")}
+        if data_args.validation_dir is not None:
+            data_files["validation"] = os.path.join(data_args.validation_dir, "**")
+        ds = load_dataset("imagefolder", data_files=data_files, cache_dir=model_args.cache_dir)
+    else:
+        logger.info("No --dataset_name or --train_dir: using the embedded demo set (crops of scikit-image's photographs).")
+        ds = demo_image_dataset(seed=seed)
+    if not isinstance(ds, datasets.DatasetDict):
+        ds = datasets.DatasetDict(train=ds)
+    if "train" not in ds:
+        raise ValueError(f"the dataset has no 'train' split; its splits are {list(ds)}")
+    if "validation" not in ds and data_args.train_val_split > 0.0:
+        split = ds["train"].train_test_split(data_args.train_val_split, seed=seed)
+        ds["train"], ds["validation"] = split["train"], split["test"]
+    return ds
+
+
+def build_model(model_args: ModelArguments, dbp_args: DBPArguments):
+    """The DBP model (or the plain one for --bp_baseline), with a clear error for checkpoints of another type."""
+    common = {"mask_ratio": model_args.mask_ratio, "norm_pix_loss": model_args.norm_pix_loss}
+    load = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
+    if model_args.model_name_or_path is not None:
+        model_type = AutoConfig.from_pretrained(model_args.model_name_or_path, **load).model_type
+        if model_type not in (ViTMAEConfig.model_type, ViTMAEDBPConfig.model_type):
+            raise ValueError(
+                f"--model_name_or_path {model_args.model_name_or_path} is a {model_type!r} model; this script "
+                "pre-trains ViTMAE ('vit_mae', e.g. facebook/vit-mae-base) or DBP-MAE ('vit_mae_dbp') checkpoints."
+            )
+        model = ViTMAEDBPForPreTraining.from_pretrained(
+            model_args.model_name_or_path, **load, **common, **({} if dbp_args.bp_baseline else dbp_args.config_values())
+        )
+        # A DBP checkpoint continued as BP is its plain equivalent: R folded into the weights.
+        return model.merge_decorrelation() if dbp_args.bp_baseline else model
+
+    if model_args.config_name is not None:
+        config = ViTMAEDBPConfig.from_pretrained(model_args.config_name, **load)
+    else:
+        config = ViTMAEDBPConfig()
+        logger.warning("Training a new model from scratch")
+    if model_args.config_overrides is not None:
+        config.update_from_string(model_args.config_overrides)
+    for key, value in {**common, **dbp_args.config_values()}.items():
+        setattr(config, key, value)
+    config.check_decorrelation_fields()
+    logger.info("Model config: %s", config)
+    model = ViTMAEDBPForPreTraining(config)
+    return model.merge_decorrelation() if dbp_args.bp_baseline else model
+
+
+def main() -> None:
+    model_args, data_args, dbp_args, training_args = parse_args()
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)])  # fmt: skip
+    log_level = training_args.get_process_log_level()
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    # This script's own account of what it does goes to the main process's log even at the default level.
+    for name in (__name__, "hf_dbp"):
+        logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else log_level)
+    logger.warning(
+        "Process rank: %s, device: %s, n_gpu: %s, distributed: %s, bf16: %s, fp16: %s",
+        training_args.process_index, training_args.device, training_args.n_gpu,
+        training_args.parallel_mode.value == "distributed", training_args.bf16, training_args.fp16,
+    )  # fmt: skip
+    method = "BP (plain backpropagation)" if dbp_args.bp_baseline else "DBP (decorrelated backpropagation)"
+
+    last_checkpoint = None
+    if os.path.isdir(training_args.output_dir) and training_args.do_train and training_args.resume_from_checkpoint is None:
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+
+    set_seed(training_args.seed)
+    ds = load_images(data_args, model_args, training_args.seed)
+    image_column = find_image_column(ds["train"], data_args.image_column_name)
+    for split, max_samples in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
+        if split in ds and max_samples is not None:
+            ds[split] = ds[split].shuffle(seed=training_args.seed).select(range(min(max_samples, len(ds[split]))))
+    with training_args.main_process_first(desc="checking images"):
+        for split in ds:
+            ds[split], _ = drop_unreadable_images(ds[split], image_column, data_args.preprocessing_num_workers)
+            if len(ds[split]) == 0:
+                raise ValueError(f"no readable image left in the {split!r} split")
+
+    model = build_model(model_args, dbp_args)
+    size = model.config.image_size
+    image_processor = ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+    transforms = {"train": MAEImageTransform(size, train=True), "validation": MAEImageTransform(size, train=False)}
+
+    def preprocess(split):
+        def apply(examples):
+            return {"pixel_values": [transforms[split](image) for image in examples[image_column]]}
+
+        return apply
+
+    for split in ds:
+        ds[split].set_transform(preprocess("train" if split == "train" else "validation"))
+
+    def collate_fn(examples):
+        return {"pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples])}
+
+    total_batch = training_args.train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+    if training_args.base_learning_rate is not None:
+        training_args.learning_rate = training_args.base_learning_rate * total_batch / 256
+
+    steps = math.ceil(len(ds["train"]) / total_batch) * training_args.num_train_epochs if training_args.max_steps <= 0 else training_args.max_steps
+    logger.info(
+        "%s pre-training of a ViT-MAE (%d layers, width %d, %dpx, patch %d) on %d images (%d for validation): "
+        "about %d optimizer steps of %d images at lr %.2e",
+        method, model.config.num_hidden_layers, model.config.hidden_size, size, model.config.patch_size,
+        len(ds["train"]), len(ds.get("validation", [])), steps, total_batch, training_args.learning_rate,
+    )  # fmt: skip
+
+    trainer = DBPTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=ds["train"],
+        eval_dataset=ds.get("validation"),
+        processing_class=image_processor,
+        data_collator=collate_fn,
+        decorrelation_config=ViTMAEDBPConfig(**dbp_args.config_values()) if dbp_args.bp_baseline else None,
+    )
+    checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+
+    if "validation" in ds:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+    if trainer.is_world_process_zero():
+        plot_path = os.path.join(training_args.output_dir, "training_curves.png")
+        plot_training_curves(trainer.state.log_history, plot_path, title=f"{method}: MAE pre-training")
+        last = [r for r in trainer.state.log_history if "decorrelation_loss" in r]
+        logger.info(
+            "Done: %s, %d steps in %.1f s. Final train loss %.4f, eval loss %s, decorrelation loss %s. Outputs in %s: "
+            "model.safetensors + config.json (load with %s.from_pretrained), all_results.json, trainer_state.json, "
+            "training_curves.png.",
+            method, trainer.state.global_step, train_result.metrics["train_runtime"], train_result.metrics["train_loss"],
+            f"{metrics['eval_loss']:.4f}" if "validation" in ds else "n/a",
+            f"{last[-1]['decorrelation_loss']:.4f}" if last else "n/a",
+            os.path.abspath(training_args.output_dir),
+            "ViTMAEForPreTraining" if dbp_args.bp_baseline else "ViTMAEDBPForPreTraining (after `import hf_dbp`)",
+        )  # fmt: skip
+
+    if training_args.push_to_hub:
+        trainer.push_to_hub(tags=["dbp", "mae", "vision-transformer", "image-pretraining"])
+
+
+if __name__ == "__main__":
+    main()

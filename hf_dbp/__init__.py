@@ -1,0 +1,54 @@
+"""hf-dbp: decorrelated backpropagation (DBP) for vision transformers in the Hugging Face stack.
+
+Importing the package registers the model type ``vit_mae_dbp`` with ``AutoConfig``, ``AutoModel`` and
+``AutoModelForPreTraining``, and teaches transformers to load older (4.x) ViTMAE checkpoints into the DBP classes.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+
+from .configuration_vit_mae_dbp import DECORRELATION_LAYER_KINDS, ViTMAEDBPConfig
+from .decorrelation import (
+    DecorrelatedConv2d,
+    DecorrelatedLinear,
+    Decorrelation,
+    DecorrelationMonitor,
+    decorrelation_step,
+    fold_decorrelation,
+    inject_decorrelation,
+)
+from .modeling_vit_mae_dbp import (
+    ViTMAEDBPForPreTraining,
+    ViTMAEDBPModel,
+    ViTMAEDBPPreTrainedModel,
+    vit_mae_decorrelation_groups,
+)
+from .trainer import DBPTrainer
+
+__version__ = "0.1.0"
+
+AutoConfig.register(ViTMAEDBPConfig.model_type, ViTMAEDBPConfig, exist_ok=True)
+AutoModel.register(ViTMAEDBPConfig, ViTMAEDBPModel, exist_ok=True)
+AutoModelForPreTraining.register(ViTMAEDBPConfig, ViTMAEDBPForPreTraining, exist_ok=True)
+
+# transformers converts old checkpoint keys (vit.encoder.layer.N.attention.attention.query ...) only for its own
+# classes, looked up by class name; our classes take the same renamings as the classes they extend.
+for _ours, _theirs in (("ViTMAEDBPForPreTraining", "ViTMAEForPreTraining"), ("ViTMAEDBPModel", "ViTMAEModel")):
+    register_checkpoint_conversion_mapping(_ours, get_checkpoint_conversion_mapping(_theirs), overwrite=True)
+
+__all__ = [
+    "DBPTrainer",
+    "DECORRELATION_LAYER_KINDS",
+    "DecorrelatedConv2d",
+    "DecorrelatedLinear",
+    "Decorrelation",
+    "DecorrelationMonitor",
+    "ViTMAEDBPConfig",
+    "ViTMAEDBPForPreTraining",
+    "ViTMAEDBPModel",
+    "ViTMAEDBPPreTrainedModel",
+    "decorrelation_step",
+    "fold_decorrelation",
+    "inject_decorrelation",
+    "vit_mae_decorrelation_groups",
+]

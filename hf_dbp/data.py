@@ -1,0 +1,159 @@
+"""Image data for MAE pre-training: the embedded demo set, checks of user data, and MAE augmentation."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+from datasets import Dataset, DatasetDict, Image
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Natural photographs that ship inside scikit-image's wheel, so the demo works offline. Validation crops come from
+# photographs never used for training. Grayscale ones are converted to RGB like any grayscale input.
+DEMO_TRAIN_PHOTOS = (
+    "astronaut", "coffee", "hubble_deep_field", "immunohistochemistry", "retina",
+    "rocket", "stereo_motorcycle", "brick", "camera", "grass", "moon",
+)  # fmt: skip
+DEMO_VALIDATION_PHOTOS = ("chelsea", "gravel", "coins", "clock")
+
+
+def _photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    image = getattr(skimage.data, name)()
+    if isinstance(image, tuple):  # stereo_motorcycle: (left, right, disparity)
+        image = image[0]
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    return np.ascontiguousarray(image[..., :3])
+
+
+def _random_crops(photos: tuple[str, ...], count: int, rng: np.random.Generator, min_size: int, max_size: int):
+    from PIL import Image as PILImage
+
+    images = [_photo(name) for name in photos]
+    crops = []
+    for i in range(count):
+        image = images[i % len(images)]
+        height, width = image.shape[:2]
+        size = int(rng.integers(min_size, min(max_size, height, width) + 1))
+        top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+        crops.append(PILImage.fromarray(image[top : top + size, left : left + size]))
+    return crops
+
+
+def demo_image_dataset(
+    num_train: int = 2048, num_validation: int = 256, min_size: int = 48, max_size: int = 160, seed: int = 0
+) -> DatasetDict:
+    """Square crops of scikit-image's photographs: a small natural-image set that needs no download.
+
+    Training and validation crops come from different photographs. Crops are between `min_size` and `max_size`
+    pixels wide, so MAE's random resized crop still sees varied scales.
+    """
+    rng = np.random.default_rng(seed)
+    return DatasetDict(
+        train=Dataset.from_dict({"image": _random_crops(DEMO_TRAIN_PHOTOS, num_train, rng, min_size, max_size)}),
+        validation=Dataset.from_dict(
+            {"image": _random_crops(DEMO_VALIDATION_PHOTOS, num_validation, rng, min_size, max_size)}
+        ),
+    )
+
+
+def find_image_column(dataset: Dataset, image_column_name: str | None) -> str:
+    """The image column: the one named, else `image` or `img`; a clear error listing the columns otherwise."""
+    columns = dataset.column_names
+    if image_column_name is not None:
+        if image_column_name not in columns:
+            raise ValueError(
+                f"image column {image_column_name!r} not found in the dataset; its columns are {columns}. "
+                "Pass --image_column_name with one of them."
+            )
+        return image_column_name
+    for candidate in ("image", "img"):
+        if candidate in columns:
+            return candidate
+    raise ValueError(
+        f"no image column found (looked for 'image' and 'img'); the dataset's columns are {columns}. "
+        "Pass --image_column_name with the right one."
+    )
+
+
+def _describe(value: dict) -> str:
+    return value.get("path") or "<image bytes>"
+
+
+def _check_images(batch: dict, column: str) -> dict:
+    from PIL import Image as PILImage
+
+    errors = []
+    for value in batch[column]:
+        try:
+            source = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+            with PILImage.open(source) as image:
+                image.load()  # decodes every pixel: truncated files fail here, not an hour into training
+            errors.append("")
+        except Exception as error:  # noqa: BLE001 - PIL raises many types for a bad file; we report and skip it
+            errors.append(f"{type(error).__name__}: {error}")
+    return {"_image_error": errors}
+
+
+def drop_unreadable_images(dataset: Dataset, column: str, num_proc: int | None = None) -> tuple[Dataset, list[str]]:
+    """Remove the rows whose image cannot be decoded, warning with each file's name.
+
+    Every image is decoded once, before training (the result is cached by `datasets`). Returns the clean dataset
+    and the names of the files that were dropped.
+    """
+    feature = dataset.features[column]
+    if not isinstance(feature, Image):
+        raise ValueError(f"column {column!r} holds {feature}, not images")
+    raw = dataset.cast_column(column, Image(decode=False))
+    checked = raw.map(_check_images, fn_kwargs={"column": column}, batched=True, num_proc=num_proc,
+                      desc="Checking images")  # fmt: skip
+    errors = checked["_image_error"]
+    bad = [i for i, error in enumerate(errors) if error]
+    names = []
+    for i in bad:
+        names.append(_describe(raw[i][column]))
+        logger.warning("skipping unreadable image %s (%s)", names[-1], errors[i])
+    if bad:
+        logger.warning("skipped %d unreadable image(s) of %d", len(bad), len(dataset))
+        keep = sorted(set(range(len(dataset))) - set(bad))
+        dataset = dataset.select(keep)
+    return dataset, names
+
+
+class MAEImageTransform:
+    """MAE augmentation without torchvision, built on albumentations.
+
+    Training: random resized crop (scale 0.2 to 1, bicubic), horizontal flip, normalisation. Evaluation: resize the
+    short side, centre crop, normalisation. Grayscale, RGBA and palette images are converted to RGB first. Returns
+    a `(3, size, size)` float32 array.
+    """
+
+    def __init__(self, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, train: bool = True) -> None:
+        import albumentations as A
+        import cv2
+
+        normalize = A.Normalize(mean=mean, std=std, max_pixel_value=255.0)
+        if train:
+            steps = [
+                A.RandomResizedCrop(size=(size, size), scale=(0.2, 1.0), interpolation=cv2.INTER_CUBIC),
+                A.HorizontalFlip(p=0.5),
+                normalize,
+            ]
+        else:
+            steps = [
+                A.SmallestMaxSize(max_size=size, interpolation=cv2.INTER_CUBIC),
+                A.CenterCrop(height=size, width=size),
+                normalize,
+            ]
+        self.transform = A.Compose(steps)
+
+    def __call__(self, image) -> np.ndarray:
+        array = np.asarray(image.convert("RGB"))
+        return self.transform(image=array)["image"].transpose(2, 0, 1).astype(np.float32)

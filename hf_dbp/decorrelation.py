@@ -1,0 +1,333 @@
+"""Decorrelated backpropagation (DBP): the math, independent of any particular model.
+
+A decorrelated layer keeps a square matrix ``R`` (``d x d``, ``d`` = the layer's input width) in front of its
+weight and computes ``y = W (R x) + b``. ``R`` is not trained by the gradient: after each optimizer step it takes
+its own step from the second moments of ``z = R x`` seen in the training forwards since the previous step
+(see ``../shared/METHOD.md``)::
+
+    X = z^T z / n                        (uncentred second moment, one row per token)
+    C = X - diag(X)                      (off-diagonal part: the correlations)
+    v = mean over rows of (z * z - 1)    (distance of each variance from 1)
+    R <- R - lr * [(1 - kappa) C R + kappa diag(v) R]
+
+This module holds three things, in the spirit of PEFT's tuners:
+
+- :class:`Decorrelation`: one ``R`` with the statistics of its outputs and the update rule.
+- :class:`DecorrelatedLinear` / :class:`DecorrelatedConv2d`: drop-in replacements for ``nn.Linear`` and a
+  patchifying ``nn.Conv2d`` that keep the parameter names of the layer they replace (so checkpoints of the plain
+  model load unchanged) and read their ``R`` from a :class:`Decorrelation` that several of them may share
+  (q, k and v read the same input, so one ``R`` serves all three).
+- :func:`inject_decorrelation`, :func:`attach_decorrelation_monitor`, :func:`decorrelation_step` and
+  :func:`fold_decorrelation`: wrap the layers a plan names, measure the same statistics on an unchanged model (the
+  BP baseline), take one update of every ``R`` (combining the statistics of all processes in one collective call),
+  and fold ``R`` into the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _in_backward_pass() -> bool:
+    """True while autograd runs a backward pass, i.e. when gradient checkpointing re-runs a forward.
+
+    Both checkpoint flavours (re-entrant and not) recompute inside the autograd engine, where the graph-task id is set.
+    A recomputed forward sees the same rows again, so its statistics must not be counted twice. torch offers no public
+    query for this; ``torch.utils.checkpoint`` itself relies on the same private call.
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
+def input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows that ``R`` acts on for the input ``x`` of ``layer``: one row per token (Linear) or per patch (Conv2d)."""
+    if isinstance(layer, nn.Conv2d):
+        # A patchifying conv (kernel == stride, no padding) applies W to each flattened C x p x p patch, flattened in
+        # the same (channel, row, column) order as the conv's weight.
+        patches = F.unfold(x, kernel_size=layer.kernel_size, stride=layer.stride)  # (B, C*p*p, L)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+class Decorrelation(nn.Module):
+    """A decorrelating matrix ``R`` for inputs of width ``dim`` and the statistics of its outputs.
+
+    Args:
+        dim (`int`): width of the input rows (``in_features`` of a linear layer, ``C * p * p`` of a patch conv).
+        sample_fraction (`float`, defaults to 0.1): fraction of the rows of each training forward used for the
+            statistics, drawn without replacement; ``1.0`` uses every row exactly once. The forward itself always
+            decorrelates every row.
+        generator (`torch.Generator`, *optional*): CPU generator for the subsample, so that sampling rows does not
+            move the global RNG (which drives masking and dropout) and BP and DBP runs with one seed see the same masks.
+
+    ``R`` is a float32 ``nn.Parameter`` with ``requires_grad=False``: it is saved and loaded with the model and moves
+    with ``.to()``, optimizers built from trainable parameters leave it alone, and DDP does not re-broadcast it at
+    every forward as it would a buffer. The statistics are plain tensors, not buffers, for the same reason: every
+    process keeps its own until :func:`decorrelation_step` combines them.
+    """
+
+    def __init__(self, dim: int, sample_fraction: float = 0.1, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if not 0.0 < sample_fraction <= 1.0:
+            raise ValueError(f"sample_fraction must be in (0, 1], got {sample_fraction}")
+        self.dim = dim
+        self.sample_fraction = sample_fraction
+        self.generator = generator
+        self.R = nn.Parameter(torch.eye(dim, dtype=torch.float32), requires_grad=False)
+        self.reset_statistics()
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, sample_fraction={self.sample_fraction}"
+
+    def reset_statistics(self) -> None:
+        self.sum_zz: torch.Tensor | None = None  # sum over rows of z^T z, (dim, dim)
+        self.num_rows = 0
+
+    @torch.no_grad()
+    def observe(self, rows: torch.Tensor) -> None:
+        """Add the statistics of ``z = R x`` for (a random subset of) ``rows`` of shape ``(n, dim)``."""
+        n = rows.shape[0]
+        if n == 0:
+            return
+        if self.sample_fraction < 1.0:
+            k = max(1, round(n * self.sample_fraction))
+            index = torch.randperm(n, generator=self.generator)[:k].to(rows.device)
+            rows = rows.index_select(0, index)
+        # Statistics and R stay in R's precision (float32) whatever autocast does to the forward.
+        with torch.autocast(device_type=rows.device.type, enabled=False):
+            z = rows.detach().to(self.R.dtype) @ self.R.t()
+            zz = z.t() @ z
+        self.sum_zz = zz if self.sum_zz is None else self.sum_zz + zz
+        self.num_rows += z.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``z = R x`` applied to the last dimension of ``x``."""
+        return F.linear(x, self.R.to(x.dtype))
+
+    @torch.no_grad()
+    def apply_update(self, second_moment: torch.Tensor, lr: float, kappa: float) -> float:
+        """One DBP step from the second moment ``X = z^T z / n``; returns the decorrelation loss of ``X``.
+
+        With ``lr == 0`` nothing changes and only the loss is computed (used to monitor a BP model).
+        """
+        second_moment = second_moment.to(self.R.dtype)
+        variance = torch.diagonal(second_moment)
+        correlation = second_moment - torch.diag(variance)
+        v = variance - 1.0  # mean over rows of (z*z - 1) is the diagonal of X minus one
+        loss = ((1.0 - kappa) * correlation.pow(2).sum() + kappa * v.pow(2).sum()) / self.dim**2
+        if lr != 0.0:
+            # diag(v) @ R scales the rows of R, normalising the variance of each output z_i (the reference code's
+            # `v * R` scales columns instead; the two agree only while R is symmetric).
+            self.R.sub_(lr * ((1.0 - kappa) * (correlation @ self.R) + kappa * (v[:, None] * self.R)))
+        return float(loss)
+
+
+def _rebase(layer: nn.Module, cls: type, decorrelation: Decorrelation, record_statistics: bool) -> nn.Module:
+    """A ``cls`` with the hyper-parameters, parameters and hooks of ``layer`` (shared, not copied)."""
+    new = cls.__new__(cls)
+    new.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in layer.__dict__.items()})
+    new.record_statistics = record_statistics
+    object.__setattr__(new, "decorrelation", decorrelation)  # a reference, not a registered sub-module
+    return new
+
+
+class DecorrelatedLinear(nn.Linear):
+    """``nn.Linear`` computing ``W (R x) + b`` with ``R`` taken from a (possibly shared) :class:`Decorrelation`.
+
+    Parameter names are those of ``nn.Linear`` (``weight``, ``bias``). ``record_statistics`` is set on one layer of
+    each group that shares an ``R``, so that rows read by q, k and v are counted once. The ``Decorrelation`` is held
+    as a plain attribute, not a sub-module: its owner registers it once (see :func:`inject_decorrelation`).
+    """
+
+    @classmethod
+    def from_layer(cls, linear: nn.Linear, decorrelation: Decorrelation, record_statistics: bool) -> DecorrelatedLinear:
+        """Wrap ``linear`` without copying: the new layer shares its weight and bias parameters."""
+        return _rebase(linear, cls, decorrelation, record_statistics)
+
+    def folded_weight(self) -> torch.Tensor:
+        """``W R``: the weight of a plain linear layer with the same outputs."""
+        return self.weight @ self.decorrelation.R.to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.record_statistics and not _in_backward_pass():
+            self.decorrelation.observe(input_rows(self, x))
+        # Two equal forms; pick the cheaper one. Explicit R x costs n_rows * d^2, the folded W R costs d_out * d^2
+        # (both again in backward), so fold when the rows outnumber the outputs.
+        if x.numel() // self.in_features > self.out_features:
+            return F.linear(x, self.folded_weight(), self.bias)
+        return F.linear(self.decorrelation(x), self.weight, self.bias)
+
+
+class DecorrelatedConv2d(nn.Conv2d):
+    """A patchifying ``nn.Conv2d`` (kernel == stride, no padding) with ``R`` acting on each flattened patch.
+
+    The conv has as many outputs per image as patches but only ``out_channels`` rows of weights, so the folded form
+    ``(W R)`` is always the cheap one here.
+    """
+
+    @classmethod
+    def from_layer(cls, conv: nn.Conv2d, decorrelation: Decorrelation, record_statistics: bool) -> DecorrelatedConv2d:
+        if conv.kernel_size != conv.stride or conv.padding not in ((0, 0), "valid") or conv.groups != 1:
+            raise ValueError("DecorrelatedConv2d needs a patchifying conv: kernel_size == stride, no padding, groups=1")
+        return _rebase(conv, cls, decorrelation, record_statistics)
+
+    def folded_weight(self) -> torch.Tensor:
+        w = self.weight.reshape(self.out_channels, -1)
+        return (w @ self.decorrelation.R.to(w.dtype)).reshape(self.weight.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.record_statistics and not _in_backward_pass():
+            self.decorrelation.observe(input_rows(self, x))
+        return self._conv_forward(x, self.folded_weight(), self.bias)
+
+
+def _input_width(layer: nn.Module) -> int:
+    if isinstance(layer, nn.Conv2d):
+        return layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+    if isinstance(layer, nn.Linear):
+        return layer.in_features
+    raise TypeError(f"cannot decorrelate a {type(layer).__name__}: only nn.Linear and patchifying nn.Conv2d")
+
+
+def _split(path: str) -> tuple[str, str]:
+    parent, _, leaf = path.rpartition(".")
+    return parent, leaf
+
+
+def inject_decorrelation(
+    root: nn.Module,
+    groups: Mapping[str, Sequence[str]],
+    sample_fraction: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> dict[str, Decorrelation]:
+    """Decorrelate the inputs of the layers a plan names, in place.
+
+    Args:
+        root: the model (or sub-model) holding the layers.
+        groups: for each ``R``, its name (a dotted path; the ``Decorrelation`` is registered beside the layers as
+            ``<parent>.<leaf>_decorrelation``) and the paths of the layers that read the same input through it.
+            Example: ``{"layers.0.attention.qkv": ["layers.0.attention.q_proj", "layers.0.attention.k_proj",
+            "layers.0.attention.v_proj"]}``.
+        sample_fraction, generator: see :class:`Decorrelation`.
+
+    Returns:
+        The new ``Decorrelation`` modules by group name. Each starts at the identity, so the model's outputs are
+        unchanged.
+    """
+    decorrelations = {}
+    for name, paths in groups.items():
+        layers = [root.get_submodule(p) for p in paths]
+        widths = {_input_width(layer) for layer in layers}
+        if len(widths) != 1:
+            raise ValueError(f"layers {list(paths)} of group {name!r} have different input widths {widths}")
+        reference = layers[0].weight
+        decorrelation = Decorrelation(widths.pop(), sample_fraction, generator).to(reference.device)
+        parent, leaf = _split(name)
+        root.get_submodule(parent).register_module(f"{leaf}_decorrelation", decorrelation)
+        for i, (path, layer) in enumerate(zip(paths, layers, strict=True)):
+            wrapper = DecorrelatedConv2d if isinstance(layer, nn.Conv2d) else DecorrelatedLinear
+            if isinstance(layer, (DecorrelatedLinear, DecorrelatedConv2d)):
+                raise ValueError(f"layer {path!r} is already decorrelated")
+            layer_parent, layer_leaf = _split(path)
+            new = wrapper.from_layer(layer, decorrelation, record_statistics=i == 0)
+            setattr(root.get_submodule(layer_parent), layer_leaf, new)
+        decorrelations[name] = decorrelation
+    return decorrelations
+
+
+class DecorrelationMonitor:
+    """Measures the decorrelation statistics of a plain model's layers without changing the model.
+
+    Forward hooks on the first layer of each group record the statistics of the layer's input (``R`` stays the
+    identity, so ``z = x``); :func:`decorrelation_step` with this monitor's modules reports the same loss a DBP model
+    would, without updating anything. Call :meth:`remove` to detach the hooks.
+    """
+
+    def __init__(
+        self,
+        root: nn.Module,
+        groups: Mapping[str, Sequence[str]],
+        sample_fraction: float = 0.1,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.decorrelations: dict[str, Decorrelation] = {}
+        self._handles = []
+        for name, paths in groups.items():
+            layer = root.get_submodule(paths[0])
+            decorrelation = Decorrelation(_input_width(layer), sample_fraction, generator).to(layer.weight.device)
+            self.decorrelations[name] = decorrelation
+            self._handles.append(layer.register_forward_pre_hook(self._hook(decorrelation)))
+
+    @staticmethod
+    def _hook(decorrelation: Decorrelation):
+        def hook(layer: nn.Module, args: tuple) -> None:
+            if layer.training and not _in_backward_pass():
+                decorrelation.observe(input_rows(layer, args[0]))
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+@torch.no_grad()
+def decorrelation_step(
+    decorrelations: Iterable[Decorrelation], lr: float, kappa: float, process_group=None
+) -> float | None:
+    """Update every ``R`` from the statistics gathered since the last call, then clear them.
+
+    When ``torch.distributed`` is initialised, the statistics of all processes are summed first, in a single
+    all-reduce for all layers together, so every process applies the same update to the same ``R`` and the
+    ``R`` stay identical across processes. ``lr=0`` only measures.
+
+    Returns:
+        The mean decorrelation loss over the layers that saw rows, or ``None`` if none did.
+    """
+    decorrelations = list(decorrelations)
+    if not decorrelations:
+        return None
+    reference = decorrelations[0].R
+    # One flat tensor: [count, sum_zz.flatten()] per layer, so a single collective serves every layer.
+    chunks = []
+    for d in decorrelations:
+        count = torch.tensor([float(d.num_rows)], dtype=reference.dtype, device=reference.device)
+        zz = d.sum_zz if d.sum_zz is not None else torch.zeros(d.dim, d.dim, dtype=reference.dtype, device=reference.device)
+        chunks += [count, zz.reshape(-1).to(reference.dtype)]
+        d.reset_statistics()
+    flat = torch.cat(chunks)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=process_group)
+    losses, offset = [], 0
+    for d in decorrelations:
+        count = float(flat[offset])
+        zz = flat[offset + 1 : offset + 1 + d.dim**2].reshape(d.dim, d.dim)
+        offset += 1 + d.dim**2
+        if count > 0:
+            losses.append(d.apply_update(zz / count, lr, kappa))
+    return sum(losses) / len(losses) if losses else None
+
+
+@torch.no_grad()
+def fold_decorrelation(root: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of ``root`` with every ``R`` folded into its layers' weights (``W <- W R``) and removed.
+
+    The result loads into the plain model the layers were injected into: parameter names are unchanged.
+    """
+    state = root.state_dict()
+    for name, module in root.named_modules():
+        if isinstance(module, (DecorrelatedLinear, DecorrelatedConv2d)):
+            prefix = f"{name}." if name else ""
+            state[f"{prefix}weight"] = module.folded_weight().detach().clone()
+    for name, module in root.named_modules():
+        if isinstance(module, Decorrelation):
+            del state[f"{name}.R" if name else "R"]
+    return state
+
+
+def decorrelated_layers(root: nn.Module) -> list[DecorrelatedLinear | DecorrelatedConv2d]:
+    return [m for m in root.modules() if isinstance(m, (DecorrelatedLinear, DecorrelatedConv2d))]

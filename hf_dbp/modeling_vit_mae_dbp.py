@@ -1,0 +1,164 @@
+"""ViTMAE with a decorrelated encoder (DBP-MAE).
+
+The model classes are transformers' ViTMAE classes with the encoder layers named by
+``config.decorrelation_layers`` wrapped by :func:`hf_dbp.decorrelation.inject_decorrelation`. Parameter names are
+unchanged, so any plain ViTMAE checkpoint (5.x key layout or the older 4.x one) loads with R = identity and gives
+the plain model's outputs; the only new keys are the ``*_decorrelation.R`` matrices.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
+from transformers import initialization as init
+from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoder, ViTMAEPreTrainedModel
+
+from .configuration_vit_mae_dbp import DBP_CONFIG_FIELDS, DECORRELATION_LAYER_KINDS, ViTMAEDBPConfig
+from .decorrelation import Decorrelation, decorrelation_step, fold_decorrelation, inject_decorrelation
+
+# Seed of the generator that draws the rows used for R's statistics. It is separate from torch's global RNG so that
+# a DBP run and a BP run with the same seed draw the same masks.
+STATISTICS_SEED = 0
+
+
+def vit_mae_decorrelation_groups(num_hidden_layers: int, kinds=DECORRELATION_LAYER_KINDS) -> dict[str, list[str]]:
+    """The plan for :func:`~hf_dbp.decorrelation.inject_decorrelation` on a ViTMAE encoder (a ``ViTMAEModel``).
+
+    Maps each R's name to the layers that read its output; q, k and v read the same input and share one R.
+    Paths follow transformers 5.x module names (``layers.N.attention.q_proj``, ``layers.N.mlp.fc1``, ...).
+    """
+    groups = {}
+    if "patch_embeddings" in kinds:
+        groups["embeddings.patch_embeddings.projection"] = ["embeddings.patch_embeddings.projection"]
+    for i in range(num_hidden_layers):
+        prefix = f"layers.{i}"
+        if "qkv" in kinds:
+            groups[f"{prefix}.attention.qkv"] = [f"{prefix}.attention.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+        if "o_proj" in kinds:
+            groups[f"{prefix}.attention.o_proj"] = [f"{prefix}.attention.o_proj"]
+        for fc in ("fc1", "fc2"):
+            if fc in kinds:
+                groups[f"{prefix}.mlp.{fc}"] = [f"{prefix}.mlp.{fc}"]
+    return groups
+
+
+def plain_vit_mae_config(config: ViTMAEDBPConfig, architecture: str) -> ViTMAEConfig:
+    """The ViTMAE configuration of a DBP configuration, without the DBP fields."""
+    values = {k: v for k, v in config.to_dict().items() if k not in DBP_CONFIG_FIELDS}
+    values.update(model_type=ViTMAEConfig.model_type, architectures=[architecture])
+    return ViTMAEConfig.from_dict(values)
+
+
+class ViTMAEDBPPreTrainedModel(ViTMAEPreTrainedModel):
+    """Base class of the DBP-MAE models: weight initialisation of R, the DBP step, and merging R into W."""
+
+    config_class = ViTMAEDBPConfig
+    config: ViTMAEDBPConfig
+    # R and its statistics stay in float32 even when the rest of the model is loaded in half precision.
+    _keep_in_fp32_modules_strict = ["_decorrelation"]
+    # A plain ViTMAE checkpoint has no R: it starts at the identity by design, so its absence is not reported.
+    _keys_to_ignore_on_load_missing = [r"_decorrelation\.R$"]
+    # The transformers class whose checkpoints this model loads and whose kind `merge_decorrelation` returns.
+    _plain_class: type[ViTMAEPreTrainedModel]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, Decorrelation):
+            # R starts at the identity: a fresh DBP model, or one loaded from a plain checkpoint, is the plain model.
+            init.eye_(module.R)
+
+    def decorrelation_modules(self) -> list[Decorrelation]:
+        """Every :class:`~hf_dbp.decorrelation.Decorrelation` (one R each) of the encoder, in module order."""
+        return [m for m in self.modules() if isinstance(m, Decorrelation)]
+
+    def decorrelation_step(self) -> float | None:
+        """Update every R from the statistics of the training-mode forwards since the last call, then clear them.
+
+        Uses `config.decorrelation_lr` and `config.decorrelation_kappa`. Under `torch.distributed` the statistics of
+        all processes are combined (one all-reduce), so every process ends with the same R. Call it after each
+        optimizer step ([`DBPTrainer`] does).
+
+        Returns:
+            The decorrelation loss averaged over the decorrelated layers, or `None` if no training forward ran.
+        """
+        return decorrelation_step(
+            self.decorrelation_modules(), self.config.decorrelation_lr, self.config.decorrelation_kappa
+        )
+
+    @torch.no_grad()
+    def merge_decorrelation(self) -> ViTMAEPreTrainedModel:
+        """A plain transformers model with every R folded into its layer's weight (``W <- W R``).
+
+        The result has the same outputs, no overhead, and loads anywhere without hf_dbp. This model is unchanged.
+        """
+        architecture = self._plain_class.__name__
+        plain = self._plain_class(plain_vit_mae_config(self.config, architecture))
+        plain.load_state_dict(fold_decorrelation(self), strict=True)
+        reference = next(self.parameters())
+        return plain.to(device=reference.device, dtype=reference.dtype).train(self.training)
+
+
+class ViTMAEDBPModel(ViTMAEDBPPreTrainedModel, ViTMAEModel):
+    """
+    The ViTMAE encoder with the layers named by `config.decorrelation_layers` decorrelated. `forward` takes the same
+    arguments and returns the same [`~transformers.models.vit_mae.modeling_vit_mae.ViTMAEModelOutput`] as
+    [`~transformers.ViTMAEModel`].
+
+    Args:
+        config ([`ViTMAEDBPConfig`]): model configuration.
+    """
+
+    _plain_class = ViTMAEModel
+
+    def __init__(self, config: ViTMAEDBPConfig):
+        super().__init__(config)
+        inject_decorrelation(
+            self,
+            vit_mae_decorrelation_groups(config.num_hidden_layers, config.decorrelation_layers),
+            sample_fraction=config.decorrelation_sample_fraction,
+            generator=torch.Generator().manual_seed(STATISTICS_SEED),
+        )
+
+
+class ViTMAEDBPForPreTraining(ViTMAEDBPPreTrainedModel, ViTMAEForPreTraining):
+    """
+    The ViTMAE masked autoencoder for pre-training, with a decorrelated encoder ([`ViTMAEDBPModel`]) and the plain
+    decoder. `forward` takes the same arguments (`pixel_values`, `noise`, `interpolate_pos_encoding`, ...) and returns
+    the same [`~transformers.models.vit_mae.modeling_vit_mae.ViTMAEForPreTrainingOutput`] as
+    [`~transformers.ViTMAEForPreTraining`].
+
+    Args:
+        config ([`ViTMAEDBPConfig`]): model configuration.
+
+    Example:
+
+    ```python
+    >>> import hf_dbp
+    >>> from hf_dbp import ViTMAEDBPForPreTraining
+
+    >>> model = ViTMAEDBPForPreTraining.from_pretrained("facebook/vit-mae-base", decorrelation_lr=1e-3)
+    >>> loss = model(pixel_values).loss
+    >>> loss.backward(); optimizer.step(); optimizer.zero_grad()
+    >>> model.decorrelation_step()  # after every optimizer step
+    >>> plain = model.merge_decorrelation()  # a transformers.ViTMAEForPreTraining
+    ```
+    """
+
+    _plain_class = ViTMAEForPreTraining
+
+    def __init__(self, config: ViTMAEDBPConfig):
+        # Same as ViTMAEForPreTraining.__init__, with the decorrelated encoder in place of ViTMAEModel.
+        ViTMAEPreTrainedModel.__init__(self, config)
+        self.config = config
+        self.vit = ViTMAEDBPModel(config)
+        self.decoder = ViTMAEDecoder(config, num_patches=self.vit.embeddings.patch_embeddings.num_patches)
+        self.post_init()
+
+
+__all__ = [
+    "ViTMAEDBPPreTrainedModel",
+    "ViTMAEDBPModel",
+    "ViTMAEDBPForPreTraining",
+    "vit_mae_decorrelation_groups",
+]

@@ -1,0 +1,115 @@
+"""A `transformers.Trainer` that takes the decorrelation step after each optimizer step."""
+
+from __future__ import annotations
+
+import time
+
+from transformers import Trainer, TrainerCallback
+from transformers.models.vit_mae.modeling_vit_mae import ViTMAEForPreTraining, ViTMAEModel
+
+from .configuration_vit_mae_dbp import ViTMAEDBPConfig
+from .decorrelation import DecorrelationMonitor, decorrelation_step
+from .modeling_vit_mae_dbp import ViTMAEDBPPreTrainedModel, vit_mae_decorrelation_groups
+
+
+class _DecorrelationCallback(TrainerCallback):
+    """Runs the trainer's decorrelation step on `on_optimizer_step`, which fires once per real optimizer step (after
+    gradient accumulation) on every process: the step's all-reduce needs every process to take part."""
+
+    def __init__(self, trainer: DBPTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._training_clock_start()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # A step skipped by the fp16 grad scaler changed no weight; its statistics stay for the next step.
+        if not self.trainer.accelerator.optimizer_step_was_skipped:
+            self.trainer._decorrelation_update()
+
+
+class DBPTrainer(Trainer):
+    """
+    [`~transformers.Trainer`] for DBP: after each optimizer step that was not skipped it calls the model's
+    `decorrelation_step()`, and it adds to every training log record
+
+    - `decorrelation_loss`: the decorrelation loss averaged over the optimizer steps since the last record, and
+    - `train_seconds`: wall-clock seconds since training began, not counting evaluation,
+
+    so runs can be compared against time and against steps (`trainer.state.log_history`, `trainer_state.json`).
+
+    Given a plain [`~transformers.ViTMAEForPreTraining`] or [`~transformers.ViTMAEModel`] (the BP baseline), it
+    measures the same decorrelation loss of the same layers, without changing the model, so BP and DBP runs report
+    comparable figures.
+
+    Args:
+        decorrelation_config ([`ViTMAEDBPConfig`], *optional*):
+            For a plain model only: which layers to measure, the sample fraction and the kappa of the loss. Defaults
+            to the defaults of [`ViTMAEDBPConfig`]. A DBP model uses its own config.
+        *args, **kwargs: passed to [`~transformers.Trainer`].
+    """
+
+    def __init__(self, *args, decorrelation_config: ViTMAEDBPConfig | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._monitor: DecorrelationMonitor | None = None
+        model = self.model
+        if isinstance(model, ViTMAEDBPPreTrainedModel):
+            if decorrelation_config is not None:
+                raise ValueError("decorrelation_config is for plain models; a DBP model uses its own config")
+            self._kappa = model.config.decorrelation_kappa
+        elif isinstance(model, (ViTMAEForPreTraining, ViTMAEModel)):
+            settings = decorrelation_config or ViTMAEDBPConfig()
+            encoder = model.vit if isinstance(model, ViTMAEForPreTraining) else model
+            groups = vit_mae_decorrelation_groups(model.config.num_hidden_layers, settings.decorrelation_layers)
+            self._monitor = DecorrelationMonitor(encoder, groups, settings.decorrelation_sample_fraction)
+            self._kappa = settings.decorrelation_kappa
+        else:
+            raise TypeError(
+                f"DBPTrainer trains ViTMAEDBP models (or plain ViTMAE models as a BP baseline), not {type(model).__name__}"
+            )
+        # ViTMAE returns its loss without labels; this is Trainer's switch for such models (eval_loss is computed).
+        self.can_return_loss = True
+        self._decorrelation_losses: list[float] = []
+        self._clock_start: float | None = None
+        self._seconds_in_evaluation = 0.0
+        self._evaluation_start: float | None = None
+        self.add_callback(_DecorrelationCallback(self))
+
+    def _training_clock_start(self) -> None:
+        self._clock_start = time.perf_counter()
+        self._seconds_in_evaluation = 0.0
+
+    def _decorrelation_update(self) -> None:
+        if self._monitor is not None:
+            loss = decorrelation_step(self._monitor.decorrelations.values(), lr=0.0, kappa=self._kappa)
+        else:
+            loss = self.accelerator.unwrap_model(self.model).decorrelation_step()
+        if loss is not None:
+            self._decorrelation_losses.append(loss)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Evaluation of MAE pre-training is its reconstruction loss. Gathering the reconstructed patches as well would
+        # hold a whole evaluation set of them in memory.
+        return super().prediction_step(model, inputs, True, ignore_keys=ignore_keys)
+
+    def evaluate(self, *args, **kwargs):
+        self._evaluation_start = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._seconds_in_evaluation += time.perf_counter() - self._evaluation_start
+            self._evaluation_start = None
+
+    def _train_seconds(self) -> float:
+        now = time.perf_counter()
+        evaluating = now - self._evaluation_start if self._evaluation_start is not None else 0.0
+        return now - self._clock_start - self._seconds_in_evaluation - evaluating
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Added before Trainer.log appends the record to log_history, so they land there and in trainer_state.json.
+        if "loss" in logs and self._decorrelation_losses:
+            logs["decorrelation_loss"] = sum(self._decorrelation_losses) / len(self._decorrelation_losses)
+            self._decorrelation_losses.clear()
+        if self._clock_start is not None and "train_runtime" not in logs:
+            logs["train_seconds"] = self._train_seconds()
+        super().log(logs, start_time)

@@ -1,0 +1,232 @@
+"""The decorrelation core on its own: update rule, statistics, layer wrappers, folding, several processes."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from hf_dbp.decorrelation import (
+    DecorrelatedConv2d,
+    DecorrelatedLinear,
+    Decorrelation,
+    DecorrelationMonitor,
+    decorrelation_step,
+    fold_decorrelation,
+    inject_decorrelation,
+)
+
+
+def reference_update(R, rows, lr, kappa):
+    """The rule of METHOD.md, written out independently in float64 from the raw input rows."""
+    z = rows @ R.T
+    X = z.T @ z / z.shape[0]
+    C = X - torch.diag(torch.diagonal(X))
+    v = (z * z - 1).mean(dim=0)
+    loss = ((1 - kappa) * (C**2).sum() + kappa * (v**2).sum()) / R.shape[0] ** 2
+    return R - lr * ((1 - kappa) * C @ R + kappa * torch.diag(v) @ R), loss
+
+
+class TwoBranches(nn.Module):
+    """Three linears reading one input (like q, k, v) and one patchifying conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 5), nn.Linear(6, 4), nn.Linear(6, 3)
+        self.patch = nn.Conv2d(2, 7, kernel_size=2, stride=2)
+
+
+def test_update_rule_matches_independent_computation_over_two_steps_with_accumulation():
+    torch.manual_seed(0)
+    model = TwoBranches().double()
+    decorrelations = inject_decorrelation(model, {"abc": ["a", "b", "c"]}, sample_fraction=1.0)
+    d = decorrelations["abc"].double()
+    lr, kappa = 0.05, 0.3
+    R = torch.eye(6, dtype=torch.float64)
+    for _ in range(2):
+        micro_batches = [torch.randn(3, 4, 6, dtype=torch.float64) * torch.linspace(0.5, 2, 6) for _ in range(2)]
+        for x in micro_batches:  # two gradient-accumulation micro-batches, each read by a, b and c
+            model.a(x), model.b(x), model.c(x)
+        rows = torch.cat([x.reshape(-1, 6) for x in micro_batches])
+        R, expected_loss = reference_update(R, rows, lr, kappa)
+        loss = decorrelation_step([d], lr=lr, kappa=kappa)
+        torch.testing.assert_close(d.R, R, rtol=1e-12, atol=1e-12)
+        assert loss == pytest.approx(float(expected_loss), rel=1e-10)
+    assert d.num_rows == 0 and d.sum_zz is None  # cleared after each step
+
+
+def test_variance_term_scales_rows_not_columns():
+    """diag(v) @ R and the reference code's R @ diag(v) differ once R is not symmetric; we follow METHOD.md."""
+    torch.manual_seed(1)
+    d = Decorrelation(4, sample_fraction=1.0).double()
+    d.R.copy_(torch.eye(4, dtype=torch.float64) + 0.2 * torch.randn(4, 4, dtype=torch.float64))
+    rows = torch.randn(50, 4, dtype=torch.float64) * 3
+    expected, _ = reference_update(d.R.clone(), rows, lr=0.01, kappa=1.0)
+    d.observe(rows)
+    decorrelation_step([d], lr=0.01, kappa=1.0)
+    torch.testing.assert_close(d.R, expected)
+
+
+def test_fresh_layers_are_exactly_the_plain_layers():
+    torch.manual_seed(0)
+    plain = TwoBranches()
+    model = TwoBranches()
+    model.load_state_dict(plain.state_dict())
+    inject_decorrelation(model, {"abc": ["a", "b", "c"], "patch": ["patch"]})
+    assert isinstance(model.a, DecorrelatedLinear) and isinstance(model.patch, DecorrelatedConv2d)
+    assert model.a.decorrelation is model.b.decorrelation is model.abc_decorrelation
+    x, image = torch.randn(8, 6), torch.randn(2, 2, 6, 6)
+    for name in "abc":
+        assert torch.equal(getattr(model, name)(x), getattr(plain, name)(x))
+        assert torch.equal(getattr(model, name)(x[:2]), getattr(plain, name)(x[:2]))  # explicit R x path too
+    assert torch.equal(model.patch(image), plain.patch(image))
+    # Parameter names are those of the plain model, plus one R per group.
+    assert set(model.state_dict()) == set(plain.state_dict()) | {"abc_decorrelation.R", "patch_decorrelation.R"}
+
+
+def test_both_forward_forms_give_the_same_outputs_and_gradients():
+    """Explicit W (R x) and folded (W R) x: same outputs and gradients for W, b and x (float64)."""
+    torch.manual_seed(0)
+    model = TwoBranches().double()
+    d = inject_decorrelation(model, {"a": ["a"]})["a"].double()
+    d.R.copy_(torch.eye(6, dtype=torch.float64) + 0.1 * torch.randn(6, 6, dtype=torch.float64))
+    layer = model.a  # 5 outputs: 2 rows take the explicit form, 12 rows the folded one
+    results = []
+    for rows in (2, 12):
+        x = torch.randn(rows, 6, dtype=torch.float64, requires_grad=True)
+        layer.zero_grad()
+        (layer(x) ** 2).sum().backward()
+        expected_x = x.detach().clone().requires_grad_(True)
+        w = layer.weight.detach().clone().requires_grad_(True)
+        b = layer.bias.detach().clone().requires_grad_(True)
+        ((expected_x @ d.R.T @ w.T + b) ** 2).sum().backward()
+        torch.testing.assert_close(x.grad, expected_x.grad)
+        torch.testing.assert_close(layer.weight.grad, w.grad)
+        torch.testing.assert_close(layer.bias.grad, b.grad)
+        results.append(rows)
+    assert results == [2, 12]
+
+
+def test_patch_conv_statistics_are_image_patches():
+    torch.manual_seed(0)
+    model = TwoBranches()
+    d = inject_decorrelation(model, {"patch": ["patch"]}, sample_fraction=1.0)["patch"]
+    image = torch.randn(3, 2, 4, 6)
+    model.patch(image)
+    # 3 images x (2 x 3) patches of 2 channels x 2 x 2 pixels, flattened like the conv's weight (c, i, j)
+    patches = image.reshape(3, 2, 2, 2, 3, 2).permute(0, 2, 4, 1, 3, 5).reshape(-1, 8)
+    assert d.num_rows == 18
+    torch.testing.assert_close(d.sum_zz, patches.T @ patches)
+
+
+def test_folding_gives_the_same_outputs():
+    torch.manual_seed(0)
+    model = TwoBranches()
+    plain = TwoBranches()
+    groups = inject_decorrelation(model, {"abc": ["a", "b", "c"], "patch": ["patch"]})
+    for d in groups.values():
+        d.R.add_(0.1 * torch.randn_like(d.R))
+    plain.load_state_dict(fold_decorrelation(model), strict=True)
+    x, image = torch.randn(4, 6), torch.randn(2, 2, 6, 6)
+    for name in "abc":
+        torch.testing.assert_close(getattr(plain, name)(x), getattr(model, name)(x))
+    torch.testing.assert_close(plain.patch(image), model.patch(image))
+
+
+@pytest.mark.parametrize("fraction, expected", [(1.0, 40), (0.5, 20), (0.01, 1)])
+def test_sample_fraction(fraction, expected):
+    d = Decorrelation(3, sample_fraction=fraction, generator=torch.Generator().manual_seed(0))
+    rows = torch.randn(40, 3)
+    d.observe(rows)
+    assert d.num_rows == expected
+    if fraction == 1.0:  # every row exactly once
+        torch.testing.assert_close(d.sum_zz, rows.T @ rows)
+
+
+def test_subsample_is_without_replacement_and_leaves_global_rng_alone():
+    d = Decorrelation(1, sample_fraction=0.5, generator=torch.Generator().manual_seed(0))
+    state = torch.random.get_rng_state()
+    rows = torch.arange(1, 101, dtype=torch.float32)[:, None]  # distinct values: sum of squares reveals repeats
+    for _ in range(20):
+        d.reset_statistics()
+        d.observe(rows)
+        z = d.sum_zz.item()
+        # 50 distinct values drawn from 1..100: the sum of squares lies between that of 1..50 and that of 51..100.
+        assert sum(i * i for i in range(1, 51)) <= z <= sum(i * i for i in range(51, 101))
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_sample_fraction_is_validated():
+    with pytest.raises(ValueError, match="sample_fraction"):
+        Decorrelation(3, sample_fraction=0.0)
+
+
+def test_eval_mode_and_recomputed_forwards_are_not_counted():
+    torch.manual_seed(0)
+    model = TwoBranches()
+    d = inject_decorrelation(model, {"a": ["a"]}, sample_fraction=1.0)["a"]
+    x = torch.randn(5, 6, requires_grad=True)
+    model.eval()
+    model.a(x)
+    assert d.num_rows == 0
+    model.train()
+    for reentrant in (True, False):
+        d.reset_statistics()
+        y = torch.utils.checkpoint.checkpoint(model.a, x, use_reentrant=reentrant)
+        y.sum().backward()  # re-runs the forward inside backward
+        assert d.num_rows == 5
+
+
+def test_monitor_measures_without_changing_the_model():
+    torch.manual_seed(0)
+    model = TwoBranches()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monitor = DecorrelationMonitor(model, {"abc": ["a", "b", "c"], "patch": ["patch"]}, sample_fraction=1.0)
+    x = torch.randn(30, 6) * torch.arange(1, 7)
+    model.a(x), model.b(x), model.c(x)
+    loss = decorrelation_step(monitor.decorrelations.values(), lr=0.0, kappa=0.1)
+    _, expected = reference_update(torch.eye(6, dtype=torch.float64), x.double(), lr=0.0, kappa=0.1)
+    assert loss == pytest.approx(float(expected), rel=1e-5)  # only "abc" saw rows
+    assert set(model.state_dict()) == set(before)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    monitor.remove()
+    model.a(x)
+    assert monitor.decorrelations["abc"].num_rows == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed_worker(rank: int, world_size: int, port: int, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)  # same initial weights on both ranks
+        model = TwoBranches().double()
+        groups = inject_decorrelation(model, {"abc": ["a", "b", "c"], "patch": ["patch"]}, sample_fraction=1.0)
+        for step in range(2):
+            generator = torch.Generator().manual_seed(100 * step + rank)  # different data on each rank
+            model.a(torch.randn(7 + rank, 6, generator=generator, dtype=torch.float64))
+            model.patch(torch.randn(2, 2, 4, 4, generator=generator, dtype=torch.float64))
+            decorrelation_step([g.double() for g in groups.values()], lr=0.1, kappa=0.2)
+        results[rank] = {name: g.R.clone() for name, g in groups.items()}
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_end_with_identical_R_from_the_rows_of_both():
+    results = mp.Manager().dict()
+    mp.spawn(_distributed_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    for name in ("abc", "patch"):
+        torch.testing.assert_close(results[0][name], results[1][name], rtol=0, atol=0)
+    # Independent computation over the rows of both ranks together.
+    R = torch.eye(6, dtype=torch.float64)
+    for step in range(2):
+        rows = torch.cat([torch.randn(7 + r, 6, generator=torch.Generator().manual_seed(100 * step + r), dtype=torch.float64) for r in (0, 1)])
+        R, _ = reference_update(R, rows, lr=0.1, kappa=0.2)
+    torch.testing.assert_close(results[0]["abc"], R)

@@ -1,0 +1,112 @@
+"""DBPTrainer: the DBP step after each optimizer step, the logged records, and a short real training run."""
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import BertConfig, BertModel, TrainingArguments, ViTMAEConfig, ViTMAEForPreTraining
+
+from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
+from hf_dbp.data import MAEImageTransform, demo_image_dataset
+
+
+def training_args(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, per_device_eval_batch_size=16, logging_steps=1,
+        report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0,
+    )  # fmt: skip
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def noise_images(count=32, size=16):
+    return Dataset.from_dict({"pixel_values": torch.randn(count, 3, size, size).numpy()}).with_format("torch")
+
+
+def test_one_decorrelation_step_per_optimizer_step_with_gradient_accumulation(tmp_path, tiny_kwargs):
+    model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs, decorrelation_sample_fraction=1.0))
+    calls = []
+    original = model.decorrelation_step
+
+    def counting_step():
+        qkv = model.vit.layers[0].attention.qkv_decorrelation
+        calls.append(qkv.num_rows)
+        return original()
+
+    model.decorrelation_step = counting_step
+    args = training_args(tmp_path, max_steps=3, gradient_accumulation_steps=2, per_device_train_batch_size=4)
+    trainer = DBPTrainer(model=model, args=args, train_dataset=noise_images())
+    trainer.train()
+    # 3 optimizer steps, each after 2 micro-batches of 4 images x (1 cls + 4 visible patches) rows.
+    assert calls == [2 * 4 * 5] * 3
+    records = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(records) == 3 and all(r["decorrelation_loss"] > 0 for r in records)
+    seconds = [r["train_seconds"] for r in records]
+    assert all(0 < a < b for a, b in zip(seconds[:-1], seconds[1:], strict=True))
+
+
+def test_evaluation_reports_the_mae_loss_and_is_not_counted_as_training_time(tmp_path, tiny_kwargs):
+    model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs))
+    args = training_args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=2)
+    trainer = DBPTrainer(model=model, args=args, train_dataset=noise_images(), eval_dataset=noise_images(256))
+    result = trainer.train()
+    evals = [r for r in trainer.state.log_history if "eval_loss" in r]
+    assert len(evals) == 2 and all(r["eval_loss"] > 0 for r in evals)
+    seconds_evaluating = sum(r["eval_runtime"] for r in evals)
+    last_training_record = [r for r in trainer.state.log_history if "loss" in r][-1]
+    # Wall-clock training time includes both evaluations; train_seconds must not.
+    assert seconds_evaluating > 0.1
+    assert last_training_record["train_seconds"] < result.metrics["train_runtime"] - 0.9 * seconds_evaluating
+    assert trainer.evaluate()["eval_loss"] > 0
+
+
+def test_plain_model_is_measured_but_not_changed(tmp_path, tiny_kwargs):
+    torch.manual_seed(0)
+    model = ViTMAEForPreTraining(ViTMAEConfig(**tiny_kwargs))
+    keys = set(model.state_dict())
+    args = training_args(tmp_path, max_steps=2)
+    trainer = DBPTrainer(model=model, args=args, train_dataset=noise_images(),
+                         decorrelation_config=ViTMAEDBPConfig(decorrelation_layers=["fc1"]))  # fmt: skip
+    trainer.train()
+    assert set(model.state_dict()) == keys  # no R was added
+    assert list(trainer._monitor.decorrelations) == ["layers.0.mlp.fc1", "layers.1.mlp.fc1"]
+    assert all(r["decorrelation_loss"] > 0 for r in trainer.state.log_history if "loss" in r)
+
+
+def test_other_models_are_refused(tmp_path):
+    model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+    with pytest.raises(TypeError, match="BertModel"):
+        DBPTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=noise_images())
+
+
+def _train_on_natural_images(tmp_path, model, dataset):
+    args = training_args(
+        tmp_path, num_train_epochs=6, per_device_train_batch_size=32, learning_rate=2e-3, warmup_steps=5,
+        lr_scheduler_type="cosine", weight_decay=0.05, adam_beta2=0.95, logging_steps=4, remove_unused_columns=False,
+    )  # fmt: skip
+    trainer = DBPTrainer(model=model, args=args, train_dataset=dataset)
+    trainer.train()
+    records = [r for r in trainer.state.log_history if "loss" in r]
+    return [r["loss"] for r in records], [r["decorrelation_loss"] for r in records]
+
+
+def test_short_training_on_natural_images(tmp_path, tiny_kwargs):
+    """Real training on crops of photographs: DBP lowers both losses, and ends better decorrelated than BP."""
+    images = demo_image_dataset(num_train=256, num_validation=1, min_size=24, max_size=64)["train"]
+    transform = MAEImageTransform(16)
+    dataset = images.with_transform(lambda batch: {"pixel_values": [torch.from_numpy(transform(i)) for i in batch["image"]]})
+    config = ViTMAEDBPConfig(**tiny_kwargs, norm_pix_loss=True, decorrelation_lr=1e-2)
+    torch.manual_seed(0)
+    dbp = ViTMAEDBPForPreTraining(config)
+    bp = dbp.merge_decorrelation()  # the same initial weights, as a plain model
+
+    torch.manual_seed(0)
+    dbp_loss, dbp_decorrelation = _train_on_natural_images(tmp_path / "dbp", dbp, dataset)
+    torch.manual_seed(0)
+    bp_loss, bp_decorrelation = _train_on_natural_images(tmp_path / "bp", bp, dataset)
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    assert mean(dbp_loss[-3:]) < 0.9 * mean(dbp_loss[:3])
+    assert mean(dbp_decorrelation[-3:]) < 0.5 * mean(dbp_decorrelation[:3])
+    assert mean(dbp_decorrelation[-3:]) < mean(bp_decorrelation[-3:])
