@@ -4,7 +4,7 @@
 Follows transformers' examples/pytorch/image-pretraining/run_mae.py. Launch with accelerate (one or many processes):
 
     accelerate launch examples/run_mae_dbp.py                       # offline demo on embedded natural images
-    accelerate launch examples/run_mae_dbp.py examples/configs/paper_vit_b16_imagenet10.yaml
+    accelerate launch examples/run_mae_dbp.py examples/configs/paper_dbp_vit_b16_imagenet10.yaml
     accelerate launch examples/run_mae_dbp.py --train_dir imgs/ --output_dir out --bp_baseline
 
 A JSON or YAML file as the only argument holds the same fields as the command-line flags.
@@ -169,6 +169,8 @@ def build_model(model_args: ModelArguments, dbp_args: DBPArguments):
     common = {"mask_ratio": model_args.mask_ratio, "norm_pix_loss": model_args.norm_pix_loss}
     load = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
     if model_args.model_name_or_path is not None:
+        if model_args.config_overrides is not None:
+            logger.warning("--config_overrides is ignored: the architecture comes from --model_name_or_path")
         model_type = AutoConfig.from_pretrained(model_args.model_name_or_path, **load).model_type
         if model_type not in (ViTMAEConfig.model_type, ViTMAEDBPConfig.model_type):
             raise ValueError(
@@ -286,13 +288,13 @@ def main() -> None:
         last = [r for r in trainer.state.log_history if "decorrelation_loss" in r]
         logger.info(
             "Done: %s, %d steps in %.1f s. Final train loss %.4f, eval loss %s, decorrelation loss %s. Outputs in %s: "
-            "model.safetensors + config.json (load with %s.from_pretrained), all_results.json, trainer_state.json, "
-            "training_curves.png.",
+            "model.safetensors + config.json (load with %s), all_results.json, trainer_state.json, training_curves.png.",
             method, trainer.state.global_step, train_result.metrics["train_runtime"], train_result.metrics["train_loss"],
             f"{metrics['eval_loss']:.4f}" if "validation" in ds else "n/a",
             f"{last[-1]['decorrelation_loss']:.4f}" if last else "n/a",
             os.path.abspath(training_args.output_dir),
-            "ViTMAEForPreTraining" if dbp_args.bp_baseline else "ViTMAEDBPForPreTraining (after `import hf_dbp`)",
+            "transformers.ViTMAEForPreTraining.from_pretrained" if dbp_args.bp_baseline
+            else "`import hf_dbp` then hf_dbp.ViTMAEDBPForPreTraining.from_pretrained",
         )  # fmt: skip
 
     if training_args.push_to_hub:

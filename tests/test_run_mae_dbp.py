@@ -1,0 +1,477 @@
+"""End-to-end tests of examples/run_mae_dbp.py.
+
+Each test runs the script for real, in a subprocess from the repository root, on a dozen tiny images and a tiny
+ViT-MAE (3 optimizer steps), offline. Runs that several tests inspect are module-scoped fixtures, so each runs once,
+and those fixtures start their runs side by side, one per CPU core: most of a run's time is its imports, on one core.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from datasets import Dataset, Features, Image, Value
+from PIL import Image as PILImage
+from safetensors import safe_open
+from transformers import BertConfig, BertModel, ViTMAEConfig, ViTMAEForPreTraining
+
+import hf_dbp
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "examples" / "run_mae_dbp.py"
+
+TINY_MODEL = {
+    "image_size": 16,
+    "patch_size": 4,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "decoder_hidden_size": 16,
+    "decoder_num_hidden_layers": 1,
+    "decoder_num_attention_heads": 2,
+    "decoder_intermediate_size": 32,
+}
+TINY_OVERRIDES = ",".join(f"{key}={value}" for key, value in TINY_MODEL.items())
+# Three optimizer steps of 4 images, a log record after each, nothing saved but the final model.
+TINY_RUN = {
+    "per_device_train_batch_size": 4,
+    "per_device_eval_batch_size": 4,
+    "max_steps": 3,
+    "logging_steps": 1,
+    "report_to": "none",
+    "save_strategy": "no",
+    "dataloader_num_workers": 0,
+}
+
+
+def as_flags(options: dict) -> list[str]:
+    return [str(item) for key, value in options.items() for item in (f"--{key}", value)]
+
+
+TINY_FLAGS = as_flags({"config_overrides": TINY_OVERRIDES, **TINY_RUN})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def run_script(*args, hf_home: Path, accelerate: bool = False) -> subprocess.CompletedProcess:
+    """Run the script (optionally under `accelerate launch` on one CPU process); stdout and stderr merged."""
+    env = {
+        **os.environ,
+        "HF_HOME": str(hf_home),  # the datasets cache of this run only
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        # One thread: the model is tiny, and torch's thread pool slows 100-fold when other processes share the cores.
+        "OMP_NUM_THREADS": "1",
+    }
+    launcher = [sys.executable]
+    if accelerate:
+        launcher += ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1", "--cpu",
+                     "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    return subprocess.run(
+        [*launcher, str(SCRIPT), *map(str, args)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+
+
+def assert_succeeded(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"the script failed (exit {result.returncode}):\n{result.stdout[-6000:]}"
+
+
+def assert_failed_before_training(run: Run) -> str:
+    """The run exited non-zero without training; returns the error message (the traceback's last line)."""
+    assert run.result.returncode != 0, f"the script should have failed:\n{run.output[-3000:]}"
+    assert not (run.output_dir / "trainer_state.json").exists()
+    assert not (run.output_dir / "model.safetensors").exists()
+    return run.output.strip().splitlines()[-1]
+
+
+def write_images(folder: Path, count: int, mode: str = "RGB", suffix: str = ".png", seed: int = 0) -> list[Path]:
+    """`count` square noise images of 20 to 40 px in PIL mode `mode` (RGB, RGBA, L or P)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        size = int(rng.integers(20, 41))
+        channels = 4 if mode == "RGBA" else 3  # RGBA with a varying alpha channel
+        image = PILImage.fromarray(rng.integers(0, 256, (size, size, channels), dtype=np.uint8))
+        paths.append(folder / f"{mode.lower()}_{i}{suffix}")
+        image.convert(mode).save(paths[-1])
+    return paths
+
+
+def noise_images(count: int, seed: int = 0) -> list[PILImage.Image]:
+    rng = np.random.default_rng(seed)
+    return [PILImage.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def training_records(output_dir: Path) -> list[dict]:
+    """The training log records (the ones with a train loss) of trainer_state.json."""
+    return [r for r in read_json(output_dir / "trainer_state.json")["log_history"] if "loss" in r]
+
+
+def image_counts(output: str) -> tuple[int, int]:
+    """(training, validation) image counts from the script's 'pre-training ... on N images (M for validation)' log."""
+    match = re.search(r"on (\d+) images \((\d+) for validation\)", output)
+    assert match, f"no image count in the log:\n{output[-3000:]}"
+    return int(match.group(1)), int(match.group(2))
+
+
+def assert_finite_losses(output_dir: Path, keys=("train_loss", "eval_loss")) -> None:
+    results = read_json(output_dir / "all_results.json")
+    for key in keys:
+        assert key in results, f"{key} missing from all_results.json: {results}"
+        assert isinstance(results[key], float) and math.isfinite(results[key]), results
+
+
+def safetensors_keys(output_dir: Path) -> list[str]:
+    with safe_open(str(output_dir / "model.safetensors"), framework="pt") as f:
+        return list(f.keys())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Runs shared by several tests
+
+
+@dataclass
+class Run:
+    """A finished run of the script, with the training images it was given that can or cannot be decoded."""
+
+    result: subprocess.CompletedProcess
+    output_dir: Path
+    readable: list[Path] = field(default_factory=list)
+    unreadable: list[Path] = field(default_factory=list)
+
+    @property
+    def output(self) -> str:
+        return self.result.stdout
+
+
+def run_concurrently(
+    runs: dict[str, Callable[[], subprocess.CompletedProcess]],
+) -> dict[str, subprocess.CompletedProcess]:
+    """Call each `run_script` partial, as many at a time as there are CPU cores."""
+    with ThreadPoolExecutor(max_workers=min(len(runs), os.cpu_count() or 1)) as pool:
+        futures = {name: pool.submit(run) for name, run in runs.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+@pytest.fixture(scope="module")
+def folder_runs(tmp_path_factory) -> dict[str, Run]:
+    """Two DBP runs from scratch on a training and a validation image folder:
+
+    - "clean": 12 RGB training images, 4 validation images;
+    - "messy": no RGB image at all: grayscale (L), RGBA and palette (P, PNG and GIF) images, plus a .jpg of random
+      bytes and a truncated JPEG in the training folder.
+    """
+    root = tmp_path_factory.mktemp("folder_runs")
+    write_images(root / "clean" / "train", 12)
+    write_images(root / "clean" / "validation", 4, seed=1)
+
+    messy_train = root / "messy" / "train"
+    readable = [
+        *write_images(messy_train, 4, mode="L"),
+        *write_images(messy_train, 4, mode="RGBA", seed=1),
+        *write_images(messy_train, 3, mode="P", seed=2),
+        *write_images(messy_train, 1, mode="P", suffix=".gif", seed=3),
+    ]
+    corrupt, truncated = messy_train / "corrupt.jpg", messy_train / "truncated.jpg"
+    corrupt.write_bytes(np.random.default_rng(4).bytes(600))
+    jpeg = write_images(root / "messy" / "jpeg", 1, suffix=".jpg", seed=5)[0].read_bytes()
+    truncated.write_bytes(jpeg[: len(jpeg) // 2])
+    for seed, mode in enumerate(("L", "RGBA", "P")):
+        write_images(root / "messy" / "validation", 1, mode=mode, seed=10 + seed)
+
+    def run(name):
+        folder = root / name
+        return partial(run_script, "--train_dir", folder / "train", "--validation_dir", folder / "validation",
+                       "--output_dir", folder / "out", *TINY_FLAGS, hf_home=folder / "hf_home")  # fmt: skip
+
+    results = run_concurrently({"clean": run("clean"), "messy": run("messy")})
+    return {
+        "clean": Run(results["clean"], root / "clean" / "out"),
+        "messy": Run(results["messy"], root / "messy" / "out", readable, [corrupt, truncated]),
+    }
+
+
+@pytest.fixture(scope="module")
+def early_exits(tmp_path_factory) -> dict[str, Run]:
+    """The runs that stop before training:
+
+    - "help": `--help`;
+    - "no_image_column": a parquet dataset with only "text" and "label" columns;
+    - "wrong_image_column_name": an image folder with `--image_column_name nope`;
+    - "bert_checkpoint": `--model_name_or_path` a tiny BERT checkpoint.
+    """
+    root = tmp_path_factory.mktemp("early_exits")
+    text_data = root / "text_data"
+    text_data.mkdir()
+    Dataset.from_dict({"text": ["a", "b", "c", "d"], "label": [0, 1, 0, 1]}).to_parquet(
+        str(text_data / "train.parquet")
+    )
+    write_images(root / "images", 4)
+    bert_config = BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    BertModel(bert_config).save_pretrained(root / "bert")
+    args = {
+        "help": ["--help"],
+        "no_image_column": ["--dataset_name", text_data],
+        "wrong_image_column_name": ["--train_dir", root / "images", "--image_column_name", "nope"],
+        "bert_checkpoint": ["--train_dir", root / "images", "--model_name_or_path", root / "bert"],
+    }
+    results = run_concurrently({
+        name: partial(run_script, *name_args, "--output_dir", root / name / "out", *TINY_FLAGS, hf_home=root / name / "hf_home")
+        for name, name_args in args.items()
+    })  # fmt: skip
+    return {name: Run(results[name], root / name / "out") for name in args}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Image folders
+
+
+def test_help_lists_the_options(early_exits):
+    """`--help` works (argparse formats every help string with %) and lists the script's and Trainer's options."""
+    run = early_exits["help"]
+    assert_succeeded(run.result)
+    for option in ("--train_dir", "--dataset_name", "--bp_baseline", "--decorrelation_layers", "--max_train_samples",
+                   "--base_learning_rate", "--per_device_train_batch_size"):  # fmt: skip
+        assert option in run.output
+
+
+def test_image_folder_run_writes_model_and_results(folder_runs):
+    """An image-folder run exits 0 and writes a DBP checkpoint (the --config_overrides architecture) and finite
+    train and eval losses."""
+    run = folder_runs["clean"]
+    assert_succeeded(run.result)
+    for name in ("model.safetensors", "config.json", "all_results.json", "trainer_state.json", "training_curves.png"):
+        assert (run.output_dir / name).is_file(), f"{name} missing: {sorted(p.name for p in run.output_dir.iterdir())}"
+    config = read_json(run.output_dir / "config.json")
+    assert config["model_type"] == "vit_mae_dbp"
+    assert {key: config[key] for key in TINY_MODEL} == TINY_MODEL
+    assert_finite_losses(run.output_dir)
+    assert image_counts(run.output) == (12, 4)
+
+
+def test_image_folder_run_logs_decorrelation_loss(folder_runs):
+    """trainer_state.json records 3 steps, each log record with the MAE loss and the decorrelation loss."""
+    run = folder_runs["clean"]
+    assert_succeeded(run.result)
+    assert read_json(run.output_dir / "trainer_state.json")["global_step"] == 3
+    records = training_records(run.output_dir)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for record in records:
+        assert "decorrelation_loss" in record, record
+        assert math.isfinite(record["loss"]) and math.isfinite(record["decorrelation_loss"])
+        assert record["decorrelation_loss"] > 0
+
+
+def test_image_folder_run_plots_training_curves(folder_runs):
+    """training_curves.png is a real PNG image."""
+    run = folder_runs["clean"]
+    assert_succeeded(run.result)
+    with PILImage.open(run.output_dir / "training_curves.png") as image:
+        assert image.format == "PNG"
+        assert image.width > 100 and image.height > 100
+        image.verify()
+
+
+def test_image_folder_checkpoint_loads_with_updated_decorrelation(folder_runs):
+    """The checkpoint loads as ViTMAEDBPForPreTraining, and training moved every R away from its initial identity."""
+    run = folder_runs["clean"]
+    assert_succeeded(run.result)
+    model = hf_dbp.ViTMAEDBPForPreTraining.from_pretrained(run.output_dir)
+    assert model.config.decorrelation_layers == list(hf_dbp.DECORRELATION_LAYER_KINDS)
+    r_qkv = model.vit.layers[0].attention.qkv_decorrelation.R
+    assert not torch.allclose(r_qkv, torch.eye(r_qkv.shape[0]), atol=1e-6)
+    modules = model.decorrelation_modules()
+    assert len(modules) == 1 + 4 * TINY_MODEL["num_hidden_layers"]  # patch embedding, then qkv, o_proj, fc1, fc2
+    for module in modules:
+        assert torch.isfinite(module.R).all()
+        assert not torch.allclose(module.R, torch.eye(module.R.shape[0]), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. A `datasets` dataset
+
+
+def test_parquet_dataset_with_img_column_and_train_val_split(tmp_path):
+    """A folder of parquet files trains through --dataset_name: the 'img' column is found, and --train_val_split
+    holds out a quarter of the 12 rows for validation."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    features = Features({"img": Image(), "caption": Value("string")})
+    dataset = Dataset.from_dict(
+        {"img": noise_images(12), "caption": [f"noise {i}" for i in range(12)]}, features=features
+    )
+    dataset.to_parquet(str(data_dir / "train.parquet"))
+    output_dir = tmp_path / "out"
+    result = run_script("--dataset_name", data_dir, "--train_val_split", 0.25, "--output_dir", output_dir,
+                        *TINY_FLAGS, hf_home=tmp_path / "hf_home")  # fmt: skip
+    assert_succeeded(result)
+    assert image_counts(result.stdout) == (9, 3)
+    assert_finite_losses(output_dir)
+    assert read_json(output_dir / "config.json")["model_type"] == "vit_mae_dbp"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. The BP baseline
+
+
+def test_bp_baseline_saves_a_plain_vit_mae(tmp_path):
+    """--bp_baseline trains and saves a plain transformers ViTMAE (no R), still logging the decorrelation loss."""
+    write_images(tmp_path / "train", 12)
+    output_dir = tmp_path / "out"
+    result = run_script("--train_dir", tmp_path / "train", "--bp_baseline", "--output_dir", output_dir,
+                        *TINY_FLAGS, hf_home=tmp_path / "hf_home")  # fmt: skip
+    assert_succeeded(result)
+    assert read_json(output_dir / "config.json")["model_type"] == "vit_mae"
+    assert not [key for key in safetensors_keys(output_dir) if "decorrelation" in key]
+    model, info = ViTMAEForPreTraining.from_pretrained(output_dir, output_loading_info=True)
+    assert type(model) is ViTMAEForPreTraining
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    records = training_records(output_dir)
+    assert len(records) == 3 and all("decorrelation_loss" in r for r in records), records
+    assert_finite_losses(output_dir)  # the default train_val_split gives a validation split
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Bad inputs
+
+
+def test_unreadable_images_are_skipped_and_named(folder_runs):
+    """A .jpg of random bytes and a truncated JPEG are dropped before training: each is named, and counted."""
+    run = folder_runs["messy"]
+    assert_succeeded(run.result)
+    for path in run.unreadable:
+        assert path.name in run.output, f"{path.name} not named in the output:\n{run.output[-4000:]}"
+    folder_size = len(run.readable) + len(run.unreadable)
+    assert re.search(rf"skipped 2 unreadable image\S* of {folder_size}\b", run.output), run.output[-4000:]
+    assert image_counts(run.output) == (len(run.readable), 3)
+    assert (run.output_dir / "model.safetensors").is_file()
+
+
+def test_grayscale_rgba_and_palette_images_train(folder_runs):
+    """Grayscale (L), RGBA and palette (P, PNG and GIF) images, the only readable ones, are all trained on."""
+    run = folder_runs["messy"]
+    assert_succeeded(run.result)
+    skipped = "\n".join(line for line in run.output.splitlines() if "skipping unreadable image" in line)
+    assert not [path.name for path in run.readable if path.name in skipped], skipped
+    assert image_counts(run.output) == (len(run.readable), 3)
+    assert len(training_records(run.output_dir)) == 3
+    assert_finite_losses(run.output_dir)
+
+
+def test_dataset_without_image_column_fails_before_training(early_exits):
+    """A dataset with only text columns stops with an error that lists its columns, before any training."""
+    error = assert_failed_before_training(early_exits["no_image_column"])
+    assert "'text'" in error and "'label'" in error, error
+    assert "--image_column_name" in error
+
+
+def test_wrong_image_column_name_fails_before_training(early_exits):
+    """--image_column_name naming no column of an image folder stops with an error listing the real columns."""
+    error = assert_failed_before_training(early_exits["wrong_image_column_name"])
+    assert "'nope'" in error and "'image'" in error, error
+
+
+def test_checkpoint_of_another_model_type_is_refused(early_exits):
+    """--model_name_or_path pointing to a BERT checkpoint stops with an error naming the type 'bert'."""
+    error = assert_failed_before_training(early_exits["bert_checkpoint"])
+    assert "'bert'" in error, error
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. Starting from a plain ViTMAE checkpoint
+
+
+def test_dbp_training_starts_from_a_plain_vit_mae_checkpoint(tmp_path):
+    """A plain transformers ViTMAE checkpoint is loaded into the DBP model (its weights, not a fresh init) and
+    trained with DBP."""
+    torch.manual_seed(0)
+    plain = ViTMAEForPreTraining(ViTMAEConfig(**TINY_MODEL))
+    with torch.no_grad():
+        plain.vit.embeddings.cls_token.fill_(0.5)  # a value no initialisation gives
+    plain.save_pretrained(tmp_path / "plain")
+    write_images(tmp_path / "train", 12)
+    output_dir = tmp_path / "out"
+    # No --config_overrides: the architecture comes from the checkpoint.
+    result = run_script("--train_dir", tmp_path / "train", "--model_name_or_path", tmp_path / "plain",
+                        "--output_dir", output_dir, *as_flags(TINY_RUN), hf_home=tmp_path / "hf_home")  # fmt: skip
+    assert_succeeded(result)
+    assert read_json(output_dir / "config.json")["model_type"] == "vit_mae_dbp"
+    model = hf_dbp.ViTMAEDBPForPreTraining.from_pretrained(output_dir)
+    assert model.config.hidden_size == TINY_MODEL["hidden_size"]
+    # 3 steps at lr 1.5e-4 * 4 / 256 move each weight by about 1e-5: the checkpoint's values are still there.
+    assert torch.allclose(
+        model.vit.embeddings.cls_token, torch.full_like(model.vit.embeddings.cls_token, 0.5), atol=1e-3
+    )
+    assert torch.allclose(model.vit.layers[1].mlp.fc1.weight, plain.vit.layers[1].mlp.fc1.weight, atol=1e-3)
+    r_qkv = model.vit.layers[0].attention.qkv_decorrelation.R
+    assert not torch.allclose(r_qkv, torch.eye(r_qkv.shape[0]), atol=1e-6)
+    assert all("decorrelation_loss" in r for r in training_records(output_dir))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. A JSON or YAML file as the only argument (the YAML one under `accelerate launch`)
+
+
+@pytest.mark.parametrize("file_format", ["json", "yaml-under-accelerate-launch"])
+def test_config_file_as_only_argument(tmp_path, file_format):
+    """A JSON file (plain Python) or a YAML file (through `accelerate launch --num_processes 1 --cpu`) holding the
+    dataclass fields as keys configures the run, lists included."""
+    write_images(tmp_path / "train", 12)
+    output_dir = tmp_path / "out"
+    fields = {
+        "train_dir": str(tmp_path / "train"),
+        "output_dir": str(output_dir),
+        "config_overrides": TINY_OVERRIDES,
+        "decorrelation_lr": 0.002,
+        "decorrelation_layers": ["qkv", "fc1"],
+        **TINY_RUN,
+    }
+    if file_format == "json":
+        config_file = tmp_path / "run.json"
+        config_file.write_text(json.dumps(fields))
+    else:
+        config_file = tmp_path / "run.yaml"
+        config_file.write_text(yaml.safe_dump(fields))
+    result = run_script(config_file, hf_home=tmp_path / "hf_home", accelerate=file_format != "json")
+    assert_succeeded(result)
+    config = read_json(output_dir / "config.json")
+    assert config["decorrelation_lr"] == 0.002
+    assert config["decorrelation_layers"] == ["qkv", "fc1"]
+    assert config["hidden_size"] == TINY_MODEL["hidden_size"]
+    model = hf_dbp.ViTMAEDBPForPreTraining.from_pretrained(output_dir)
+    r_names = sorted(name for name, _ in model.named_parameters() if name.endswith("_decorrelation.R"))
+    assert r_names == [
+        f"vit.layers.{i}.{kind}_decorrelation.R" for i in range(2) for kind in ("attention.qkv", "mlp.fc1")
+    ]
+    assert len(training_records(output_dir)) == 3
+    assert_finite_losses(output_dir)
