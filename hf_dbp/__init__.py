@@ -4,7 +4,7 @@ Importing the package registers the model type ``vit_mae_dbp`` with ``AutoConfig
 ``AutoModelForPreTraining``, and teaches transformers to load older (4.x) ViTMAE checkpoints into the DBP classes.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForPreTraining, ViTMAEConfig
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 from .configuration_vit_mae_dbp import DECORRELATION_LAYER_KINDS, ViTMAEDBPConfig
@@ -23,6 +23,14 @@ from .modeling_vit_mae_dbp import (
     ViTMAEDBPPreTrainedModel,
     vit_mae_decorrelation_groups,
 )
+from .modeling_vit_mae_dbp_backbone import (
+    ViTMAEBackboneFromPreTraining,
+    ViTMAEDBPBackbone,
+    ViTMAEDBPBackboneConfig,
+    ViTMAEDBPBackboneFromPreTraining,
+    layer_decay_parameter_groups,
+    upernet_from_pretraining_checkpoint,
+)
 from .trainer import DBPTrainer
 
 __version__ = "0.1.0"
@@ -30,6 +38,11 @@ __version__ = "0.1.0"
 AutoConfig.register(ViTMAEDBPConfig.model_type, ViTMAEDBPConfig, exist_ok=True)
 AutoModel.register(ViTMAEDBPConfig, ViTMAEDBPModel, exist_ok=True)
 AutoModelForPreTraining.register(ViTMAEDBPConfig, ViTMAEDBPForPreTraining, exist_ok=True)
+AutoConfig.register(ViTMAEDBPBackboneConfig.model_type, ViTMAEDBPBackboneConfig, exist_ok=True)
+# The backbone serves its own config, and DBP-MAE and plain MAE pre-training checkpoints (encoder only, no masking).
+AutoBackbone.register(ViTMAEDBPBackboneConfig, ViTMAEDBPBackbone, exist_ok=True)
+AutoBackbone.register(ViTMAEDBPConfig, ViTMAEDBPBackboneFromPreTraining, exist_ok=True)
+AutoBackbone.register(ViTMAEConfig, ViTMAEBackboneFromPreTraining, exist_ok=True)
 
 # transformers converts old checkpoint keys (vit.encoder.layer.N.attention.attention.query ...) only for its own
 # classes, looked up by class name; our classes take the same renamings as the classes they extend.
@@ -43,6 +56,8 @@ __all__ = [
     "DecorrelatedLinear",
     "Decorrelation",
     "DecorrelationMonitor",
+    "ViTMAEDBPBackbone",
+    "ViTMAEDBPBackboneConfig",
     "ViTMAEDBPConfig",
     "ViTMAEDBPForPreTraining",
     "ViTMAEDBPModel",
@@ -50,5 +65,7 @@ __all__ = [
     "decorrelation_step",
     "fold_decorrelation",
     "inject_decorrelation",
+    "layer_decay_parameter_groups",
+    "upernet_from_pretraining_checkpoint",
     "vit_mae_decorrelation_groups",
 ]

@@ -89,8 +89,9 @@ class ViTMAEDBPConfig(ViTMAEConfig):
         """Read a `vit_mae_dbp` or plain `vit_mae` config; refuse any other model type with a clear message."""
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         model_type = config_dict.get("model_type", cls.model_type)
-        if model_type == ViTMAEConfig.model_type:
-            # A plain ViTMAE checkpoint is the normal starting point: it becomes a DBP model with R = identity.
+        # A plain ViTMAE checkpoint is the normal starting point: it becomes a DBP model with R = identity. A DBP
+        # config is read by its subclasses (the backbone) too.
+        if model_type in (ViTMAEConfig.model_type, ViTMAEDBPConfig.model_type):
             config_dict = {**config_dict, "model_type": cls.model_type}
         elif model_type != cls.model_type:
             raise ValueError(

@@ -38,6 +38,9 @@ class DBPTrainer(Trainer):
 
     so runs can be compared against time and against steps (`trainer.state.log_history`, `trainer_state.json`).
 
+    The model may also contain a DBP encoder, e.g. an `UperNetForSemanticSegmentation` whose backbone kept its R
+    (see `upernet_from_pretraining_checkpoint`); its R keep training the same way.
+
     Given a plain [`~transformers.ViTMAEForPreTraining`] or [`~transformers.ViTMAEModel`] (the BP baseline), it
     measures the same decorrelation loss of the same layers, without changing the model, so BP and DBP runs report
     comparable figures.
@@ -53,10 +56,11 @@ class DBPTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._monitor: DecorrelationMonitor | None = None
         model = self.model
-        if isinstance(model, ViTMAEDBPPreTrainedModel):
+        # The outermost DBP model inside (the model itself, or e.g. the backbone of an UperNet) owns every R.
+        self._dbp_model = next((m for m in model.modules() if isinstance(m, ViTMAEDBPPreTrainedModel)), None)
+        if self._dbp_model is not None:
             if decorrelation_config is not None:
                 raise ValueError("decorrelation_config is for plain models; a DBP model uses its own config")
-            self._kappa = model.config.decorrelation_kappa
         elif isinstance(model, (ViTMAEForPreTraining, ViTMAEModel)):
             settings = decorrelation_config or ViTMAEDBPConfig()
             encoder = model.vit if isinstance(model, ViTMAEForPreTraining) else model
@@ -65,7 +69,8 @@ class DBPTrainer(Trainer):
             self._kappa = settings.decorrelation_kappa
         else:
             raise TypeError(
-                f"DBPTrainer trains ViTMAEDBP models (or plain ViTMAE models as a BP baseline), not {type(model).__name__}"
+                f"DBPTrainer trains models with a ViTMAEDBP encoder (or plain ViTMAE models as a BP baseline), "
+                f"not {type(model).__name__}"
             )
         # ViTMAE returns its loss without labels; this is Trainer's switch for such models (eval_loss is computed).
         self.can_return_loss = True
@@ -83,14 +88,15 @@ class DBPTrainer(Trainer):
         if self._monitor is not None:
             loss = decorrelation_step(self._monitor.decorrelations.values(), lr=0.0, kappa=self._kappa)
         else:
-            loss = self.accelerator.unwrap_model(self.model).decorrelation_step()
+            loss = self._dbp_model.decorrelation_step()
         if loss is not None:
             self._decorrelation_losses.append(loss)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        # Evaluation of MAE pre-training is its reconstruction loss. Gathering the reconstructed patches as well would
-        # hold a whole evaluation set of them in memory.
-        return super().prediction_step(model, inputs, True, ignore_keys=ignore_keys)
+        # Without compute_metrics (MAE pre-training) evaluation is the loss alone: gathering the reconstructed patches
+        # as well would hold a whole evaluation set of them in memory.
+        loss_only = prediction_loss_only or self.compute_metrics is None
+        return super().prediction_step(model, inputs, loss_only, ignore_keys=ignore_keys)
 
     def evaluate(self, *args, **kwargs):
         self._evaluation_start = time.perf_counter()
