@@ -29,6 +29,7 @@ from .modeling_vit_mae_dbp_backbone import (
     ViTMAEDBPBackboneConfig,
     ViTMAEDBPBackboneFromPreTraining,
     layer_decay_parameter_groups,
+    upernet_around_encoder,
     upernet_from_pretraining_checkpoint,
 )
 from .trainer import DBPTrainer
@@ -66,6 +67,7 @@ __all__ = [
     "fold_decorrelation",
     "inject_decorrelation",
     "layer_decay_parameter_groups",
+    "upernet_around_encoder",
     "upernet_from_pretraining_checkpoint",
     "vit_mae_decorrelation_groups",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 
 import numpy as np
 from datasets import Dataset, DatasetDict, Image
@@ -127,6 +128,22 @@ def drop_unreadable_images(dataset: Dataset, column: str, num_proc: int | None =
     return dataset, names
 
 
+def reseed_in_dataloader_worker(compose, last_seed: int | None) -> int | None:
+    """Give an albumentations `Compose` its own seed in each DataLoader worker; returns the seed now in use.
+
+    albumentations 2.0.8 does nothing about DataLoader workers: each starts with a copy of the same random state, so
+    worker k's n-th sample would get the same crop and flip as worker 0's, and every epoch would replay them. torch
+    gives each worker its own seed (a base seed drawn per epoch, plus the worker id).
+    """
+    import torch
+
+    info = torch.utils.data.get_worker_info()
+    if info is not None and info.seed != last_seed:
+        compose.set_random_seed(info.seed % 2**32)
+        return info.seed
+    return last_seed
+
+
 class MAEImageTransform:
     """MAE augmentation without torchvision, built on albumentations.
 
@@ -136,6 +153,7 @@ class MAEImageTransform:
     """
 
     def __init__(self, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, train: bool = True) -> None:
+        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI for updates on import
         import albumentations as A
         import cv2
 
@@ -153,7 +171,9 @@ class MAEImageTransform:
                 normalize,
             ]
         self.transform = A.Compose(steps)
+        self._worker_seed: int | None = None
 
     def __call__(self, image) -> np.ndarray:
+        self._worker_seed = reseed_in_dataloader_worker(self.transform, self._worker_seed)
         array = np.asarray(image.convert("RGB"))
         return self.transform(image=array)["image"].transpose(2, 0, 1).astype(np.float32)

@@ -195,11 +195,27 @@ def upernet_from_pretraining_checkpoint(
     pretrained, info = ViTMAEDBPForPreTraining.from_pretrained(checkpoint, output_loading_info=True)
     if missing := _missing_encoder_keys(info):
         raise ValueError(f"{checkpoint} lacks encoder weights {missing[:10]} (and {max(0, len(missing) - 10)} more)")
+    kind = "DBP-MAE" if config.model_type == ViTMAEDBPConfig.model_type else "MAE"
+    return upernet_around_encoder(
+        pretrained, id2label, keep_decorrelation, out_indices, source=f"the {kind} encoder of {checkpoint}", **upernet_kwargs
+    )
+
+
+def upernet_around_encoder(
+    pretrained: ViTMAEDBPForPreTraining,
+    id2label: dict[int, str],
+    keep_decorrelation: bool = False,
+    out_indices: list[int] | None = None,
+    source: str = "the given encoder",
+    **upernet_kwargs,
+) -> tuple[UperNetForSemanticSegmentation, str]:
+    """UperNet whose backbone holds the encoder of `pretrained` (see `upernet_from_pretraining_checkpoint`)."""
     decorrelated = pretrained.config.decorrelation_layers if keep_decorrelation else []
     encoder = pretrained.vit if keep_decorrelation else pretrained.vit.merge_decorrelation()
     settings = {k: getattr(pretrained.config, k) for k in DBP_CONFIG_FIELDS} | {"decorrelation_layers": decorrelated}
-    backbone_config = ViTMAEDBPBackboneConfig.from_encoder_config(pretrained.config, **settings,
-                                                                  **({"out_indices": out_indices} if out_indices else {}))  # fmt: skip
+    if out_indices:
+        settings["out_indices"] = out_indices
+    backbone_config = ViTMAEDBPBackboneConfig.from_encoder_config(pretrained.config, **settings)
     upernet_config = UperNetConfig(
         backbone_config=backbone_config,
         num_labels=len(id2label),
@@ -211,12 +227,15 @@ def upernet_from_pretraining_checkpoint(
     try:
         model.backbone.vit.load_state_dict(encoder.state_dict(), strict=True)
     except RuntimeError as error:
-        raise ValueError(f"the encoder of {checkpoint} does not fit the backbone: {error}") from error
-    kind = "DBP-MAE" if config.model_type == ViTMAEDBPConfig.model_type else "MAE"
-    how = (f"R kept on {len(model.backbone.decorrelation_modules())} layer groups, DBP continues"
-           if keep_decorrelation else "R folded into the weights" if kind == "DBP-MAE" else "plain ViT encoder")  # fmt: skip
+        raise ValueError(f"{source} does not fit the backbone: {error}") from error
+    if keep_decorrelation:
+        how = f"R kept on {len(model.backbone.decorrelation_modules())} layer groups, DBP continues"
+    elif any(not torch.equal(d.R, torch.eye(d.dim, device=d.R.device)) for d in pretrained.decorrelation_modules()):
+        how = "R folded into the weights"
+    else:
+        how = "plain ViT encoder"
     report = (
-        f"Loaded the {kind} encoder of {checkpoint} into UperNet's backbone ({len(encoder.state_dict())} tensors, "
+        f"Loaded {source} into UperNet's backbone ({len(encoder.state_dict())} tensors, "
         f"{pretrained.config.num_hidden_layers} blocks, width {pretrained.config.hidden_size}, {how}); features from "
         f"blocks {backbone_config.out_indices}; the neck and the UperNet heads start from random weights."
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 
 def _series(log_history: Sequence[dict], key: str) -> tuple[list[float], list[float]]:
     records = [r for r in log_history if key in r and "step" in r]
@@ -34,5 +36,63 @@ def plot_training_curves(log_history: Sequence[dict], path: str, title: str = "M
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _label_colors(num_labels: int) -> np.ndarray:
+    """A fixed colour per class (255, ignored, is black), the same in every figure."""
+    colors = np.random.default_rng(0).integers(40, 256, size=(256, 3)).astype(np.uint8)
+    colors[255] = 0
+    return colors
+
+
+def plot_segmentation_examples(
+    pixel_values, labels, predictions, path: str, num_labels: int, id2label=None, mean=None, std=None
+) -> str:
+    """Write a PNG with one row per image: the image, its true mask and the predicted mask, side by side.
+
+    Args:
+        pixel_values: normalised images, (batch, 3, H, W).
+        labels, predictions: class ids, (batch, H, W); 255 in `labels` (ignored) is drawn black.
+        path: where to write the PNG.
+        num_labels: number of classes.
+        id2label: class names, for a legend of the classes shown.
+        mean, std: the normalisation to undo (default: ImageNet's).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = np.asarray(mean or IMAGENET_MEAN)[:, None, None]
+    std = np.asarray(std or IMAGENET_STD)[:, None, None]
+    colors = _label_colors(num_labels)
+    rows = len(pixel_values)
+    fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows), squeeze=False)
+    for row in range(rows):
+        image = np.clip(np.asarray(pixel_values[row], dtype=np.float32) * std + mean, 0, 1).transpose(1, 2, 0)
+        label = np.asarray(labels[row]).astype(np.int64)
+        prediction = np.asarray(predictions[row]).astype(np.int64)
+        prediction = np.where(label == 255, 255, prediction)  # padding and "other" are not judged: show them black
+        for ax, picture, title in zip(
+            axes[row], (image, colors[label], colors[prediction]), ("image", "true mask", "predicted mask"), strict=True
+        ):
+            ax.imshow(picture)
+            ax.set_title(title)
+            ax.axis("off")
+    if id2label:
+        from matplotlib.patches import Patch
+
+        shown = sorted({int(c) for c in np.unique(np.asarray(labels)) if c != 255}
+                       | {int(c) for c in np.unique(np.asarray(predictions)) if c < num_labels})  # fmt: skip
+        handles = [Patch(color=colors[c] / 255, label=id2label.get(c, str(c)).strip()) for c in shown]
+        fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), frameon=False)
+        fig.tight_layout(rect=(0, 0.04 + 0.02 * (len(handles) // 6), 1, 1))
+    else:
+        fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -1,0 +1,282 @@
+#!/usr/bin/env python
+"""Fine-tune a (DBP-)MAE encoder with UperNet for semantic segmentation on ADE20K, through the datasets library.
+
+Follows transformers' examples/pytorch/semantic-segmentation. Launch with accelerate (one or many processes):
+
+    accelerate launch examples/run_segmentation.py          # offline demo: small ADE20K-layout set, demo encoder
+    accelerate launch examples/run_segmentation.py --model_name_or_path outputs/dbp-mae-vit-b16-imagenet10 \\
+        --output_dir outputs/upernet-dbp --train_fraction 0.1      # scene_parse_150 from the Hub, 10% of train
+    accelerate launch examples/run_segmentation.py --model_name_or_path facebook/vit-mae-base \\
+        --data_dir ADEChallengeData2016 --output_dir outputs/upernet-mae
+
+`--model_name_or_path` is a pre-training checkpoint (`vit_mae_dbp` or `vit_mae`: UperNet is built around its
+encoder) or an UperNet checkpoint saved by this script (training continues from it). A JSON or YAML file as the only
+argument holds the same fields as the flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+import transformers
+from datasets import load_dataset
+from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_dbp import (
+    DBPTrainer,
+    ViTMAEDBPConfig,
+    ViTMAEDBPForPreTraining,
+    layer_decay_parameter_groups,
+    upernet_around_encoder,
+    upernet_from_pretraining_checkpoint,
+)
+from hf_dbp.ade20k import ade20k_id2label
+from hf_dbp.plotting import plot_segmentation_examples
+from hf_dbp.segmentation_data import (
+    SegmentationTransform,
+    check_segmentation_pairs,
+    load_ade20k_folder,
+    make_demo_ade20k,
+    segmentation_collate,
+)
+from hf_dbp.segmentation_metrics import SegmentationEvaluator, logits_to_predictions
+
+logger = logging.getLogger(__name__)
+
+PRETRAINING_DEMO_OUTPUT = "outputs/mae-dbp-demo"  # what `accelerate launch examples/run_mae_dbp.py` writes
+
+# What `accelerate launch examples/run_segmentation.py` with no argument runs, a few minutes on 2 CPU cores.
+DEMO_ARGS = {
+    "output_dir": "outputs/upernet-dbp-demo",
+    "data_dir": "outputs/ade20k-demo",
+    "crop_size": 64,
+    "upernet_hidden_size": 64,
+    "auxiliary_channels": 32,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 8,
+    "num_train_epochs": 10,
+    "learning_rate": 1e-3,
+    "layer_decay": 0.65,
+    "weight_decay": 0.05,
+    "warmup_steps": 0.1,
+    "lr_scheduler_type": "polynomial",
+    "logging_steps": 12,
+    "eval_strategy": "epoch",
+    "save_strategy": "no",
+    "dataloader_num_workers": 0,
+    "seed": 0,
+    "report_to": "none",
+}
+
+
+@dataclass
+class ModelArguments:
+    """The encoder to fine-tune and the UperNet around it."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Pre-training checkpoint (vit_mae_dbp or vit_mae), or an UperNet checkpoint of this script to continue. Default: the pre-training demo's output if present, else a fresh small encoder."})
+    keep_decorrelation: bool = field(default=False, metadata={"help": "Keep R and go on decorrelating during fine-tuning (default: fold R into W, a plain ViT)."})
+    out_indices: list[int] | None = field(default=None, metadata={"help": "Encoder blocks feeding UperNet (1-based; default 4 6 8 12 for 12 blocks)."})
+    upernet_hidden_size: int = field(default=512, metadata={"help": "Channels of UperNet's decode head."})
+    auxiliary_channels: int = field(default=256, metadata={"help": "Channels of the auxiliary FCN head."})
+
+
+@dataclass
+class DataTrainingArguments:
+    """Which data to fine-tune and evaluate on."""
+
+    dataset_name: str = field(default="scene_parse_150", metadata={"help": "A Hub dataset with image and annotation columns, or a local folder of parquet files."})
+    dataset_config_name: str | None = field(default="scene_parsing", metadata={"help": "Its configuration."})
+    dataset_revision: str | None = field(default=None, metadata={"help": "Its revision; scene_parse_150 is read from its parquet conversion, refs/convert/parquet."})
+    data_dir: str | None = field(default=None, metadata={"help": "An extracted ADEChallengeData2016 folder (images/ and annotations/); overrides --dataset_name."})
+    image_column_name: str = field(default="image", metadata={"help": "Column of the images."})
+    label_column_name: str = field(default="annotation", metadata={"help": "Column of the annotation maps."})
+    train_fraction: float = field(default=1.0, metadata={"help": "Seeded random fraction of the training split (the paper fine-tuned on a tenth)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training pairs."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep at most this many validation pairs."})
+    do_reduce_labels: bool = field(default=True, metadata={"help": "ADE20K: label 0 ('other') becomes 255 (ignored), k becomes k-1."})
+    crop_size: int = field(default=512, metadata={"help": "Training crop; evaluation resizes the short side to it and runs on whole images."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for checking the pairs."})
+    num_visualized: int = field(default=4, metadata={"help": "Validation images shown in predictions.png."})
+
+
+@dataclass
+class SegmentationTrainingArguments(TrainingArguments):
+    layer_decay: float = field(default=0.65, metadata={"help": "Layer-wise lr decay: block i of L gets lr * decay^(L+1-i)."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of the heads."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
+    lr_scheduler_type: str = field(default="polynomial", metadata={"help": "Schedule after warm-up."})
+    warmup_steps: float = field(default=1500, metadata={"help": "Warm-up steps (or a fraction below 1)."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the raw columns for the transform."})
+    batch_eval_metrics: bool = field(default=True, metadata={"help": "Reduce each evaluation batch to confusion counts (bounded memory)."})
+
+
+def parse_args():
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, SegmentationTrainingArguments))
+    if len(sys.argv) == 1:
+        return parser.parse_dict(DEMO_ARGS)
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses()
+
+
+def load_pairs(data_args: DataTrainingArguments, seed: int) -> datasets.DatasetDict:
+    if data_args.data_dir is not None:
+        if data_args.data_dir == DEMO_ARGS["data_dir"] and not os.path.isdir(os.path.join(data_args.data_dir, "images")):
+            logger.info("Generating the demo ADE20K-layout set in %s (textures of scikit-image's photographs)", data_args.data_dir)
+        if data_args.data_dir == DEMO_ARGS["data_dir"]:
+            make_demo_ade20k(data_args.data_dir)
+        ds = load_ade20k_folder(data_args.data_dir)
+    else:
+        name, config, revision = data_args.dataset_name, data_args.dataset_config_name, data_args.dataset_revision
+        if name == "scene_parse_150" and revision is None:
+            # datasets 5 runs no loading scripts; the Hub keeps an auto-converted parquet copy, one folder per config.
+            revision = "refs/convert/parquet"
+        if revision == "refs/convert/parquet":
+            ds = load_dataset(name, data_dir=config, revision=revision)
+        else:
+            ds = load_dataset(name, config, revision=revision)
+    missing_splits = {"train", "validation"} - set(ds)
+    if missing_splits:
+        raise ValueError(f"the dataset needs 'train' and 'validation' splits; it has {list(ds)}")
+    for split in ds:
+        columns = ds[split].column_names
+        for column in (data_args.image_column_name, data_args.label_column_name):
+            if column not in columns:
+                raise ValueError(f"column {column!r} not found in the {split!r} split; its columns are {columns}")
+    train = ds["train"]
+    if data_args.train_fraction < 1.0:
+        train = train.shuffle(seed=seed).select(range(max(1, round(len(train) * data_args.train_fraction))))
+    if data_args.max_train_samples is not None:
+        train = train.shuffle(seed=seed).select(range(min(data_args.max_train_samples, len(train))))
+    validation = ds["validation"]
+    if data_args.max_eval_samples is not None:
+        validation = validation.shuffle(seed=seed).select(range(min(data_args.max_eval_samples, len(validation))))
+    return datasets.DatasetDict(train=train, validation=validation)
+
+
+def build_model(model_args: ModelArguments, id2label: dict[int, str]):
+    upernet = {"hidden_size": model_args.upernet_hidden_size, "auxiliary_channels": model_args.auxiliary_channels}
+    checkpoint = model_args.model_name_or_path
+    if checkpoint is None and os.path.isfile(os.path.join(PRETRAINING_DEMO_OUTPUT, "config.json")):
+        checkpoint = PRETRAINING_DEMO_OUTPUT
+        logger.info("No --model_name_or_path: using the pre-training demo's checkpoint %s", checkpoint)
+    if checkpoint is not None:
+        return upernet_from_pretraining_checkpoint(
+            checkpoint, id2label, model_args.keep_decorrelation, model_args.out_indices, **upernet
+        )
+    logger.warning(
+        "No --model_name_or_path and no pre-training demo output in %s (run `accelerate launch "
+        "examples/run_mae_dbp.py` first to fine-tune a pre-trained encoder): starting from a fresh small encoder.",
+        PRETRAINING_DEMO_OUTPUT,
+    )
+    fresh = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(
+        image_size=32, patch_size=4, hidden_size=96, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384,
+        decoder_hidden_size=64, decoder_num_hidden_layers=1, decoder_num_attention_heads=4, decoder_intermediate_size=128,
+    ))  # fmt: skip
+    return upernet_around_encoder(fresh, id2label, model_args.keep_decorrelation, model_args.out_indices,
+                                  source="a fresh (untrained) encoder", **upernet)  # fmt: skip
+
+
+def main() -> None:
+    model_args, data_args, training_args = parse_args()
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)])  # fmt: skip
+    log_level = training_args.get_process_log_level()
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    for name in (__name__, "hf_dbp"):
+        logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else log_level)
+
+    set_seed(training_args.seed)
+    id2label = ade20k_id2label()
+    with training_args.main_process_first(desc="preparing the data"):
+        ds = load_pairs(data_args, training_args.seed)
+        for split in ds:
+            ds[split], _ = check_segmentation_pairs(
+                ds[split], data_args.image_column_name, data_args.label_column_name, num_labels=len(id2label),
+                reduce_labels=data_args.do_reduce_labels, num_proc=data_args.preprocessing_num_workers,
+            )  # fmt: skip
+            if len(ds[split]) == 0:
+                raise ValueError(f"no usable image/annotation pair left in the {split!r} split")
+
+    model, report = build_model(model_args, id2label)
+    logger.info(report)
+    patch = model.config.backbone_config.patch_size
+    transforms = {
+        "train": SegmentationTransform(data_args.crop_size, train=True, reduce_labels=data_args.do_reduce_labels, size_divisor=patch),
+        "validation": SegmentationTransform(data_args.crop_size, train=False, reduce_labels=data_args.do_reduce_labels, size_divisor=patch),
+    }  # fmt: skip
+
+    def preprocess(split):
+        def apply(batch):
+            out = [transforms[split](image, annotation) for image, annotation in
+                   zip(batch[data_args.image_column_name], batch[data_args.label_column_name], strict=True)]  # fmt: skip
+            return {"pixel_values": [o["pixel_values"] for o in out], "labels": [o["labels"] for o in out]}
+
+        return apply
+
+    for split in ds:
+        ds[split].set_transform(preprocess(split))
+
+    groups = layer_decay_parameter_groups(model, training_args.learning_rate, training_args.weight_decay, training_args.layer_decay)
+    optimizer = torch.optim.AdamW(groups, betas=(training_args.adam_beta1, training_args.adam_beta2), eps=training_args.adam_epsilon)
+    logger.info(
+        "Fine-tuning UperNet on %d training pairs (%d for validation), %d px crops, lr %.2e with layer decay %.2f",
+        len(ds["train"]), len(ds["validation"]), data_args.crop_size, training_args.learning_rate, training_args.layer_decay,
+    )  # fmt: skip
+    trainer = DBPTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=ds["train"],
+        eval_dataset=ds["validation"],
+        data_collator=segmentation_collate,
+        compute_metrics=SegmentationEvaluator(len(id2label), ignore_index=255, id2label=id2label),
+        preprocess_logits_for_metrics=logits_to_predictions,
+        optimizers=(optimizer, None),
+    )
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is None and os.path.isdir(training_args.output_dir):
+        checkpoint = get_last_checkpoint(training_args.output_dir)
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+    metrics = trainer.evaluate()
+    trainer.log_metrics("eval", {k: v for k, v in metrics.items() if not k.startswith("eval_iou_")})
+    trainer.save_metrics("eval", metrics)
+
+    if trainer.is_world_process_zero():
+        examples = [ds["validation"][i] for i in range(min(data_args.num_visualized, len(ds["validation"])))]
+        batch = segmentation_collate(examples)
+        model.eval()
+        with torch.no_grad():
+            logits = model(pixel_values=batch["pixel_values"].to(model.device)).logits
+        predictions = logits_to_predictions(logits, batch["labels"]).cpu()
+        figure = plot_segmentation_examples(
+            batch["pixel_values"], batch["labels"], predictions, os.path.join(training_args.output_dir, "predictions.png"),
+            num_labels=len(id2label), id2label=id2label,
+        )  # fmt: skip
+        logger.info(
+            "Done: %d steps in %.1f s. mean IoU %.4f, mean accuracy %.4f, overall accuracy %.4f on %d validation "
+            "images. Outputs in %s: the UperNet checkpoint (load with `import hf_dbp` then "
+            "AutoModelForSemanticSegmentation.from_pretrained), all_results.json, trainer_state.json, %s.",
+            trainer.state.global_step, train_result.metrics["train_runtime"], metrics["eval_mean_iou"],
+            metrics["eval_mean_accuracy"], metrics["eval_overall_accuracy"], len(ds["validation"]),
+            os.path.abspath(training_args.output_dir), os.path.basename(figure),
+        )  # fmt: skip
+
+    if training_args.push_to_hub:
+        trainer.push_to_hub(tags=["dbp", "mae", "vision-transformer", "semantic-segmentation", "upernet"])
+
+
+if __name__ == "__main__":
+    main()
