@@ -25,7 +25,6 @@ from datasets import load_dataset
 from transformers import (
     AutoConfig,
     HfArgumentParser,
-    TrainingArguments,
     ViTImageProcessorPil,
     ViTMAEConfig,
     set_seed,
@@ -42,7 +41,9 @@ from hf_dbp.data import (
     drop_unreadable_images,
     find_image_column,
 )
+from hf_dbp.hub import ensure_hub_reachable
 from hf_dbp.plotting import plot_training_curves
+from hf_dbp.training_args import DBPTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class DBPArguments:
 
 
 @dataclass
-class CustomTrainingArguments(TrainingArguments):
+class CustomTrainingArguments(DBPTrainingArguments):
     base_learning_rate: float = field(default=1.5e-4, metadata={"help": "lr = base_learning_rate * total batch size / 256."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the image column for the transform."})
 
@@ -200,6 +201,8 @@ def build_model(model_args: ModelArguments, dbp_args: DBPArguments):
 
 def main() -> None:
     model_args, data_args, dbp_args, training_args = parse_args()
+    if training_args.push_to_hub:  # before anything slow: fail now rather than after training
+        ensure_hub_reachable(training_args.hub_token)
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])  # fmt: skip
@@ -269,6 +272,10 @@ def main() -> None:
         processing_class=image_processor,
         data_collator=collate_fn,
         decorrelation_config=ViTMAEDBPConfig(**dbp_args.config_values()) if dbp_args.bp_baseline else None,
+        emissions_country=training_args.emissions_country,
+        track_emissions=training_args.track_emissions,
+        model_card_kwargs={"datasets": [data_args.dataset_name or data_args.train_dir or "scikit-image photographs (hf-dbp demo)"],
+                           "base_model": model_args.model_name_or_path},  # fmt: skip
     )
     checkpoint = training_args.resume_from_checkpoint or last_checkpoint
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -282,13 +289,16 @@ def main() -> None:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
+    trainer.create_model_card()  # now that all_results.json and emissions.csv are final
+
     if trainer.is_world_process_zero():
         plot_path = os.path.join(training_args.output_dir, "training_curves.png")
         plot_training_curves(trainer.state.log_history, plot_path, title=f"{method}: MAE pre-training")
         last = [r for r in trainer.state.log_history if "decorrelation_loss" in r]
         logger.info(
             "Done: %s, %d steps in %.1f s. Final train loss %.4f, eval loss %s, decorrelation loss %s. Outputs in %s: "
-            "model.safetensors + config.json (load with %s), all_results.json, trainer_state.json, training_curves.png.",
+            "model.safetensors + config.json (load with %s), README.md (model card), all_results.json, trainer_state.json, "
+            "emissions.csv, training_curves.png.",
             method, trainer.state.global_step, train_result.metrics["train_runtime"], train_result.metrics["train_loss"],
             f"{metrics['eval_loss']:.4f}" if "validation" in ds else "n/a",
             f"{last[-1]['decorrelation_loss']:.4f}" if last else "n/a",

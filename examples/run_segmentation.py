@@ -25,7 +25,7 @@ import datasets
 import torch
 import transformers
 from datasets import load_dataset
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_dbp import (
@@ -37,6 +37,7 @@ from hf_dbp import (
     upernet_from_pretraining_checkpoint,
 )
 from hf_dbp.ade20k import ade20k_id2label
+from hf_dbp.hub import ensure_hub_reachable
 from hf_dbp.plotting import plot_segmentation_examples
 from hf_dbp.segmentation_data import (
     SegmentationTransform,
@@ -46,6 +47,7 @@ from hf_dbp.segmentation_data import (
     segmentation_collate,
 )
 from hf_dbp.segmentation_metrics import SegmentationEvaluator, logits_to_predictions
+from hf_dbp.training_args import DBPTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ class DataTrainingArguments:
     """Which data to fine-tune and evaluate on."""
 
     dataset_name: str = field(default="scene_parse_150", metadata={"help": "A Hub dataset with image and annotation columns, or a local folder of parquet files."})
-    dataset_config_name: str | None = field(default="scene_parsing", metadata={"help": "Its configuration."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration (scene_parse_150: scene_parsing)."})
     dataset_revision: str | None = field(default=None, metadata={"help": "Its revision; scene_parse_150 is read from its parquet conversion, refs/convert/parquet."})
     data_dir: str | None = field(default=None, metadata={"help": "An extracted ADEChallengeData2016 folder (images/ and annotations/); overrides --dataset_name."})
     image_column_name: str = field(default="image", metadata={"help": "Column of the images."})
@@ -106,7 +108,7 @@ class DataTrainingArguments:
 
 
 @dataclass
-class SegmentationTrainingArguments(TrainingArguments):
+class SegmentationTrainingArguments(DBPTrainingArguments):
     layer_decay: float = field(default=0.65, metadata={"help": "Layer-wise lr decay: block i of L gets lr * decay^(L+1-i)."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of the heads."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
@@ -114,6 +116,21 @@ class SegmentationTrainingArguments(TrainingArguments):
     warmup_steps: float = field(default=1500, metadata={"help": "Warm-up steps (or a fraction below 1)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the raw columns for the transform."})
     batch_eval_metrics: bool = field(default=True, metadata={"help": "Reduce each evaluation batch to confusion counts (bounded memory)."})
+
+
+class SegmentationTrainer(DBPTrainer):
+    """DBPTrainer that never trains on a batch of one image: UperNet's pyramid pooling ends in a BatchNorm over 1x1
+    maps, which fails in training mode on a single image. When the training set would leave a last batch of one, that
+    batch is dropped (a different image each epoch); evaluation keeps every image."""
+
+    def get_train_dataloader(self):
+        drop_last = self.args.dataloader_drop_last
+        if len(self.train_dataset) > 1 and len(self.train_dataset) % self._train_batch_size == 1:
+            self.args.dataloader_drop_last = True
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.args.dataloader_drop_last = drop_last
 
 
 def parse_args():
@@ -136,6 +153,8 @@ def load_pairs(data_args: DataTrainingArguments, seed: int) -> datasets.DatasetD
         ds = load_ade20k_folder(data_args.data_dir)
     else:
         name, config, revision = data_args.dataset_name, data_args.dataset_config_name, data_args.dataset_revision
+        if name == "scene_parse_150" and config is None:
+            config = "scene_parsing"  # its semantic-segmentation configuration; other datasets get none by default
         if name == "scene_parse_150" and revision is None:
             # datasets 5 runs no loading scripts; the Hub keeps an auto-converted parquet copy, one folder per config.
             revision = "refs/convert/parquet"
@@ -187,6 +206,8 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]):
 
 def main() -> None:
     model_args, data_args, training_args = parse_args()
+    if training_args.push_to_hub:  # before anything slow: fail now rather than after training
+        ensure_hub_reachable(training_args.hub_token)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])  # fmt: skip
     log_level = training_args.get_process_log_level()
@@ -232,7 +253,7 @@ def main() -> None:
         "Fine-tuning UperNet on %d training pairs (%d for validation), %d px crops, lr %.2e with layer decay %.2f",
         len(ds["train"]), len(ds["validation"]), data_args.crop_size, training_args.learning_rate, training_args.layer_decay,
     )  # fmt: skip
-    trainer = DBPTrainer(
+    trainer = SegmentationTrainer(
         model=model,
         args=training_args,
         train_dataset=ds["train"],
@@ -241,6 +262,12 @@ def main() -> None:
         compute_metrics=SegmentationEvaluator(len(id2label), ignore_index=255, id2label=id2label),
         preprocess_logits_for_metrics=logits_to_predictions,
         optimizers=(optimizer, None),
+        emissions_country=training_args.emissions_country,
+        track_emissions=training_args.track_emissions,
+        model_card_kwargs={
+            "datasets": [data_args.data_dir and f"ADE20K layout: {data_args.data_dir}" or data_args.dataset_name],
+            "base_model": model_args.model_name_or_path,
+        },
     )
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is None and os.path.isdir(training_args.output_dir):
@@ -253,6 +280,8 @@ def main() -> None:
     metrics = trainer.evaluate()
     trainer.log_metrics("eval", {k: v for k, v in metrics.items() if not k.startswith("eval_iou_")})
     trainer.save_metrics("eval", metrics)
+
+    trainer.create_model_card()  # now that all_results.json and emissions.csv are final
 
     if trainer.is_world_process_zero():
         examples = [ds["validation"][i] for i in range(min(data_args.num_visualized, len(ds["validation"])))]
@@ -268,7 +297,8 @@ def main() -> None:
         logger.info(
             "Done: %d steps in %.1f s. mean IoU %.4f, mean accuracy %.4f, overall accuracy %.4f on %d validation "
             "images. Outputs in %s: the UperNet checkpoint (load with `import hf_dbp` then "
-            "AutoModelForSemanticSegmentation.from_pretrained), all_results.json, trainer_state.json, %s.",
+            "AutoModelForSemanticSegmentation.from_pretrained), README.md (model card), all_results.json, "
+            "trainer_state.json, emissions.csv, %s.",
             trainer.state.global_step, train_result.metrics["train_runtime"], metrics["eval_mean_iou"],
             metrics["eval_mean_accuracy"], metrics["eval_overall_accuracy"], len(ds["validation"]),
             os.path.abspath(training_args.output_dir), os.path.basename(figure),

@@ -5,7 +5,6 @@ Importing the package registers the model type ``vit_mae_dbp`` with ``AutoConfig
 """
 
 from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForPreTraining, ViTMAEConfig
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 from .configuration_vit_mae_dbp import DECORRELATION_LAYER_KINDS, ViTMAEDBPConfig
 from .decorrelation import (
@@ -39,16 +38,16 @@ __version__ = "0.1.0"
 AutoConfig.register(ViTMAEDBPConfig.model_type, ViTMAEDBPConfig, exist_ok=True)
 AutoModel.register(ViTMAEDBPConfig, ViTMAEDBPModel, exist_ok=True)
 AutoModelForPreTraining.register(ViTMAEDBPConfig, ViTMAEDBPForPreTraining, exist_ok=True)
+# Saved DBP checkpoints also carry their code (configuration, modeling and decorrelation modules, and an auto_map), so
+# that `AutoModelForPreTraining.from_pretrained(repo, trust_remote_code=True)` loads them where hf_dbp is not installed.
+ViTMAEDBPConfig.register_for_auto_class("AutoConfig")
+ViTMAEDBPModel.register_for_auto_class("AutoModel")
+ViTMAEDBPForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 AutoConfig.register(ViTMAEDBPBackboneConfig.model_type, ViTMAEDBPBackboneConfig, exist_ok=True)
 # The backbone serves its own config, and DBP-MAE and plain MAE pre-training checkpoints (encoder only, no masking).
 AutoBackbone.register(ViTMAEDBPBackboneConfig, ViTMAEDBPBackbone, exist_ok=True)
 AutoBackbone.register(ViTMAEDBPConfig, ViTMAEDBPBackboneFromPreTraining, exist_ok=True)
 AutoBackbone.register(ViTMAEConfig, ViTMAEBackboneFromPreTraining, exist_ok=True)
-
-# transformers converts old checkpoint keys (vit.encoder.layer.N.attention.attention.query ...) only for its own
-# classes, looked up by class name; our classes take the same renamings as the classes they extend.
-for _ours, _theirs in (("ViTMAEDBPForPreTraining", "ViTMAEForPreTraining"), ("ViTMAEDBPModel", "ViTMAEModel")):
-    register_checkpoint_conversion_mapping(_ours, get_checkpoint_conversion_mapping(_theirs), overwrite=True)
 
 __all__ = [
     "DBPTrainer",

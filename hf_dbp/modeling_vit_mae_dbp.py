@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
 from transformers import initialization as init
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoder, ViTMAEPreTrainedModel
 
 from .configuration_vit_mae_dbp import DBP_CONFIG_FIELDS, DECORRELATION_LAYER_KINDS, ViTMAEDBPConfig
@@ -154,6 +155,14 @@ class ViTMAEDBPForPreTraining(ViTMAEDBPPreTrainedModel, ViTMAEForPreTraining):
         self.vit = ViTMAEDBPModel(config)
         self.decoder = ViTMAEDecoder(config, num_patches=self.vit.embeddings.patch_embeddings.num_patches)
         self.post_init()
+
+
+# transformers converts checkpoint keys between its 4.x and 5.x layouts (vit.encoder.layer.N.attention.attention.query
+# <-> vit.layers.N.attention.q_proj; saving writes the 4.x layout) only for classes it knows, by class name. Ours take
+# the renamings of the classes they extend. Done here, not in hf_dbp/__init__, so that the copy of this file that a
+# checkpoint carries for `trust_remote_code=True` loads its weights too.
+for _ours, _theirs in (("ViTMAEDBPForPreTraining", "ViTMAEForPreTraining"), ("ViTMAEDBPModel", "ViTMAEModel")):
+    register_checkpoint_conversion_mapping(_ours, get_checkpoint_conversion_mapping(_theirs), overwrite=True)
 
 
 __all__ = [

@@ -56,6 +56,7 @@ class ViTMAEDBPBackboneConfig(BackboneConfigMixin, ViTMAEDBPConfig):
     """
 
     model_type = "vit_mae_dbp_backbone"
+    _auto_class = None  # unlike ViTMAEDBPConfig, not exported as remote code: it lives inside UperNet's config
 
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None

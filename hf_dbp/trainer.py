@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import time
 
+import torch
 from transformers import Trainer, TrainerCallback
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEForPreTraining, ViTMAEModel
 
 from .configuration_vit_mae_dbp import ViTMAEDBPConfig
 from .decorrelation import DecorrelationMonitor, decorrelation_step
+from .emissions import EmissionsMeter, EmissionsReport, resolve_country
+from .model_card import write_model_card
 from .modeling_vit_mae_dbp import ViTMAEDBPPreTrainedModel, vit_mae_decorrelation_groups
 
 
@@ -21,6 +25,7 @@ class _DecorrelationCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._training_clock_start()
+        self.trainer._start_emissions()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         # A step skipped by the fp16 grad scaler changed no weight; its statistics stay for the next step.
@@ -45,14 +50,39 @@ class DBPTrainer(Trainer):
     measures the same decorrelation loss of the same layers, without changing the model, so BP and DBP runs report
     comparable figures.
 
+    It also measures the run's energy and emissions with codecarbon's offline tracker (one per machine, on its main
+    process): `energy_kwh` and `emissions_g` (cumulative, grams) join the log records, `emissions.csv` lands in
+    `output_dir`, the totals join the train metrics (`train_energy_kwh`, `train_emissions_g`), and every saved
+    folder gets a model card (`README.md`) that carries them (see `hf_dbp.model_card`).
+
     Args:
         decorrelation_config ([`ViTMAEDBPConfig`], *optional*):
             For a plain model only: which layers to measure, the sample fraction and the kappa of the loss. Defaults
             to the defaults of [`ViTMAEDBPConfig`]. A DBP model uses its own config.
+        emissions_country (`str`, *optional*):
+            ISO 3166-1 alpha-3 code of the country the machines are in; see `hf_dbp.emissions.resolve_country`
+            for the other ways to give it. Checked before training.
+        track_emissions (`bool`, defaults to `True`): measure energy and emissions.
+        model_card_kwargs (`dict`, *optional*): `datasets`, `base_model`, `model_name` for the model cards.
         *args, **kwargs: passed to [`~transformers.Trainer`].
     """
 
-    def __init__(self, *args, decorrelation_config: ViTMAEDBPConfig | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        decorrelation_config: ViTMAEDBPConfig | None = None,
+        emissions_country: str | None = None,
+        track_emissions: bool = True,
+        model_card_kwargs: dict | None = None,
+        **kwargs,
+    ) -> None:
+        # Checked first: a wrong country must stop the run before anything else happens.
+        self._country = resolve_country(emissions_country)[0] if track_emissions else None
+        self._track_emissions = track_emissions
+        self._meter: EmissionsMeter | None = None
+        self.emissions: EmissionsReport | None = None
+        self._last_emissions: EmissionsReport | None = None
+        self._card_kwargs = dict(model_card_kwargs or {})
         super().__init__(*args, **kwargs)
         self._monitor: DecorrelationMonitor | None = None
         model = self.model
@@ -84,6 +114,24 @@ class DBPTrainer(Trainer):
         self._clock_start = time.perf_counter()
         self._seconds_in_evaluation = 0.0
 
+    def _start_emissions(self) -> None:
+        if self._track_emissions and self._meter is None:
+            self._meter = EmissionsMeter(self.args.output_dir, self._country, self.accelerator.is_local_main_process)
+            self._meter.start()
+
+    def _sum_over_processes(self, values: list[float]) -> list[float]:
+        if self.accelerator.num_processes == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(tensor, reduction="sum").tolist()
+
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        if self._meter is not None:
+            self.emissions = self._meter.read(stop=True, reduce=self._sum_over_processes)
+            result.metrics.update(train_energy_kwh=self.emissions.energy_kwh, train_emissions_g=self.emissions.emissions_g)
+        return result
+
     def _decorrelation_update(self) -> None:
         if self._monitor is not None:
             loss = decorrelation_step(self._monitor.decorrelations.values(), lr=0.0, kappa=self._kappa)
@@ -112,10 +160,48 @@ class DBPTrainer(Trainer):
         return now - self._clock_start - self._seconds_in_evaluation - evaluating
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # Added before Trainer.log appends the record to log_history, so they land there and in trainer_state.json.
+        # Added before Trainer.log appends the record to log_history, so they land there and in trainer_state.json;
+        # on a copy, because evaluate() returns the dict it logs and its metrics should stay evaluation metrics.
+        logs = dict(logs)
         if "loss" in logs and self._decorrelation_losses:
             logs["decorrelation_loss"] = sum(self._decorrelation_losses) / len(self._decorrelation_losses)
             self._decorrelation_losses.clear()
         if self._clock_start is not None and "train_runtime" not in logs:
             logs["train_seconds"] = self._train_seconds()
+            if self._meter is not None:
+                self._last_emissions = self._meter.read(reduce=self._sum_over_processes)
+                logs["energy_kwh"], logs["emissions_g"] = self._last_emissions.energy_kwh, self._last_emissions.emissions_g
         super().log(logs, start_time)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.is_world_process_zero():
+            self._write_card(output_dir or self.args.output_dir)
+
+    def _write_card(self, folder: str) -> str:
+        own_files = os.path.abspath(folder) == os.path.abspath(self.args.output_dir)
+        # The run's folder: its own emissions.csv and all_results.json. A checkpoint: the figures so far.
+        emissions = None if own_files else (self.emissions or self._last_emissions)
+        return write_model_card(
+            folder,
+            self.accelerator.unwrap_model(self.model).config,
+            emissions=emissions,
+            results=None if own_files else {k: v for r in self.state.log_history for k, v in r.items() if k.startswith("eval_")},
+            training_seconds=self._train_seconds() if self._clock_start is not None else None,
+            steps=self.state.global_step,
+            **self._card_kwargs,
+        )
+
+    def create_model_card(self, model_name: str | None = None, finetuned_from: str | None = None,
+                          dataset: str | list[str] | None = None, tags=None, **kwargs) -> None:  # fmt: skip
+        """Write hf-dbp's model card (emissions, DBP settings, results) instead of Trainer's generic one."""
+        if model_name is not None:
+            self._card_kwargs["model_name"] = model_name
+        if finetuned_from is not None:
+            self._card_kwargs["base_model"] = finetuned_from
+        if dataset is not None:
+            self._card_kwargs["datasets"] = [dataset] if isinstance(dataset, str) else list(dataset)
+        if tags:
+            self._card_kwargs["extra_tags"] = [tags] if isinstance(tags, str) else list(tags)
+        if self.is_world_process_zero():
+            self._write_card(self.args.output_dir)

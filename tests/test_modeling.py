@@ -252,3 +252,28 @@ def test_merge_returns_a_plain_model_with_the_same_outputs(tmp_path, tiny_kwargs
 def test_package_exports():
     for name in ("ViTMAEDBPConfig", "ViTMAEDBPModel", "ViTMAEDBPForPreTraining", "DBPTrainer"):
         assert hasattr(hf_dbp, name)
+
+
+def test_saved_checkpoint_loads_with_trust_remote_code_without_hf_dbp(tmp_path, tiny_kwargs):
+    """A published DBP checkpoint carries its code: plain transformers loads it with trust_remote_code=True."""
+    import subprocess
+    import sys
+
+    model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs)).eval()
+    randomise_R(model, scale=0.1)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert {"modeling_vit_mae_dbp.py", "configuration_vit_mae_dbp.py", "decorrelation.py"} <= {p.name for p in (tmp_path / "ckpt").iterdir()}
+    pixels, noise = inputs()
+    torch.save({"pixels": pixels, "noise": noise, "logits": model(pixels, noise=noise).logits}, tmp_path / "io.pt")
+    script = f"""
+import sys, torch
+from transformers import AutoModelForPreTraining
+model = AutoModelForPreTraining.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
+io = torch.load({str(tmp_path / "io.pt")!r})
+torch.testing.assert_close(model(io["pixels"], noise=io["noise"]).logits, io["logits"])
+assert type(model).__name__ == "ViTMAEDBPForPreTraining" and "hf_dbp" not in sys.modules
+print("ok")
+"""
+    env = {k: v for k, v in __import__("os").environ.items()} | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]

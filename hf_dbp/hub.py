@@ -1,0 +1,70 @@
+"""Publishing to the Hugging Face Hub: a reachability check before training, and pushing a finished folder."""
+
+from __future__ import annotations
+
+import os
+
+from huggingface_hub import HfApi, constants
+from huggingface_hub.errors import LocalTokenNotFoundError
+
+
+class HubUnreachableError(RuntimeError):
+    """The Hub cannot be used for pushing: offline, unreachable, or not logged in."""
+
+
+LOCAL_HINT = (
+    "Leave --push_to_hub off to save everything locally, then push the finished folder later with "
+    "`hf-dbp push OUTPUT_DIR REPO_ID`."
+)
+
+
+def ensure_hub_reachable(token: str | None = None) -> str:
+    """Check, in a second, that pushing can work; returns the user name. Raises `HubUnreachableError` otherwise.
+
+    Called before training when `--push_to_hub` is set, so a run does not train for hours and then fail to upload.
+    """
+    if constants.HF_HUB_OFFLINE:
+        raise HubUnreachableError(f"--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set. {LOCAL_HINT}")
+    try:
+        return HfApi().whoami(token=token)["name"]
+    except LocalTokenNotFoundError as error:
+        raise HubUnreachableError(
+            f"--push_to_hub needs a Hugging Face token: run `hf auth login` or pass --hub_token. {LOCAL_HINT}"
+        ) from error
+    except Exception as error:  # noqa: BLE001 - httpx, OS and HTTP errors all mean the same thing here
+        raise HubUnreachableError(
+            f"--push_to_hub needs the Hugging Face Hub, which cannot be reached ({type(error).__name__}: {error}). "
+            f"{LOCAL_HINT}"
+        ) from error
+
+
+def push_folder(
+    folder: str,
+    repo_id: str,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload with hf-dbp",
+    api: HfApi | None = None,
+) -> str:
+    """Upload a saved model folder (checkpoint, model card, results, emissions) to a Hub model repo.
+
+    The folder must hold a model (`config.json`); a model card is written first if it has none. Intermediate
+    `checkpoint-*` folders stay behind. Returns the URL of the commit.
+    """
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"{folder} holds no saved model (no config.json)")
+    if not os.path.isfile(os.path.join(folder, "README.md")):
+        from transformers import AutoConfig
+
+        import hf_dbp  # noqa: F401 - registers the config types the folder may hold
+
+        from .model_card import write_model_card
+
+        write_model_card(folder, AutoConfig.from_pretrained(folder), model_name=repo_id)
+    api = api or HfApi()
+    api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
+    commit = api.upload_folder(
+        folder_path=folder, repo_id=repo_id, token=token, commit_message=commit_message,
+        ignore_patterns=["checkpoint-*", "checkpoint-*/**", "*.lock"],
+    )  # fmt: skip
+    return getattr(commit, "commit_url", str(commit))

@@ -1,0 +1,218 @@
+"""Model cards for the Hub that carry a run's emissions, settings and results.
+
+The metadata follows the Hub's model-card specification: `co2_eq_emissions` (emissions in grams, `source`,
+`training_type`, `geographical_location`, `hardware_used`), `library_name`, `tags`, `datasets`, `base_model` and a
+`model-index` with the evaluation results. Figures come from the run's own files (`emissions.csv`,
+`all_results.json`) wherever they exist, so the card always says what those files say.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .configuration_vit_mae_dbp import DBP_CONFIG_FIELDS
+from .emissions import WORLD_AVERAGE, EmissionsReport
+
+PRETRAINING_METRICS = {"eval_loss": "MAE reconstruction loss (validation)"}
+SEGMENTATION_METRICS = {
+    "eval_mean_iou": "mean IoU",
+    "eval_mean_accuracy": "mean accuracy",
+    "eval_overall_accuracy": "overall accuracy",
+}
+
+
+def read_emissions_csv(folder: str) -> EmissionsReport | None:
+    """The total of a run from the last row of codecarbon's `emissions.csv` in `folder` (grams, not kg)."""
+    path = os.path.join(folder, "emissions.csv")
+    if not os.path.isfile(path):
+        return None
+    with open(path, newline="") as file:
+        rows = list(csv.DictReader(file))
+    if not rows:
+        return None
+    last = rows[-1]
+    location = last["country_name"] if last.get("country_iso_code") else WORLD_AVERAGE
+    hardware = f"{int(float(last['cpu_count']))} CPU cores ({last['cpu_model']})"
+    if float(last.get("gpu_count") or 0):
+        hardware += f", {int(float(last['gpu_count']))} x {last['gpu_model']}"
+    return EmissionsReport(
+        energy_kwh=float(last["energy_consumed"]), emissions_g=float(last["emissions"]) * 1000.0,
+        duration_s=float(last["duration"]), location=location, hardware=hardware, final=True,
+    )  # fmt: skip
+
+
+def read_results(folder: str) -> dict:
+    path = os.path.join(folder, "all_results.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as file:
+        return json.load(file)
+
+
+def _is_segmentation(config) -> bool:
+    return getattr(config, "model_type", None) == "upernet"
+
+
+def _dbp_settings(config) -> dict | None:
+    """The DBP settings of a pre-training config or of an UperNet's backbone; None for plain BP."""
+    source = config.backbone_config if _is_segmentation(config) else config
+    values = {k: getattr(source, k, None) for k in DBP_CONFIG_FIELDS}
+    return values if values["decorrelation_layers"] else None
+
+
+def build_model_card(
+    config,
+    model_name: str,
+    results: dict | None = None,
+    emissions: EmissionsReport | None = None,
+    datasets: list[str] | None = None,
+    base_model: str | None = None,
+    training_seconds: float | None = None,
+    steps: int | None = None,
+    merged_from: str | None = None,
+    extra_tags: list[str] | None = None,
+) -> ModelCard:
+    """A model card for a pre-training or segmentation checkpoint of hf-dbp.
+
+    Args:
+        config: the saved model's config (`vit_mae_dbp`, `vit_mae` or `upernet`).
+        model_name: the name in the model index (e.g. the Hub repo id or the folder name).
+        results: metrics as in `all_results.json` (`eval_loss`; `eval_mean_iou`, ...).
+        emissions: the run's energy and CO2; omitted from the metadata when unknown.
+        datasets: the training data sets (Hub ids or descriptions).
+        base_model: the checkpoint this one was fine-tuned (or merged) from.
+        training_seconds, steps: training time and optimizer steps.
+        merged_from: for `hf-dbp merge` output: the DBP checkpoint whose R were folded in.
+        extra_tags: more tags.
+    """
+    results = results or {}
+    segmentation = _is_segmentation(config)
+    dbp = _dbp_settings(config)
+    tags = ["hf-dbp", "mae", "vision-transformer"] + (["dbp", "decorrelated-backpropagation"] if dbp or merged_from else [])
+    tags += ["semantic-segmentation", "upernet"] if segmentation else ["image-pretraining"]
+    tags += extra_tags or []
+    metrics = SEGMENTATION_METRICS if segmentation else PRETRAINING_METRICS
+    dataset_name = (datasets or ["unspecified"])[0]
+    eval_results = [
+        EvalResult(
+            task_type="image-segmentation" if segmentation else "masked-image-modeling",
+            task_name="Semantic segmentation" if segmentation else "MAE pre-training",
+            dataset_type=dataset_name, dataset_name=dataset_name, dataset_split="validation",
+            metric_type=key.removeprefix("eval_"), metric_name=label, metric_value=float(results[key]),
+        )  # fmt: skip
+        for key, label in metrics.items()
+        if key in results
+    ]
+    co2 = None
+    if emissions is not None:
+        co2 = {
+            "emissions": emissions.emissions_g,
+            "source": "codecarbon",
+            "training_type": "fine-tuning" if segmentation or base_model else "pre-training",
+            "geographical_location": emissions.location,
+            "hardware_used": emissions.hardware,
+        }
+    data = ModelCardData(
+        library_name="transformers",
+        tags=tags,
+        datasets=datasets or None,
+        base_model=base_model,
+        model_name=model_name,
+        eval_results=eval_results or None,
+        co2_eq_emissions=co2,
+    )
+    return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + _body(
+        config, model_name, results, emissions, datasets, base_model, training_seconds, steps, merged_from, dbp, metrics
+    ))  # fmt: skip
+
+
+def _body(config, model_name, results, emissions, datasets, base_model, seconds, steps, merged_from, dbp, metrics) -> str:
+    segmentation = _is_segmentation(config)
+    encoder = config.backbone_config if segmentation else config
+    size = (f"{encoder.num_hidden_layers} blocks, width {encoder.hidden_size}, {encoder.image_size} px pre-training "
+            f"images, patch {encoder.patch_size}")  # fmt: skip
+    lines = [f"# {model_name}", ""]
+    if segmentation:
+        lines.append(f"UperNet for semantic segmentation ({config.num_labels} classes) on a ViT encoder ({size}) "
+                     "pre-trained as a masked autoencoder, fine-tuned with [hf-dbp](https://github.com/hf-dbp/hf-dbp).")  # fmt: skip
+    elif merged_from:
+        lines.append(f"A ViT masked autoencoder ({size}) pre-trained with decorrelated backpropagation (DBP), with "
+                     f"every decorrelation matrix R folded into its weights (`hf-dbp merge {merged_from}`): a plain "
+                     "ViTMAE checkpoint with the same outputs, no extra cost, and no dependency on hf-dbp.")  # fmt: skip
+    else:
+        method = "decorrelated backpropagation (DBP)" if dbp else "plain backpropagation (the BP baseline)"
+        lines.append(f"A ViT masked autoencoder ({size}, mask ratio {config.mask_ratio}) pre-trained with {method} "
+                     "using [hf-dbp](https://github.com/hf-dbp/hf-dbp), after *Decorrelation Speeds Up Vision "
+                     "Transformers* (arXiv 2510.14657).")  # fmt: skip
+    lines += ["", "## Decorrelation", ""]
+    if dbp:
+        lines += [
+            "Each decorrelated layer computes y = W (R x) + b; R is updated after every optimizer step to decorrelate "
+            "the layer's inputs.", "",
+            "| setting | value |", "| --- | --- |",
+            f"| layers | {', '.join(dbp['decorrelation_layers'])} |",
+            f"| decorrelation lr | {dbp['decorrelation_lr']} |",
+            f"| kappa | {dbp['decorrelation_kappa']} |",
+            f"| sample fraction | {dbp['decorrelation_sample_fraction']} |",
+        ]  # fmt: skip
+    elif merged_from or segmentation:
+        lines.append("The encoder holds no R: any decorrelation from pre-training is folded into its weights.")
+    else:
+        lines.append("None: this is the plain BP baseline.")
+    lines += ["", "## Training", "", "| | |", "| --- | --- |"]
+    if datasets:
+        lines.append(f"| data | {', '.join(datasets)} |")
+    if base_model:
+        lines.append(f"| started from | {base_model} |")
+    if steps is not None:
+        lines.append(f"| optimizer steps | {steps} |")
+    if seconds is not None:
+        lines.append(f"| training time | {seconds:.1f} s ({seconds / 3600:.2f} h) |")
+    if emissions is not None:
+        lines += [
+            f"| energy | {emissions.energy_kwh:.6g} kWh |",
+            f"| emissions | {emissions.emissions_g:.6g} g CO2-eq (codecarbon) |",
+            f"| location | {emissions.location} |",
+            f"| hardware | {emissions.hardware} |",
+        ]
+    shown = [(label, results[key]) for key, label in metrics.items() if key in results]
+    if shown:
+        lines += ["", "## Results", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {label} | {value:.4f} |" for label, value in shown]
+    lines += ["", "## How to load", "", "```python"]
+    if segmentation:
+        lines += ["import hf_dbp  # registers the backbone", "from transformers import AutoModelForSemanticSegmentation", "",
+                  f'model = AutoModelForSemanticSegmentation.from_pretrained("{model_name}")']  # fmt: skip
+    elif dbp:
+        lines += ["import hf_dbp  # pip install hf-dbp: registers vit_mae_dbp", "from transformers import AutoModelForPreTraining", "",
+                  f'model = AutoModelForPreTraining.from_pretrained("{model_name}")', "```", "",
+                  "Without hf-dbp: the checkpoint carries its code, so `AutoModelForPreTraining.from_pretrained("
+                  f'"{model_name}", trust_remote_code=True)` loads it with plain transformers (read the code first: '
+                  "`modeling_vit_mae_dbp.py`, `decorrelation.py`). Or fold R into the weights once "
+                  "(`hf-dbp merge CHECKPOINT OUT`) for a plain ViTMAE checkpoint (`ViTMAEForPreTraining`, or "
+                  "`ViTModel` for the encoder) with no custom code at all."]  # fmt: skip
+    else:
+        lines += ["from transformers import ViTMAEForPreTraining, ViTModel", "",
+                  f'model = ViTMAEForPreTraining.from_pretrained("{model_name}")',
+                  f'encoder = ViTModel.from_pretrained("{model_name}", add_pooling_layer=False)  # the encoder alone']  # fmt: skip
+    if not lines[-1].startswith("Without hf-dbp"):
+        lines.append("```")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_model_card(folder: str, config, **kwargs) -> str:
+    """Write `README.md` into `folder`; `results` and `emissions` default to the folder's own files."""
+    if kwargs.get("results") is None:
+        kwargs["results"] = read_results(folder)
+    if kwargs.get("emissions") is None:
+        kwargs["emissions"] = read_emissions_csv(folder)
+    kwargs.setdefault("model_name", os.path.basename(os.path.abspath(folder)))
+    card = build_model_card(config, **kwargs)
+    path = os.path.join(folder, "README.md")
+    card.save(path)
+    return path
