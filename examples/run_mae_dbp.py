@@ -36,10 +36,13 @@ from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
 from hf_dbp.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    SAMPLE_INDEX_COLUMN,
     MAEImageTransform,
+    augmentation_epoch_callback,
     demo_image_dataset,
     drop_unreadable_images,
     find_image_column,
+    with_sample_index,
 )
 from hf_dbp.hub import ensure_hub_reachable
 from hf_dbp.plotting import plot_training_curves
@@ -238,15 +241,21 @@ def main() -> None:
     model = build_model(model_args, dbp_args)
     size = model.config.image_size
     image_processor = ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
-    transforms = {"train": MAEImageTransform(size, train=True), "validation": MAEImageTransform(size, train=False)}
+    transforms = {
+        "train": MAEImageTransform(size, train=True, seed=training_args.seed),
+        "validation": MAEImageTransform(size, train=False),
+    }
 
     def preprocess(split):
         def apply(examples):
-            return {"pixel_values": [transforms[split](image) for image in examples[image_column]]}
+            pairs = zip(examples[image_column], examples[SAMPLE_INDEX_COLUMN], strict=True)
+            return {"pixel_values": [transforms[split](image, index) for image, index in pairs]}
 
         return apply
 
     for split in ds:
+        # Each image's augmentation is seeded by (seed, epoch, its index): reproducible, also when resuming.
+        ds[split] = with_sample_index(ds[split])
         ds[split].set_transform(preprocess("train" if split == "train" else "validation"))
 
     def collate_fn(examples):
@@ -271,6 +280,7 @@ def main() -> None:
         eval_dataset=ds.get("validation"),
         processing_class=image_processor,
         data_collator=collate_fn,
+        callbacks=[augmentation_epoch_callback(transforms["train"])],
         decorrelation_config=ViTMAEDBPConfig(**dbp_args.config_values()) if dbp_args.bp_baseline else None,
         emissions_country=training_args.emissions_country,
         track_emissions=training_args.track_emissions,
@@ -308,7 +318,7 @@ def main() -> None:
         )  # fmt: skip
 
     if training_args.push_to_hub:
-        trainer.push_to_hub(tags=["dbp", "mae", "vision-transformer", "image-pretraining"])
+        trainer.push_to_hub(tags=["mae", "vision-transformer", "image-pretraining"] + ([] if dbp_args.bp_baseline else ["dbp"]))
 
 
 if __name__ == "__main__":

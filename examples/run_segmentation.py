@@ -37,6 +37,7 @@ from hf_dbp import (
     upernet_from_pretraining_checkpoint,
 )
 from hf_dbp.ade20k import ade20k_id2label
+from hf_dbp.data import augmentation_epoch_callback, with_sample_index
 from hf_dbp.hub import ensure_hub_reachable
 from hf_dbp.plotting import plot_segmentation_examples
 from hf_dbp.segmentation_data import (
@@ -232,19 +233,20 @@ def main() -> None:
     logger.info(report)
     patch = model.config.backbone_config.patch_size
     transforms = {
-        "train": SegmentationTransform(data_args.crop_size, train=True, reduce_labels=data_args.do_reduce_labels, size_divisor=patch),
+        "train": SegmentationTransform(data_args.crop_size, train=True, reduce_labels=data_args.do_reduce_labels,
+                                       size_divisor=patch, seed=training_args.seed),
         "validation": SegmentationTransform(data_args.crop_size, train=False, reduce_labels=data_args.do_reduce_labels, size_divisor=patch),
     }  # fmt: skip
 
     def preprocess(split):
         def apply(batch):
-            out = [transforms[split](image, annotation) for image, annotation in
-                   zip(batch[data_args.image_column_name], batch[data_args.label_column_name], strict=True)]  # fmt: skip
-            return {"pixel_values": [o["pixel_values"] for o in out], "labels": [o["labels"] for o in out]}
+            return transforms[split].apply_to_batch(batch, data_args.image_column_name, data_args.label_column_name)
 
         return apply
 
     for split in ds:
+        # Each pair's augmentation is seeded by (seed, epoch, its index): reproducible, also when resuming.
+        ds[split] = with_sample_index(ds[split])
         ds[split].set_transform(preprocess(split))
 
     groups = layer_decay_parameter_groups(model, training_args.learning_rate, training_args.weight_decay, training_args.layer_decay)
@@ -262,6 +264,7 @@ def main() -> None:
         compute_metrics=SegmentationEvaluator(len(id2label), ignore_index=255, id2label=id2label),
         preprocess_logits_for_metrics=logits_to_predictions,
         optimizers=(optimizer, None),
+        callbacks=[augmentation_epoch_callback(transforms["train"])],
         emissions_country=training_args.emissions_country,
         track_emissions=training_args.track_emissions,
         model_card_kwargs={

@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .hub import ensure_hub_reachable, push_folder
 
-            ensure_hub_reachable(args.token)
+            ensure_hub_reachable(args.token, what="`hf-dbp push`", token_option="--token", hint=(
+                f"{args.folder} stays saved locally as it is: run `hf-dbp push` again where the Hub can be reached."
+            ))  # fmt: skip
             print(push_folder(args.folder, args.repo_id, token=args.token, private=args.private or None,
                               commit_message=args.commit_message))  # fmt: skip
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as error:

@@ -128,31 +128,66 @@ def drop_unreadable_images(dataset: Dataset, column: str, num_proc: int | None =
     return dataset, names
 
 
-def reseed_in_dataloader_worker(compose, last_seed: int | None) -> int | None:
-    """Give an albumentations `Compose` its own seed in each DataLoader worker; returns the seed now in use.
+SAMPLE_INDEX_COLUMN = "sample_index"
 
-    albumentations 2.0.8 does nothing about DataLoader workers: each starts with a copy of the same random state, so
-    worker k's n-th sample would get the same crop and flip as worker 0's, and every epoch would replay them. torch
-    gives each worker its own seed (a base seed drawn per epoch, plus the worker id).
+
+class EpochSeededAugmentation:
+    """Reproducible random augmentation, also across stopping and resuming and across DataLoader workers.
+
+    albumentations keeps a random state of its own, seeded from the operating system, so two runs with one seed would
+    augment differently and every DataLoader worker would start from a copy of the same state. Drawing from torch's
+    generator instead is not enough to resume exactly: transformers restores the RNG after fetching the first batch
+    of a resumed run, and skipping batches changes which worker augments which sample. So each sample's augmentation
+    is seeded from (seed, epoch, the sample's index in the dataset) when the index is known (the scripts add a
+    `sample_index` column, and `AugmentationEpochCallback` passes the epoch), and from torch's generator otherwise.
     """
-    import torch
 
-    info = torch.utils.data.get_worker_info()
-    if info is not None and info.seed != last_seed:
-        compose.set_random_seed(info.seed % 2**32)
-        return info.seed
-    return last_seed
+    seed: int = 0
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _seed(self, compose, index: int | None) -> None:
+        if index is None:
+            import torch
+
+            compose.set_random_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+        else:
+            state = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)[0]
+            compose.set_random_seed(int(state))
 
 
-class MAEImageTransform:
+def with_sample_index(dataset: Dataset) -> Dataset:
+    """`dataset` with a `sample_index` column (0, 1, ...), which seeds each sample's augmentation."""
+    if SAMPLE_INDEX_COLUMN in dataset.column_names:
+        dataset = dataset.remove_columns(SAMPLE_INDEX_COLUMN)
+    return dataset.add_column(SAMPLE_INDEX_COLUMN, list(range(len(dataset))))
+
+
+def augmentation_epoch_callback(*transforms: EpochSeededAugmentation):
+    """A `TrainerCallback` that tells the transforms the epoch before each epoch's DataLoader workers start."""
+    from transformers import TrainerCallback
+
+    class AugmentationEpochCallback(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            for transform in transforms:
+                transform.set_epoch(int(state.epoch or 0))
+
+    return AugmentationEpochCallback()
+
+
+class MAEImageTransform(EpochSeededAugmentation):
     """MAE augmentation without torchvision, built on albumentations.
 
     Training: random resized crop (scale 0.2 to 1, bicubic), horizontal flip, normalisation. Evaluation: resize the
     short side, centre crop, normalisation. Grayscale, RGBA and palette images are converted to RGB first. Returns
-    a `(3, size, size)` float32 array.
+    a `(3, size, size)` float32 array. `seed` and the sample's `index` make the augmentation reproducible (see
+    `EpochSeededAugmentation`).
     """
 
-    def __init__(self, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, train: bool = True) -> None:
+    def __init__(self, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, train: bool = True, seed: int = 0) -> None:
+        self.seed = seed
         os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI for updates on import
         import albumentations as A
         import cv2
@@ -171,9 +206,8 @@ class MAEImageTransform:
                 normalize,
             ]
         self.transform = A.Compose(steps)
-        self._worker_seed: int | None = None
 
-    def __call__(self, image) -> np.ndarray:
-        self._worker_seed = reseed_in_dataloader_worker(self.transform, self._worker_seed)
+    def __call__(self, image, index: int | None = None) -> np.ndarray:
+        self._seed(self.transform, index)
         array = np.asarray(image.convert("RGB"))
         return self.transform(image=array)["image"].transpose(2, 0, 1).astype(np.float32)

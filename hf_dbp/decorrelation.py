@@ -25,6 +25,7 @@ This module holds three things, in the spirit of PEFT's tuners:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -77,6 +78,7 @@ class Decorrelation(nn.Module):
         self.sample_fraction = sample_fraction
         self.generator = generator
         self.R = nn.Parameter(torch.eye(dim, dtype=torch.float32), requires_grad=False)
+        self.skipped_updates = 0  # updates refused by the guard in `apply_update`
         self.reset_statistics()
 
     def extra_repr(self) -> str:
@@ -108,21 +110,28 @@ class Decorrelation(nn.Module):
         return F.linear(x, self.R.to(x.dtype))
 
     @torch.no_grad()
-    def apply_update(self, second_moment: torch.Tensor, lr: float, kappa: float) -> float:
+    def apply_update(self, second_moment: torch.Tensor, lr: float, kappa: float, max_loss: float = math.inf) -> float:
         """One DBP step from the second moment ``X = z^T z / n``; returns the decorrelation loss of ``X``.
 
-        With ``lr == 0`` nothing changes and only the loss is computed (used to monitor a BP model).
+        With ``lr == 0`` nothing changes and only the loss is computed (used to monitor a BP model). An update that
+        would make R non-finite, or that comes from a loss that is not finite or above ``max_loss`` (the statistics
+        exploded), is refused: R stays as it was and ``skipped_updates`` counts it.
         """
         second_moment = second_moment.to(self.R.dtype)
         variance = torch.diagonal(second_moment)
         correlation = second_moment - torch.diag(variance)
         v = variance - 1.0  # mean over rows of (z*z - 1) is the diagonal of X minus one
         loss = ((1.0 - kappa) * correlation.pow(2).sum() + kappa * v.pow(2).sum()) / self.dim**2
+        loss = float(loss)
         if lr != 0.0:
             # diag(v) @ R scales the rows of R, normalising the variance of each output z_i (the reference code's
             # `v * R` scales columns instead; the two agree only while R is symmetric).
-            self.R.sub_(lr * ((1.0 - kappa) * (correlation @ self.R) + kappa * (v[:, None] * self.R)))
-        return float(loss)
+            step = lr * ((1.0 - kappa) * (correlation @ self.R) + kappa * (v[:, None] * self.R))
+            if math.isfinite(loss) and loss <= max_loss and bool(torch.isfinite(step).all()):
+                self.R.sub_(step)
+            else:
+                self.skipped_updates += 1
+        return loss
 
 
 def _rebase(layer: nn.Module, cls: type, decorrelation: Decorrelation, record_statistics: bool) -> nn.Module:
@@ -275,19 +284,35 @@ class DecorrelationMonitor:
         self._handles.clear()
 
 
+class DecorrelationDiverged(FloatingPointError):
+    """Raised by :func:`decorrelation_step` with ``on_divergence="raise"`` instead of skipping an update."""
+
+
 @torch.no_grad()
 def decorrelation_step(
-    decorrelations: Iterable[Decorrelation], lr: float, kappa: float, process_group=None
+    decorrelations: Iterable[Decorrelation],
+    lr: float,
+    kappa: float,
+    process_group=None,
+    max_loss: float = 1e6,
+    on_divergence: str = "skip",
 ) -> float | None:
     """Update every ``R`` from the statistics gathered since the last call, then clear them.
 
     When ``torch.distributed`` is initialised, the statistics of all processes are summed first, in a single
     all-reduce for all layers together, so every process applies the same update to the same ``R`` and the
-    ``R`` stay identical across processes. ``lr=0`` only measures.
+    ``R`` stay identical across processes (the guard below decides the same way on every process too). ``lr=0``
+    only measures.
+
+    Guard: an update that would make an ``R`` non-finite, or whose loss is not finite or above ``max_loss``, is
+    skipped and counted in that module's ``skipped_updates`` (``on_divergence="skip"``), or raises
+    :class:`DecorrelationDiverged` (``"raise"``) so that a run can stop rather than go on.
 
     Returns:
-        The mean decorrelation loss over the layers that saw rows, or ``None`` if none did.
+        The mean decorrelation loss over the layers that saw rows (finite losses only), or ``None`` if none did.
     """
+    if on_divergence not in ("skip", "raise"):
+        raise ValueError(f"on_divergence must be 'skip' or 'raise', got {on_divergence!r}")
     decorrelations = list(decorrelations)
     if not decorrelations:
         return None
@@ -308,7 +333,14 @@ def decorrelation_step(
         zz = flat[offset + 1 : offset + 1 + d.dim**2].reshape(d.dim, d.dim)
         offset += 1 + d.dim**2
         if count > 0:
-            losses.append(d.apply_update(zz / count, lr, kappa))
+            skipped = d.skipped_updates
+            loss = d.apply_update(zz / count, lr, kappa, max_loss)
+            if d.skipped_updates > skipped and on_divergence == "raise":
+                raise DecorrelationDiverged(
+                    f"the decorrelation update of a {d.dim}x{d.dim} R diverged (loss {loss:.3g}); R left unchanged"
+                )
+            if math.isfinite(loss):
+                losses.append(loss)
     return sum(losses) / len(losses) if losses else None
 
 

@@ -18,23 +18,25 @@ LOCAL_HINT = (
 )
 
 
-def ensure_hub_reachable(token: str | None = None) -> str:
+def ensure_hub_reachable(
+    token: str | None = None, what: str = "--push_to_hub", token_option: str = "--hub_token", hint: str = LOCAL_HINT
+) -> str:
     """Check, in a second, that pushing can work; returns the user name. Raises `HubUnreachableError` otherwise.
 
     Called before training when `--push_to_hub` is set, so a run does not train for hours and then fail to upload.
+    The error names `what` needs the Hub, the option that passes a token, and `hint`: what to do instead.
     """
     if constants.HF_HUB_OFFLINE:
-        raise HubUnreachableError(f"--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set. {LOCAL_HINT}")
+        raise HubUnreachableError(f"{what} needs the Hugging Face Hub, but HF_HUB_OFFLINE is set. {hint}")
     try:
         return HfApi().whoami(token=token)["name"]
     except LocalTokenNotFoundError as error:
         raise HubUnreachableError(
-            f"--push_to_hub needs a Hugging Face token: run `hf auth login` or pass --hub_token. {LOCAL_HINT}"
+            f"{what} needs a Hugging Face token: run `hf auth login` or pass {token_option}. {hint}"
         ) from error
     except Exception as error:  # noqa: BLE001 - httpx, OS and HTTP errors all mean the same thing here
         raise HubUnreachableError(
-            f"--push_to_hub needs the Hugging Face Hub, which cannot be reached ({type(error).__name__}: {error}). "
-            f"{LOCAL_HINT}"
+            f"{what} needs the Hugging Face Hub, which cannot be reached ({type(error).__name__}: {error}). {hint}"
         ) from error
 
 

@@ -94,7 +94,7 @@ def build_model_card(
     dbp = _dbp_settings(config)
     tags = ["hf-dbp", "mae", "vision-transformer"] + (["dbp", "decorrelated-backpropagation"] if dbp or merged_from else [])
     tags += ["semantic-segmentation", "upernet"] if segmentation else ["image-pretraining"]
-    tags += extra_tags or []
+    tags += [tag for tag in dict.fromkeys(extra_tags or []) if tag not in tags]
     metrics = SEGMENTATION_METRICS if segmentation else PRETRAINING_METRICS
     dataset_name = (datasets or ["unspecified"])[0]
     eval_results = [
@@ -116,11 +116,13 @@ def build_model_card(
             "geographical_location": emissions.location,
             "hardware_used": emissions.hardware,
         }
+    # The metadata's base_model is a Hub id; a local folder is named in the body only.
+    hub_base_model = base_model if base_model and not os.path.exists(base_model) else None
     data = ModelCardData(
         library_name="transformers",
         tags=tags,
         datasets=datasets or None,
-        base_model=base_model,
+        base_model=hub_base_model,
         model_name=model_name,
         eval_results=eval_results or None,
         co2_eq_emissions=co2,

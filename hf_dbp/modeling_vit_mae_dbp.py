@@ -45,7 +45,8 @@ def vit_mae_decorrelation_groups(num_hidden_layers: int, kinds=DECORRELATION_LAY
 
 def plain_vit_mae_config(config: ViTMAEDBPConfig, architecture: str) -> ViTMAEConfig:
     """The ViTMAE configuration of a DBP configuration, without the DBP fields."""
-    values = {k: v for k, v in config.to_dict().items() if k not in DBP_CONFIG_FIELDS}
+    # No auto_map either: a plain checkpoint carries no hf_dbp code for trust_remote_code to point to.
+    values = {k: v for k, v in config.to_dict().items() if k not in (*DBP_CONFIG_FIELDS, "auto_map")}
     values.update(model_type=ViTMAEConfig.model_type, architectures=[architecture])
     return ViTMAEConfig.from_dict(values)
 
@@ -73,19 +74,22 @@ class ViTMAEDBPPreTrainedModel(ViTMAEPreTrainedModel):
         """Every :class:`~hf_dbp.decorrelation.Decorrelation` (one R each) of the encoder, in module order."""
         return [m for m in self.modules() if isinstance(m, Decorrelation)]
 
-    def decorrelation_step(self) -> float | None:
+    def decorrelation_step(self, max_loss: float = 1e6, on_divergence: str = "skip") -> float | None:
         """Update every R from the statistics of the training-mode forwards since the last call, then clear them.
 
         Uses `config.decorrelation_lr` and `config.decorrelation_kappa`. Under `torch.distributed` the statistics of
         all processes are combined (one all-reduce), so every process ends with the same R. Call it after each
-        optimizer step ([`DBPTrainer`] does).
+        optimizer step ([`DBPTrainer`] does). An update that would make R non-finite, or whose loss exceeds
+        `max_loss`, is skipped (`on_divergence="skip"`, counted per module in `skipped_updates`) or raises
+        `hf_dbp.decorrelation.DecorrelationDiverged` (`"raise"`).
 
         Returns:
             The decorrelation loss averaged over the decorrelated layers, or `None` if no training forward ran.
         """
         return decorrelation_step(
-            self.decorrelation_modules(), self.config.decorrelation_lr, self.config.decorrelation_kappa
-        )
+            self.decorrelation_modules(), self.config.decorrelation_lr, self.config.decorrelation_kappa,
+            max_loss=max_loss, on_divergence=on_divergence,
+        )  # fmt: skip
 
     @torch.no_grad()
     def merge_decorrelation(self) -> ViTMAEPreTrainedModel:

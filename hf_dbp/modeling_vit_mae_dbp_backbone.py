@@ -79,7 +79,7 @@ class ViTMAEDBPBackboneConfig(BackboneConfigMixin, ViTMAEDBPConfig):
     @classmethod
     def from_encoder_config(cls, config: ViTMAEConfig, **kwargs) -> ViTMAEDBPBackboneConfig:
         """The backbone of a (DBP-)MAE pre-training config: same encoder; `kwargs` override any field."""
-        values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
+        values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
         if not isinstance(config, ViTMAEDBPConfig):  # a plain ViTMAE: plain encoder unless asked otherwise
             values["decorrelation_layers"] = []
         values.update(kwargs)

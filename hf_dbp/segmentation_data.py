@@ -28,7 +28,7 @@ from datasets import Dataset, DatasetDict, Features, Image  # noqa: E402
 from PIL import ExifTags, ImageDraw  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, _photo, reseed_in_dataloader_worker  # noqa: E402
+from .data import IMAGENET_MEAN, IMAGENET_STD, SAMPLE_INDEX_COLUMN, EpochSeededAugmentation, _photo  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -397,7 +397,7 @@ def _as_rgb(image: Any) -> np.ndarray:
     return np.asarray(image.convert("RGB"))  # grayscale, RGBA, palette and CMYK images alike
 
 
-class SegmentationTransform:
+class SegmentationTransform(EpochSeededAugmentation):
     """The mmsegmentation ADE20K augmentation (as used by BEiT and MAE for UperNet fine-tuning), with albumentations.
 
     Args:
@@ -410,8 +410,9 @@ class SegmentationTransform:
             1 or None for no padding.
         cat_max_ratio: training crops are re-drawn (up to 10 times) while one class covers this fraction or more of
             the crop's labelled pixels; 1.0 disables it. 0.75 as in mmsegmentation.
-        seed: seed for the augmentation's random numbers (None: from the operating system). DataLoader workers are
-            re-seeded from torch's per-worker seed, so that workers don't repeat each other's augmentations.
+
+        seed: with the epoch and the sample's index, seeds each sample's augmentation (see
+            `hf_dbp.data.EpochSeededAugmentation`); without an index, torch's generator does.
 
     Training: rescale so that the short side is min(crop_size) x r, r uniform in [0.5, 2.0] (long side at most 4x
     that, as mmsegmentation's (2048, 512) scale), random crop of crop_size (one class at most `cat_max_ratio`), random
@@ -436,8 +437,9 @@ class SegmentationTransform:
         std: Sequence[float] = IMAGENET_STD,
         size_divisor: int | None = 16,
         cat_max_ratio: float = 0.75,
-        seed: int | None = None,
+        seed: int = 0,
     ) -> None:
+        self.seed = seed
         crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
         if len(crop) != 2 or min(crop) < 1:
             raise ValueError(f"crop_size must be a positive int or (height, width); got {crop_size!r}")
@@ -472,15 +474,15 @@ class SegmentationTransform:
                                   border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX)
                 )  # fmt: skip
         # mask_interpolation on Compose forces nearest neighbour on every step that resizes masks.
-        self.transform = A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST, seed=seed)
-        self._worker_seed: int | None = None
+        self.transform = A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST)
 
-    def __call__(self, image: Any, annotation: Any) -> dict[str, np.ndarray]:
+    def __call__(self, image: Any, annotation: Any, index: int | None = None) -> dict[str, np.ndarray]:
         """Transform one pair.
 
         Args:
             image: a PIL image of any mode (converted to RGB) or an (H, W[, C]) uint8 array.
             annotation: a single-channel PIL image (mode L or P, raw label ids) or an (H, W) integer array.
+            index: the pair's index in the dataset, for reproducible augmentation.
 
         Returns:
             `pixel_values`: float32 (3, H, W); `labels`: int64 (H, W), values in 0..num_labels-1 or 255.
@@ -494,7 +496,7 @@ class SegmentationTransform:
             )
         if self.reduce_labels:
             labels = _REDUCE_LABELS[labels]  # the one place labels are reduced
-        self._worker_seed = reseed_in_dataloader_worker(self.transform, self._worker_seed)
+        self._seed(self.transform, index)
         out = self.transform(image=pixels, mask=labels)
         return {
             "pixel_values": np.ascontiguousarray(out["image"].transpose(2, 0, 1), dtype=np.float32),
@@ -514,7 +516,9 @@ class SegmentationTransform:
         Returns:
             `pixel_values` and `labels`: lists with one array per row.
         """
-        outputs = [self(image, label) for image, label in zip(batch[image_column], batch[label_column], strict=True)]
+        indices = batch.get(SAMPLE_INDEX_COLUMN) or [None] * len(batch[image_column])
+        outputs = [self(image, label, index) for image, label, index in
+                   zip(batch[image_column], batch[label_column], indices, strict=True)]  # fmt: skip
         return {"pixel_values": [o["pixel_values"] for o in outputs], "labels": [o["labels"] for o in outputs]}
 
 

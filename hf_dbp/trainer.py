@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -10,10 +11,12 @@ from transformers import Trainer, TrainerCallback
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEForPreTraining, ViTMAEModel
 
 from .configuration_vit_mae_dbp import ViTMAEDBPConfig
-from .decorrelation import DecorrelationMonitor, decorrelation_step
+from .decorrelation import Decorrelation, DecorrelationMonitor, decorrelation_step
 from .emissions import EmissionsMeter, EmissionsReport, resolve_country
 from .model_card import write_model_card
-from .modeling_vit_mae_dbp import ViTMAEDBPPreTrainedModel, vit_mae_decorrelation_groups
+from .modeling_vit_mae_dbp import STATISTICS_SEED, ViTMAEDBPPreTrainedModel, vit_mae_decorrelation_groups
+
+logger = logging.getLogger(__name__)
 
 
 class _DecorrelationCallback(TrainerCallback):
@@ -64,6 +67,11 @@ class DBPTrainer(Trainer):
             for the other ways to give it. Checked before training.
         track_emissions (`bool`, defaults to `True`): measure energy and emissions.
         model_card_kwargs (`dict`, *optional*): `datasets`, `base_model`, `model_name` for the model cards.
+        decorrelation_guard (`str`, defaults to `"skip"`): what to do with an update of R that would make it
+            non-finite or comes from exploding statistics (loss above `decorrelation_max_loss`): `"skip"` it (R
+            stays, a warning is logged and `decorrelation_skipped_updates` counts it in the logs) or `"stop"` the run
+            with an error.
+        decorrelation_max_loss (`float`, defaults to 1e6): the decorrelation loss taken as exploded.
         *args, **kwargs: passed to [`~transformers.Trainer`].
     """
 
@@ -74,8 +82,15 @@ class DBPTrainer(Trainer):
         emissions_country: str | None = None,
         track_emissions: bool = True,
         model_card_kwargs: dict | None = None,
+        decorrelation_guard: str = "skip",
+        decorrelation_max_loss: float = 1e6,
         **kwargs,
     ) -> None:
+        if decorrelation_guard not in ("skip", "stop"):
+            raise ValueError(f"decorrelation_guard must be 'skip' or 'stop', got {decorrelation_guard!r}")
+        self._guard = {"on_divergence": "raise" if decorrelation_guard == "stop" else "skip",
+                       "max_loss": decorrelation_max_loss}  # fmt: skip
+        self._skipped_reported = 0
         # Checked first: a wrong country must stop the run before anything else happens.
         self._country = resolve_country(emissions_country)[0] if track_emissions else None
         self._track_emissions = track_emissions
@@ -95,7 +110,9 @@ class DBPTrainer(Trainer):
             settings = decorrelation_config or ViTMAEDBPConfig()
             encoder = model.vit if isinstance(model, ViTMAEForPreTraining) else model
             groups = vit_mae_decorrelation_groups(model.config.num_hidden_layers, settings.decorrelation_layers)
-            self._monitor = DecorrelationMonitor(encoder, groups, settings.decorrelation_sample_fraction)
+            # Its own generator, like a DBP model's: the BP run must draw the same masks as the DBP run.
+            generator = torch.Generator().manual_seed(STATISTICS_SEED)
+            self._monitor = DecorrelationMonitor(encoder, groups, settings.decorrelation_sample_fraction, generator)
             self._kappa = settings.decorrelation_kappa
         else:
             raise TypeError(
@@ -127,18 +144,89 @@ class DBPTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         result = super().train(*args, **kwargs)
+        self.check_decorrelation_consistency()
         if self._meter is not None:
             self.emissions = self._meter.read(stop=True, reduce=self._sum_over_processes)
             result.metrics.update(train_energy_kwh=self.emissions.energy_kwh, train_emissions_g=self.emissions.emissions_g)
         return result
 
+    def _load_weights_from(self, folder: str) -> None:
+        """Load a saved folder's weights into the model through `from_pretrained`, with all keys checked.
+
+        transformers 5.23's Trainer reloads checkpoints with `model.load_state_dict(file_keys, strict=False)`, but
+        `save_pretrained` writes ViTMAE in its 4.x key layout (`vit.encoder.layer.N...`), so the encoder's weights and
+        every R would silently keep their current values. `from_pretrained` converts the keys.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        loaded = type(model).from_pretrained(folder, config=model.config)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or model not in (None, self.model, self.model_wrapped):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_weights_from(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_best_model()
+        logger.info("Loading the best model from %s (score: %s)", self.state.best_model_checkpoint, self.state.best_metric)
+        self._load_weights_from(self.state.best_model_checkpoint)
+
+    def _decorrelation_modules(self) -> list[Decorrelation]:
+        if self._monitor is not None:
+            return list(self._monitor.decorrelations.values())
+        return self._dbp_model.decorrelation_modules() if self._dbp_model is not None else []
+
     def _decorrelation_update(self) -> None:
         if self._monitor is not None:
-            loss = decorrelation_step(self._monitor.decorrelations.values(), lr=0.0, kappa=self._kappa)
+            loss = decorrelation_step(self._decorrelation_modules(), lr=0.0, kappa=self._kappa)
         else:
-            loss = self._dbp_model.decorrelation_step()
+            loss = self._dbp_model.decorrelation_step(**self._guard)
         if loss is not None:
             self._decorrelation_losses.append(loss)
+        skipped = self._skipped_updates()
+        if skipped > self._skipped_reported:
+            logger.warning("step %d: %d decorrelation update(s) skipped by the guard (R non-finite or loss above %g); "
+                           "R left unchanged", self.state.global_step, skipped - self._skipped_reported,
+                           self._guard["max_loss"])  # fmt: skip
+            self._skipped_reported = skipped
+
+    def check_decorrelation_consistency(self) -> None:
+        """Check that every R is bitwise the same on every process (raises `RuntimeError` if not).
+
+        DBP keeps R out of DDP's reach (it is not a gradient parameter and not a buffer) and updates it from statistics
+        summed over all processes; this verifies the result, once, at the end of training.
+        """
+        modules = self._decorrelation_modules()
+        if self.accelerator.num_processes == 1 or not modules or self._monitor is not None:
+            return
+        flat = torch.cat([d.R.detach().flatten().double() for d in modules])
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+        signature = torch.stack([flat.sum(), (flat * flat).sum(), (flat * weights).sum()])
+        gathered = self.accelerator.gather(signature[None]).cpu()
+        if not bool((gathered == gathered[0]).all()):
+            raise RuntimeError(f"the decorrelation matrices differ between processes: signatures {gathered.tolist()}")
+        logger.info("R identical on all %d processes (%d matrices)", self.accelerator.num_processes, len(modules))
+
+    def _skipped_updates(self) -> int:
+        return sum(d.skipped_updates for d in self._decorrelation_modules())
+
+    def _decorrelation_generators(self) -> list[torch.Generator]:
+        generators = {id(d.generator): d.generator for d in self._decorrelation_modules() if d.generator is not None}
+        return list(generators.values())
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        # Trainer saves the python, numpy and torch generators; the rows DBP samples come from generators of ours.
+        super()._save_rng_state(output_dir)
+        states = [g.get_state() for g in self._decorrelation_generators()]
+        torch.save(states, os.path.join(output_dir, f"decorrelation_rng_state_{self.args.process_index}.pth"))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        path = os.path.join(checkpoint or "", f"decorrelation_rng_state_{self.args.process_index}.pth")
+        if checkpoint is not None and os.path.isfile(path):
+            for generator, state in zip(self._decorrelation_generators(), torch.load(path), strict=True):
+                generator.set_state(state)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Without compute_metrics (MAE pre-training) evaluation is the loss alone: gathering the reconstructed patches
@@ -166,6 +254,7 @@ class DBPTrainer(Trainer):
         if "loss" in logs and self._decorrelation_losses:
             logs["decorrelation_loss"] = sum(self._decorrelation_losses) / len(self._decorrelation_losses)
             self._decorrelation_losses.clear()
+            logs["decorrelation_skipped_updates"] = self._skipped_updates()
         if self._clock_start is not None and "train_runtime" not in logs:
             logs["train_seconds"] = self._train_seconds()
             if self._meter is not None:
@@ -196,6 +285,10 @@ class DBPTrainer(Trainer):
                           dataset: str | list[str] | None = None, tags=None, **kwargs) -> None:  # fmt: skip
         """Write hf-dbp's model card (emissions, DBP settings, results) instead of Trainer's generic one."""
         if model_name is not None:
+            # Trainer.push_to_hub passes the repo's name without its owner; the card's loading code needs the repo id.
+            repo_id = self.hub_model_id or self.args.hub_model_id
+            if repo_id and repo_id.split("/")[-1] == model_name:
+                model_name = repo_id
             self._card_kwargs["model_name"] = model_name
         if finetuned_from is not None:
             self._card_kwargs["base_model"] = finetuned_from

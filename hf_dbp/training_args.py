@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 
@@ -17,3 +19,11 @@ class DBPTrainingArguments(TrainingArguments):
                   "Also read from CODECARBON_COUNTRY_ISO_CODE or codecarbon's .codecarbon.config."},
     )  # fmt: skip
     track_emissions: bool = field(default=True, metadata={"help": "Measure energy and emissions with codecarbon."})
+
+    def __post_init__(self):
+        # Launched as several processes (accelerate, torchrun) on a machine without GPUs, accelerate treats every
+        # process as a separate single-process run unless told to use the CPU; with use_cpu they form one DDP group
+        # over gloo.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            self.use_cpu = True
+        super().__post_init__()

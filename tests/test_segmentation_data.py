@@ -222,7 +222,7 @@ def test_check_names_the_columns_when_one_is_missing(tmp_path):
 
 @pytest.mark.parametrize("train", [True, False])
 def test_labels_are_reduced_exactly_once(train):
-    transform = SegmentationTransform(crop_size=16, train=train, seed=0)
+    transform = SegmentationTransform(crop_size=16, train=train)
     image = rgb(32, 48)
     for raw, expected in ((0, 255), (1, 0), (7, 6), (150, 149), (255, 255)):
         annotation = PILImage.fromarray(np.full((32, 48), raw, np.uint8))
@@ -242,7 +242,7 @@ def test_labels_are_reduced_exactly_once(train):
 @pytest.mark.parametrize("size", [(10, 12), (40, 30), (64, 200), (300, 40)])
 def test_train_output_has_exactly_the_crop_size(size):
     crop = (24, 32)
-    transform = SegmentationTransform(crop_size=crop, train=True, seed=1)
+    transform = SegmentationTransform(crop_size=crop, train=True)
     image, annotation = rgb(*size, mode="L"), label_map(*size, (0, 5, 150))  # grayscale input: converted to RGB
     for _ in range(5):
         out = transform(image, annotation)
@@ -262,7 +262,7 @@ def test_train_output_has_exactly_the_crop_size(size):
 
 def test_train_augmentation_is_random_and_evaluation_is_not():
     image, annotation = rgb(48, 64, mode="P"), label_map(48, 64, (1, 2, 3))
-    train, evaluation = SegmentationTransform(32, train=True, seed=0), SegmentationTransform(32, train=False)
+    train, evaluation = SegmentationTransform(32, train=True), SegmentationTransform(32, train=False)
     outputs = [train(image, annotation)["pixel_values"] for _ in range(6)]
     assert len({o.tobytes() for o in outputs}) == 6
     # Photometric distortion: crops, flips and rescaling leave a uniform grey image grey at 128, but brightness and
@@ -297,7 +297,7 @@ def test_evaluation_keeps_the_aspect_ratio_and_pads_to_the_divisor():
 @pytest.mark.parametrize("train", [True, False])
 def test_labels_are_resized_with_nearest_neighbour(train):
     values = (1, 40, 90, 150)  # bilinear or cubic resizing would create values between these
-    transform = SegmentationTransform(crop_size=40, train=train, seed=0)
+    transform = SegmentationTransform(crop_size=40, train=train)
     rng = np.random.default_rng(0)
     annotation = PILImage.fromarray(rng.choice(np.asarray(values, np.uint8), size=(57, 83)))  # noisy: every edge mixes
     seen = set()
@@ -314,7 +314,7 @@ def test_train_crops_avoid_a_single_class_when_they_can():
     image, annotation = rgb(64, 64), PILImage.fromarray(array)
 
     def single_class_fraction(cat_max_ratio):
-        transform = SegmentationTransform(crop_size=32, train=True, cat_max_ratio=cat_max_ratio, seed=0)
+        transform = SegmentationTransform(crop_size=32, train=True, cat_max_ratio=cat_max_ratio)
         crops = [transform(image, annotation)["labels"] for _ in range(100)]
         return np.mean([len(set(np.unique(c).tolist()) - {255}) == 1 for c in crops])
 
@@ -331,7 +331,7 @@ def test_transform_rejects_colour_annotations_and_size_mismatches():
 
 def test_dataloader_workers_draw_different_augmentations():
     dataset = Dataset.from_dict({"image": [rgb(40, 40)] * 8, "annotation": [label_map(40, 40)] * 8})
-    dataset = dataset.with_transform(SegmentationTransform(crop_size=24, train=True, seed=0).apply_to_batch)
+    dataset = dataset.with_transform(SegmentationTransform(crop_size=24, train=True).apply_to_batch)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=1, num_workers=2, collate_fn=segmentation_collate, multiprocessing_context="fork"
     )

@@ -27,10 +27,10 @@ def test_one_decorrelation_step_per_optimizer_step_with_gradient_accumulation(tm
     calls = []
     original = model.decorrelation_step
 
-    def counting_step():
+    def counting_step(**guard):
         qkv = model.vit.layers[0].attention.qkv_decorrelation
         calls.append(qkv.num_rows)
-        return original()
+        return original(**guard)
 
     model.decorrelation_step = counting_step
     args = training_args(tmp_path, max_steps=3, gradient_accumulation_steps=2, per_device_train_batch_size=4)

@@ -1,0 +1,65 @@
+"""DBP across processes: DDP over gloo on CPU, launched with torchrun and with accelerate."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(command, tmp_path, timeout=300):
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def reference_update(R, rows, lr=0.05, kappa=0.3):
+    z = rows @ R.T
+    X = z.T @ z / z.shape[0]
+    C = X - torch.diag(torch.diagonal(X))
+    v = torch.diagonal(X) - 1
+    return R - lr * ((1 - kappa) * C @ R + kappa * torch.diag(v) @ R)
+
+
+def test_torchrun_ddp_ranks_end_with_the_same_R_computed_from_all_ranks_rows(tmp_path):
+    output = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                  str(free_port()), str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path)], tmp_path)  # fmt: skip
+    assert "R identical on all 2 processes" in output
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert torch.equal(results[0]["R"], results[1]["R"])
+    assert results[0]["losses"] == results[1]["losses"]
+    # Each rank ran 3 optimizer steps of 2 micro-batches on different images.
+    for result in results:
+        assert [step for step, _ in result["rows"]] == [0, 0, 1, 1, 2, 2]
+    assert not torch.equal(results[0]["rows"][0][1], results[1]["rows"][0][1])
+    R = torch.eye(24, dtype=torch.float64)
+    for step in range(3):
+        rows = torch.cat([x for result in results for s, x in result["rows"] if s == step])
+        assert rows.shape[0] == 2 * 2 * 2 * 5  # ranks x micro-batches x images x (cls + 4 visible patches)
+        R = reference_update(R, rows)
+    torch.testing.assert_close(results[0]["R"].double(), R, rtol=1e-4, atol=1e-5)
+
+
+def test_example_script_with_two_processes(tmp_path):
+    output = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  str(ROOT / "examples" / "accelerate_configs" / "cpu_2_processes.yaml"), "--main_process_port",
+                  str(free_port()), str(ROOT / "examples" / "run_mae_dbp.py"), "--output_dir", str(tmp_path / "out"),
+                  "--config_overrides", "image_size=16,patch_size=4,hidden_size=24,num_hidden_layers=2,"
+                  "num_attention_heads=2,intermediate_size=48,decoder_hidden_size=16,decoder_num_hidden_layers=1,"
+                  "decoder_num_attention_heads=2,decoder_intermediate_size=32", "--max_train_samples", "32",
+                  "--max_eval_samples", "8", "--per_device_train_batch_size", "4", "--max_steps", "3",
+                  "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no", "--track_emissions", "false"],
+                 tmp_path)  # fmt: skip
+    assert "R identical on all 2 processes" in output
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -1,0 +1,552 @@
+"""End-to-end tests of examples/run_segmentation.py.
+
+Each test runs the script for real, in a subprocess, offline, on a tiny ADE20K-layout data set (8 training and 4
+validation pairs of 32 px, from `make_demo_ade20k`) and a tiny DBP-MAE pre-training checkpoint whose R are moved away
+from the identity (so folding them into W changes the weights), with small UperNet heads and 2 optimizer steps. All
+runs are started once, by the module-scoped fixture `runs`, two at a time: most of a run's time is its imports, on
+one core.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, Features, Image, Value
+from PIL import Image as PILImage
+from transformers import AutoModelForSemanticSegmentation, BertConfig, BertModel, ViTMAEConfig, ViTMAEForPreTraining
+
+import hf_dbp
+from hf_dbp.segmentation_data import make_demo_ade20k
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "examples" / "run_segmentation.py"
+
+TINY_MODEL = {
+    "image_size": 16,
+    "patch_size": 4,
+    "hidden_size": 24,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 2,
+    "intermediate_size": 48,
+    "decoder_hidden_size": 16,
+    "decoder_num_hidden_layers": 1,
+    "decoder_num_attention_heads": 2,
+    "decoder_intermediate_size": 32,
+}
+NUM_R = 1 + 4 * TINY_MODEL["num_hidden_layers"]  # the patch embedding, then qkv, o_proj, fc1 and fc2 of each block
+# Two optimizer steps of 4 pairs, a log record after each, nothing saved but the final model.
+TINY_FLAGS = [
+    "--upernet_hidden_size", "16", "--auxiliary_channels", "8", "--crop_size", "32",
+    "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--max_steps", "2",
+    "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no", "--dataloader_num_workers", "0",
+    "--warmup_steps", "0",
+]  # fmt: skip
+RESULT_METRICS = ("eval_mean_iou", "eval_mean_accuracy", "eval_overall_accuracy")
+R_SUFFIX = "_decorrelation.R"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def run_script(*args, hf_home: Path, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    """Run the script with plain Python; stdout and stderr merged."""
+    env = {
+        **os.environ,
+        "HF_HOME": str(hf_home),  # the datasets cache of this run only
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        # One thread: the model is tiny, and torch's thread pool slows 100-fold when other processes share the cores.
+        "OMP_NUM_THREADS": "1",
+        # The log (stdout) and a traceback (stderr) in the order they were written.
+        "PYTHONUNBUFFERED": "1",
+    }
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+
+
+@dataclass
+class Run:
+    result: subprocess.CompletedProcess
+    output_dir: Path
+
+    @property
+    def output(self) -> str:
+        return self.result.stdout
+
+
+def assert_succeeded(run: Run) -> None:
+    assert run.result.returncode == 0, f"the script failed (exit {run.result.returncode}):\n{run.output[-6000:]}"
+
+
+def assert_failed_before_training(run: Run) -> str:
+    """The run exited non-zero without training or saving; returns the error line of the traceback."""
+    assert run.result.returncode != 0, f"the script should have failed:\n{run.output[-3000:]}"
+    assert not (run.output_dir / "trainer_state.json").exists()
+    assert not (run.output_dir / "model.safetensors").exists()
+    assert "Fine-tuning UperNet on" not in run.output
+    errors = [line for line in run.output.splitlines() if line.startswith("ValueError: ")]
+    assert errors, f"no ValueError in the output:\n{run.output[-3000:]}"
+    return errors[-1]
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def training_records(output_dir: Path) -> list[dict]:
+    """The training log records (the ones with a train loss) of trainer_state.json."""
+    return [r for r in read_json(output_dir / "trainer_state.json")["log_history"] if "loss" in r]
+
+
+def pair_counts(output: str) -> tuple[int, int]:
+    """(training, validation) pair counts from the script's 'Fine-tuning UperNet on N training pairs (M ...' log."""
+    match = re.search(r"Fine-tuning UperNet on (\d+) training pairs \((\d+) for validation\)", output)
+    assert match, f"no pair count in the log:\n{output[-3000:]}"
+    return int(match.group(1)), int(match.group(2))
+
+
+def assert_results(output_dir: Path) -> dict:
+    """all_results.json holds a finite train loss and the three segmentation metrics, finite and in [0, 1]."""
+    results = read_json(output_dir / "all_results.json")
+    assert isinstance(results.get("train_loss"), float) and math.isfinite(results["train_loss"]), results
+    for key in RESULT_METRICS:
+        assert key in results, f"{key} missing from all_results.json: {sorted(results)}"
+        assert isinstance(results[key], float) and math.isfinite(results[key]), (key, results[key])
+        assert 0.0 <= results[key] <= 1.0, (key, results[key])
+    return results
+
+
+def load_upernet(output_dir: Path):
+    """The saved UperNet, loaded as a user would (hf_dbp imported), with every weight found in the file."""
+    model, info = AutoModelForSemanticSegmentation.from_pretrained(output_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model
+
+
+def r_matrices(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """name (without `prefix`) -> R of every decorrelation module of `model`."""
+    return {
+        name.removeprefix(prefix): param.detach().clone()
+        for name, param in model.named_parameters()
+        if name.endswith(R_SUFFIX)
+    }
+
+
+def log_lines(output: str, needle: str) -> list[str]:
+    return [line for line in output.splitlines() if needle in line]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs and runs, shared by the tests
+
+
+@dataclass
+class Inputs:
+    data_dir: Path  # 8 + 4 clean pairs
+    messy_dir: Path  # the same with bad pairs, see `make_messy`
+    dbp_checkpoint: Path
+    plain_checkpoint: Path
+    bert_checkpoint: Path
+    parquet_dir: Path  # train/validation parquet with columns "pixels", "segmentation", "name"
+    no_annotation_dir: Path  # train/validation parquet with columns "image", "caption"
+
+
+PLAIN_CLS_TOKEN = 0.5  # a class-token value no initialisation gives
+
+
+def make_dbp_checkpoint(path: Path) -> None:
+    torch.manual_seed(0)
+    model = hf_dbp.ViTMAEDBPForPreTraining(hf_dbp.ViTMAEDBPConfig(**TINY_MODEL))
+    with torch.no_grad():
+        for module in model.decorrelation_modules():  # far enough from I that folding changes W visibly
+            module.R.add_(0.1 * torch.randn_like(module.R))
+    model.save_pretrained(path)
+
+
+def make_plain_checkpoint(path: Path) -> None:
+    torch.manual_seed(1)
+    model = ViTMAEForPreTraining(ViTMAEConfig(**TINY_MODEL))
+    with torch.no_grad():
+        model.vit.embeddings.cls_token.fill_(PLAIN_CLS_TOKEN)
+    model.save_pretrained(path)
+
+
+def load_image(path: Path) -> PILImage.Image:
+    with PILImage.open(path) as image:
+        image.load()
+        return image.copy()
+
+
+def make_parquet(data_dir: Path, out: Path) -> None:
+    """The pairs of `data_dir` as train.parquet / validation.parquet, under non-default column names."""
+    out.mkdir()
+    features = Features({"pixels": Image(), "segmentation": Image(), "name": Value("string")})
+    for split, folder in (("train", "training"), ("validation", "validation")):
+        images = sorted((data_dir / "images" / folder).glob("*.jpg"))
+        Dataset.from_dict(
+            {
+                "pixels": [load_image(p) for p in images],
+                "segmentation": [load_image(data_dir / "annotations" / folder / f"{p.stem}.png") for p in images],
+                "name": [p.stem for p in images],
+            },
+            features=features,
+        ).to_parquet(str(out / f"{split}.parquet"))
+
+
+# The bad pairs of the messy set, by file stem.
+WRONG_SIZE = "ADE_train_00000001"  # (a) the annotation is 4 px wider than its image
+LABEL_200 = "ADE_train_00000002"  # (b) label 200 > 150
+NO_ANNOTATION = "ADE_train_00000003"  # (c) the annotation file is missing
+GRAYSCALE = "ADE_train_00000004"  # (d) a mode L JPEG
+PALETTE = "ADE_train_00000005"  # (d) a mode P PNG in place of the JPEG
+LABELS_150_AND_255 = "ADE_train_00000006"  # valid: the largest class and the ignore value
+VAL_GRAYSCALE = "ADE_val_00000002"  # (d) in validation
+VAL_LABEL_151 = "ADE_val_00000003"  # (b) in validation: one above the largest class
+GOOD_NON_RGB = (GRAYSCALE, PALETTE, LABELS_150_AND_255, VAL_GRAYSCALE)
+
+
+def make_messy(root: Path) -> None:
+    """make_demo_ade20k's 8 + 4 pairs, then 3 bad training pairs and 1 bad validation pair (see the stems above)."""
+    make_demo_ade20k(str(root), num_train=8, num_validation=4, size=32, seed=0)
+    train_images, train_labels = root / "images" / "training", root / "annotations" / "training"
+    val_images, val_labels = root / "images" / "validation", root / "annotations" / "validation"
+
+    annotation = load_image(train_labels / f"{WRONG_SIZE}.png")
+    annotation.resize((annotation.width + 4, annotation.height), PILImage.NEAREST).save(
+        train_labels / f"{WRONG_SIZE}.png"
+    )
+
+    def set_labels(path: Path, values: list[int]) -> None:
+        array = np.array(load_image(path))
+        array.flat[: len(values)] = values
+        PILImage.fromarray(array).save(path)
+
+    set_labels(train_labels / f"{LABEL_200}.png", [200])
+    set_labels(train_labels / f"{LABELS_150_AND_255}.png", [150, 255, 150])
+    set_labels(val_labels / f"{VAL_LABEL_151}.png", [151])
+    (train_labels / f"{NO_ANNOTATION}.png").unlink()
+    load_image(train_images / f"{GRAYSCALE}.jpg").convert("L").save(train_images / f"{GRAYSCALE}.jpg")
+    load_image(train_images / f"{PALETTE}.jpg").convert("P").save(train_images / f"{PALETTE}.png")
+    (train_images / f"{PALETTE}.jpg").unlink()
+    load_image(val_images / f"{VAL_GRAYSCALE}.jpg").convert("L").save(val_images / f"{VAL_GRAYSCALE}.jpg")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Inputs:
+    root = tmp_path_factory.mktemp("inputs")
+    data_dir = Path(make_demo_ade20k(str(root / "ade20k"), num_train=8, num_validation=4, size=32, seed=0))
+    make_messy(root / "messy")
+    make_dbp_checkpoint(root / "dbp")
+    make_plain_checkpoint(root / "plain")
+    BertModel(
+        BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(root / "bert")
+    make_parquet(data_dir, root / "parquet")
+    (root / "no_annotation").mkdir()
+    for split, seed in (("train", 0), ("validation", 1)):
+        rng = np.random.default_rng(seed)
+        images = [PILImage.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
+        Dataset.from_dict(
+            {"image": images, "caption": [f"noise {i}" for i in range(4)]},
+            features=Features({"image": Image(), "caption": Value("string")}),
+        ).to_parquet(str(root / "no_annotation" / f"{split}.parquet"))
+    return Inputs(data_dir, root / "messy", root / "dbp", root / "plain", root / "bert", root / "parquet",
+                  root / "no_annotation")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(inputs, tmp_path_factory) -> dict[str, Run]:
+    """Every run of the module, two at a time:
+
+    - "dbp": `--data_dir` with the DBP checkpoint (R folded);
+    - "parquet": the same pairs from parquet files, `--image_column_name pixels --label_column_name segmentation`,
+      `--max_train_samples 6 --max_eval_samples 3`;
+    - "keep": `--keep_decorrelation`;
+    - "continued": from the UperNet checkpoint of "dbp" (started after it);
+    - "plain": a transformers ViTMAEForPreTraining checkpoint, `--train_fraction 0.5`;
+    - "messy": the messy data set (bad and non-RGB pairs);
+    - "bert": a BERT checkpoint (fails);
+    - "no_annotation": a parquet dataset without an annotation column (fails);
+    - "fresh": no `--model_name_or_path`, cwd an empty folder (no pre-training demo output there).
+    """
+    root = tmp_path_factory.mktemp("runs")
+    futures: dict[str, Future] = {}
+
+    def job(name: str, *args, after: str | None = None, cwd: Path | None = None) -> Callable[[], Run]:
+        def call() -> Run:
+            if after is not None:
+                futures[after].result()
+            output_dir = root / name / "out"
+            result = run_script(*args, "--output_dir", output_dir, *TINY_FLAGS, hf_home=root / name / "hf_home",
+                                cwd=cwd or REPO_ROOT)  # fmt: skip
+            return Run(result, output_dir)
+
+        return call
+
+    (root / "fresh_cwd").mkdir()
+    data, dbp = ["--data_dir", inputs.data_dir], ["--model_name_or_path", inputs.dbp_checkpoint]
+    jobs = {  # "dbp" first: "continued" waits for it
+        "dbp": job("dbp", *data, *dbp),
+        "keep": job("keep", *data, *dbp, "--keep_decorrelation"),
+        "messy": job("messy", "--data_dir", inputs.messy_dir, *dbp),
+        "parquet": job("parquet", "--dataset_name", inputs.parquet_dir, "--image_column_name", "pixels",
+                       "--label_column_name", "segmentation", "--max_train_samples", 6, "--max_eval_samples", 3, *dbp),
+        "plain": job("plain", *data, "--model_name_or_path", inputs.plain_checkpoint, "--train_fraction", 0.5),
+        "bert": job("bert", *data, "--model_name_or_path", inputs.bert_checkpoint),
+        "no_annotation": job("no_annotation", "--dataset_name", inputs.no_annotation_dir, *dbp),
+        "fresh": job("fresh", *data, cwd=root / "fresh_cwd"),
+        "continued": job("continued", *data, "--model_name_or_path", root / "dbp" / "out", after="dbp"),
+    }  # fmt: skip
+    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        for name, call in jobs.items():
+            futures[name] = pool.submit(call)
+        return {name: future.result() for name, future in futures.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. An ADE20K folder and a DBP checkpoint, R folded
+
+
+def test_data_dir_run_writes_results_and_predictions(runs):
+    """A --data_dir run exits 0 and writes finite metrics in [0, 1], a train loss, and predictions.png."""
+    run = runs["dbp"]
+    assert_succeeded(run)
+    assert pair_counts(run.output) == (8, 4)
+    assert_results(run.output_dir)
+    assert read_json(run.output_dir / "trainer_state.json")["global_step"] == 2
+    with PILImage.open(run.output_dir / "predictions.png") as image:
+        assert image.format == "PNG"
+        assert image.width > 100 and image.height > 100
+        image.verify()
+
+
+def test_data_dir_run_saves_upernet_with_folded_backbone(runs, inputs):
+    """The saved UperNet loads with AutoModelForSemanticSegmentation; its backbone is a ViTMAEDBPBackbone without R
+    whose weights are the checkpoint's W R (not W), and its config has the 150 ADE20K classes."""
+    run = runs["dbp"]
+    assert_succeeded(run)
+    assert "R folded into the weights" in run.output
+    model = load_upernet(run.output_dir)
+    assert type(model.backbone) is hf_dbp.ViTMAEDBPBackbone
+    assert model.backbone.config.decorrelation_layers == []
+    assert not r_matrices(model) and not model.backbone.decorrelation_modules()
+    assert model.config.num_labels == 150 and len(model.config.id2label) == 150
+    assert model.config.id2label[0] == "wall"
+    assert model.config.backbone_config.hidden_size == TINY_MODEL["hidden_size"]
+
+    pretrained = hf_dbp.ViTMAEDBPForPreTraining.from_pretrained(inputs.dbp_checkpoint)
+    saved = model.backbone.vit.state_dict()
+    pairs = {  # layer -> its R in the checkpoint
+        "layers.1.mlp.fc1": "layers.1.mlp.fc1_decorrelation",
+        "layers.2.attention.q_proj": "layers.2.attention.qkv_decorrelation",
+        "embeddings.patch_embeddings.projection": "embeddings.patch_embeddings.projection_decorrelation",
+    }
+    for layer, decorrelation in pairs.items():
+        w = pretrained.vit.get_submodule(layer).weight.detach()
+        r = pretrained.vit.get_submodule(decorrelation).R.detach()
+        folded = (w.reshape(w.shape[0], -1) @ r).reshape(w.shape)
+        # Two AdamW steps at lr <= 1e-4 move each weight by about 2e-4 at most; W R - W is far larger.
+        assert torch.allclose(saved[f"{layer}.weight"], folded, atol=1e-3), layer
+        assert not torch.allclose(saved[f"{layer}.weight"], w, atol=1e-3), layer
+
+
+def test_folded_run_logs_no_decorrelation_loss(runs):
+    """With R folded nothing is decorrelated during fine-tuning: the training records have no decorrelation_loss."""
+    run = runs["dbp"]
+    assert_succeeded(run)
+    records = training_records(run.output_dir)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and "decorrelation_loss" not in r for r in records), records
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. A parquet dataset through `datasets`
+
+
+def test_parquet_dataset_with_custom_column_names(runs):
+    """A local folder of train/validation parquet files loads through --dataset_name, with the image and annotation
+    columns named by --image_column_name and --label_column_name, cut by --max_train/eval_samples."""
+    run = runs["parquet"]
+    assert_succeeded(run)
+    assert pair_counts(run.output) == (6, 3)
+    assert_results(run.output_dir)
+    assert (run.output_dir / "predictions.png").is_file()
+    assert load_upernet(run.output_dir).config.num_labels == 150
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. --keep_decorrelation
+
+
+def test_keep_decorrelation_continues_dbp(runs, inputs):
+    """With --keep_decorrelation the saved backbone keeps every R of the checkpoint, DBP moved them, and the
+    training records carry the decorrelation loss."""
+    run = runs["keep"]
+    assert_succeeded(run)
+    assert f"R kept on {NUM_R} layer groups, DBP continues" in run.output
+    model = load_upernet(run.output_dir)
+    assert type(model.backbone) is hf_dbp.ViTMAEDBPBackbone
+    assert model.backbone.config.decorrelation_layers == list(hf_dbp.DECORRELATION_LAYER_KINDS)
+    saved = r_matrices(model, prefix="backbone.")
+    original = r_matrices(hf_dbp.ViTMAEDBPForPreTraining.from_pretrained(inputs.dbp_checkpoint))
+    assert len(original) == NUM_R and sorted(saved) == sorted(original)
+    assert all(torch.isfinite(r).all() for r in saved.values())
+    changes = {name: float((saved[name] - original[name]).abs().max()) for name in original}
+    assert max(changes.values()) > 1e-6, changes  # DBP went on
+    assert max(changes.values()) < 0.1, changes  # from the checkpoint's R, not from the identity
+    records = training_records(run.output_dir)
+    assert len(records) == 2
+    for record in records:
+        assert "decorrelation_loss" in record, record
+        assert math.isfinite(record["decorrelation_loss"]) and record["decorrelation_loss"] > 0
+    assert_results(run.output_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Continuing from a saved UperNet
+
+
+def test_continues_from_saved_upernet(runs):
+    """--model_name_or_path the UperNet saved by the "dbp" run continues from it: all its weights, heads included."""
+    run = runs["continued"]
+    assert_succeeded(run)
+    assert f"Continued from the UperNet checkpoint {runs['dbp'].output_dir}" in run.output
+    assert_results(run.output_dir)
+    before = load_upernet(runs["dbp"].output_dir).state_dict()
+    after = load_upernet(run.output_dir).state_dict()
+    assert sorted(after) == sorted(before)
+    for name in (
+        "decode_head.classifier.weight",
+        "auxiliary_head.classifier.weight",
+        "backbone.vit.layers.3.mlp.fc2.weight",
+    ):
+        assert torch.allclose(after[name], before[name], atol=1e-3), name  # a fresh head would differ by far more
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. A plain transformers ViTMAE checkpoint
+
+
+def test_plain_vit_mae_checkpoint(runs):
+    """A transformers ViTMAEForPreTraining checkpoint gives UperNet its encoder weights (a plain ViT backbone);
+    --train_fraction 0.5 keeps 4 of the 8 training pairs."""
+    run = runs["plain"]
+    assert_succeeded(run)
+    assert "the MAE encoder of" in run.output and "plain ViT encoder" in run.output
+    assert pair_counts(run.output) == (4, 4)
+    assert_results(run.output_dir)
+    model = load_upernet(run.output_dir)
+    assert not r_matrices(model)
+    cls_token = model.backbone.vit.embeddings.cls_token
+    assert torch.allclose(cls_token, torch.full_like(cls_token, PLAIN_CLS_TOKEN), atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. Bad input
+
+
+def skipped_lines(run: Run) -> list[str]:
+    return log_lines(run.output, "skipping ")
+
+
+def assert_skipped(run: Run, file_name: str, reason: str) -> None:
+    lines = [line for line in skipped_lines(run) if file_name in line]
+    assert lines, f"{file_name} not named in a 'skipping' line:\n" + "\n".join(skipped_lines(run))
+    assert any(reason in line for line in lines), (reason, lines)
+
+
+def test_bad_pairs_are_skipped_and_named_and_the_rest_trains(runs):
+    """The 3 bad training pairs and the bad validation pair are dropped, and the run trains on the other 5 + 3.
+
+    5 pairs in batches of 4 leave a last batch of one image, on which UperNet's BatchNorm cannot train: the script
+    drops that batch (a different image each epoch), so the 2 steps run without error."""
+    run = runs["messy"]
+    assert_succeeded(run)
+    assert pair_counts(run.output) == (5, 3)
+    assert read_json(run.output_dir / "trainer_state.json")["global_step"] == 2
+    assert "skipped 2 bad image/annotation pair(s) of 7" in run.output  # training: 7 pairs found, (c) had no partner
+    assert "skipped 1 bad image/annotation pair(s) of 4" in run.output
+    assert_results(run.output_dir)
+    assert (run.output_dir / "model.safetensors").is_file()
+
+
+def test_annotation_of_another_size_is_skipped(runs):
+    run = runs["messy"]
+    assert_succeeded(run)
+    assert_skipped(run, f"{WRONG_SIZE}.png", "but its image is")
+    assert re.search(rf"{WRONG_SIZE}\.png: annotation is (\d+)x\d+ but its image is (\d+)x", run.output)
+
+
+def test_label_above_the_classes_is_skipped(runs):
+    run = runs["messy"]
+    assert_succeeded(run)
+    assert_skipped(run, f"{LABEL_200}.png", "label value(s) 200")
+    assert_skipped(run, f"{VAL_LABEL_151}.png", "label value(s) 151")
+    # 150 (the largest class) and 255 (ignored) are valid
+    assert not [line for line in skipped_lines(run) if LABELS_150_AND_255 in line]
+
+
+def test_missing_annotation_is_skipped(runs):
+    run = runs["messy"]
+    assert_succeeded(run)
+    assert_skipped(run, f"{NO_ANNOTATION}.jpg", "has no annotation")
+
+
+def test_grayscale_and_palette_images_train(runs):
+    """A grayscale JPEG and a palette PNG (training), a grayscale JPEG (validation): not skipped, simply used."""
+    run = runs["messy"]
+    assert_succeeded(run)
+    skipped = "\n".join(skipped_lines(run))
+    assert not [stem for stem in GOOD_NON_RGB if stem in skipped], skipped
+    assert len(training_records(run.output_dir)) == 2
+
+
+def test_checkpoint_of_another_model_type_is_refused(runs):
+    """A BERT checkpoint stops the run before training, with a message naming its type 'bert'."""
+    error = assert_failed_before_training(runs["bert"])
+    assert "'bert'" in error, error
+
+
+def test_dataset_without_annotation_column_fails_with_its_columns(runs):
+    """A dataset without the annotation column stops before training, with an error listing its columns."""
+    error = assert_failed_before_training(runs["no_annotation"])
+    assert "'annotation'" in error and "'image'" in error and "'caption'" in error, error
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 7. No checkpoint at all
+
+
+def test_without_checkpoint_starts_from_a_fresh_encoder(runs):
+    """With no --model_name_or_path and no outputs/mae-dbp-demo in the cwd, the log says a fresh encoder is used;
+    nothing is written into the cwd."""
+    run = runs["fresh"]
+    assert_succeeded(run)
+    assert "starting from a fresh small encoder" in run.output
+    assert "Loaded a fresh (untrained) encoder into UperNet's backbone" in run.output
+    assert "using the pre-training demo's checkpoint" not in run.output
+    assert_results(run.output_dir)
+    assert read_json(run.output_dir / "config.json")["backbone_config"]["hidden_size"] == 96  # the script's fresh one
+    cwd = run.output_dir.parent.parent / "fresh_cwd"
+    assert not list(cwd.iterdir()), list(cwd.iterdir())
