@@ -230,3 +230,54 @@ def test_two_processes_end_with_identical_R_from_the_rows_of_both():
         rows = torch.cat([torch.randn(7 + r, 6, generator=torch.Generator().manual_seed(100 * step + r), dtype=torch.float64) for r in (0, 1)])
         R, _ = reference_update(R, rows, lr=0.1, kappa=0.2)
     torch.testing.assert_close(results[0]["abc"], R)
+
+
+def test_update_from_the_sampled_rows_matches_the_rule():
+    """With fewer rows than half the width, X @ R is formed as z^T (z R) / n: the same update, cheaper."""
+    torch.manual_seed(0)
+    d = Decorrelation(16, sample_fraction=1.0).double()
+    d.R.copy_(torch.eye(16, dtype=torch.float64) + 0.05 * torch.randn(16, 16, dtype=torch.float64))
+    rows = torch.randn(5, 16, dtype=torch.float64) * 2  # 2 * 5 < 16: the rows form
+    expected, expected_loss = reference_update(d.R.clone(), rows, lr=0.02, kappa=0.4)
+    d.observe(rows[:2])
+    d.observe(rows[2:])  # two micro-batches
+    assert sum(r.shape[0] for r in d.sampled_rows) == 5
+    loss = decorrelation_step([d], lr=0.02, kappa=0.4)
+    torch.testing.assert_close(d.R, expected, rtol=1e-12, atol=1e-12)
+    assert loss == pytest.approx(float(expected_loss), rel=1e-10)
+    assert d.sampled_rows == []
+
+
+def test_q_k_v_share_one_explicit_R_x(monkeypatch):
+    torch.manual_seed(0)
+    plain = TwoBranches()
+    model = TwoBranches()
+    model.load_state_dict(plain.state_dict())
+    d = inject_decorrelation(model, {"abc": ["a", "b", "c"]})["abc"]
+    assert d.consumers == 3 and d.group_out_features == 5 + 4 + 3
+    with torch.no_grad():
+        d.R.add_(0.1 * torch.randn_like(d.R))
+    calls = []
+    original = Decorrelation.forward
+    monkeypatch.setattr(Decorrelation, "forward", lambda self, x: calls.append(1) or original(self, x))
+    x = torch.randn(4, 6)  # 4 rows < 12 outputs of the group: the explicit form
+    outputs = [model.a(x), model.b(x), model.c(x)]
+    assert len(calls) == 1 and d._shared is None  # computed once, released after the last consumer
+    for out, layer in zip(outputs, (plain.a, plain.b, plain.c), strict=True):
+        torch.testing.assert_close(out, layer(x @ d.R.T))
+
+
+@pytest.mark.parametrize("rows", [2, 40])  # explicit (shared z) and folded forms
+def test_decorrelated_layers_trace_without_graph_breaks_in_evaluation(rows):
+    import torch._dynamo as dynamo
+
+    model = TwoBranches().eval()
+    inject_decorrelation(model, {"abc": ["a", "b", "c"]})
+
+    def forward(x):
+        return model.a(x).sum() + model.b(x).sum() + model.c(x).sum()
+
+    dynamo.reset()
+    explanation = dynamo.explain(forward)(torch.randn(rows, 6))
+    dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons

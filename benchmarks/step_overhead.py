@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""What a DBP training step costs over plain BP, measured in one run on one machine.
+
+    python benchmarks/step_overhead.py                      # ViT-B/16 MAE, batches 8 32 64, 2 threads on CPU
+    python benchmarks/step_overhead.py --batch_sizes 8 --steps 3 --layers qkv o_proj fc1 patch_embeddings
+
+One step = forward, backward, AdamW step and (for DBP) the decorrelation step, of ViT-B/16 MAE (224 px, mask 0.75,
+norm_pix_loss) from the same weights. Three variants run interleaved after warm-up:
+
+- bp: transformers' ViTMAEForPreTraining.
+- dbp: hf_dbp's ViTMAEDBPForPreTraining (default DBP settings, sample fraction 0.1).
+- reference: the straightforward implementation, kept here as the reference style: explicit R x in every layer,
+  one R for each of q, k and v, and the full d^3 product C @ R in every update.
+
+It prints, per batch size, the ratio of median step times to BP's, the ratio of peak memory (each variant measured
+in a fresh process: CPU max RSS, or CUDA max allocated), and the arithmetic floor: the multiply-adds of a DBP step
+over BP's, counted by torch's FlopCounterMode on the same step. The table is also written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+from hf_dbp import DECORRELATION_LAYER_KINDS, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
+
+
+class ReferenceDecorrelatedLinear(nn.Module):
+    """The straightforward DBP layer: its own R, explicit z = R x, statistics X of a row sample, C @ R update."""
+
+    def __init__(self, layer: nn.Module, sample_fraction: float):
+        super().__init__()
+        self.layer = layer
+        self.conv = isinstance(layer, nn.Conv2d)
+        d = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1] if self.conv else layer.in_features
+        self.R = nn.Parameter(torch.eye(d, device=layer.weight.device), requires_grad=False)
+        self.sample_fraction = sample_fraction
+        self.X, self.n = None, 0
+
+    def forward(self, x):
+        if self.conv:  # explicit: unfold the patches, decorrelate them, then a linear layer with the conv's weight
+            b, _, h, w = x.shape
+            p = self.layer.kernel_size
+            rows = F.unfold(x, p, stride=p).transpose(1, 2)
+        else:
+            rows = x
+        z = rows @ self.R.T
+        if self.training:
+            flat = z.detach().reshape(-1, z.shape[-1])
+            sample = flat[torch.randperm(flat.shape[0], device=flat.device)[: max(1, int(flat.shape[0] * self.sample_fraction))]]
+            X = sample.T @ sample
+            self.X = X if self.X is None else self.X + X
+            self.n += sample.shape[0]
+        if self.conv:
+            out = F.linear(z, self.layer.weight.reshape(self.layer.out_channels, -1), self.layer.bias)
+            return out.transpose(1, 2).reshape(b, -1, h // p[0], w // p[1])
+        return self.layer(z)
+
+    @torch.no_grad()
+    def step(self, lr=1e-3, kappa=1e-2):
+        X = self.X / self.n
+        C = X - torch.diag(torch.diagonal(X))
+        v = torch.diagonal(X) - 1
+        self.R -= lr * ((1 - kappa) * C @ self.R + kappa * v[:, None] * self.R)  # the d^3 product every step
+        self.X, self.n = None, 0
+
+
+def reference_model(plain: ViTMAEForPreTraining, kinds, sample_fraction=0.1) -> ViTMAEForPreTraining:
+    layers = []
+    encoder = plain.vit
+    if "patch_embeddings" in kinds:
+        pe = encoder.embeddings.patch_embeddings
+        pe.projection = ReferenceDecorrelatedLinear(pe.projection, sample_fraction)
+        layers.append(pe.projection)
+    for block in encoder.layers:
+        names = [("attention", n) for n in ("q_proj", "k_proj", "v_proj") if "qkv" in kinds]
+        names += [("attention", "o_proj")] if "o_proj" in kinds else []
+        names += [("mlp", fc) for fc in ("fc1", "fc2") if fc in kinds]
+        for parent, name in names:
+            module = getattr(block, parent)
+            setattr(module, name, ReferenceDecorrelatedLinear(getattr(module, name), sample_fraction))
+            layers.append(getattr(module, name))
+    plain.reference_layers = layers
+    return plain
+
+
+def build(variant: str, batch: int, kinds, device, seed=0):
+    torch.manual_seed(seed)
+    config = ViTMAEDBPConfig(norm_pix_loss=True, decorrelation_layers=list(kinds))  # ViT-B/16, 224 px, mask 0.75
+    dbp = ViTMAEDBPForPreTraining(config)
+    if variant == "dbp":
+        model = dbp
+    else:
+        model = dbp.merge_decorrelation()  # the same weights, as transformers' plain model
+        if variant == "reference":
+            model = reference_model(model, kinds)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, betas=(0.9, 0.95))
+    pixels = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed)).to(device)
+    return model, optimizer, pixels
+
+
+def train_step(variant, model, optimizer, pixels):
+    model(pixels).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if variant == "dbp":
+        model.decorrelation_step()
+    elif variant == "reference":
+        for layer in model.reference_layers:
+            layer.step()
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def count_flops(variant, batch, kinds, device) -> int:
+    model, optimizer, pixels = build(variant, batch, kinds, device)
+    with FlopCounterMode(display=False) as counter:
+        train_step(variant, model, optimizer, pixels)
+    return counter.get_total_flops()
+
+
+def peak_memory(variant: str, batch: int, kinds, device) -> float:
+    """Peak memory of one step in a fresh process (MiB): max RSS on CPU, max allocated on CUDA."""
+    code = (
+        "import sys, json, torch, resource; sys.path.insert(0, {here!r}); import step_overhead as b; "
+        "d = torch.device({device!r}); m, o, p = b.build({variant!r}, {batch}, {kinds!r}, d); "
+        "b.train_step({variant!r}, m, o, p); b.train_step({variant!r}, m, o, p); "
+        "print(json.dumps(torch.cuda.max_memory_allocated() / 2**20 if d.type == 'cuda' else "
+        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))"
+    ).format(here=os.path.dirname(os.path.abspath(__file__)), device=str(device), variant=variant, batch=batch,
+             kinds=list(kinds))  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up step)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
+    parser.add_argument("--layers", nargs="+", default=list(DECORRELATION_LAYER_KINDS), choices=DECORRELATION_LAYER_KINDS)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variants", nargs="+", default=["bp", "dbp", "reference"])
+    parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--output", default="step_overhead.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows = []
+    for batch in args.batch_sizes:
+        built = {v: build(v, batch, args.layers, device) for v in args.variants}
+        for v in args.variants:  # warm-up
+            train_step(v, *built[v])
+        times = {v: [] for v in args.variants}
+        for _ in range(args.steps):  # interleaved, so that drifts of the machine hit every variant alike
+            for v in args.variants:
+                synchronize(device)
+                start = time.perf_counter()
+                train_step(v, *built[v])
+                synchronize(device)
+                times[v].append(time.perf_counter() - start)
+        del built
+        flops = {v: count_flops(v, batch, args.layers, device) for v in args.variants}
+        memory = {} if args.no_memory else {v: peak_memory(v, batch, args.layers, device) for v in args.variants}
+        base = statistics.median(times["bp"])
+        row = {"batch": batch, "layers": args.layers, "device": str(device), "threads": args.threads,
+               "bp_median_s": round(base, 4)}  # fmt: skip
+        for v in args.variants:
+            if v == "bp":
+                continue
+            row[f"{v}_time_ratio"] = round(statistics.median(times[v]) / base, 3)
+            row[f"{v}_flop_floor"] = round(flops[v] / flops["bp"], 3)
+            if memory:
+                row[f"{v}_memory_ratio"] = round(memory[v] / memory["bp"], 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    header = ["batch", "bp s/step"] + [f"{v} {k}" for v in args.variants if v != "bp" for k in ("time", "floor", "memory")]
+    print("\n| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
+    for row in rows:
+        cells = [str(row["batch"]), f"{row['bp_median_s']:.3f}"]
+        for v in args.variants:
+            if v != "bp":
+                cells += [f"{row.get(f'{v}_{k}', float('nan')):.3f}" for k in ("time_ratio", "flop_floor", "memory_ratio")]
+        print("| " + " | ".join(cells) + " |")
+    with open(args.output, "w") as file:
+        json.dump(rows, file, indent=1)
+    print(f"\nwritten to {args.output}; layers: {' '.join(args.layers)}; max RSS of this process "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
