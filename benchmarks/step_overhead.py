@@ -97,13 +97,12 @@ def reference_model(plain: ViTMAEForPreTraining, kinds, sample_fraction=0.1) -> 
 
 
 def build(variant: str, batch: int, kinds, device, seed=0):
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the same seed gives all three the same initial weights (checked in the tests)
     config = ViTMAEDBPConfig(norm_pix_loss=True, decorrelation_layers=list(kinds))  # ViT-B/16, 224 px, mask 0.75
-    dbp = ViTMAEDBPForPreTraining(config)
     if variant == "dbp":
-        model = dbp
-    else:
-        model = dbp.merge_decorrelation()  # the same weights, as transformers' plain model
+        model = ViTMAEDBPForPreTraining(config)
+    else:  # built directly, so that its peak memory does not include a DBP model
+        model = ViTMAEForPreTraining(ViTMAEConfig(norm_pix_loss=True))
         if variant == "reference":
             model = reference_model(model, kinds)
     model.to(device).train()
@@ -135,16 +134,24 @@ def count_flops(variant, batch, kinds, device) -> int:
     return counter.get_total_flops()
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. Not getrusage's ru_maxrss: Linux carries that over from the parent
+    across fork and exec, so a child started from this (large) process would report the parent's peak."""
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_memory(variant: str, batch: int, kinds, device) -> float:
-    """Peak memory of one step in a fresh process (MiB): max RSS on CPU, max allocated on CUDA."""
+    """Peak memory of one step in a fresh process (MiB): peak RSS on CPU, max allocated on CUDA."""
     code = (
-        "import sys, json, torch, resource; sys.path.insert(0, {here!r}); import step_overhead as b; "
-        "d = torch.device({device!r}); m, o, p = b.build({variant!r}, {batch}, {kinds!r}, d); "
-        "b.train_step({variant!r}, m, o, p); b.train_step({variant!r}, m, o, p); "
-        "print(json.dumps(torch.cuda.max_memory_allocated() / 2**20 if d.type == 'cuda' else "
-        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))"
-    ).format(here=os.path.dirname(os.path.abspath(__file__)), device=str(device), variant=variant, batch=batch,
-             kinds=list(kinds))  # fmt: skip
+        f"import sys, json, torch, resource; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import step_overhead as b; "
+        f"d = torch.device({str(device)!r}); m, o, p = b.build({variant!r}, {batch}, {list(kinds)!r}, d); "
+        f"b.train_step({variant!r}, m, o, p); b.train_step({variant!r}, m, o, p); "
+        "print(json.dumps(torch.cuda.max_memory_allocated() / 2**20 if d.type == 'cuda' else b.peak_rss_mib()))"
+    )  # fmt: skip
     env = os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads())}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     return float(out.strip().splitlines()[-1])
@@ -201,8 +208,7 @@ def main() -> None:
         print("| " + " | ".join(cells) + " |")
     with open(args.output, "w") as file:
         json.dump(rows, file, indent=1)
-    print(f"\nwritten to {args.output}; layers: {' '.join(args.layers)}; max RSS of this process "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")  # fmt: skip
+    print(f"\nwritten to {args.output}; layers: {' '.join(args.layers)}")
 
 
 if __name__ == "__main__":

@@ -106,10 +106,22 @@ class Decorrelation(nn.Module):
         # Statistics and R stay in R's precision (float32) whatever autocast does to the forward.
         with torch.autocast(device_type=rows.device.type, enabled=False):
             z = rows.detach().to(self.R.dtype) @ self.R.t()
-            zz = z.t() @ z
-        self.sum_zz = zz if self.sum_zz is None else self.sum_zz + zz
         self.sampled_rows.append(z)
         self.num_rows += z.shape[0]
+        # While the rows are few (2 n < d) the update is cheapest from the rows themselves; past that, X = z^T z is
+        # the cheaper form and a d x d sum bounds the memory, so the rows are folded into it.
+        if 2 * sum(r.shape[0] for r in self.sampled_rows) >= self.dim:
+            self.moment_sum()
+
+    def moment_sum(self) -> torch.Tensor | None:
+        """The sum over the rows seen so far of z^T z (d x d), folding any pending rows into it."""
+        if self.sampled_rows:
+            with torch.autocast(device_type=self.R.device.type, enabled=False):
+                z = torch.cat(self.sampled_rows)
+                zz = z.t() @ z
+            self.sum_zz = zz if self.sum_zz is None else self.sum_zz.add_(zz)
+            self.sampled_rows = []
+        return self.sum_zz
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``z = R x`` applied to the last dimension of ``x``."""
@@ -131,40 +143,47 @@ class Decorrelation(nn.Module):
     @torch.no_grad()
     def apply_update(
         self,
-        second_moment: torch.Tensor,
+        second_moment: torch.Tensor | None,
         lr: float,
         kappa: float,
         max_loss: float = math.inf,
         rows: torch.Tensor | None = None,
     ) -> float:
-        """One DBP step from the second moment ``X = z^T z / n``; returns the decorrelation loss of ``X``.
+        """One DBP step from the second moment ``X = z^T z / n`` or from the ``n`` rows ``z`` themselves.
 
-        ``rows``, the ``n`` sampled rows ``z`` behind ``X`` (optional), allow the cheaper form of ``X @ R``:
-        ``z^T (z R) / n`` costs ``2 n d^2`` where ``X @ R`` costs ``d^3`` (fc2 of ViT-B: d = 3072, n ~ 160).
+        Returns the decorrelation loss of ``X``. Given ``rows`` (and no ``second_moment``), ``X`` is never formed:
+        ``X R = z^T (z R) / n`` costs ``2 n d^2`` where ``X @ R`` costs ``d^3`` (fc2 of ViT-B: d = 3072, n ~ 160
+        rows), and the loss comes from the ``n x n`` Gram matrix.
 
         With ``lr == 0`` nothing changes and only the loss is computed (used to monitor a BP model). An update that
         would make R non-finite, or that comes from a loss that is not finite or above ``max_loss`` (the statistics
         exploded), is refused: R stays as it was and ``skipped_updates`` counts it.
         """
-        second_moment = second_moment.to(self.R.dtype)
-        variance = torch.diagonal(second_moment)
-        correlation = second_moment - torch.diag(variance)
+        R = self.R
+        if second_moment is not None:
+            second_moment = second_moment.to(R.dtype)
+            variance = torch.diagonal(second_moment)
+            squared_sum = torch.linalg.vector_norm(second_moment) ** 2  # sum of X_ij^2, no d x d temporary
+        else:
+            n = rows.shape[0]
+            variance = rows.pow(2).sum(0) / n
+            squared_sum = torch.linalg.vector_norm(rows @ rows.t()) ** 2 / n**2  # ||z^T z||_F = ||z z^T||_F
         v = variance - 1.0  # mean over rows of (z*z - 1) is the diagonal of X minus one
-        loss = ((1.0 - kappa) * correlation.pow(2).sum() + kappa * v.pow(2).sum()) / self.dim**2
-        loss = float(loss)
-        if lr != 0.0:
-            # diag(v) @ R scales the rows of R, normalising the variance of each output z_i (the reference code's
-            # `v * R` scales columns instead; the two agree only while R is symmetric).
-            if rows is not None and 2 * rows.shape[0] < self.dim:
-                moment_times_r = rows.t() @ (rows @ self.R) / rows.shape[0]
-            else:
-                moment_times_r = second_moment @ self.R
-            correlation_times_r = moment_times_r - variance[:, None] * self.R  # (X - diag(X)) R
-            step = lr * ((1.0 - kappa) * correlation_times_r + kappa * (v[:, None] * self.R))
-            if math.isfinite(loss) and loss <= max_loss and bool(torch.isfinite(step).all()):
-                self.R.sub_(step)
-            else:
-                self.skipped_updates += 1
+        off_diagonal = squared_sum - variance.pow(2).sum()
+        loss = float(((1.0 - kappa) * off_diagonal + kappa * v.pow(2).sum()) / self.dim**2)
+        if lr == 0.0:
+            return loss
+        # R - lr [(1 - kappa) (X - diag X) R + kappa diag(v) R]
+        #   = diag(1 - lr (kappa v - (1 - kappa) diag X)) R - lr (1 - kappa) X R.
+        # diag(v) @ R scales the rows of R, normalising the variance of each output z_i (the reference code's
+        # `v * R` scales columns instead; the two agree only while R is symmetric).
+        moment_times_r = second_moment @ R if second_moment is not None else rows.t() @ (rows @ R) / rows.shape[0]
+        row_scale = 1.0 - lr * (kappa * v - (1.0 - kappa) * variance)
+        new_r = moment_times_r.mul_(-lr * (1.0 - kappa)).add_(R * row_scale[:, None])
+        if math.isfinite(loss) and loss <= max_loss and bool(torch.isfinite(new_r).all()):
+            R.copy_(new_r)
+        else:
+            self.skipped_updates += 1
         return loss
 
 
@@ -173,8 +192,27 @@ def _rebase(layer: nn.Module, cls: type, decorrelation: Decorrelation, record_st
     new = cls.__new__(cls)
     new.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in layer.__dict__.items()})
     new.record_statistics = record_statistics
+    new._folded_cache = None
     object.__setattr__(new, "decorrelation", decorrelation)  # a reference, not a registered sub-module
     return new
+
+
+def _cached_fold(layer: nn.Module, fold) -> torch.Tensor:
+    """``W R``, computed once and reused while neither W nor R changes, where no gradient flows (evaluation).
+
+    In-place updates (the optimizer's, DBP's) bump a tensor's version counter, which keys the cache. Where a
+    gradient flows, W R is formed anew so that autograd sees it.
+    """
+    if torch.compiler.is_compiling():  # a compiled graph folds in its own way; version counters do not trace
+        return fold()
+    if torch.is_grad_enabled() and layer.weight.requires_grad:
+        layer._folded_cache = None
+        return fold()
+    key = (layer.weight._version, layer.decorrelation.R._version, layer.weight.data_ptr(), layer.decorrelation.R.data_ptr())
+    cached = layer._folded_cache
+    if cached is None or cached[0] != key:
+        cached = layer._folded_cache = (key, fold().detach())
+    return cached[1]
 
 
 class DecorrelatedLinear(nn.Linear):
@@ -192,7 +230,7 @@ class DecorrelatedLinear(nn.Linear):
 
     def folded_weight(self) -> torch.Tensor:
         """``W R``: the weight of a plain linear layer with the same outputs."""
-        return self.weight @ self.decorrelation.R.to(self.weight.dtype)
+        return _cached_fold(self, lambda: self.weight @ self.decorrelation.R.to(self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.record_statistics and not _in_backward_pass():
@@ -219,8 +257,11 @@ class DecorrelatedConv2d(nn.Conv2d):
         return _rebase(conv, cls, decorrelation, record_statistics)
 
     def folded_weight(self) -> torch.Tensor:
-        w = self.weight.reshape(self.out_channels, -1)
-        return (w @ self.decorrelation.R.to(w.dtype)).reshape(self.weight.shape)
+        def fold() -> torch.Tensor:
+            w = self.weight.reshape(self.out_channels, -1)
+            return (w @ self.decorrelation.R.to(w.dtype)).reshape(self.weight.shape)
+
+        return _cached_fold(self, fold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.record_statistics and not _in_backward_pass():
@@ -356,28 +397,33 @@ def decorrelation_step(
     if not decorrelations:
         return None
     reference = decorrelations[0].R
-    # One flat tensor: [count, sum_zz.flatten()] per layer, so a single collective serves every layer.
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    chunks, local_rows = [], []
+    # Per layer: (count, second-moment sum or None, rows or None). One process: each layer updates from its own
+    # rows while they are the cheaper form. Several processes: the second-moment sums of all layers travel in one
+    # flat tensor, a single all-reduce for every layer, and each process takes the X @ R form alike.
+    statistics = []
     for d in decorrelations:
-        count = torch.tensor([float(d.num_rows)], dtype=reference.dtype, device=reference.device)
-        zz = d.sum_zz if d.sum_zz is not None else torch.zeros(d.dim, d.dim, dtype=reference.dtype, device=reference.device)
-        chunks += [count, zz.reshape(-1).to(reference.dtype)]
-        # The rows form of the update needs every process's rows; under several processes X @ R is used instead,
-        # so that every process takes the same form without a second collective.
-        local_rows.append(torch.cat(d.sampled_rows) if d.sampled_rows and not distributed else None)
+        if distributed or not d.sampled_rows or d.sum_zz is not None:
+            statistics.append((float(d.num_rows), d.moment_sum(), None))
+        else:
+            statistics.append((float(d.num_rows), None, torch.cat(d.sampled_rows)))
         d.reset_statistics()
-    flat = torch.cat(chunks)
     if distributed:
+        chunks = []
+        for d, (count, zz, _) in zip(decorrelations, statistics, strict=True):
+            zz = zz if zz is not None else torch.zeros(d.dim, d.dim, dtype=reference.dtype, device=reference.device)
+            chunks += [torch.tensor([count], dtype=reference.dtype, device=reference.device), zz.reshape(-1).to(reference.dtype)]
+        flat = torch.cat(chunks)
         torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=process_group)
-    losses, offset = [], 0
-    for d, rows in zip(decorrelations, local_rows, strict=True):
-        count = float(flat[offset])
-        zz = flat[offset + 1 : offset + 1 + d.dim**2].reshape(d.dim, d.dim)
-        offset += 1 + d.dim**2
+        statistics, offset = [], 0
+        for d in decorrelations:
+            statistics.append((float(flat[offset]), flat[offset + 1 : offset + 1 + d.dim**2].reshape(d.dim, d.dim), None))
+            offset += 1 + d.dim**2
+    losses = []
+    for d, (count, zz, rows) in zip(decorrelations, statistics, strict=True):
         if count > 0:
             skipped = d.skipped_updates
-            loss = d.apply_update(zz / count, lr, kappa, max_loss, rows=rows)
+            loss = d.apply_update(zz / count if zz is not None else None, lr, kappa, max_loss, rows=rows)
             if d.skipped_updates > skipped and on_divergence == "raise":
                 raise DecorrelationDiverged(
                     f"the decorrelation update of a {d.dim}x{d.dim} R diverged (loss {loss:.3g}); R left unchanged"

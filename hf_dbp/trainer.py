@@ -30,6 +30,12 @@ class _DecorrelationCallback(TrainerCallback):
         self.trainer._training_clock_start()
         self.trainer._start_emissions()
 
+    def on_step_end(self, args, state, control, **kwargs):
+        budget = getattr(args, "max_train_minutes", None)
+        if budget is not None and self.trainer._train_seconds() >= 60 * budget:
+            control.should_training_stop = True  # a budget in time, as max_steps is one in steps
+            control.should_evaluate = args.eval_strategy != "no"  # the last point of the curve
+
     def on_optimizer_step(self, args, state, control, **kwargs):
         # A step skipped by the fp16 grad scaler changed no weight; its statistics stay for the next step.
         if not self.trainer.accelerator.optimizer_step_was_skipped:

@@ -19,6 +19,10 @@ class DBPTrainingArguments(TrainingArguments):
                   "Also read from CODECARBON_COUNTRY_ISO_CODE or codecarbon's .codecarbon.config."},
     )  # fmt: skip
     track_emissions: bool = field(default=True, metadata={"help": "Measure energy and emissions with codecarbon."})
+    max_train_minutes: float | None = field(
+        default=None,
+        metadata={"help": "Stop training after this much training time (evaluation not counted), like max_steps in minutes."},
+    )
 
     def __post_init__(self):
         # Launched as several processes (accelerate, torchrun) on a machine without GPUs, accelerate treats every

@@ -6,6 +6,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 
 from hf_dbp.decorrelation import (
@@ -118,7 +119,7 @@ def test_patch_conv_statistics_are_image_patches():
     # 3 images x (2 x 3) patches of 2 channels x 2 x 2 pixels, flattened like the conv's weight (c, i, j)
     patches = image.reshape(3, 2, 2, 2, 3, 2).permute(0, 2, 4, 1, 3, 5).reshape(-1, 8)
     assert d.num_rows == 18
-    torch.testing.assert_close(d.sum_zz, patches.T @ patches)
+    torch.testing.assert_close(d.moment_sum(), patches.T @ patches)
 
 
 def test_folding_gives_the_same_outputs():
@@ -142,7 +143,7 @@ def test_sample_fraction(fraction, expected):
     d.observe(rows)
     assert d.num_rows == expected
     if fraction == 1.0:  # every row exactly once
-        torch.testing.assert_close(d.sum_zz, rows.T @ rows)
+        torch.testing.assert_close(d.moment_sum(), rows.T @ rows)
 
 
 def test_subsample_is_without_replacement_and_leaves_global_rng_alone():
@@ -152,7 +153,7 @@ def test_subsample_is_without_replacement_and_leaves_global_rng_alone():
     for _ in range(20):
         d.reset_statistics()
         d.observe(rows)
-        z = d.sum_zz.item()
+        z = d.moment_sum().item()
         # 50 distinct values drawn from 1..100: the sum of squares lies between that of 1..50 and that of 51..100.
         assert sum(i * i for i in range(1, 51)) <= z <= sum(i * i for i in range(51, 101))
     assert torch.equal(state, torch.random.get_rng_state())
@@ -267,17 +268,37 @@ def test_q_k_v_share_one_explicit_R_x(monkeypatch):
         torch.testing.assert_close(out, layer(x @ d.R.T))
 
 
+@pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("rows", [2, 40])  # explicit (shared z) and folded forms
-def test_decorrelated_layers_trace_without_graph_breaks_in_evaluation(rows):
+def test_decorrelated_layers_trace_without_graph_breaks_in_evaluation(rows, grad):
     import torch._dynamo as dynamo
 
     model = TwoBranches().eval()
     inject_decorrelation(model, {"abc": ["a", "b", "c"]})
 
     def forward(x):
-        return model.a(x).sum() + model.b(x).sum() + model.c(x).sum()
+        with torch.set_grad_enabled(grad):
+            return model.a(x).sum() + model.b(x).sum() + model.c(x).sum()
 
     dynamo.reset()
     explanation = dynamo.explain(forward)(torch.randn(rows, 6))
     dynamo.reset()
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_folded_weight_is_reused_in_evaluation_until_W_or_R_changes():
+    model = TwoBranches().eval()
+    inject_decorrelation(model, {"abc": ["a", "b", "c"]})
+    x = torch.randn(20, 6)  # 20 rows > 12 outputs: the folded form
+    with torch.no_grad():
+        model.a(x)
+        first = model.a._folded_cache[1]
+        model.a(x)
+        assert model.a._folded_cache[1] is first  # reused
+        model.abc_decorrelation.R.mul_(1.5)  # DBP step
+        torch.testing.assert_close(model.a(x), F.linear(x @ model.abc_decorrelation.R.T, model.a.weight, model.a.bias))
+        assert model.a._folded_cache[1] is not first
+        second = model.a._folded_cache[1]
+        model.a.weight.add_(1.0)  # optimizer step
+        model.a(x)
+        assert model.a._folded_cache[1] is not second

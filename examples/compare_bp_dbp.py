@@ -1,0 +1,223 @@
+#!/usr/bin/env python
+"""BP-MAE against DBP-MAE on the same data, seed, model, schedule and budget: time to the baseline's loss, energy.
+
+    python examples/compare_bp_dbp.py                                     # offline, embedded natural images
+    python examples/compare_bp_dbp.py --train_dir imgs/train --validation_dir imgs/val --seeds 0 1 2 \\
+        --max_train_minutes 60 --output_dir outputs/compare
+    python examples/compare_bp_dbp.py ... --finetune_data_dir ADEChallengeData2016   # then UperNet mIoU of both
+
+Each run is `examples/run_mae_dbp.py` itself (DBP, and the same with `--bp_baseline`), one after the other so that
+their timings do not disturb each other. Both evaluate the validation loss every `--eval_steps` optimizer steps;
+time is training time (`train_seconds`: wall clock without evaluation), the same measure for both. Writes
+`comparison.json`, `comparison.md` and `comparison.png` to `--output_dir`.
+
+`time_saved_fraction` = 1 - (DBP's seconds to BP's best eval loss) / (BP's seconds to its best), null when DBP
+never reaches it; `emissions_saved_fraction` likewise with the emissions at those points.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO_MODEL = (
+    "image_size=32,patch_size=4,hidden_size=96,num_hidden_layers=4,num_attention_heads=4,intermediate_size=384,"
+    "decoder_hidden_size=64,decoder_num_hidden_layers=2,decoder_num_attention_heads=4,decoder_intermediate_size=256"
+)
+
+
+@dataclass
+class ComparisonArguments:
+    output_dir: str = field(default="outputs/compare-bp-dbp", metadata={"help": "Where both runs and the comparison go."})
+    train_dir: str | None = field(default=None, metadata={"help": "Folder of training images (default: the embedded demo set)."})
+    validation_dir: str | None = field(default=None, metadata={"help": "Folder of validation images."})
+    dataset_name: str | None = field(default=None, metadata={"help": "A datasets name or local folder instead of the image folders."})
+    image_column_name: str | None = field(default=None, metadata={"help": "Image column of --dataset_name."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep this many training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep this many validation images."})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "One BP and one DBP run per seed."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Start both from this checkpoint (default: from scratch)."})
+    config_overrides: str = field(default=DEMO_MODEL, metadata={"help": "The model trained from scratch."})
+    num_train_epochs: float = field(default=8, metadata={"help": "Budget in epochs..."})
+    max_steps: int = field(default=-1, metadata={"help": "...or in optimizer steps..."})
+    max_train_minutes: float | None = field(default=None, metadata={"help": "...or in minutes of training, each run."})
+    eval_steps: int = field(default=16, metadata={"help": "Evaluate every this many optimizer steps."})
+    per_device_train_batch_size: int = field(default=64)
+    base_learning_rate: float = field(default=1.5e-3, metadata={"help": "MAE lr = base x batch / 256, for DBP..."})
+    bp_base_learning_rate: float | None = field(default=None, metadata={"help": "...and for BP if tuned separately (default: the same)."})
+    warmup_steps: float = field(default=20)
+    decorrelation_lr: float = field(default=1e-3)
+    decorrelation_kappa: float = field(default=1e-2)
+    decorrelation_sample_fraction: float = field(default=0.1)
+    decorrelation_layers: list[str] = field(default_factory=lambda: ["patch_embeddings", "qkv", "o_proj", "fc1", "fc2"])
+    emissions_country: str | None = field(default=None, metadata={"help": "ISO alpha-3 country for the CO2 figures."})
+    finetune_data_dir: str | None = field(default=None, metadata={"help": "ADE20K-layout folder: fine-tune both with UperNet."})
+    finetune_dataset_name: str | None = field(default=None, metadata={"help": "Or a Hub/parquet dataset for it."})
+    finetune_args: str = field(default="", metadata={"help": "More flags for run_segmentation.py, e.g. '--max_steps 2000'."})
+
+
+def pretraining_command(args: ComparisonArguments, seed: int, bp: bool, output_dir: str) -> list[str]:
+    command = [sys.executable, os.path.join(HERE, "run_mae_dbp.py"), "--output_dir", output_dir, "--seed", str(seed),
+               "--eval_strategy", "steps", "--eval_steps", str(args.eval_steps), "--logging_steps", str(args.eval_steps),
+               "--save_strategy", "no", "--report_to", "none", "--norm_pix_loss", "true",
+               "--per_device_train_batch_size", str(args.per_device_train_batch_size), "--per_device_eval_batch_size", "128",
+               "--num_train_epochs", str(args.num_train_epochs), "--max_steps", str(args.max_steps),
+               "--base_learning_rate", str(args.bp_base_learning_rate if bp and args.bp_base_learning_rate else args.base_learning_rate),
+               "--weight_decay", "0.05", "--adam_beta2", "0.95", "--lr_scheduler_type", "cosine",
+               "--warmup_steps", str(args.warmup_steps), "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+               "--decorrelation_lr", str(args.decorrelation_lr), "--decorrelation_kappa", str(args.decorrelation_kappa),
+               "--decorrelation_sample_fraction", str(args.decorrelation_sample_fraction),
+               "--decorrelation_layers", *args.decorrelation_layers]  # fmt: skip
+    for flag in ("train_dir", "validation_dir", "dataset_name", "image_column_name", "max_train_samples",
+                 "max_eval_samples", "model_name_or_path", "max_train_minutes", "emissions_country"):  # fmt: skip
+        if getattr(args, flag) is not None:
+            command += [f"--{flag}", str(getattr(args, flag))]
+    if args.model_name_or_path is None:
+        command += ["--config_overrides", args.config_overrides]
+    if bp:
+        command.append("--bp_baseline")
+    return command
+
+
+def read_run(output_dir: str) -> dict:
+    with open(os.path.join(output_dir, "trainer_state.json")) as file:
+        history = json.load(file)["log_history"]
+    with open(os.path.join(output_dir, "all_results.json")) as file:
+        results = json.load(file)
+    evals = [r for r in history if "eval_loss" in r and "train_seconds" in r]
+    train = [r for r in history if "loss" in r and "train_seconds" in r]
+    best = min(evals, key=lambda r: r["eval_loss"])
+    return {
+        "evals": [{k: r.get(k) for k in ("step", "train_seconds", "eval_loss", "energy_kwh", "emissions_g")} for r in evals],
+        "train": [{k: r.get(k) for k in ("step", "train_seconds", "loss", "decorrelation_loss")} for r in train],
+        "best_eval_loss": best["eval_loss"], "seconds_to_best": best["train_seconds"], "step_of_best": best["step"],
+        "energy_kwh_to_best": best.get("energy_kwh"), "emissions_g_to_best": best.get("emissions_g"),
+        "energy_kwh": results.get("train_energy_kwh"), "emissions_g": results.get("train_emissions_g"),
+        "train_seconds": train[-1]["train_seconds"] if train else None,
+    }  # fmt: skip
+
+
+def compare(bp: dict, dbp: dict) -> dict:
+    """DBP's seconds (and emissions) to BP's best eval loss, and the fractions saved."""
+    reached = next((r for r in dbp["evals"] if r["eval_loss"] <= bp["best_eval_loss"]), None)
+    out = {"dbp_seconds_to_bp_best": None, "time_saved_fraction": None, "emissions_saved_fraction": None}
+    if reached is not None:
+        out["dbp_seconds_to_bp_best"] = reached["train_seconds"]
+        out["time_saved_fraction"] = 1 - reached["train_seconds"] / bp["seconds_to_best"]
+        if reached.get("emissions_g") is not None and bp.get("emissions_g_to_best"):
+            out["emissions_saved_fraction"] = 1 - reached["emissions_g"] / bp["emissions_g_to_best"]
+    return out
+
+
+def finetune(args: ComparisonArguments, checkpoint: str, output_dir: str) -> float | None:
+    if args.finetune_data_dir is None and args.finetune_dataset_name is None:
+        return None
+    command = [sys.executable, os.path.join(HERE, "run_segmentation.py"), "--model_name_or_path", checkpoint,
+               "--output_dir", output_dir, "--report_to", "none", "--save_strategy", "no"]  # fmt: skip
+    command += ["--data_dir", args.finetune_data_dir] if args.finetune_data_dir else ["--dataset_name", args.finetune_dataset_name]
+    command += args.finetune_args.split()
+    subprocess.run(command, check=True)
+    with open(os.path.join(output_dir, "all_results.json")) as file:
+        return json.load(file)["eval_mean_iou"]
+
+
+def summarize(values: list) -> dict:
+    known = [v for v in values if v is not None]
+    if not known:
+        return {"mean": None, "std": None, "min": None, "max": None, "reached": f"0/{len(values)}"}
+    return {"mean": statistics.mean(known), "std": statistics.stdev(known) if len(known) > 1 else 0.0,
+            "min": min(known), "max": max(known), "reached": f"{len(known)}/{len(values)}"}  # fmt: skip
+
+
+def write_markdown(path: str, result: dict) -> None:
+    def fmt(value, digits=4):
+        return "n/a" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+    lines = ["| seed | BP best eval loss | BP s to best | DBP best eval loss | DBP s to BP's best | time saved | "
+             "emissions saved | BP g CO2 | DBP g CO2 |", "|" + " --- |" * 9]  # fmt: skip
+    for run in result["runs"]:
+        bp, dbp, c = run["bp"], run["dbp"], run["comparison"]
+        lines.append(f"| {run['seed']} | {fmt(bp['best_eval_loss'])} | {fmt(bp['seconds_to_best'], 3)} | "
+                     f"{fmt(dbp['best_eval_loss'])} | {fmt(c['dbp_seconds_to_bp_best'], 3)} | "
+                     f"{fmt(c['time_saved_fraction'], 3)} | {fmt(c['emissions_saved_fraction'], 3)} | "
+                     f"{fmt(bp['emissions_g'], 3)} | {fmt(dbp['emissions_g'], 3)} |")  # fmt: skip
+    s = result["summary"]["time_saved_fraction"]
+    lines += ["", f"Time saved over seeds: mean {fmt(s['mean'], 3)}, std {fmt(s['std'], 3)}, min {fmt(s['min'], 3)}, "
+              f"max {fmt(s['max'], 3)} (DBP reached BP's best in {s['reached']} seeds)."]  # fmt: skip
+    with open(path, "w") as file:
+        file.write("\n".join(lines) + "\n")
+
+
+def plot(path: str, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for run in result["runs"]:
+        for method, color in (("bp", "tab:blue"), ("dbp", "tab:orange")):
+            r = run[method]
+            label = f"{method.upper()} seed {run['seed']}"
+            alpha = 1.0 if run is result["runs"][0] else 0.45
+            axes[0].plot([e["train_seconds"] for e in r["evals"]], [e["eval_loss"] for e in r["evals"]], "o-",
+                         color=color, alpha=alpha, label=label)  # fmt: skip
+            axes[1].plot([e["step"] for e in r["evals"]], [e["eval_loss"] for e in r["evals"]], "o-", color=color, alpha=alpha)
+            axes[1].plot([t["step"] for t in r["train"]], [t["loss"] for t in r["train"]], ":", color=color, alpha=alpha)
+            axes[2].plot([t["step"] for t in r["train"]], [t["decorrelation_loss"] for t in r["train"]], color=color,
+                         alpha=alpha, label=label)  # fmt: skip
+    axes[0].set(xlabel="training seconds", ylabel="eval loss", title="Eval loss against wall-clock")
+    axes[1].set(xlabel="optimizer step", ylabel="loss", title="Eval (o-) and train (:) loss against steps")
+    axes[2].set(xlabel="optimizer step", ylabel="decorrelation loss", title="Decorrelation loss", yscale="log")
+    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = HfArgumentParser(ComparisonArguments)
+    if len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
+        loader = parser.parse_json_file if sys.argv[1].endswith(".json") else parser.parse_yaml_file
+        (args,) = loader(os.path.abspath(sys.argv[1]))
+    else:
+        (args,) = parser.parse_args_into_dataclasses()
+    os.makedirs(args.output_dir, exist_ok=True)
+    runs = []
+    for seed in args.seeds:
+        run = {"seed": seed}
+        for method in ("bp", "dbp"):
+            output = os.path.join(args.output_dir, f"seed{seed}", method)
+            print(f"== seed {seed}: {method.upper()} pre-training -> {output}", flush=True)
+            subprocess.run(pretraining_command(args, seed, method == "bp", output), check=True)
+            run[method] = read_run(output)
+            run[method]["mean_iou"] = finetune(args, output, output + "-upernet")
+        run["comparison"] = compare(run["bp"], run["dbp"])
+        runs.append(run)
+    summary = {key: summarize([r["comparison"][key] for r in runs]) for key in ("time_saved_fraction", "emissions_saved_fraction")}
+    result = {"settings": {k: v for k, v in vars(args).items()}, "runs": runs, "summary": summary,
+              # the first seed's figures at the top level, as the issue's format asks
+              "bp": runs[0]["bp"] | {"evals": None, "train": None}, "dbp": runs[0]["dbp"] | {"evals": None, "train": None},
+              **runs[0]["comparison"]}  # fmt: skip
+    for key in ("bp", "dbp"):
+        result[key] = {k: v for k, v in result[key].items() if v is not None or k in ("mean_iou",)}
+    with open(os.path.join(args.output_dir, "comparison.json"), "w") as file:
+        json.dump(result, file, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
+    write_markdown(os.path.join(args.output_dir, "comparison.md"), result)
+    plot(os.path.join(args.output_dir, "comparison.png"), result)
+    print(open(os.path.join(args.output_dir, "comparison.md")).read())
+    print(f"Written: {args.output_dir}/comparison.json, comparison.md, comparison.png")
+
+
+if __name__ == "__main__":
+    main()
