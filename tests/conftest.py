@@ -1,4 +1,10 @@
+from pathlib import Path
+
 import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MAE_SCRIPT = REPO_ROOT / "examples" / "run_mae_dbp.py"
+SEGMENTATION_SCRIPT = REPO_ROOT / "examples" / "run_segmentation.py"
 
 TINY = dict(
     image_size=16,
@@ -13,6 +19,8 @@ TINY = dict(
     decoder_intermediate_size=32,
 )
 """A ViTMAE small enough for exact checks in milliseconds: 16 patches of 4x4x3 = 48 values, width 24."""
+TINY_ENCODER = {**TINY, "num_hidden_layers": 4}
+"""The same with 4 blocks, the fewest the segmentation backbone's 4-level neck takes."""
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import MAE_SCRIPT, REPO_ROOT, SEGMENTATION_SCRIPT, TINY_ENCODER
 from huggingface_hub import ModelCard
 from transformers import TrainingArguments, ViTMAEConfig, ViTMAEForPreTraining
 
@@ -29,23 +30,9 @@ import hf_dbp
 from hf_dbp.cli import main as cli_main
 from hf_dbp.hub import push_folder
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MAE_SCRIPT = REPO_ROOT / "examples" / "run_mae_dbp.py"
-SEGMENTATION_SCRIPT = REPO_ROOT / "examples" / "run_segmentation.py"
 HF_DBP = Path(sys.executable).parent / "hf-dbp"  # the console script
 
-TINY_MODEL = {
-    "image_size": 16,
-    "patch_size": 4,
-    "hidden_size": 24,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 2,
-    "intermediate_size": 48,
-    "decoder_hidden_size": 16,
-    "decoder_num_hidden_layers": 1,
-    "decoder_num_attention_heads": 2,
-    "decoder_intermediate_size": 32,
-}
+TINY_MODEL = dict(TINY_ENCODER)
 # codecarbon's emissions.csv header (codecarbon 3.3), copied from a real run, and one row of it (kg, kWh).
 EMISSIONS_CSV = (
     "timestamp,project_name,run_id,experiment_id,duration,emissions,emissions_rate,cpu_power,gpu_power,ram_power,"

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MAE_SCRIPT, REPO_ROOT, SEGMENTATION_SCRIPT, TINY
 from huggingface_hub import ModelCard
 from PIL import Image as PILImage
 from transformers import AutoConfig, TrainingArguments
@@ -36,22 +37,7 @@ from hf_dbp.emissions import WORLD_AVERAGE, EmissionsMeter, resolve_country
 from hf_dbp.model_card import read_emissions_csv, write_model_card
 from hf_dbp.segmentation_data import make_demo_ade20k
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MAE_SCRIPT = REPO_ROOT / "examples" / "run_mae_dbp.py"
-SEGMENTATION_SCRIPT = REPO_ROOT / "examples" / "run_segmentation.py"
-
-TINY_MAE = {
-    "image_size": 16,
-    "patch_size": 4,
-    "hidden_size": 24,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 48,
-    "decoder_hidden_size": 16,
-    "decoder_num_hidden_layers": 1,
-    "decoder_num_attention_heads": 2,
-    "decoder_intermediate_size": 32,
-}
+TINY_MAE = dict(TINY)
 TINY_SEGMENTATION_ENCODER = {**TINY_MAE, "num_hidden_layers": 4}
 # DBP settings no default has, so that the card shows the run's own values.
 DECORRELATION_LR, KAPPA = 0.0025, 0.02

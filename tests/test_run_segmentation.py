@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT, SEGMENTATION_SCRIPT, TINY_ENCODER
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 from transformers import AutoModelForSemanticSegmentation, BertConfig, BertModel, ViTMAEConfig, ViTMAEForPreTraining
@@ -30,21 +31,9 @@ from transformers import AutoModelForSemanticSegmentation, BertConfig, BertModel
 import hf_dbp
 from hf_dbp.segmentation_data import make_demo_ade20k
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "examples" / "run_segmentation.py"
+SCRIPT = SEGMENTATION_SCRIPT
 
-TINY_MODEL = {
-    "image_size": 16,
-    "patch_size": 4,
-    "hidden_size": 24,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 2,
-    "intermediate_size": 48,
-    "decoder_hidden_size": 16,
-    "decoder_num_hidden_layers": 1,
-    "decoder_num_attention_heads": 2,
-    "decoder_intermediate_size": 32,
-}
+TINY_MODEL = dict(TINY_ENCODER)
 NUM_R = 1 + 4 * TINY_MODEL["num_hidden_layers"]  # the patch embedding, then qkv, o_proj, fc1 and fc2 of each block
 # Two optimizer steps of 4 pairs, a log record after each, nothing saved but the final model.
 TINY_FLAGS = [
