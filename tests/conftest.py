@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,12 @@ TINY_ENCODER = {**TINY, "num_hidden_layers": 4}
 @pytest.fixture
 def tiny_kwargs() -> dict:
     return dict(TINY)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def training_records(output_dir: Path) -> list[dict]:
+    """The training log records (the ones with a train loss) of a run's trainer_state.json."""
+    return [r for r in read_json(output_dir / "trainer_state.json")["log_history"] if "loss" in r]

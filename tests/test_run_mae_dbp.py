@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import read_json, training_records
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 from safetensors import safe_open
@@ -124,15 +125,6 @@ def write_images(folder: Path, count: int, mode: str = "RGB", suffix: str = ".pn
 def noise_images(count: int, seed: int = 0) -> list[PILImage.Image]:
     rng = np.random.default_rng(seed)
     return [PILImage.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)) for _ in range(count)]
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-def training_records(output_dir: Path) -> list[dict]:
-    """The training log records (the ones with a train loss) of trainer_state.json."""
-    return [r for r in read_json(output_dir / "trainer_state.json")["log_history"] if "loss" in r]
 
 
 def image_counts(output: str) -> tuple[int, int]:

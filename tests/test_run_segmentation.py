@@ -9,7 +9,6 @@ one core.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, SEGMENTATION_SCRIPT, TINY_ENCODER
+from conftest import REPO_ROOT, SEGMENTATION_SCRIPT, TINY_ENCODER, read_json, training_records
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 from transformers import AutoModelForSemanticSegmentation, BertConfig, BertModel, ViTMAEConfig, ViTMAEForPreTraining
@@ -97,15 +96,6 @@ def assert_failed_before_training(run: Run) -> str:
     errors = [line for line in run.output.splitlines() if line.startswith("ValueError: ")]
     assert errors, f"no ValueError in the output:\n{run.output[-3000:]}"
     return errors[-1]
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-def training_records(output_dir: Path) -> list[dict]:
-    """The training log records (the ones with a train loss) of trainer_state.json."""
-    return [r for r in read_json(output_dir / "trainer_state.json")["log_history"] if "loss" in r]
 
 
 def pair_counts(output: str) -> tuple[int, int]:
