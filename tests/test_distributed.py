@@ -63,3 +63,15 @@ def test_example_script_with_two_processes(tmp_path):
                  tmp_path)  # fmt: skip
     assert "R identical on all 2 processes" in output
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_fsdp_with_R_left_out_of_the_sharding_keeps_R_identical(tmp_path):
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path)], tmp_path)  # fmt: skip
+    ranks = [torch.load(tmp_path / f"fsdp_rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["ignored"] == 1 + 4 * 2  # every R found by the config's regex
+    assert ranks[0]["losses"] == ranks[1]["losses"] and all(loss > 0 for loss in ranks[0]["losses"])
+    for a, b in zip(ranks[0]["R"], ranks[1]["R"], strict=True):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(R, torch.eye(R.shape[0])) for R in ranks[0]["R"])
+    assert "fsdp_ignored_modules: \".*_decorrelation\"" in (ROOT / "examples" / "accelerate_configs" / "fsdp.yaml").read_text()

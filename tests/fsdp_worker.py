@@ -1,0 +1,41 @@
+"""Run by tests/test_distributed.py under torchrun: DBP under FSDP with R left out of the sharding.
+
+The decorrelation modules are ignored by FSDP with the same regex as examples/accelerate_configs/fsdp.yaml
+(`fsdp_ignored_modules: ".*_decorrelation"`), so every rank keeps a whole R, updated from statistics summed over
+the ranks. Writes this rank's R and losses for the test to compare.
+"""
+
+import os
+import re
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel
+
+from hf_dbp import ViTMAEDBPConfig, ViTMAEDBPForPreTraining
+
+IGNORED = ".*_decorrelation"  # as in examples/accelerate_configs/fsdp.yaml
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(
+    image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+    decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32,
+    decorrelation_lr=0.05,
+))  # fmt: skip
+ignored = [module for name, module in model.named_modules() if re.fullmatch(IGNORED, name)]
+sharded = FullyShardedDataParallel(model, device_id=torch.device("cpu"), ignored_modules=ignored, use_orig_params=True)
+optimizer = torch.optim.AdamW([p for p in sharded.parameters() if p.requires_grad], lr=1e-3)
+pixels = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(rank))  # different data on each rank
+losses = []
+for _ in range(3):
+    sharded(pixels).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    losses.append(model.decorrelation_step())
+torch.save({"R": [d.R.clone() for d in model.decorrelation_modules()], "losses": losses,
+            "ignored": len(ignored)}, os.path.join(sys.argv[1], f"fsdp_rank{rank}.pt"))  # fmt: skip
+dist.destroy_process_group()
