@@ -448,7 +448,3 @@ def fold_decorrelation(root: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(module, Decorrelation):
             del state[f"{name}.R" if name else "R"]
     return state
-
-
-def decorrelated_layers(root: nn.Module) -> list[DecorrelatedLinear | DecorrelatedConv2d]:
-    return [m for m in root.modules() if isinstance(m, (DecorrelatedLinear, DecorrelatedConv2d))]

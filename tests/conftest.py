@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,15 @@ def read_json(path: Path) -> dict:
 def training_records(output_dir: Path) -> list[dict]:
     """The training log records (the ones with a train loss) of a run's trainer_state.json."""
     return [r for r in read_json(output_dir / "trainer_state.json")["log_history"] if "loss" in r]
+
+
+def offline_env(hf_home: Path, offline: bool = True) -> dict[str, str]:
+    """The environment for running a script in a subprocess: its own Hugging Face cache, offline, one thread.
+
+    One thread: the test models are tiny, and torch's thread pool slows a hundredfold when other processes share
+    the cores. Unbuffered: the log (stdout) and a traceback (stderr) keep the order they were written in.
+    """
+    env = {**os.environ, "HF_HOME": str(hf_home), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if offline:
+        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env

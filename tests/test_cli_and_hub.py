@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import MAE_SCRIPT, REPO_ROOT, SEGMENTATION_SCRIPT, TINY_ENCODER
+from conftest import MAE_SCRIPT, REPO_ROOT, SEGMENTATION_SCRIPT, TINY_ENCODER, offline_env
 from huggingface_hub import ModelCard
 from transformers import TrainingArguments, ViTMAEConfig, ViTMAEForPreTraining
 
@@ -51,17 +50,10 @@ RESULTS = {"eval_loss": 0.4321, "train_loss": 0.5}
 # Helpers
 
 
-def subprocess_env(hf_home: Path, offline: bool = True) -> dict[str, str]:
-    env = {**os.environ, "HF_HOME": str(hf_home), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if offline:
-        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return env
-
-
 def run(args: list, hf_home: Path, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
     """Run a command (stdout and stderr merged), offline."""
     return subprocess.run(
-        [str(a) for a in args], cwd=cwd, env=subprocess_env(hf_home), stdout=subprocess.PIPE,
+        [str(a) for a in args], cwd=cwd, env=offline_env(hf_home), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, timeout=300,
     )  # fmt: skip
 

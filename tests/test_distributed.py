@@ -1,12 +1,12 @@
 """DBP across processes: DDP over gloo on CPU, launched with torchrun and with accelerate."""
 
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from conftest import offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,8 +18,7 @@ def free_port() -> int:
 
 
 def run(command, tmp_path, timeout=300):
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=ROOT, env=offline_env(tmp_path / "hf"), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MAE_SCRIPT, REPO_ROOT, SEGMENTATION_SCRIPT, TINY
+from conftest import MAE_SCRIPT, REPO_ROOT, SEGMENTATION_SCRIPT, TINY, offline_env
 from huggingface_hub import ModelCard
 from PIL import Image as PILImage
 from transformers import AutoConfig, TrainingArguments
@@ -69,16 +69,7 @@ REL = 1e-12  # the card's and the csv's figures are the same floats, up to the k
 
 
 def subprocess_env(hf_home: Path) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "HF_HOME": str(hf_home),
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        # One thread: the models are tiny, and torch's thread pool slows badly when other processes share the cores.
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = offline_env(hf_home)
     env.pop("CODECARBON_COUNTRY_ISO_CODE", None)  # the country comes from the flags alone
     return env
 

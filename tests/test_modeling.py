@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import offline_env
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
@@ -274,7 +275,7 @@ torch.testing.assert_close(model(io["pixels"], noise=io["noise"]).logits, io["lo
 assert type(model).__name__ == "ViTMAEDBPForPreTraining" and "hf_dbp" not in sys.modules
 print("ok")
 """
-    env = {k: v for k, v in __import__("os").environ.items()} | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env = offline_env(tmp_path / "hf")
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
 

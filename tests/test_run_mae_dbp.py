@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import read_json, training_records
+from conftest import offline_env, read_json, training_records
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 from safetensors import safe_open
@@ -72,15 +72,7 @@ TINY_FLAGS = as_flags({"config_overrides": TINY_OVERRIDES, **TINY_RUN})
 
 def run_script(*args, hf_home: Path, accelerate: bool = False) -> subprocess.CompletedProcess:
     """Run the script (optionally under `accelerate launch` on one CPU process); stdout and stderr merged."""
-    env = {
-        **os.environ,
-        "HF_HOME": str(hf_home),  # the datasets cache of this run only
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        # One thread: the model is tiny, and torch's thread pool slows 100-fold when other processes share the cores.
-        "OMP_NUM_THREADS": "1",
-    }
+    env = offline_env(hf_home)
     launcher = [sys.executable]
     if accelerate:
         launcher += ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1", "--cpu",

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, SEGMENTATION_SCRIPT, TINY_ENCODER, read_json, training_records
+from conftest import REPO_ROOT, SEGMENTATION_SCRIPT, TINY_ENCODER, offline_env, read_json, training_records
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 from transformers import AutoModelForSemanticSegmentation, BertConfig, BertModel, ViTMAEConfig, ViTMAEForPreTraining
@@ -51,17 +51,7 @@ R_SUFFIX = "_decorrelation.R"
 
 def run_script(*args, hf_home: Path, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
     """Run the script with plain Python; stdout and stderr merged."""
-    env = {
-        **os.environ,
-        "HF_HOME": str(hf_home),  # the datasets cache of this run only
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        # One thread: the model is tiny, and torch's thread pool slows 100-fold when other processes share the cores.
-        "OMP_NUM_THREADS": "1",
-        # The log (stdout) and a traceback (stderr) in the order they were written.
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = offline_env(hf_home)
     return subprocess.run(
         [sys.executable, str(SCRIPT), *map(str, args)],
         cwd=cwd,
