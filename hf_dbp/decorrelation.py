@@ -38,9 +38,84 @@ def _in_backward_pass() -> bool:
 
     Both checkpoint flavours (re-entrant and not) recompute inside the autograd engine, where the graph-task id is set.
     A recomputed forward sees the same rows again, so its statistics must not be counted twice. torch offers no public
-    query for this; ``torch.utils.checkpoint`` itself relies on the same private call.
+    query for this; ``torch.utils.checkpoint`` itself relies on the same private call. A compiled graph never re-runs
+    the Python of a forward (checkpointed regions are recomputed inside its backward graph), and the call does not
+    trace, so under ``torch.compile`` the answer is False.
     """
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
+
+
+# Why a custom op: the rows for R's statistics come from a generator of their own, so that sampling them leaves the
+# global RNG (masking, dropout) alone and BP and DBP runs draw the same masks. torch.compile cannot trace a
+# torch.Generator argument (a graph break in every decorrelated forward) and replaces global-RNG calls with its own
+# seeds, which would change the masks. An opaque op that reads and advances the generator's state, held in a tensor,
+# traces without a break and draws exactly what the eager generator would. Guarded so that the module can be loaded
+# twice (as hf_dbp and as a checkpoint's remote code) in one process.
+if hasattr(torch.ops, "hf_dbp") and hasattr(torch.ops.hf_dbp, "sample_rows"):
+    _sample_rows = torch.ops.hf_dbp.sample_rows
+else:
+
+    @torch.library.custom_op("hf_dbp::sample_rows", mutates_args=("generator_state",))
+    def _sample_rows(num_rows: int, num_samples: int, generator_state: torch.Tensor) -> torch.Tensor:
+        """``num_samples`` distinct row indices out of ``num_rows``, advancing the generator state in place."""
+        generator = torch.Generator()
+        generator.set_state(generator_state)
+        index = torch.randperm(num_rows, generator=generator)[:num_samples]
+        generator_state.copy_(generator.get_state())
+        return index
+
+    @_sample_rows.register_fake
+    def _(num_rows: int, num_samples: int, generator_state: torch.Tensor) -> torch.Tensor:
+        return torch.empty(num_samples, dtype=torch.long)
+
+
+class RowSampler:
+    """A CPU random generator for the rows of R's statistics that ``torch.compile`` traces without a graph break.
+
+    It draws the same sequence as a ``torch.Generator`` with the same state and has its ``manual_seed``,
+    ``get_state`` and ``set_state``, so checkpoints save and restore it the same way. Several
+    :class:`Decorrelation` modules share one sampler, as they would share one generator.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        generator = torch.Generator()
+        if seed is not None:
+            generator.manual_seed(seed)
+        self.state = generator.get_state()
+
+    @classmethod
+    def from_generator(cls, generator: torch.Generator) -> RowSampler:
+        """A sampler that continues from ``generator``'s current state (the generator itself does not advance)."""
+        sampler = cls()
+        sampler.set_state(generator.get_state())
+        return sampler
+
+    def manual_seed(self, seed: int) -> RowSampler:
+        self.state.copy_(torch.Generator().manual_seed(seed).get_state())
+        return self
+
+    def get_state(self) -> torch.Tensor:
+        return self.state.clone()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.state.copy_(state)
+
+    def sample(self, num_rows: int, num_samples: int) -> torch.Tensor:
+        """``num_samples`` distinct indices out of ``num_rows`` (a CPU long tensor)."""
+        return _sample_rows(num_rows, num_samples, self.state)
+
+
+def as_row_sampler(generator: RowSampler | torch.Generator | None) -> RowSampler | None:
+    """``generator`` as a :class:`RowSampler` (a ``torch.Generator``'s state is copied once, at this call)."""
+    if generator is None or isinstance(generator, RowSampler):
+        return generator
+    if isinstance(generator, torch.Generator):
+        if generator.device.type != "cpu":
+            raise ValueError(f"the generator for the statistics' rows must be a CPU generator, got {generator.device}")
+        return RowSampler.from_generator(generator)
+    raise TypeError(f"generator must be a RowSampler, a torch.Generator or None, got {type(generator).__name__}")
 
 
 def input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -61,8 +136,10 @@ class Decorrelation(nn.Module):
         sample_fraction (`float`, defaults to 0.1): fraction of the rows of each training forward used for the
             statistics, drawn without replacement; ``1.0`` uses every row exactly once. The forward itself always
             decorrelates every row.
-        generator (`torch.Generator`, *optional*): CPU generator for the subsample, so that sampling rows does not
-            move the global RNG (which drives masking and dropout) and BP and DBP runs with one seed see the same masks.
+        generator (`RowSampler` or `torch.Generator`, *optional*): random source for the subsample, of its own so
+            that sampling rows does not move the global RNG (which drives masking and dropout) and BP and DBP runs with
+            one seed see the same masks. A ``torch.Generator`` is turned into a :class:`RowSampler` from its current
+            state. Without one, the global RNG is used.
 
     ``R`` is a float32 ``nn.Parameter`` with ``requires_grad=False``: it is saved and loaded with the model and moves
     with ``.to()``, optimizers built from trainable parameters leave it alone, and DDP does not re-broadcast it at
@@ -70,13 +147,15 @@ class Decorrelation(nn.Module):
     process keeps its own until :func:`decorrelation_step` combines them.
     """
 
-    def __init__(self, dim: int, sample_fraction: float = 0.1, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, dim: int, sample_fraction: float = 0.1, generator: RowSampler | torch.Generator | None = None
+    ) -> None:
         super().__init__()
         if not 0.0 < sample_fraction <= 1.0:
             raise ValueError(f"sample_fraction must be in (0, 1], got {sample_fraction}")
         self.dim = dim
         self.sample_fraction = sample_fraction
-        self.generator = generator
+        self.generator = as_row_sampler(generator)
         self.R = nn.Parameter(torch.eye(dim, dtype=torch.float32), requires_grad=False)
         self.skipped_updates = 0  # updates refused by the guard in `apply_update`
         # Set by `inject_decorrelation`: the layers reading z, and their outputs together (what folding costs).
@@ -101,7 +180,10 @@ class Decorrelation(nn.Module):
             return
         if self.sample_fraction < 1.0:
             k = max(1, round(n * self.sample_fraction))
-            index = torch.randperm(n, generator=self.generator)[:k].to(rows.device)
+            if self.generator is None:
+                index = torch.randperm(n, device=rows.device)[:k]
+            else:
+                index = self.generator.sample(n, k).to(rows.device)
             rows = rows.index_select(0, index)
         # Statistics and R stay in R's precision (float32) whatever autocast does to the forward.
         with torch.autocast(device_type=rows.device.type, enabled=False):
@@ -286,7 +368,7 @@ def inject_decorrelation(
     root: nn.Module,
     groups: Mapping[str, Sequence[str]],
     sample_fraction: float = 0.1,
-    generator: torch.Generator | None = None,
+    generator: RowSampler | torch.Generator | None = None,
 ) -> dict[str, Decorrelation]:
     """Decorrelate the inputs of the layers a plan names, in place.
 
@@ -302,6 +384,7 @@ def inject_decorrelation(
         The new ``Decorrelation`` modules by group name. Each starts at the identity, so the model's outputs are
         unchanged.
     """
+    generator = as_row_sampler(generator)  # once, so that every layer draws from the same sequence
     decorrelations = {}
     for name, paths in groups.items():
         layers = [root.get_submodule(p) for p in paths]
@@ -340,10 +423,11 @@ class DecorrelationMonitor:
         root: nn.Module,
         groups: Mapping[str, Sequence[str]],
         sample_fraction: float = 0.1,
-        generator: torch.Generator | None = None,
+        generator: RowSampler | torch.Generator | None = None,
     ) -> None:
         self.decorrelations: dict[str, Decorrelation] = {}
         self._handles = []
+        generator = as_row_sampler(generator)  # once, so that every layer draws from the same sequence
         for name, paths in groups.items():
             layer = root.get_submodule(paths[0])
             decorrelation = Decorrelation(_input_width(layer), sample_fraction, generator).to(layer.weight.device)

@@ -15,7 +15,7 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoder, ViTMAEPreTrainedModel
 
 from .configuration_vit_mae_dbp import DBP_CONFIG_FIELDS, DECORRELATION_LAYER_KINDS, ViTMAEDBPConfig
-from .decorrelation import Decorrelation, decorrelation_step, fold_decorrelation, inject_decorrelation
+from .decorrelation import Decorrelation, RowSampler, decorrelation_step, fold_decorrelation, inject_decorrelation
 
 # Seed of the generator that draws the rows used for R's statistics. It is separate from torch's global RNG so that
 # a DBP run and a BP run with the same seed draw the same masks.
@@ -122,7 +122,7 @@ class ViTMAEDBPModel(ViTMAEDBPPreTrainedModel, ViTMAEModel):
             self,
             vit_mae_decorrelation_groups(config.num_hidden_layers, config.decorrelation_layers),
             sample_fraction=config.decorrelation_sample_fraction,
-            generator=torch.Generator().manual_seed(STATISTICS_SEED),
+            generator=RowSampler(STATISTICS_SEED),
         )
 
 

@@ -11,7 +11,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEForPreTraining, ViTMAEModel
 
 from .configuration_vit_mae_dbp import ViTMAEDBPConfig
-from .decorrelation import Decorrelation, DecorrelationMonitor, decorrelation_step
+from .decorrelation import Decorrelation, DecorrelationMonitor, RowSampler, decorrelation_step
 from .emissions import EmissionsMeter, EmissionsReport, resolve_country
 from .model_card import write_model_card
 from .modeling_vit_mae_dbp import STATISTICS_SEED, ViTMAEDBPPreTrainedModel, vit_mae_decorrelation_groups
@@ -117,8 +117,8 @@ class DBPTrainer(Trainer):
             encoder = model.vit if isinstance(model, ViTMAEForPreTraining) else model
             groups = vit_mae_decorrelation_groups(model.config.num_hidden_layers, settings.decorrelation_layers)
             # Its own generator, like a DBP model's: the BP run must draw the same masks as the DBP run.
-            generator = torch.Generator().manual_seed(STATISTICS_SEED)
-            self._monitor = DecorrelationMonitor(encoder, groups, settings.decorrelation_sample_fraction, generator)
+            sampler = RowSampler(STATISTICS_SEED)
+            self._monitor = DecorrelationMonitor(encoder, groups, settings.decorrelation_sample_fraction, sampler)
             self._kappa = settings.decorrelation_kappa
         else:
             raise TypeError(
@@ -217,7 +217,7 @@ class DBPTrainer(Trainer):
     def _skipped_updates(self) -> int:
         return sum(d.skipped_updates for d in self._decorrelation_modules())
 
-    def _decorrelation_generators(self) -> list[torch.Generator]:
+    def _decorrelation_generators(self) -> list[RowSampler]:
         generators = {id(d.generator): d.generator for d in self._decorrelation_modules() if d.generator is not None}
         return list(generators.values())
 

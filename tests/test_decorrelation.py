@@ -14,6 +14,7 @@ from hf_dbp.decorrelation import (
     DecorrelatedLinear,
     Decorrelation,
     DecorrelationMonitor,
+    RowSampler,
     decorrelation_step,
     fold_decorrelation,
     inject_decorrelation,
@@ -268,22 +269,91 @@ def test_q_k_v_share_one_explicit_R_x(monkeypatch):
         torch.testing.assert_close(out, layer(x @ d.R.T))
 
 
+@pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("rows", [2, 40])  # explicit (shared z) and folded forms
-def test_decorrelated_layers_trace_without_graph_breaks_in_evaluation(rows, grad):
+def test_decorrelated_layers_trace_without_graph_breaks(rows, grad, training):
+    """In training the forward also samples rows for the statistics, from the model's own generator."""
     import torch._dynamo as dynamo
 
-    model = TwoBranches().eval()
-    inject_decorrelation(model, {"abc": ["a", "b", "c"]})
+    model = TwoBranches().train(training)
+    inject_decorrelation(
+        model, {"abc": ["a", "b", "c"], "patch": ["patch"]}, sample_fraction=0.5, generator=RowSampler(0)
+    )
 
-    def forward(x):
+    def forward(x, image):
         with torch.set_grad_enabled(grad):
-            return model.a(x).sum() + model.b(x).sum() + model.c(x).sum()
+            return model.a(x).sum() + model.b(x).sum() + model.c(x).sum() + model.patch(image).sum()
 
     dynamo.reset()
-    explanation = dynamo.explain(forward)(torch.randn(rows, 6))
+    explanation = dynamo.explain(forward)(torch.randn(rows, 6), torch.randn(2, 2, 4, 4))
     dynamo.reset()
     assert explanation.graph_break_count == 0, explanation.break_reasons
+    # Training forwards recorded their rows (once per group), in the graph rather than around it.
+    assert model.abc_decorrelation.num_rows == (rows // 2 if training else 0)
+    assert model.patch_decorrelation.num_rows == (4 if training else 0)
+
+
+def test_compiled_training_step_matches_eager():
+    """torch.compile (AOT autograd, functionalised) samples the same rows, and gives the same R, as eager code."""
+    torch.manual_seed(0)
+    reference = TwoBranches().double()
+    x = torch.randn(3, 30, 6, dtype=torch.float64)
+    results = []
+    for compiled in (False, True):
+        model = TwoBranches().double()
+        model.load_state_dict(reference.state_dict())
+        groups = inject_decorrelation(
+            model, {"abc": ["a", "b", "c"], "patch": ["patch"]}, sample_fraction=0.3, generator=RowSampler(7)
+        )
+        for d in groups.values():
+            d.R.data = d.R.data.double()
+
+        def loss_fn(x, image):
+            return (model.a(x) ** 2).sum() + model.b(x).sum() + model.c(x).sum() + (model.patch(image) ** 2).sum()
+
+        if compiled:
+            torch._dynamo.reset()
+            loss_fn = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+        states = []
+        for step in range(3):
+            model.zero_grad()
+            image = torch.randn(2, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+            loss_fn(x * (step + 1), image).backward()
+            states.append(
+                (
+                    model.abc_decorrelation.num_rows,
+                    model.abc_decorrelation.moment_sum().clone(),
+                    model.a.weight.grad.clone(),
+                )
+            )
+            decorrelation_step(groups.values(), lr=0.1, kappa=0.5)
+        results.append((states, [d.R.clone() for d in groups.values()]))
+    torch._dynamo.reset()
+    (eager_states, eager_r), (compiled_states, compiled_r) = results
+    for (n, zz, grad), (n_c, zz_c, grad_c) in zip(eager_states, compiled_states, strict=True):
+        assert n == n_c == 27  # 30% of 90 rows
+        torch.testing.assert_close(zz_c, zz)  # the same rows were drawn
+        torch.testing.assert_close(grad_c, grad)
+    for r, r_c in zip(eager_r, compiled_r, strict=True):
+        assert not torch.equal(r, torch.eye(r.shape[0], dtype=r.dtype))
+        torch.testing.assert_close(r_c, r)
+
+
+def test_row_sampler_draws_what_a_torch_generator_draws_and_restores_its_state():
+    sampler, generator = RowSampler(3), torch.Generator().manual_seed(3)
+    for n in (10, 100, 7):
+        assert torch.equal(sampler.sample(n, 4), torch.randperm(n, generator=generator)[:4])
+    state = sampler.get_state()
+    first = sampler.sample(50, 5)
+    sampler.set_state(state)
+    assert torch.equal(sampler.sample(50, 5), first)
+    # One sampler shared by every layer, as one generator was: different rows for each layer.
+    model = TwoBranches()
+    groups = inject_decorrelation(model, {"a": ["a"], "b": ["b"]}, sample_fraction=0.5, generator=torch.Generator())
+    assert groups["a"].generator is groups["b"].generator
+    with pytest.raises(TypeError, match="RowSampler, a torch.Generator or None"):
+        Decorrelation(3, generator=0)
 
 
 def test_folded_weight_is_reused_in_evaluation_until_W_or_R_changes():
