@@ -158,6 +158,7 @@ class Decorrelation(nn.Module):
         self.generator = as_row_sampler(generator)
         self.R = nn.Parameter(torch.eye(dim, dtype=torch.float32), requires_grad=False)
         self.skipped_updates = 0  # updates refused by the guard in `apply_update`
+        self.steps = 0  # calls of `apply_update` that could change R; keys the folded-weight caches
         # Set by `inject_decorrelation`: the layers reading z, and their outputs together (what folding costs).
         self.consumers = 1
         self.group_out_features = dim
@@ -255,6 +256,7 @@ class Decorrelation(nn.Module):
         loss = float(((1.0 - kappa) * off_diagonal + kappa * v.pow(2).sum()) / self.dim**2)
         if lr == 0.0:
             return loss
+        self.steps += 1
         # R - lr [(1 - kappa) (X - diag X) R + kappa diag(v) R]
         #   = diag(1 - lr (kappa v - (1 - kappa) diag X)) R - lr (1 - kappa) X R.
         # diag(v) @ R scales the rows of R, normalising the variance of each output z_i (the reference code's
@@ -280,21 +282,86 @@ def _rebase(layer: nn.Module, cls: type, decorrelation: Decorrelation, record_st
 
 
 def _cached_fold(layer: nn.Module, fold) -> torch.Tensor:
-    """``W R``, computed once and reused while neither W nor R changes, where no gradient flows (evaluation).
+    """``W R`` without a graph, computed once and reused while neither W nor R changes.
 
-    In-place updates (the optimizer's, DBP's) bump a tensor's version counter, which keys the cache. Where a
-    gradient flows, W R is formed anew so that autograd sees it.
+    One fold serves every forward between two optimizer steps: all the micro-batches of a gradient-accumulation step
+    and every evaluation batch. The cache is keyed on the version counters of W and R (the optimizer's and DBP's
+    in-place updates bump them), on their storage, and on the count of DBP steps, which changes after every optimizer
+    step even where a sharded optimizer (FSDP) writes W's storage behind its version counter. The fold runs outside
+    autocast: the cached weight stays in W's precision, and a forward under autocast casts it as it would W.
     """
-    if torch.compiler.is_compiling():  # a compiled graph folds in its own way; version counters do not trace
-        return fold()
-    if torch.is_grad_enabled() and layer.weight.requires_grad:
-        layer._folded_cache = None
-        return fold()
-    key = (layer.weight._version, layer.decorrelation.R._version, layer.weight.data_ptr(), layer.decorrelation.R.data_ptr())
+    R = layer.decorrelation.R
+    key = (layer.weight._version, R._version, layer.weight.data_ptr(), R.data_ptr(), layer.decorrelation.steps)
     cached = layer._folded_cache
     if cached is None or cached[0] != key:
-        cached = layer._folded_cache = (key, fold().detach())
+        with torch.no_grad(), torch.autocast(device_type=layer.weight.device.type, enabled=False):
+            cached = layer._folded_cache = (key, fold())
     return cached[1]
+
+
+class _FoldedForward(torch.autograd.Function):
+    """A linear layer or patchifying conv run with a precomputed folded weight ``F = W R``, differentiable in W.
+
+    Why by hand: autograd would need ``W @ R`` inside every micro-batch's graph to reach W, costing ``d_out * d^2``
+    per micro-batch in the forward. Here ``F`` comes from the cache (once per optimizer step) and the backward turns
+    the gradient of ``F`` into that of W: ``dW = dF R^T``, exactly what autograd computes for ``W @ R``.
+    """
+
+    @staticmethod
+    def forward(x, weight, bias, R, folded, stride):
+        if stride is None:
+            return F.linear(x, folded, bias)
+        return F.conv2d(x, folded, bias, stride)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, R, folded, stride = inputs
+        ctx.stride = stride
+        ctx.has_bias = bias is not None
+        # Under autocast the forward computed in the output's dtype; the backward does the same.
+        ctx.save_for_backward(x, R, folded.to(output.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, R, folded = ctx.saved_tensors
+        grad_output = grad_output.to(folded.dtype)
+        x = x.to(folded.dtype)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.stride is None:
+            flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_output @ folded
+            if ctx.needs_input_grad[1]:
+                grad_folded = flat_grad.t() @ x.reshape(-1, x.shape[-1])
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = flat_grad.sum(0)
+        else:
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.nn.grad.conv2d_input(x.shape, folded, grad_output, stride=ctx.stride)
+            if ctx.needs_input_grad[1]:
+                grad_folded = torch.nn.grad.conv2d_weight(x, folded.shape, grad_output, stride=ctx.stride)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = grad_output.sum((0, 2, 3))
+        if ctx.needs_input_grad[1]:
+            # F = W R with W flattened to (d_out, d) for the conv: dW = dF R^T, in R's precision.
+            flat = grad_folded.reshape(grad_folded.shape[0], -1).to(R.dtype)
+            grad_weight = (flat @ R.t()).reshape(grad_folded.shape)
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def _folded_forward(layer: nn.Module, x: torch.Tensor, stride: tuple[int, int] | None) -> torch.Tensor:
+    """The layer's output from the cached ``W R``; where a gradient flows to W, through :class:`_FoldedForward`."""
+    if torch.compiler.is_compiling():
+        # A compiled graph cannot key a cache on version counters; it folds inside the graph, and autograd
+        # differentiates ``W @ R`` itself.
+        folded = layer.fold()
+    else:
+        folded = _cached_fold(layer, layer.fold)
+        if torch.is_grad_enabled() and (layer.weight.requires_grad or x.requires_grad):
+            return _FoldedForward.apply(x, layer.weight, layer.bias, layer.decorrelation.R, folded, stride)
+    if stride is None:
+        return F.linear(x, folded, layer.bias)
+    return layer._conv_forward(x, folded, layer.bias)
 
 
 class DecorrelatedLinear(nn.Linear):
@@ -310,9 +377,13 @@ class DecorrelatedLinear(nn.Linear):
         """Wrap ``linear`` without copying: the new layer shares its weight and bias parameters."""
         return _rebase(linear, cls, decorrelation, record_statistics)
 
+    def fold(self) -> torch.Tensor:
+        """``W R``, computed now (differentiable in W)."""
+        return self.weight @ self.decorrelation.R.to(self.weight.dtype)
+
     def folded_weight(self) -> torch.Tensor:
-        """``W R``: the weight of a plain linear layer with the same outputs."""
-        return _cached_fold(self, lambda: self.weight @ self.decorrelation.R.to(self.weight.dtype))
+        """``W R``: the weight of a plain linear layer with the same outputs (cached while W and R are unchanged)."""
+        return _cached_fold(self, self.fold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.record_statistics and not _in_backward_pass():
@@ -321,7 +392,7 @@ class DecorrelatedLinear(nn.Linear):
         # and v share it); folding costs d_out * d^2 for each layer of the group (both again in backward). So fold
         # when the rows outnumber the group's outputs.
         if x.numel() // self.in_features > self.decorrelation.group_out_features:
-            return F.linear(x, self.folded_weight(), self.bias)
+            return _folded_forward(self, x, stride=None)
         return F.linear(self.decorrelation.shared_forward(x), self.weight, self.bias)
 
 
@@ -334,21 +405,26 @@ class DecorrelatedConv2d(nn.Conv2d):
 
     @classmethod
     def from_layer(cls, conv: nn.Conv2d, decorrelation: Decorrelation, record_statistics: bool) -> DecorrelatedConv2d:
-        if conv.kernel_size != conv.stride or conv.padding not in ((0, 0), "valid") or conv.groups != 1:
-            raise ValueError("DecorrelatedConv2d needs a patchifying conv: kernel_size == stride, no padding, groups=1")
+        patchifying = conv.kernel_size == conv.stride and conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1)
+        if not patchifying or conv.groups != 1:
+            raise ValueError(
+                "DecorrelatedConv2d needs a patchifying conv: kernel_size == stride, no padding or dilation, groups=1"
+            )
         return _rebase(conv, cls, decorrelation, record_statistics)
 
-    def folded_weight(self) -> torch.Tensor:
-        def fold() -> torch.Tensor:
-            w = self.weight.reshape(self.out_channels, -1)
-            return (w @ self.decorrelation.R.to(w.dtype)).reshape(self.weight.shape)
+    def fold(self) -> torch.Tensor:
+        """``W R`` on the flattened patches, reshaped as a conv weight, computed now (differentiable in W)."""
+        w = self.weight.reshape(self.out_channels, -1)
+        return (w @ self.decorrelation.R.to(w.dtype)).reshape(self.weight.shape)
 
-        return _cached_fold(self, fold)
+    def folded_weight(self) -> torch.Tensor:
+        """The weight of a plain conv with the same outputs (cached while W and R are unchanged)."""
+        return _cached_fold(self, self.fold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.record_statistics and not _in_backward_pass():
             self.decorrelation.observe(input_rows(self, x))
-        return self._conv_forward(x, self.folded_weight(), self.bias)
+        return _folded_forward(self, x, stride=self.stride)
 
 
 def _input_width(layer: nn.Module) -> int:

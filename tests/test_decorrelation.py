@@ -309,7 +309,7 @@ def test_compiled_training_step_matches_eager():
         for d in groups.values():
             d.R.data = d.R.data.double()
 
-        def loss_fn(x, image):
+        def loss_fn(x, image, model=model):
             return (model.a(x) ** 2).sum() + model.b(x).sum() + model.c(x).sum() + (model.patch(image) ** 2).sum()
 
         if compiled:
@@ -372,3 +372,84 @@ def test_folded_weight_is_reused_in_evaluation_until_W_or_R_changes():
         model.a.weight.add_(1.0)  # optimizer step
         model.a(x)
         assert model.a._folded_cache[1] is not second
+
+
+def test_patch_conv_gives_the_outputs_and_gradients_of_the_folded_conv():
+    """The conv's folded forward with its hand-written backward against autograd through W R (float64)."""
+    torch.manual_seed(0)
+    model = TwoBranches().double()
+    d = inject_decorrelation(model, {"patch": ["patch"]})["patch"].double()
+    d.R.copy_(torch.eye(8, dtype=torch.float64) + 0.1 * torch.randn(8, 8, dtype=torch.float64))
+    image = torch.randn(3, 2, 4, 6, dtype=torch.float64, requires_grad=True)
+    (model.patch(image) ** 2).sum().backward()
+    expected_image = image.detach().clone().requires_grad_(True)
+    w = model.patch.weight.detach().clone().requires_grad_(True)
+    b = model.patch.bias.detach().clone().requires_grad_(True)
+    folded = (w.reshape(7, -1) @ d.R).reshape(w.shape)
+    (F.conv2d(expected_image, folded, b, stride=2) ** 2).sum().backward()
+    torch.testing.assert_close(image.grad, expected_image.grad)
+    torch.testing.assert_close(model.patch.weight.grad, w.grad)
+    torch.testing.assert_close(model.patch.bias.grad, b.grad)
+
+
+def test_folded_weight_is_formed_once_per_optimizer_step_across_micro_batches(monkeypatch):
+    """Gradient accumulation: one W R for all micro-batches, gradients equal to autograd's, refolded after a step."""
+    torch.manual_seed(0)
+    model = TwoBranches().double()
+    groups = inject_decorrelation(model, {"abc": ["a", "b", "c"], "patch": ["patch"]})
+    for d in groups.values():
+        d.double()
+        d.R.copy_(torch.eye(d.dim, dtype=torch.float64) + 0.1 * torch.randn(d.dim, d.dim, dtype=torch.float64))
+    folds = []
+    for cls in (DecorrelatedLinear, DecorrelatedConv2d):
+        original = cls.fold
+        monkeypatch.setattr(cls, "fold", lambda self, original=original: folds.append(self) or original(self))
+    plain = TwoBranches().double()
+
+    def fold_by_hand():  # without the layers' cache, so that `folds` counts the forwards' folds only
+        with torch.no_grad():
+            for name in ("a", "b", "c", "patch"):
+                w, R = getattr(model, name).weight, groups["patch" if name == "patch" else "abc"].R
+                getattr(plain, name).weight.copy_((w.reshape(w.shape[0], -1) @ R).reshape(w.shape))
+                getattr(plain, name).bias.copy_(getattr(model, name).bias)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # optimizer steps
+        fold_by_hand()
+        folds.clear()
+        plain.zero_grad()
+        optimizer.zero_grad()
+        for _ in range(3):  # micro-batches of 20 rows > 12 outputs: the folded form
+            x, image = torch.randn(20, 6, dtype=torch.float64), torch.randn(2, 2, 4, 4, dtype=torch.float64)
+            for net in (model, plain):
+                (net.a(x).pow(2).sum() + net.b(x).sum() + net.c(x).sum() + net.patch(image).pow(2).sum()).backward()
+        assert sorted(id(layer) for layer in folds) == sorted(map(id, (model.a, model.b, model.c, model.patch)))
+        for name in ("a", "b", "c", "patch"):
+            # The folded layer's weight gradient is W R's gradient times R^T.
+            R = groups["patch" if name == "patch" else "abc"].R
+            expected = getattr(plain, name).weight.grad
+            expected = (expected.reshape(expected.shape[0], -1) @ R.T).reshape(expected.shape)
+            torch.testing.assert_close(getattr(model, name).weight.grad, expected)
+            torch.testing.assert_close(getattr(model, name).bias.grad, getattr(plain, name).bias.grad)
+        optimizer.step()
+        decorrelation_step(groups.values(), lr=0.01, kappa=0.5)
+
+
+def test_folded_forward_under_bfloat16_autocast_keeps_weights_and_gradients_in_float32():
+    torch.manual_seed(0)
+    model = TwoBranches()
+    groups = inject_decorrelation(model, {"abc": ["a", "b", "c"], "patch": ["patch"]})
+    x, image = torch.randn(20, 6), torch.randn(2, 2, 4, 4)
+    gradients = []
+    for enabled in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            out = model.a(x)
+            loss = out.float().pow(2).sum() + model.patch(image).float().pow(2).sum()
+        assert out.dtype == (torch.bfloat16 if enabled else torch.float32)
+        loss.backward()
+        gradients.append([model.a.weight.grad.clone(), model.patch.weight.grad.clone()])
+        assert all(g.dtype == torch.float32 for g in gradients[-1])
+    for full, half in zip(*gradients, strict=True):
+        torch.testing.assert_close(half, full, rtol=0.05, atol=0.05)
+    assert model.a._folded_cache[1].dtype == torch.float32 and groups["abc"].R.dtype == torch.float32
