@@ -111,15 +111,34 @@ def build(variant: str, batch: int, kinds, device, seed=0):
     return model, optimizer, pixels
 
 
-def train_step(variant, model, optimizer, pixels):
-    model(pixels).loss.backward()
+PHASES = ("forward", "backward", "optimizer", "decorrelation")
+
+
+def train_step(variant, model, optimizer, pixels, phases: dict[str, list[float]] | None = None):
+    """One training step; with ``phases``, the seconds of each phase are appended to it."""
+    marks = [time.perf_counter()]
+
+    def mark():
+        if phases is not None:
+            synchronize(pixels.device)
+            marks.append(time.perf_counter())
+
+    loss = model(pixels).loss
+    mark()
+    loss.backward()
+    mark()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    mark()
     if variant == "dbp":
         model.decorrelation_step()
     elif variant == "reference":
         for layer in model.reference_layers:
             layer.step()
+    mark()
+    if phases is not None:
+        for name, start, end in zip(PHASES, marks[:-1], marks[1:], strict=True):
+            phases.setdefault(name, []).append(end - start)
 
 
 def synchronize(device):
@@ -176,11 +195,12 @@ def main() -> None:
         for v in args.variants:  # warm-up
             train_step(v, *built[v])
         times = {v: [] for v in args.variants}
+        phases = {v: {} for v in args.variants}
         for _ in range(args.steps):  # interleaved, so that drifts of the machine hit every variant alike
             for v in args.variants:
                 synchronize(device)
                 start = time.perf_counter()
-                train_step(v, *built[v])
+                train_step(v, *built[v], phases=phases[v])
                 synchronize(device)
                 times[v].append(time.perf_counter() - start)
         del built
@@ -189,6 +209,10 @@ def main() -> None:
         base = statistics.median(times["bp"])
         row = {"batch": batch, "layers": args.layers, "device": str(device), "threads": args.threads,
                "bp_median_s": round(base, 4)}  # fmt: skip
+        # Where the time goes: the median seconds of each phase, per variant.
+        row["phases_s"] = {v: {k: round(statistics.median(t), 4) for k, t in phases[v].items()} for v in args.variants}
+        if memory:
+            row["peak_memory_mib"] = {v: round(m, 1) for v, m in memory.items()}
         for v in args.variants:
             if v == "bp":
                 continue
@@ -206,6 +230,11 @@ def main() -> None:
             if v != "bp":
                 cells += [f"{row.get(f'{v}_{k}', float('nan')):.3f}" for k in ("time_ratio", "flop_floor", "memory_ratio")]
         print("| " + " | ".join(cells) + " |")
+    print("\nWhere the time goes (median seconds per phase):\n\n| batch | variant | " + " | ".join(PHASES) + " |")
+    print("|" + " --- |" * (2 + len(PHASES)))
+    for row in rows:
+        for v, seconds in row["phases_s"].items():
+            print(f"| {row['batch']} | {v} | " + " | ".join(f"{seconds.get(k, 0.0):.3f}" for k in PHASES) + " |")
     with open(args.output, "w") as file:
         json.dump(rows, file, indent=1)
     print(f"\nwritten to {args.output}; layers: {' '.join(args.layers)}")

@@ -42,6 +42,7 @@ from hf_dbp.data import (
     demo_image_dataset,
     drop_unreadable_images,
     find_image_column,
+    fixed_mask_noise,
     with_sample_index,
 )
 from hf_dbp.hub import ensure_hub_reachable
@@ -89,6 +90,7 @@ class DataTrainingArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training images (e.g. a tenth of ImageNet-1K)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many validation images."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for checking the images."})
+    demo_photos: str = field(default="default", metadata={"help": "Without a dataset: which embedded photographs, 'default' or 'alternate' (another natural-image set of the same kind).", "choices": ["default", "alternate"]})
 
     def has_data_source(self) -> bool:
         return self.dataset_name is not None or self.train_dir is not None
@@ -156,8 +158,8 @@ def load_images(data_args: DataTrainingArguments, model_args: ModelArguments, se
             data_files["validation"] = os.path.join(data_args.validation_dir, "**")
         ds = load_dataset("imagefolder", data_files=data_files, cache_dir=model_args.cache_dir)
     else:
-        logger.info("No --dataset_name or --train_dir: using the embedded demo set (crops of scikit-image's photographs).")
-        ds = demo_image_dataset(seed=seed)
+        logger.info("No --dataset_name or --train_dir: using the embedded %s demo set (crops of photographs).", data_args.demo_photos)
+        ds = demo_image_dataset(seed=seed, photos=data_args.demo_photos)
     if not isinstance(ds, datasets.DatasetDict):
         ds = datasets.DatasetDict(train=ds)
     if "train" not in ds:
@@ -246,10 +248,15 @@ def main() -> None:
         "validation": MAEImageTransform(size, train=False),
     }
 
+    num_patches = (size // model.config.patch_size) ** 2
+
     def preprocess(split):
         def apply(examples):
-            pairs = zip(examples[image_column], examples[SAMPLE_INDEX_COLUMN], strict=True)
-            return {"pixel_values": [transforms[split](image, index) for image, index in pairs]}
+            pairs = list(zip(examples[image_column], examples[SAMPLE_INDEX_COLUMN], strict=True))
+            batch = {"pixel_values": [transforms[split](image, index) for image, index in pairs]}
+            if split == "validation":  # the same masks at every evaluation: the curve measures the weights alone
+                batch["noise"] = [fixed_mask_noise(training_args.seed, index, num_patches) for _, index in pairs]
+            return batch
 
         return apply
 
@@ -259,7 +266,10 @@ def main() -> None:
         ds[split].set_transform(preprocess("train" if split == "train" else "validation"))
 
     def collate_fn(examples):
-        return {"pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples])}
+        batch = {"pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples])}
+        if "noise" in examples[0]:
+            batch["noise"] = torch.stack([torch.as_tensor(e["noise"]) for e in examples])
+        return batch
 
     total_batch = training_args.train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
     if training_args.base_learning_rate is not None:

@@ -21,14 +21,32 @@ DEMO_TRAIN_PHOTOS = (
     "rocket", "stereo_motorcycle", "brick", "camera", "grass", "moon",
 )  # fmt: skip
 DEMO_VALIDATION_PHOTOS = ("chelsea", "gravel", "coins", "clock")
+# A second set of the same kind, to check that settings tuned on the default carry over to other images: it trains
+# on the default's validation photographs and on four that the default never uses, and validates on four of the
+# default's training photographs.
+ALTERNATE_TRAIN_PHOTOS = (
+    "chelsea", "gravel", "coins", "clock", "cell", "microaneurysms", "stereo_motorcycle_right", "grace_hopper",
+)  # fmt: skip
+ALTERNATE_VALIDATION_PHOTOS = ("astronaut", "coffee", "rocket", "brick")
+DEMO_SETS = {
+    "default": (DEMO_TRAIN_PHOTOS, DEMO_VALIDATION_PHOTOS),
+    "alternate": (ALTERNATE_TRAIN_PHOTOS, ALTERNATE_VALIDATION_PHOTOS),
+}
 
 
 def _photo(name: str) -> np.ndarray:
     import skimage.data
 
-    image = getattr(skimage.data, name)()
+    if name == "grace_hopper":  # ships with matplotlib
+        from matplotlib.cbook import get_sample_data
+        from PIL import Image as PILImage
+
+        with PILImage.open(get_sample_data("grace_hopper.jpg")) as file:
+            return np.asarray(file.convert("RGB"))
+    right = name.endswith("_right")
+    image = getattr(skimage.data, name.removesuffix("_right"))()
     if isinstance(image, tuple):  # stereo_motorcycle: (left, right, disparity)
-        image = image[0]
+        image = image[1 if right else 0]
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
     return np.ascontiguousarray(image[..., :3])
@@ -49,18 +67,27 @@ def _random_crops(photos: tuple[str, ...], count: int, rng: np.random.Generator,
 
 
 def demo_image_dataset(
-    num_train: int = 2048, num_validation: int = 256, min_size: int = 48, max_size: int = 160, seed: int = 0
+    num_train: int = 2048,
+    num_validation: int = 256,
+    min_size: int = 48,
+    max_size: int = 160,
+    seed: int = 0,
+    photos: str = "default",
 ) -> DatasetDict:
     """Square crops of scikit-image's photographs: a small natural-image set that needs no download.
 
     Training and validation crops come from different photographs. Crops are between `min_size` and `max_size`
-    pixels wide, so MAE's random resized crop still sees varied scales.
+    pixels wide, so MAE's random resized crop still sees varied scales. `photos` picks the photographs: "default",
+    or "alternate" (another split of other photographs, see `ALTERNATE_TRAIN_PHOTOS`).
     """
+    if photos not in DEMO_SETS:
+        raise ValueError(f"unknown demo set {photos!r}; choose one of {sorted(DEMO_SETS)}")
+    train_photos, validation_photos = DEMO_SETS[photos]
     rng = np.random.default_rng(seed)
     return DatasetDict(
-        train=Dataset.from_dict({"image": _random_crops(DEMO_TRAIN_PHOTOS, num_train, rng, min_size, max_size)}),
+        train=Dataset.from_dict({"image": _random_crops(train_photos, num_train, rng, min_size, max_size)}),
         validation=Dataset.from_dict(
-            {"image": _random_crops(DEMO_VALIDATION_PHOTOS, num_validation, rng, min_size, max_size)}
+            {"image": _random_crops(validation_photos, num_validation, rng, min_size, max_size)}
         ),
     )
 
@@ -129,6 +156,17 @@ def drop_unreadable_images(dataset: Dataset, column: str, num_proc: int | None =
 
 
 SAMPLE_INDEX_COLUMN = "sample_index"
+
+
+def fixed_mask_noise(seed: int, index: int, num_patches: int) -> np.ndarray:
+    """The `noise` that ViTMAE ranks to choose which patches to mask, fixed for one validation image.
+
+    ViTMAE masks at random in every forward, evaluation included, so two evaluations of the same weights give
+    different losses and the best of a run's evaluations is partly the luck of the draw. With this noise each
+    validation image keeps the same mask at every evaluation (and in every run with the same seed, BP or DBP), so the
+    validation curve moves only with the weights.
+    """
+    return np.random.default_rng([seed, int(index)]).random(num_patches, dtype=np.float32)
 
 
 class EpochSeededAugmentation:

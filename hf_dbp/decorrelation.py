@@ -26,6 +26,7 @@ This module holds three things, in the spirit of PEFT's tuners:
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -62,13 +63,13 @@ else:
         """``num_samples`` distinct row indices out of ``num_rows``, advancing the generator state in place."""
         generator = torch.Generator()
         generator.set_state(generator_state)
-        index = torch.randperm(num_rows, generator=generator)[:num_samples]
+        index = torch.randperm(num_rows, generator=generator, device="cpu")[:num_samples]
         generator_state.copy_(generator.get_state())
         return index
 
     @_sample_rows.register_fake
     def _(num_rows: int, num_samples: int, generator_state: torch.Tensor) -> torch.Tensor:
-        return torch.empty(num_samples, dtype=torch.long)
+        return torch.empty(num_samples, dtype=torch.long, device="cpu")
 
 
 class RowSampler:
@@ -107,14 +108,24 @@ class RowSampler:
         return _sample_rows(num_rows, num_samples, self.state)
 
 
+_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # torch.Generator -> its RowSampler
+
+
 def as_row_sampler(generator: RowSampler | torch.Generator | None) -> RowSampler | None:
-    """``generator`` as a :class:`RowSampler` (a ``torch.Generator``'s state is copied once, at this call)."""
-    if generator is None or isinstance(generator, RowSampler):
-        return generator
+    """``generator`` as a :class:`RowSampler`.
+
+    A ``torch.Generator`` is converted once, from its state at the first call: every later call with the same
+    generator returns the same sampler, so modules built from one generator still draw from one sequence (the
+    generator itself no longer advances).
+    """
+    if generator is None or (hasattr(generator, "sample") and hasattr(generator, "get_state")):
+        return generator  # a RowSampler, also one from another copy of this module (remote code)
     if isinstance(generator, torch.Generator):
         if generator.device.type != "cpu":
             raise ValueError(f"the generator for the statistics' rows must be a CPU generator, got {generator.device}")
-        return RowSampler.from_generator(generator)
+        if generator not in _SAMPLERS:
+            _SAMPLERS[generator] = RowSampler.from_generator(generator)
+        return _SAMPLERS[generator]
     raise TypeError(f"generator must be a RowSampler, a torch.Generator or None, got {type(generator).__name__}")
 
 
@@ -158,7 +169,7 @@ class Decorrelation(nn.Module):
         self.generator = as_row_sampler(generator)
         self.R = nn.Parameter(torch.eye(dim, dtype=torch.float32), requires_grad=False)
         self.skipped_updates = 0  # updates refused by the guard in `apply_update`
-        self.steps = 0  # calls of `apply_update` that could change R; keys the folded-weight caches
+        self.steps = 0  # calls of `decorrelation_step`, one per optimizer step; keys the folded-weight caches
         # Set by `inject_decorrelation`: the layers reading z, and their outputs together (what folding costs).
         self.consumers = 1
         self.group_out_features = dim
@@ -182,7 +193,7 @@ class Decorrelation(nn.Module):
         if self.sample_fraction < 1.0:
             k = max(1, round(n * self.sample_fraction))
             if self.generator is None:
-                index = torch.randperm(n, device=rows.device)[:k]
+                index = torch.randperm(n)[:k].to(rows.device)
             else:
                 index = self.generator.sample(n, k).to(rows.device)
             rows = rows.index_select(0, index)
@@ -256,15 +267,20 @@ class Decorrelation(nn.Module):
         loss = float(((1.0 - kappa) * off_diagonal + kappa * v.pow(2).sum()) / self.dim**2)
         if lr == 0.0:
             return loss
-        self.steps += 1
         # R - lr [(1 - kappa) (X - diag X) R + kappa diag(v) R]
         #   = diag(1 - lr (kappa v - (1 - kappa) diag X)) R - lr (1 - kappa) X R.
         # diag(v) @ R scales the rows of R, normalising the variance of each output z_i (the reference code's
         # `v * R` scales columns instead; the two agree only while R is symmetric).
-        moment_times_r = second_moment @ R if second_moment is not None else rows.t() @ (rows @ R) / rows.shape[0]
+        # One d x d temporary, written once and finished by a single fused GEMM (addmm_), then one pass to check it
+        # and one to copy it: the d x d passes, not the arithmetic, dominate the step of fc2's 3072 x 3072 R.
         row_scale = 1.0 - lr * (kappa * v - (1.0 - kappa) * variance)
-        new_r = moment_times_r.mul_(-lr * (1.0 - kappa)).add_(R * row_scale[:, None])
-        if math.isfinite(loss) and loss <= max_loss and bool(torch.isfinite(new_r).all()):
+        new_r = R * row_scale[:, None]
+        if second_moment is not None:
+            new_r.addmm_(second_moment, R, alpha=-lr * (1.0 - kappa))
+        else:
+            new_r.addmm_(rows.t(), rows @ R, alpha=-lr * (1.0 - kappa) / rows.shape[0])
+        # A sum is finite only if every entry is (NaN and inf propagate), and needs no d x d mask.
+        if math.isfinite(loss) and loss <= max_loss and bool(torch.isfinite(new_r.sum())):
             R.copy_(new_r)
         else:
             self.skipped_updates += 1
@@ -290,6 +306,9 @@ def _cached_fold(layer: nn.Module, fold) -> torch.Tensor:
     step even where a sharded optimizer (FSDP) writes W's storage behind its version counter. The fold runs outside
     autocast: the cached weight stays in W's precision, and a forward under autocast casts it as it would W.
     """
+    if torch.is_inference_mode_enabled():  # an inference tensor could not be saved for a later backward
+        with torch.autocast(device_type=layer.weight.device.type, enabled=False):
+            return fold()
     R = layer.decorrelation.R
     key = (layer.weight._version, R._version, layer.weight.data_ptr(), R.data_ptr(), layer.decorrelation.steps)
     cached = layer._folded_cache
@@ -317,15 +336,17 @@ class _FoldedForward(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, weight, bias, R, folded, stride = inputs
         ctx.stride = stride
+        ctx.input_shape = x.shape
         ctx.has_bias = bias is not None
-        # Under autocast the forward computed in the output's dtype; the backward does the same.
-        ctx.save_for_backward(x, R, folded.to(output.dtype))
+        # Under autocast the forward computed in the output's dtype; the backward does the same. x serves dW only.
+        ctx.save_for_backward(x if weight.requires_grad else None, R, folded.to(output.dtype))
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the fold is a constant here: no second derivatives through W
     def backward(ctx, grad_output):
         x, R, folded = ctx.saved_tensors
         grad_output = grad_output.to(folded.dtype)
-        x = x.to(folded.dtype)
+        x = x.to(folded.dtype) if x is not None else None
         grad_x = grad_weight = grad_bias = None
         if ctx.stride is None:
             flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
@@ -337,7 +358,7 @@ class _FoldedForward(torch.autograd.Function):
                 grad_bias = flat_grad.sum(0)
         else:
             if ctx.needs_input_grad[0]:
-                grad_x = torch.nn.grad.conv2d_input(x.shape, folded, grad_output, stride=ctx.stride)
+                grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, folded, grad_output, stride=ctx.stride)
             if ctx.needs_input_grad[1]:
                 grad_folded = torch.nn.grad.conv2d_weight(x, folded.shape, grad_output, stride=ctx.stride)
             if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -352,9 +373,10 @@ class _FoldedForward(torch.autograd.Function):
 def _folded_forward(layer: nn.Module, x: torch.Tensor, stride: tuple[int, int] | None) -> torch.Tensor:
     """The layer's output from the cached ``W R``; where a gradient flows to W, through :class:`_FoldedForward`."""
     if torch.compiler.is_compiling():
-        # A compiled graph cannot key a cache on version counters; it folds inside the graph, and autograd
-        # differentiates ``W @ R`` itself.
-        folded = layer.fold()
+        # A compiled graph cannot key a cache on version counters; it folds inside the graph, in W's precision as
+        # the eager cache does, and autograd differentiates ``W @ R`` itself.
+        with torch.autocast(device_type=layer.weight.device.type, enabled=False):
+            folded = layer.fold()
     else:
         folded = _cached_fold(layer, layer.fold)
         if torch.is_grad_enabled() and (layer.weight.requires_grad or x.requires_grad):
@@ -556,6 +578,10 @@ def decorrelation_step(
     decorrelations = list(decorrelations)
     if not decorrelations:
         return None
+    for d in decorrelations:
+        # The folded weights W R are reformed after every optimizer step, also where W was written behind its version
+        # counter (sharded optimizers) and where R did not move (lr = 0).
+        d.steps += 1
     reference = decorrelations[0].R
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     # Per layer: (count, second-moment sum or None, rows or None). One process: each layer updates from its own

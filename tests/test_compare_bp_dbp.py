@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import offline_env
 
+from hf_dbp.segmentation_data import make_demo_ade20k
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,23 +42,42 @@ def test_time_saved_is_measured_at_bps_best_loss(compare_module):
     assert compare_module.summarize([0.2, None, 0.4])["reached"] == "2/3"
 
 
-def test_tiny_comparison_end_to_end(tmp_path):
+def test_tiny_comparison_with_sweep_alternate_photos_and_finetuning_end_to_end(tmp_path):
+    """Two learning rates for each method on the alternate photographs, then UperNet fine-tuning of the chosen runs
+    (4 blocks: the fewest the segmentation neck takes)."""
     env = offline_env(tmp_path / "hf")
-    tiny = ("image_size=16,patch_size=4,hidden_size=24,num_hidden_layers=2,num_attention_heads=2,intermediate_size=48,"
+    tiny = ("image_size=16,patch_size=4,hidden_size=24,num_hidden_layers=4,num_attention_heads=2,intermediate_size=48,"
             "decoder_hidden_size=16,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,decoder_intermediate_size=32")  # fmt: skip
+    ade20k = make_demo_ade20k(str(tmp_path / "ade20k"), num_train=4, num_validation=2, size=32, seed=0)
+    finetune = ("--upernet_hidden_size 16 --auxiliary_channels 8 --crop_size 32 --per_device_train_batch_size 2 "
+                "--per_device_eval_batch_size 2 --max_steps 2 --warmup_steps 0 --dataloader_num_workers 0")  # fmt: skip
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "compare_bp_dbp.py"), "--output_dir", str(tmp_path / "cmp"),
          "--config_overrides", tiny, "--max_steps", "4", "--eval_steps", "2", "--per_device_train_batch_size", "8",
-         "--max_train_samples", "64", "--max_eval_samples", "16", "--emissions_country", "FRA"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+         "--max_train_samples", "64", "--max_eval_samples", "16", "--emissions_country", "FRA", "--seeds", "0",
+         "--learning_rate_sweep", "1e-3", "1e-2", "--demo_photos", "alternate",
+         "--finetune_data_dir", ade20k, "--finetune_args", finetune],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("embedded alternate demo set") + result.stderr.count("embedded alternate demo set") == 4
     comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    sweep = comparison["sweep"]
     for method in ("bp", "dbp"):
-        assert comparison[method]["best_eval_loss"] > 0 and comparison[method]["emissions_g"] > 0
+        losses = {lr: sweep["best_eval_loss"][method][lr]["mean"] for lr in ("0.001", "0.01")}
+        assert sweep["chosen"][method] == float(min(losses, key=losses.get))  # the best rate of each method
         run = comparison["runs"][0][method]
+        assert run["base_learning_rate"] == sweep["chosen"][method]
+        assert run["best_eval_loss"] == pytest.approx(losses[f"{sweep['chosen'][method]:g}"])
         assert [e["step"] for e in run["evals"]] == [2, 4]
+        assert comparison[method]["best_eval_loss"] > 0 and comparison[method]["emissions_g"] > 0
+        assert 0.0 <= run["mean_iou"] <= 1.0  # fine-tuned with UperNet
+        chosen_dir = tmp_path / "cmp" / "seed0" / f"{method}-lr{sweep['chosen'][method]:g}"
+        assert (chosen_dir.parent / f"{chosen_dir.name}-upernet" / "all_results.json").is_file()
+        for lr in ("0.001", "0.01"):
+            assert (tmp_path / "cmp" / "seed0" / f"{method}-lr{lr}" / "all_results.json").is_file()
     assert set(comparison) >= {"time_saved_fraction", "emissions_saved_fraction", "dbp_seconds_to_bp_best", "summary"}
-    assert (tmp_path / "cmp" / "seed0" / "bp" / "config.json").read_text().count('"vit_mae"') == 1
-    assert "| seed |" in (tmp_path / "cmp" / "comparison.md").read_text()
+    assert (tmp_path / "cmp" / "seed0" / "bp-lr0.001" / "config.json").read_text().count('"vit_mae"') == 1
+    markdown = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| seed |" in markdown and "Learning-rate sweep" in markdown and "(chosen)" in markdown
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 10_000

@@ -453,3 +453,46 @@ def test_folded_forward_under_bfloat16_autocast_keeps_weights_and_gradients_in_f
     for full, half in zip(*gradients, strict=True):
         torch.testing.assert_close(half, full, rtol=0.05, atol=0.05)
     assert model.a._folded_cache[1].dtype == torch.float32 and groups["abc"].R.dtype == torch.float32
+
+
+def test_every_decorrelation_step_refolds_also_when_W_was_written_behind_its_version_counter():
+    """Sharded optimizers (FSDP) write W's storage without bumping its version; the step after them still refolds,
+    also with a decorrelation lr of 0, where R does not move."""
+    model = TwoBranches()
+    groups = inject_decorrelation(model, {"abc": ["a", "b", "c"]})
+    x = torch.randn(20, 6)  # the folded form
+    model.a(x).sum().backward()
+    model.a.weight.data.add_(1.0)  # not seen by the version counter
+    decorrelation_step(groups.values(), lr=0.0, kappa=0.5)
+    torch.testing.assert_close(model.a(x), F.linear(x @ groups["abc"].R.T, model.a.weight, model.a.bias))
+
+
+def test_training_after_evaluation_under_inference_mode():
+    model = TwoBranches()
+    inject_decorrelation(model, {"abc": ["a", "b", "c"]})
+    x = torch.randn(20, 6)
+    with torch.inference_mode():
+        expected = model.a(x)
+    out = model.a(x)
+    out.sum().backward()  # an inference tensor cached for the fold could not be saved for this backward
+    torch.testing.assert_close(out.detach(), expected)
+    assert model.a.weight.grad is not None
+
+
+def test_second_derivatives_through_the_folded_form_raise_instead_of_being_wrong():
+    model = TwoBranches()
+    inject_decorrelation(model, {"abc": ["a", "b", "c"]})
+    x = torch.randn(20, 6, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(model.a(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
+        grad_x.sum().backward()
+
+
+def test_modules_built_from_one_torch_generator_share_its_sequence():
+    generator = torch.Generator().manual_seed(0)
+    first, second = Decorrelation(1, 0.5, generator), Decorrelation(1, 0.5, generator)
+    assert first.generator is second.generator
+    rows = torch.arange(1.0, 101.0)[:, None]
+    first.observe(rows)
+    second.observe(rows)
+    assert not torch.equal(first.moment_sum(), second.moment_sum())  # different rows, not one stream copied twice

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from transformers import BertConfig, BertModel, ViTMAEConfig, ViTMAEForPreTraining
 
 import hf_dbp
+from hf_dbp.data import fixed_mask_noise
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "run_mae_dbp.py"
@@ -169,7 +170,7 @@ def run_concurrently(
 def folder_runs(tmp_path_factory) -> dict[str, Run]:
     """Two DBP runs from scratch on a training and a validation image folder:
 
-    - "clean": 12 RGB training images, 4 validation images;
+    - "clean": 12 RGB training images, 4 validation images, evaluated after step 3 and again at the end;
     - "messy": no RGB image at all: grayscale (L), RGBA and palette (P, PNG and GIF) images, plus a .jpg of random
       bytes and a truncated JPEG in the training folder.
     """
@@ -191,12 +192,14 @@ def folder_runs(tmp_path_factory) -> dict[str, Run]:
     for seed, mode in enumerate(("L", "RGBA", "P")):
         write_images(root / "messy" / "validation", 1, mode=mode, seed=10 + seed)
 
-    def run(name):
+    def run(name, *extra):
         folder = root / name
         return partial(run_script, "--train_dir", folder / "train", "--validation_dir", folder / "validation",
-                       "--output_dir", folder / "out", *TINY_FLAGS, hf_home=folder / "hf_home")  # fmt: skip
+                       "--output_dir", folder / "out", *TINY_FLAGS, *extra, hf_home=folder / "hf_home")  # fmt: skip
 
-    results = run_concurrently({"clean": run("clean"), "messy": run("messy")})
+    # "clean" also evaluates after its last step, so that two evaluations of the same weights can be compared.
+    clean = run("clean", "--eval_strategy", "steps", "--eval_steps", "3")
+    results = run_concurrently({"clean": clean, "messy": run("messy")})
     return {
         "clean": Run(results["clean"], root / "clean" / "out"),
         "messy": Run(results["messy"], root / "messy" / "out", readable, [corrupt, truncated]),
@@ -274,6 +277,25 @@ def test_image_folder_run_logs_decorrelation_loss(folder_runs):
         assert "decorrelation_loss" in record, record
         assert math.isfinite(record["loss"]) and math.isfinite(record["decorrelation_loss"])
         assert record["decorrelation_loss"] > 0
+
+
+def test_validation_masks_are_the_same_at_every_evaluation(folder_runs):
+    """The evaluation after the last step and the final one see the same weights: with fixed validation masks they
+    give the same loss (ViTMAE's own random masks would not)."""
+    run = folder_runs["clean"]
+    assert_succeeded(run.result)
+    history = read_json(run.output_dir / "trainer_state.json")["log_history"]
+    during = [r["eval_loss"] for r in history if "eval_loss" in r and r["step"] == 3]
+    assert len(during) >= 1
+    assert during[0] == pytest.approx(read_json(run.output_dir / "all_results.json")["eval_loss"], rel=1e-6)
+
+
+def test_fixed_mask_noise_depends_on_seed_and_image_only():
+    first = fixed_mask_noise(0, 5, 16)
+    assert first.shape == (16,) and first.dtype == np.float32
+    np.testing.assert_array_equal(first, fixed_mask_noise(0, 5, 16))
+    assert not np.array_equal(first, fixed_mask_noise(0, 6, 16))
+    assert not np.array_equal(first, fixed_mask_noise(1, 5, 16))
 
 
 def test_image_folder_run_plots_training_curves(folder_runs):
