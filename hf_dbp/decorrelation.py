@@ -170,6 +170,9 @@ class Decorrelation(nn.Module):
         self.R = nn.Parameter(torch.eye(dim, dtype=torch.float32), requires_grad=False)
         self.skipped_updates = 0  # updates refused by the guard in `apply_update`
         self.steps = 0  # calls of `decorrelation_step`, one per optimizer step; keys the folded-weight caches
+        # Whether training forwards share one cached W R between optimizer steps (set it under gradient accumulation;
+        # DBPTrainer does).
+        self.reuse_fold_in_training = False
         # Set by `inject_decorrelation`: the layers reading z, and their outputs together (what folding costs).
         self.consumers = 1
         self.group_out_features = dim
@@ -371,16 +374,27 @@ class _FoldedForward(torch.autograd.Function):
 
 
 def _folded_forward(layer: nn.Module, x: torch.Tensor, stride: tuple[int, int] | None) -> torch.Tensor:
-    """The layer's output from the cached ``W R``; where a gradient flows to W, through :class:`_FoldedForward`."""
+    """The layer's output from ``W R``.
+
+    Without gradients (evaluation), the cached fold. With them, the cached fold through :class:`_FoldedForward` when
+    the layer's ``Decorrelation.reuse_fold_in_training`` is set (gradient accumulation: one fold serves every
+    micro-batch), otherwise a fold inside the graph (one forward per step: nothing to reuse, and the graph frees each
+    fold as the backward passes it, where a cached one would stay in memory to the end of the step).
+    """
     if torch.compiler.is_compiling():
         # A compiled graph cannot key a cache on version counters; it folds inside the graph, in W's precision as
         # the eager cache does, and autograd differentiates ``W @ R`` itself.
         with torch.autocast(device_type=layer.weight.device.type, enabled=False):
             folded = layer.fold()
+    elif torch.is_grad_enabled() and (layer.weight.requires_grad or x.requires_grad):
+        if layer.decorrelation.reuse_fold_in_training:
+            folded = _cached_fold(layer, layer.fold)
+            return _FoldedForward.apply(x, layer.weight, layer.bias, layer.decorrelation.R, folded, stride)
+        # One forward per optimizer step: W R inside the graph, freed as the backward passes it.
+        with torch.autocast(device_type=layer.weight.device.type, enabled=False):
+            folded = layer.fold()
     else:
         folded = _cached_fold(layer, layer.fold)
-        if torch.is_grad_enabled() and (layer.weight.requires_grad or x.requires_grad):
-            return _FoldedForward.apply(x, layer.weight, layer.bias, layer.decorrelation.R, folded, stride)
     if stride is None:
         return F.linear(x, folded, layer.bias)
     return layer._conv_forward(x, folded, layer.bias)

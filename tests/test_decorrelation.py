@@ -374,11 +374,13 @@ def test_folded_weight_is_reused_in_evaluation_until_W_or_R_changes():
         assert model.a._folded_cache[1] is not second
 
 
-def test_patch_conv_gives_the_outputs_and_gradients_of_the_folded_conv():
-    """The conv's folded forward with its hand-written backward against autograd through W R (float64)."""
+@pytest.mark.parametrize("reuse", [False, True])  # autograd through W R, or the cached fold's own backward
+def test_patch_conv_gives_the_outputs_and_gradients_of_the_folded_conv(reuse):
+    """The conv's folded forward against autograd through an independent W R (float64)."""
     torch.manual_seed(0)
     model = TwoBranches().double()
     d = inject_decorrelation(model, {"patch": ["patch"]})["patch"].double()
+    d.reuse_fold_in_training = reuse
     d.R.copy_(torch.eye(8, dtype=torch.float64) + 0.1 * torch.randn(8, 8, dtype=torch.float64))
     image = torch.randn(3, 2, 4, 6, dtype=torch.float64, requires_grad=True)
     (model.patch(image) ** 2).sum().backward()
@@ -400,6 +402,7 @@ def test_folded_weight_is_formed_once_per_optimizer_step_across_micro_batches(mo
     for d in groups.values():
         d.double()
         d.R.copy_(torch.eye(d.dim, dtype=torch.float64) + 0.1 * torch.randn(d.dim, d.dim, dtype=torch.float64))
+        d.reuse_fold_in_training = True  # as DBPTrainer sets it under gradient accumulation
     folds = []
     for cls in (DecorrelatedLinear, DecorrelatedConv2d):
         original = cls.fold
@@ -435,10 +438,13 @@ def test_folded_weight_is_formed_once_per_optimizer_step_across_micro_batches(mo
         decorrelation_step(groups.values(), lr=0.01, kappa=0.5)
 
 
-def test_folded_forward_under_bfloat16_autocast_keeps_weights_and_gradients_in_float32():
+@pytest.mark.parametrize("reuse", [False, True])
+def test_folded_forward_under_bfloat16_autocast_keeps_weights_and_gradients_in_float32(reuse):
     torch.manual_seed(0)
     model = TwoBranches()
     groups = inject_decorrelation(model, {"abc": ["a", "b", "c"], "patch": ["patch"]})
+    for d in groups.values():
+        d.reuse_fold_in_training = reuse
     x, image = torch.randn(20, 6), torch.randn(2, 2, 4, 4)
     gradients = []
     for enabled in (False, True):
@@ -452,7 +458,9 @@ def test_folded_forward_under_bfloat16_autocast_keeps_weights_and_gradients_in_f
         assert all(g.dtype == torch.float32 for g in gradients[-1])
     for full, half in zip(*gradients, strict=True):
         torch.testing.assert_close(half, full, rtol=0.05, atol=0.05)
-    assert model.a._folded_cache[1].dtype == torch.float32 and groups["abc"].R.dtype == torch.float32
+    assert groups["abc"].R.dtype == torch.float32
+    if reuse:
+        assert model.a._folded_cache[1].dtype == torch.float32
 
 
 def test_every_decorrelation_step_refolds_also_when_W_was_written_behind_its_version_counter():
@@ -460,6 +468,7 @@ def test_every_decorrelation_step_refolds_also_when_W_was_written_behind_its_ver
     also with a decorrelation lr of 0, where R does not move."""
     model = TwoBranches()
     groups = inject_decorrelation(model, {"abc": ["a", "b", "c"]})
+    groups["abc"].reuse_fold_in_training = True
     x = torch.randn(20, 6)  # the folded form
     model.a(x).sum().backward()
     model.a.weight.data.add_(1.0)  # not seen by the version counter
@@ -469,7 +478,7 @@ def test_every_decorrelation_step_refolds_also_when_W_was_written_behind_its_ver
 
 def test_training_after_evaluation_under_inference_mode():
     model = TwoBranches()
-    inject_decorrelation(model, {"abc": ["a", "b", "c"]})
+    inject_decorrelation(model, {"abc": ["a", "b", "c"]})["abc"].reuse_fold_in_training = True
     x = torch.randn(20, 6)
     with torch.inference_mode():
         expected = model.a(x)
@@ -479,13 +488,25 @@ def test_training_after_evaluation_under_inference_mode():
     assert model.a.weight.grad is not None
 
 
-def test_second_derivatives_through_the_folded_form_raise_instead_of_being_wrong():
-    model = TwoBranches()
-    inject_decorrelation(model, {"abc": ["a", "b", "c"]})
-    x = torch.randn(20, 6, requires_grad=True)
+@pytest.mark.parametrize("reuse", [False, True])
+def test_second_derivatives_through_the_folded_form_are_right_or_refused(reuse):
+    """Autograd through W R gives second derivatives; the cached fold's backward refuses rather than drop W's."""
+    torch.manual_seed(0)
+    model = TwoBranches().double()
+    d = inject_decorrelation(model, {"abc": ["a", "b", "c"]})["abc"].double()
+    d.R.add_(0.1 * torch.randn_like(d.R))
+    d.reuse_fold_in_training = reuse
+    x = torch.randn(20, 6, requires_grad=True, dtype=torch.float64)
     (grad_x,) = torch.autograd.grad(model.a(x).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
-        grad_x.sum().backward()
+    if reuse:
+        with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
+            grad_x.sum().backward()
+        return
+    grad_x.pow(2).sum().backward()
+    w = model.a.weight.detach().clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(F.linear(x, w @ d.R, model.a.bias).pow(2).sum(), x, create_graph=True)
+    expected.pow(2).sum().backward()
+    torch.testing.assert_close(model.a.weight.grad, w.grad)
 
 
 def test_modules_built_from_one_torch_generator_share_its_sequence():
