@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,18 @@ def offline_env(hf_home: Path, offline: bool = True) -> dict[str, str]:
     if offline:
         env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return env
+
+
+@dataclass
+class Run:
+    """A finished run of an example script: the process (stdout and stderr merged) and its output folder."""
+
+    result: subprocess.CompletedProcess
+    output_dir: Path
+
+    @property
+    def output(self) -> str:
+        return self.result.stdout
+
+    def assert_succeeded(self) -> None:
+        assert self.result.returncode == 0, f"the run failed (exit {self.result.returncode}):\n{self.output[-6000:]}"

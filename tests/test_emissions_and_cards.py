@@ -21,13 +21,12 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import MAE_SCRIPT, REPO_ROOT, SEGMENTATION_SCRIPT, TINY, offline_env
+from conftest import MAE_SCRIPT, REPO_ROOT, SEGMENTATION_SCRIPT, TINY, Run, offline_env, read_json
 from huggingface_hub import ModelCard
 from PIL import Image as PILImage
 from transformers import AutoConfig, TrainingArguments
@@ -72,23 +71,6 @@ def subprocess_env(hf_home: Path) -> dict[str, str]:
     env = offline_env(hf_home)
     env.pop("CODECARBON_COUNTRY_ISO_CODE", None)  # the country comes from the flags alone
     return env
-
-
-@dataclass
-class Run:
-    result: subprocess.CompletedProcess
-    output_dir: Path
-
-    @property
-    def output(self) -> str:
-        return self.result.stdout
-
-    def assert_succeeded(self) -> None:
-        assert self.result.returncode == 0, f"the run failed (exit {self.result.returncode}):\n{self.output[-6000:]}"
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 def csv_rows(folder: Path) -> list[dict[str, str]]:

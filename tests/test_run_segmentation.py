@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, SEGMENTATION_SCRIPT, TINY_ENCODER, offline_env, read_json, training_records
+from conftest import REPO_ROOT, SEGMENTATION_SCRIPT, TINY_ENCODER, Run, offline_env, read_json, training_records
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 from transformers import AutoModelForSemanticSegmentation, BertConfig, BertModel, ViTMAEConfig, ViTMAEForPreTraining
@@ -63,18 +63,8 @@ def run_script(*args, hf_home: Path, cwd: Path = REPO_ROOT) -> subprocess.Comple
     )
 
 
-@dataclass
-class Run:
-    result: subprocess.CompletedProcess
-    output_dir: Path
-
-    @property
-    def output(self) -> str:
-        return self.result.stdout
-
-
 def assert_succeeded(run: Run) -> None:
-    assert run.result.returncode == 0, f"the script failed (exit {run.result.returncode}):\n{run.output[-6000:]}"
+    run.assert_succeeded()
 
 
 def assert_failed_before_training(run: Run) -> str:
