@@ -35,6 +35,8 @@ def test_one_decorrelation_step_per_optimizer_step_with_gradient_accumulation(tm
     model.decorrelation_step = counting_step
     args = training_args(tmp_path, max_steps=3, gradient_accumulation_steps=2, per_device_train_batch_size=4)
     trainer = DBPTrainer(model=model, args=args, train_dataset=noise_images())
+    # The micro-batches of a step share one folded W R.
+    assert all(d.reuse_fold_in_training for d in model.decorrelation_modules())
     trainer.train()
     # 3 optimizer steps, each after 2 micro-batches of 4 images x (1 cls + 4 visible patches) rows.
     assert calls == [2 * 4 * 5] * 3
@@ -42,6 +44,12 @@ def test_one_decorrelation_step_per_optimizer_step_with_gradient_accumulation(tm
     assert len(records) == 3 and all(r["decorrelation_loss"] > 0 for r in records)
     seconds = [r["train_seconds"] for r in records]
     assert all(0 < a < b for a, b in zip(seconds[:-1], seconds[1:], strict=True))
+
+
+def test_without_gradient_accumulation_training_folds_in_the_graph(tmp_path, tiny_kwargs):
+    model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs))
+    DBPTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=noise_images())
+    assert not any(d.reuse_fold_in_training for d in model.decorrelation_modules())
 
 
 def test_evaluation_reports_the_mae_loss_and_is_not_counted_as_training_time(tmp_path, tiny_kwargs):
