@@ -300,24 +300,29 @@ def _rebase(layer: nn.Module, cls: type, decorrelation: Decorrelation, record_st
     return new
 
 
-def _cached_fold(layer: nn.Module, fold) -> torch.Tensor:
+def _fold_in_weight_precision(layer: nn.Module) -> torch.Tensor:
+    """``layer.fold()`` outside autocast, so that W R keeps W's precision; a forward under autocast casts it as it
+    would W."""
+    with torch.autocast(device_type=layer.weight.device.type, enabled=False):
+        return layer.fold()
+
+
+def _cached_fold(layer: nn.Module) -> torch.Tensor:
     """``W R`` without a graph, computed once and reused while neither W nor R changes.
 
     One fold serves every forward between two optimizer steps: all the micro-batches of a gradient-accumulation step
     and every evaluation batch. The cache is keyed on the version counters of W and R (the optimizer's and DBP's
     in-place updates bump them), on their storage, and on the count of DBP steps, which changes after every optimizer
-    step even where a sharded optimizer (FSDP) writes W's storage behind its version counter. The fold runs outside
-    autocast: the cached weight stays in W's precision, and a forward under autocast casts it as it would W.
+    step even where a sharded optimizer (FSDP) writes W's storage behind its version counter.
     """
     if torch.is_inference_mode_enabled():  # an inference tensor could not be saved for a later backward
-        with torch.autocast(device_type=layer.weight.device.type, enabled=False):
-            return fold()
+        return _fold_in_weight_precision(layer)
     R = layer.decorrelation.R
     key = (layer.weight._version, R._version, layer.weight.data_ptr(), R.data_ptr(), layer.decorrelation.steps)
     cached = layer._folded_cache
     if cached is None or cached[0] != key:
-        with torch.no_grad(), torch.autocast(device_type=layer.weight.device.type, enabled=False):
-            cached = layer._folded_cache = (key, fold())
+        with torch.no_grad():
+            cached = layer._folded_cache = (key, _fold_in_weight_precision(layer))
     return cached[1]
 
 
@@ -381,20 +386,15 @@ def _folded_forward(layer: nn.Module, x: torch.Tensor, stride: tuple[int, int] |
     micro-batch), otherwise a fold inside the graph (one forward per step: nothing to reuse, and the graph frees each
     fold as the backward passes it, where a cached one would stay in memory to the end of the step).
     """
-    if torch.compiler.is_compiling():
-        # A compiled graph cannot key a cache on version counters; it folds inside the graph, in W's precision as
-        # the eager cache does, and autograd differentiates ``W @ R`` itself.
-        with torch.autocast(device_type=layer.weight.device.type, enabled=False):
-            folded = layer.fold()
-    elif torch.is_grad_enabled() and (layer.weight.requires_grad or x.requires_grad):
-        if layer.decorrelation.reuse_fold_in_training:
-            folded = _cached_fold(layer, layer.fold)
-            return _FoldedForward.apply(x, layer.weight, layer.bias, layer.decorrelation.R, folded, stride)
-        # One forward per optimizer step: W R inside the graph, freed as the backward passes it.
-        with torch.autocast(device_type=layer.weight.device.type, enabled=False):
-            folded = layer.fold()
+    needs_grad = torch.is_grad_enabled() and (layer.weight.requires_grad or x.requires_grad)
+    # A compiled graph cannot key a cache on version counters: it folds inside the graph, and autograd differentiates
+    # ``W @ R`` itself, as it does for one forward per optimizer step.
+    if torch.compiler.is_compiling() or (needs_grad and not layer.decorrelation.reuse_fold_in_training):
+        folded = _fold_in_weight_precision(layer)
     else:
-        folded = _cached_fold(layer, layer.fold)
+        folded = _cached_fold(layer)
+        if needs_grad:
+            return _FoldedForward.apply(x, layer.weight, layer.bias, layer.decorrelation.R, folded, stride)
     if stride is None:
         return F.linear(x, folded, layer.bias)
     return layer._conv_forward(x, folded, layer.bias)
@@ -419,7 +419,7 @@ class DecorrelatedLinear(nn.Linear):
 
     def folded_weight(self) -> torch.Tensor:
         """``W R``: the weight of a plain linear layer with the same outputs (cached while W and R are unchanged)."""
-        return _cached_fold(self, self.fold)
+        return _cached_fold(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.record_statistics and not _in_backward_pass():
@@ -455,7 +455,7 @@ class DecorrelatedConv2d(nn.Conv2d):
 
     def folded_weight(self) -> torch.Tensor:
         """The weight of a plain conv with the same outputs (cached while W and R are unchanged)."""
-        return _cached_fold(self, self.fold)
+        return _cached_fold(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.record_statistics and not _in_backward_pass():

@@ -127,7 +127,7 @@ class DBPTrainer(Trainer):
             )
         # Under gradient accumulation every micro-batch of a step shares one folded W R (W and R do not change
         # between them); with one forward per step there is nothing to share, and the fold is better freed early.
-        for d in self._decorrelation_modules() if self._monitor is None else []:
+        for d in self._decorrelation_modules():
             d.reuse_fold_in_training = self.args.gradient_accumulation_steps > 1
         # ViTMAE returns its loss without labels; this is Trainer's switch for such models (eval_loss is computed).
         self.can_return_loss = True
