@@ -2,8 +2,9 @@
 
 The metadata follows the Hub's model-card specification: `co2_eq_emissions` (emissions in grams, `source`,
 `training_type`, `geographical_location`, `hardware_used`), `library_name`, `tags`, `datasets`, `base_model` and a
-`model-index` with the evaluation results. Figures come from the run's own files (`emissions.csv`,
-`all_results.json`) wherever they exist, so the card always says what those files say.
+`model-index` with the evaluation results. Figures come from the run's own files (`emissions.csv`, or one
+`emissions_machine<k>.csv` per machine, and `all_results.json`) wherever they exist, so the card always says what
+those files say.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .configuration_vit_mae_dbp import DBP_CONFIG_FIELDS
-from .emissions import WORLD_AVERAGE, EmissionsReport
+from .emissions import EMISSIONS_CSV, WORLD_AVERAGE, EmissionsReport, combine_reports, machine_csv_paths
 
 PRETRAINING_METRICS = {"eval_loss": "MAE reconstruction loss (validation)"}
 SEGMENTATION_METRICS = {
@@ -26,8 +27,15 @@ SEGMENTATION_METRICS = {
 
 
 def read_emissions_csv(folder: str) -> EmissionsReport | None:
-    """The total of a run from the last row of codecarbon's `emissions.csv` in `folder` (grams, not kg)."""
-    path = os.path.join(folder, "emissions.csv")
+    """The total of a run in `folder` (grams, not kg): the last row of codecarbon's `emissions.csv`, or for a run on
+    several machines the sum of the last rows of their `emissions_machine<k>.csv` (see `hf_dbp.emissions`)."""
+    machines = [report for report in map(_read_last_row, machine_csv_paths(folder)) if report is not None]
+    if machines:
+        return combine_reports(machines)
+    return _read_last_row(os.path.join(folder, EMISSIONS_CSV))
+
+
+def _read_last_row(path: str) -> EmissionsReport | None:
     if not os.path.isfile(path):
         return None
     with open(path, newline="") as file:
@@ -55,6 +63,9 @@ def read_results(folder: str) -> dict:
 
 def _is_segmentation(config) -> bool:
     return getattr(config, "model_type", None) == "upernet"
+
+
+_VARIANCE_TERMS = {"rows": "rows, diag(v) R", "columns": "columns, R diag(v) (the reference code's form)"}
 
 
 def _dbp_settings(config) -> dict | None:
@@ -160,6 +171,7 @@ def _body(config, model_name, results, emissions, datasets, base_model, seconds,
             f"| decorrelation lr | {dbp['decorrelation_lr']} |",
             f"| kappa | {dbp['decorrelation_kappa']} |",
             f"| sample fraction | {dbp['decorrelation_sample_fraction']} |",
+            f"| variance term | {_VARIANCE_TERMS.get(dbp['decorrelation_variance_form'], 'rows, diag(v) R')} |",
         ]  # fmt: skip
     elif merged_from or segmentation:
         lines.append("The encoder holds no R: any decorrelation from pre-training is folded into its weights.")

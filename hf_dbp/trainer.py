@@ -7,12 +7,28 @@ import os
 import time
 
 import torch
+from accelerate.utils import gather_object
 from transformers import Trainer, TrainerCallback
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEForPreTraining, ViTMAEModel
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .configuration_vit_mae_dbp import ViTMAEDBPConfig
-from .decorrelation import Decorrelation, DecorrelationMonitor, RowSampler, decorrelation_step
-from .emissions import EmissionsMeter, EmissionsReport, resolve_country
+from .decorrelation import (
+    Decorrelation,
+    DecorrelationMonitor,
+    RowSampler,
+    decorrelation_matrices,
+    decorrelation_step,
+    drop_decorrelation_matrices,
+)
+from .emissions import (
+    EmissionsMeter,
+    EmissionsReport,
+    carried_for_machine,
+    read_run_totals,
+    resolve_country,
+    write_run_totals,
+)
 from .model_card import write_model_card
 from .modeling_vit_mae_dbp import STATISTICS_SEED, ViTMAEDBPPreTrainedModel, vit_mae_decorrelation_groups
 
@@ -61,8 +77,10 @@ class DBPTrainer(Trainer):
 
     It also measures the run's energy and emissions with codecarbon's offline tracker (one per machine, on its main
     process): `energy_kwh` and `emissions_g` (cumulative, grams) join the log records, `emissions.csv` lands in
-    `output_dir`, the totals join the train metrics (`train_energy_kwh`, `train_emissions_g`), and every saved
-    folder gets a model card (`README.md`) that carries them (see `hf_dbp.model_card`).
+    `output_dir` (`emissions_machine<k>.csv` for each of several machines), the totals join the train metrics
+    (`train_energy_kwh`, `train_emissions_g`), and every saved folder gets a model card (`README.md`) that carries
+    them (see `hf_dbp.model_card`). Each checkpoint keeps every machine's figures and the training seconds so far
+    (`run_totals.json`): a run resumed from it goes on from them, so its figures are those of an uninterrupted run.
 
     Args:
         decorrelation_config ([`ViTMAEDBPConfig`], *optional*):
@@ -125,6 +143,10 @@ class DBPTrainer(Trainer):
                 f"DBPTrainer trains models with a ViTMAEDBP encoder (or plain ViTMAE models as a BP baseline), "
                 f"not {type(model).__name__}"
             )
+        self._freeze_decorrelation_matrices()  # before DDP wraps the model: it must not expect gradients for R
+        if self.optimizer is not None and (dropped := drop_decorrelation_matrices(self.optimizer, model)):
+            logger.warning("Removed %d decorrelation matrices R from the optimizer passed to DBPTrainer: R is updated "
+                           "by the decorrelation step, never by an optimizer.", dropped)  # fmt: skip
         # Under gradient accumulation every micro-batch of a step shares one folded W R (W and R do not change
         # between them); with one forward per step there is nothing to share, and the fold is better freed early.
         for d in self._decorrelation_modules():
@@ -135,28 +157,53 @@ class DBPTrainer(Trainer):
         self._clock_start: float | None = None
         self._seconds_in_evaluation = 0.0
         self._evaluation_start: float | None = None
+        self._resumed_totals: dict | None = None  # the run_totals.json of the checkpoint train() resumes from
         self.add_callback(_DecorrelationCallback(self))
 
+    def _freeze_decorrelation_matrices(self) -> None:
+        # Trainer groups the parameters that require grad, and DDP expects a gradient for each. Every assignment of R
+        # clears that flag, but a user's `model.requires_grad_(True)` sets it again: clear it whatever happened.
+        for R in decorrelation_matrices(self.model):
+            R.requires_grad_(False)
+
+    def create_optimizer(self, model=None):
+        self._freeze_decorrelation_matrices()
+        return super().create_optimizer(model)
+
     def _training_clock_start(self) -> None:
-        self._clock_start = time.perf_counter()
+        # A resumed run's clock goes on from its checkpoint's (run_totals.json), as an uninterrupted run's would.
+        self._clock_start = time.perf_counter() - ((self._resumed_totals or {}).get("train_seconds") or 0.0)
         self._seconds_in_evaluation = 0.0
 
     def _start_emissions(self) -> None:
         if self._track_emissions and self._meter is None:
-            self._meter = EmissionsMeter(self.args.output_dir, self._country, self.accelerator.is_local_main_process)
+            # Machine k: the k-th local main process in rank order, the order the checkpoints list the machines in.
+            mains = self._gather_over_processes(self.accelerator.is_local_main_process)
+            machine, num_machines = sum(mains[: self.accelerator.process_index]), sum(mains)
+            carried = carried_for_machine((self._resumed_totals or {}).get("machines") or [], machine, num_machines)
+            self._meter = EmissionsMeter(self.args.output_dir, self._country, self.accelerator.is_local_main_process,
+                                         machine=machine, num_machines=num_machines, carried=carried)  # fmt: skip
             self._meter.start()
 
-    def _sum_over_processes(self, values: list[float]) -> list[float]:
-        if self.accelerator.num_processes == 1:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
-        return self.accelerator.reduce(tensor, reduction="sum").tolist()
+    def _gather_over_processes(self, item) -> list:
+        """One picklable object from every process, in rank order; every process must call it together."""
+        return [item] if self.accelerator.num_processes == 1 else gather_object([item])
 
-    def train(self, *args, **kwargs):
-        result = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True and os.path.isdir(self.args.output_dir):  # as Trainer resolves it (and fails without)
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        # What the run resumed from had measured and trained so far (run_totals.json, written by _save_checkpoint).
+        self._resumed_totals = read_run_totals(checkpoint) if isinstance(checkpoint, str) else None
+        if isinstance(checkpoint, str) and self._resumed_totals is None:
+            logger.warning("%s has no run_totals.json: energy, emissions and train_seconds count from this resume on "
+                           "only", checkpoint)  # fmt: skip
+        elif isinstance(checkpoint, str) and self._track_emissions and not self._resumed_totals.get("machines"):
+            logger.warning("%s was saved without measuring emissions: they count from this resume on only", checkpoint)
+        result = super().train(resume_from_checkpoint, *args, **kwargs)
         self.check_decorrelation_consistency()
         if self._meter is not None:
-            self.emissions = self._meter.read(stop=True, reduce=self._sum_over_processes)
+            self.emissions = self._meter.read(stop=True, gather=self._gather_over_processes)
             result.metrics.update(train_energy_kwh=self.emissions.energy_kwh, train_emissions_g=self.emissions.emissions_g)
         return result
 
@@ -225,6 +272,18 @@ class DBPTrainer(Trainer):
         generators = {id(d.generator): d.generator for d in self._decorrelation_modules() if d.generator is not None}
         return list(generators.values())
 
+    def _save_checkpoint(self, model, trial) -> None:
+        # run_totals.json, what a run resuming from this checkpoint goes on from: every machine's figures, read now
+        # (the checkpoint's card shows them too), and the training seconds. Every process takes part in the gathers.
+        machines = []
+        if self._meter is not None:
+            self._last_emissions = self._meter.read(gather=self._gather_over_processes)
+            machines = [state for state in self._gather_over_processes(self._meter.state) if state is not None]
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            write_run_totals(folder, machines, self._train_seconds() if self._clock_start is not None else None)
+        super()._save_checkpoint(model, trial)
+
     def _save_rng_state(self, output_dir: str) -> None:
         # Trainer saves the python, numpy and torch generators; the rows DBP samples come from generators of ours.
         super()._save_rng_state(output_dir)
@@ -268,7 +327,7 @@ class DBPTrainer(Trainer):
         if self._clock_start is not None and "train_runtime" not in logs:
             logs["train_seconds"] = self._train_seconds()
             if self._meter is not None:
-                self._last_emissions = self._meter.read(reduce=self._sum_over_processes)
+                self._last_emissions = self._meter.read(gather=self._gather_over_processes)
                 logs["energy_kwh"], logs["emissions_g"] = self._last_emissions.energy_kwh, self._last_emissions.emissions_g
         super().log(logs, start_time)
 
@@ -279,8 +338,10 @@ class DBPTrainer(Trainer):
 
     def _write_card(self, folder: str) -> str:
         own_files = os.path.abspath(folder) == os.path.abspath(self.args.output_dir)
-        # The run's folder: its own emissions.csv and all_results.json. A checkpoint: the figures so far.
-        emissions = None if own_files else (self.emissions or self._last_emissions)
+        # The run's folder: its all_results.json, and the total of all machines once training ended (the sum of the
+        # last rows of their csv files, also where the machines do not share the folder), else its own csv files.
+        # A checkpoint: the figures so far.
+        emissions = self.emissions if own_files else (self.emissions or self._last_emissions)
         return write_model_card(
             folder,
             self.accelerator.unwrap_model(self.model).config,

@@ -6,7 +6,8 @@ The scripts run for real, in subprocesses, offline, on tiny models (2 to 4 optim
 - "dbp": examples/run_mae_dbp.py, DBP, 4 steps, a checkpoint every 2 steps, in France;
 - "bp": the same with --bp_baseline, 2 steps;
 - "segmentation": examples/run_segmentation.py on a tiny DBP checkpoint and a tiny ADE20K-layout set, in Germany;
-- "two_processes": run_mae_dbp.py under `accelerate launch` with 2 CPU processes (gloo).
+- "two_processes": run_mae_dbp.py under `accelerate launch` with 2 CPU processes (gloo);
+- "resumed": "dbp" again from its checkpoint-2 (--resume_from_checkpoint, another output folder), once "dbp" ended.
 
 codecarbon measures this machine for real, so the figures are tiny and vary from run to run: the tests compare the
 files of one run with each other (card, emissions.csv, all_results.json, trainer_state.json), never with constants.
@@ -157,6 +158,8 @@ def runs(tmp_path_factory) -> dict[str, Run]:
                          *SEGMENTATION_FLAGS],
         "bp": [MAE_SCRIPT, *images, *MAE_FLAGS, "--bp_baseline", "--max_steps", "2", "--save_strategy", "no",
                "--emissions_country", "FRA"],
+        "resumed": [MAE_SCRIPT, *images, *MAE_FLAGS, "--max_steps", "4", "--save_strategy", "steps", "--save_steps",
+                    "2", "--emissions_country", "FRA", "--resume_from_checkpoint", root / "dbp" / "out" / "checkpoint-2"],
     }  # fmt: skip
 
     def start(name: str) -> subprocess.CompletedProcess:
@@ -167,8 +170,10 @@ def runs(tmp_path_factory) -> dict[str, Run]:
         )  # fmt: skip
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(start, name) for name in commands}
+        futures = {name: pool.submit(start, name) for name in commands if name not in ("dbp", "resumed")}
+        futures["dbp"] = pool.submit(lambda: (start("dbp"), start("resumed")))  # "resumed" needs dbp's checkpoint
         results = {name: future.result() for name, future in futures.items()}
+        results["dbp"], results["resumed"] = results["dbp"]
     return {name: Run(results[name], root / name / "out") for name in commands}
 
 
@@ -257,7 +262,8 @@ def test_log_records_have_cumulative_energy(runs):
 
 
 def test_checkpoints_get_cards_with_the_figures_so_far(runs):
-    """checkpoint-2/README.md (and checkpoint-4's) parse, and carry the emissions logged at their step."""
+    """checkpoint-2/README.md (and checkpoint-4's) parse, and carry the emissions when they were saved: those of
+    their run_totals.json, which a resumed run goes on from; at least those logged at their step."""
     run = runs["dbp"]
     run.assert_succeeded()
     by_step = {r["step"]: r for r in training_records(run.output_dir)}
@@ -266,7 +272,9 @@ def test_checkpoints_get_cards_with_the_figures_so_far(runs):
         card = load_card(folder)
         co2 = card.data.co2_eq_emissions
         assert co2 is not None, card.content[:2000]
-        assert co2["emissions"] == by_step[step]["emissions_g"], (co2, by_step[step])
+        [machine] = read_json(folder / "run_totals.json")["machines"]
+        assert math.isclose(co2["emissions"], machine["emissions"] * 1000.0, rel_tol=REL), (co2, machine)
+        assert co2["emissions"] >= by_step[step]["emissions_g"], (co2, by_step[step])
         assert co2["geographical_location"] == "France" and co2["training_type"] == "pre-training"
         assert f"| optimizer steps | {step} |" in card.text
         assert f"| decorrelation lr | {DECORRELATION_LR} |" in card.text
@@ -285,6 +293,30 @@ def test_bp_baseline_card_says_so(runs):
     co2 = card.data.co2_eq_emissions
     assert math.isclose(co2["emissions"], float(csv_rows(run.output_dir)[-1]["emissions"]) * 1000.0, rel_tol=REL)
     assert co2["training_type"] == "pre-training"
+
+
+def test_resumed_script_run_goes_on_from_the_checkpoint_figures(runs):
+    """run_mae_dbp.py --resume_from_checkpoint dbp/checkpoint-2: every row of the resumed run's emissions.csv, its
+    log records from step 3 on, its train metrics and its card count the energy, CO2 and duration carried in
+    checkpoint-2's run_totals.json (what dbp had measured until then) on top of its own; train_seconds go on too."""
+    run = runs["resumed"]
+    run.assert_succeeded()
+    totals = read_json(runs["dbp"].output_dir / "checkpoint-2" / "run_totals.json")
+    [carried] = totals["machines"]
+    rows = csv_rows(run.output_dir)
+    assert len({row["run_id"] for row in rows}) == 1
+    for column in ("energy_consumed", "emissions", "duration"):
+        assert float(rows[0][column]) > carried[column] > 0, (column, rows[0][column], carried)
+    results = read_json(run.output_dir / "all_results.json")
+    assert math.isclose(results["train_energy_kwh"], float(rows[-1]["energy_consumed"]), rel_tol=REL)
+    assert math.isclose(load_card(run.output_dir).data.co2_eq_emissions["emissions"], results["train_emissions_g"],
+                        rel_tol=REL)  # fmt: skip
+    records = training_records(run.output_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in ("energy_kwh", "train_seconds"):
+        values = [r[key] for r in records]
+        assert values == sorted(values), (key, values)
+    assert records[2]["energy_kwh"] > carried["energy_consumed"] and records[2]["train_seconds"] > totals["train_seconds"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
