@@ -65,6 +65,7 @@ class ComparisonArguments:
     decorrelation_kappa: float = field(default=1e-2)
     decorrelation_sample_fraction: float = field(default=0.1)
     decorrelation_layers: list[str] = field(default_factory=lambda: ["patch_embeddings", "qkv", "o_proj", "fc1", "fc2"])
+    decorrelation_variance_form: str = field(default="rows", metadata={"help": "'rows' (diag(v) R) or 'columns' (R diag(v), the reference code)."})
     emissions_country: str | None = field(default=None, metadata={"help": "ISO alpha-3 country for the CO2 figures."})
     finetune_data_dir: str | None = field(default=None, metadata={"help": "ADE20K-layout folder: fine-tune both with UperNet."})
     finetune_dataset_name: str | None = field(default=None, metadata={"help": "Or a Hub/parquet dataset for it."})
@@ -82,6 +83,7 @@ def pretraining_command(args: ComparisonArguments, seed: int, bp: bool, output_d
                "--warmup_steps", str(args.warmup_steps), "--dataloader_num_workers", "0", "--disable_tqdm", "true",
                "--decorrelation_lr", str(args.decorrelation_lr), "--decorrelation_kappa", str(args.decorrelation_kappa),
                "--decorrelation_sample_fraction", str(args.decorrelation_sample_fraction),
+               "--decorrelation_variance_form", args.decorrelation_variance_form,
                "--decorrelation_layers", *args.decorrelation_layers]  # fmt: skip
     for flag in ("train_dir", "validation_dir", "dataset_name", "image_column_name", "max_train_samples",
                  "max_eval_samples", "model_name_or_path", "max_train_minutes", "emissions_country"):  # fmt: skip

@@ -122,6 +122,10 @@ class DBPArguments:
         default_factory=lambda: list(hf_dbp.DECORRELATION_LAYER_KINDS),
         metadata={"help": "Layer kinds to decorrelate: patch_embeddings qkv o_proj fc1 fc2."},
     )
+    decorrelation_variance_form: str = field(
+        default="rows",
+        metadata={"help": "The variance term of the R update: 'rows' (diag(v) R, the method) or 'columns' (R diag(v), the reference code)."},
+    )
 
     def config_values(self) -> dict:
         return {
@@ -129,6 +133,7 @@ class DBPArguments:
             "decorrelation_kappa": self.decorrelation_kappa,
             "decorrelation_sample_fraction": self.decorrelation_sample_fraction,
             "decorrelation_layers": list(self.decorrelation_layers),
+            "decorrelation_variance_form": self.decorrelation_variance_form,
         }
 
 

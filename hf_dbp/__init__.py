@@ -5,6 +5,7 @@ Importing the package registers the model type ``vit_mae_dbp`` with ``AutoConfig
 """
 
 from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForPreTraining, ViTMAEConfig
+from transformers.models.auto import modeling_auto
 
 from .configuration_vit_mae_dbp import DECORRELATION_LAYER_KINDS, ViTMAEDBPConfig
 from .decorrelation import (
@@ -43,6 +44,17 @@ AutoModelForPreTraining.register(ViTMAEDBPConfig, ViTMAEDBPForPreTraining, exist
 ViTMAEDBPConfig.register_for_auto_class("AutoConfig")
 ViTMAEDBPModel.register_for_auto_class("AutoModel")
 ViTMAEDBPForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+# Which class is the base model (no head, no loss) transformers reads from static name lists per model type, which
+# the registrations above do not extend: its model-testing mixins (training tests skip base models) and its pipelines'
+# model-type checks consult them. transformers has no API to add to them; they are plain dicts, and the lazy Auto
+# mappings built on them read only model types of its own (CONFIG_MAPPING_NAMES), so an entry here changes nothing
+# else. ViTMAE's own entries, for ours:
+for _names, _class in (
+    (modeling_auto.MODEL_MAPPING_NAMES, ViTMAEDBPModel),
+    (modeling_auto.MODEL_FOR_PRETRAINING_MAPPING_NAMES, ViTMAEDBPForPreTraining),
+    (modeling_auto.MODEL_FOR_IMAGE_MAPPING_NAMES, ViTMAEDBPModel),
+):
+    _names.setdefault(ViTMAEDBPConfig.model_type, _class.__name__)
 AutoConfig.register(ViTMAEDBPBackboneConfig.model_type, ViTMAEDBPBackboneConfig, exist_ok=True)
 # The backbone serves its own config, and DBP-MAE and plain MAE pre-training checkpoints (encoder only, no masking).
 AutoBackbone.register(ViTMAEDBPBackboneConfig, ViTMAEDBPBackbone, exist_ok=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import ViTMAEConfig
 
+from .decorrelation import VARIANCE_FORMS
+
 DECORRELATION_LAYER_KINDS = ("patch_embeddings", "qkv", "o_proj", "fc1", "fc2")
 """Encoder layer kinds that can be decorrelated: the patch embedding conv, the q/k/v projections (one shared R),
 the attention output projection, and the two MLP linears."""
@@ -14,6 +16,7 @@ DBP_CONFIG_FIELDS = (
     "decorrelation_kappa",
     "decorrelation_sample_fraction",
     "decorrelation_layers",
+    "decorrelation_variance_form",
 )
 
 
@@ -38,6 +41,11 @@ class ViTMAEDBPConfig(ViTMAEConfig):
         decorrelation_layers (`list[str]`, *optional*, defaults to all five kinds):
             Which encoder layers are decorrelated, out of `"patch_embeddings"`, `"qkv"`, `"o_proj"`, `"fc1"` and
             `"fc2"`.
+        decorrelation_variance_form (`str`, *optional*, defaults to `"rows"`):
+            Where the update applies the variance term: `"rows"` (`diag(v) R`, the method's rule, which normalises
+            the variance of each output of R) or `"columns"` (`R diag(v)`, what the reference code artcogsys/decorbp
+            computes, to reproduce it exactly or to ablate the difference). The two agree while R commutes with
+            `diag(v)`, e.g. at the first step from R = I.
 
     Example:
 
@@ -51,10 +59,16 @@ class ViTMAEDBPConfig(ViTMAEConfig):
 
     model_type = "vit_mae_dbp"
 
+    def __init_subclass__(cls, *args, **kwargs):
+        super().__init_subclass__(*args, **kwargs)
+        # As for the models (see ViTMAEDBPPreTrainedModel): only a class registered by its own call saves its source.
+        cls._auto_class = None
+
     decorrelation_lr: float = 1e-3
     decorrelation_kappa: float = 1e-2
     decorrelation_sample_fraction: float = 0.1
     decorrelation_layers: list[str] | tuple[str, ...] | None = None
+    decorrelation_variance_form: str = "rows"
 
     def __post_init__(self, **kwargs):
         self.decorrelation_layers = list(
@@ -80,6 +94,11 @@ class ViTMAEDBPConfig(ViTMAEConfig):
         if unknown:
             raise ValueError(
                 f"decorrelation_layers has unknown kinds {unknown}; choose from {list(DECORRELATION_LAYER_KINDS)}"
+            )
+        if self.decorrelation_variance_form not in VARIANCE_FORMS:
+            raise ValueError(
+                f"decorrelation_variance_form must be one of {list(VARIANCE_FORMS)}, got "
+                f"{self.decorrelation_variance_form!r}"
             )
         if len(set(self.decorrelation_layers)) != len(self.decorrelation_layers):
             raise ValueError(f"decorrelation_layers lists a kind twice: {self.decorrelation_layers}")

@@ -139,6 +139,12 @@ def input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+VARIANCE_FORMS = ("rows", "columns")
+"""Where the update puts the variance term ``kappa * v``: ``"rows"``, ``diag(v) R`` (the method's rule, which
+normalises the variance of each output ``z_i``), or ``"columns"``, ``R diag(v)`` (what the reference code
+artcogsys/decorbp computes with ``v * R``, for reproducing it exactly)."""
+
+
 class Decorrelation(nn.Module):
     """A decorrelating matrix ``R`` for inputs of width ``dim`` and the statistics of its outputs.
 
@@ -152,10 +158,18 @@ class Decorrelation(nn.Module):
             one seed see the same masks. A ``torch.Generator`` is turned into a :class:`RowSampler` from its current
             state. Without one, the global RNG is used.
 
-    ``R`` is a float32 ``nn.Parameter`` with ``requires_grad=False``: it is saved and loaded with the model and moves
-    with ``.to()``, optimizers built from trainable parameters leave it alone, and DDP does not re-broadcast it at
-    every forward as it would a buffer. The statistics are plain tensors, not buffers, for the same reason: every
-    process keeps its own until :func:`decorrelation_step` combines them.
+    ``R`` is a float32 ``nn.Parameter``: it is saved and loaded with the model and moves with ``.to()``, and DDP does
+    not re-broadcast it at every forward as it would a buffer. The statistics are plain tensors, not buffers, for the
+    same reason: every process keeps its own until :func:`decorrelation_step` combines them.
+
+    ``R`` is never trained by the gradient, by two guarantees that do not depend on each other:
+
+    - every forward and fold reads ``R.detach()``, so no gradient ever reaches ``R``, whatever its ``requires_grad``
+      says (a user's ``model.requires_grad_(True)``, an optimizer over ``model.parameters()``: torch's optimizers skip a
+      parameter whose ``grad`` is ``None``, weight decay included);
+    - every assignment of ``R`` clears its ``requires_grad`` (see :meth:`register_parameter`), so optimizers built from
+      the trainable parameters (Trainer, PEFT-style code) leave it out. transformers' loader assigns each loaded
+      tensor as a new ``nn.Parameter(requires_grad=True)``; this is where that is undone, for every load path.
     """
 
     def __init__(
@@ -181,6 +195,13 @@ class Decorrelation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, sample_fraction={self.sample_fraction}"
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        # `module.R = parameter` (nn.Module.__setattr__), `load_state_dict(assign=True)` and transformers' loaders all
+        # end here. R is updated by `apply_update`, never by an optimizer.
+        if name == "R" and param is not None:
+            param.requires_grad_(False)
+        super().register_parameter(name, param)
 
     def reset_statistics(self) -> None:
         self.sum_zz: torch.Tensor | None = None  # sum over rows of z^T z, (dim, dim)
@@ -221,8 +242,8 @@ class Decorrelation(nn.Module):
         return self.sum_zz
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``z = R x`` applied to the last dimension of ``x``."""
-        return F.linear(x, self.R.to(x.dtype))
+        """``z = R x`` applied to the last dimension of ``x`` (differentiable in ``x`` only)."""
+        return F.linear(x, self.R.detach().to(x.dtype))
 
     def shared_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``z = R x``, computed once for all the layers of a group that read the same ``x`` in one forward (q, k, v).
@@ -245,8 +266,12 @@ class Decorrelation(nn.Module):
         kappa: float,
         max_loss: float = math.inf,
         rows: torch.Tensor | None = None,
+        variance_form: str = "rows",
     ) -> float:
         """One DBP step from the second moment ``X = z^T z / n`` or from the ``n`` rows ``z`` themselves.
+
+        ``variance_form`` places the variance term: ``"rows"`` (``diag(v) R``, the update rule of the method) or
+        ``"columns"`` (``R diag(v)``, what the reference code's ``v * R`` computes); see :data:`VARIANCE_FORMS`.
 
         Returns the decorrelation loss of ``X``. Given ``rows`` (and no ``second_moment``), ``X`` is never formed:
         ``X R = z^T (z R) / n`` costs ``2 n d^2`` where ``X @ R`` costs ``d^3`` (fc2 of ViT-B: d = 3072, n ~ 160
@@ -256,6 +281,8 @@ class Decorrelation(nn.Module):
         would make R non-finite, or that comes from a loss that is not finite or above ``max_loss`` (the statistics
         exploded), is refused: R stays as it was and ``skipped_updates`` counts it.
         """
+        if variance_form not in VARIANCE_FORMS:
+            raise ValueError(f"variance_form must be one of {VARIANCE_FORMS}, got {variance_form!r}")
         R = self.R
         if second_moment is not None:
             second_moment = second_moment.to(R.dtype)
@@ -272,12 +299,16 @@ class Decorrelation(nn.Module):
             return loss
         # R - lr [(1 - kappa) (X - diag X) R + kappa diag(v) R]
         #   = diag(1 - lr (kappa v - (1 - kappa) diag X)) R - lr (1 - kappa) X R.
-        # diag(v) @ R scales the rows of R, normalising the variance of each output z_i (the reference code's
-        # `v * R` scales columns instead; the two agree only while R is symmetric).
+        # diag(v) @ R scales the rows of R, normalising the variance of each output z_i. The reference code's `v * R`
+        # scales columns instead, R diag(v); the two agree only while R commutes with diag(v) (e.g. R diagonal, as at
+        # the first step from R = I). A symmetric R is not enough.
         # One d x d temporary, written once and finished by a single fused GEMM (addmm_), then one pass to check it
         # and one to copy it: the d x d passes, not the arithmetic, dominate the step of fc2's 3072 x 3072 R.
-        row_scale = 1.0 - lr * (kappa * v - (1.0 - kappa) * variance)
-        new_r = R * row_scale[:, None]
+        if variance_form == "rows":
+            new_r = R * (1.0 - lr * (kappa * v - (1.0 - kappa) * variance))[:, None]
+        else:  # R diag(v): one more d x d pass, scaling the columns
+            new_r = R * (1.0 + lr * (1.0 - kappa) * variance)[:, None]
+            new_r.addcmul_(R, v[None, :], value=-lr * kappa)
         if second_moment is not None:
             new_r.addmm_(second_moment, R, alpha=-lr * (1.0 - kappa))
         else:
@@ -394,7 +425,7 @@ def _folded_forward(layer: nn.Module, x: torch.Tensor, stride: tuple[int, int] |
     else:
         folded = _cached_fold(layer)
         if needs_grad:
-            return _FoldedForward.apply(x, layer.weight, layer.bias, layer.decorrelation.R, folded, stride)
+            return _FoldedForward.apply(x, layer.weight, layer.bias, layer.decorrelation.R.detach(), folded, stride)
     if stride is None:
         return F.linear(x, folded, layer.bias)
     return layer._conv_forward(x, folded, layer.bias)
@@ -414,8 +445,8 @@ class DecorrelatedLinear(nn.Linear):
         return _rebase(linear, cls, decorrelation, record_statistics)
 
     def fold(self) -> torch.Tensor:
-        """``W R``, computed now (differentiable in W)."""
-        return self.weight @ self.decorrelation.R.to(self.weight.dtype)
+        """``W R``, computed now (differentiable in W only)."""
+        return self.weight @ self.decorrelation.R.detach().to(self.weight.dtype)
 
     def folded_weight(self) -> torch.Tensor:
         """``W R``: the weight of a plain linear layer with the same outputs (cached while W and R are unchanged)."""
@@ -451,7 +482,7 @@ class DecorrelatedConv2d(nn.Conv2d):
     def fold(self) -> torch.Tensor:
         """``W R`` on the flattened patches, reshaped as a conv weight, computed now (differentiable in W)."""
         w = self.weight.reshape(self.out_channels, -1)
-        return (w @ self.decorrelation.R.to(w.dtype)).reshape(self.weight.shape)
+        return (w @ self.decorrelation.R.detach().to(w.dtype)).reshape(self.weight.shape)
 
     def folded_weight(self) -> torch.Tensor:
         """The weight of a plain conv with the same outputs (cached while W and R are unchanged)."""
@@ -461,6 +492,26 @@ class DecorrelatedConv2d(nn.Conv2d):
         if self.training and self.record_statistics and not _in_backward_pass():
             self.decorrelation.observe(input_rows(self, x))
         return _folded_forward(self, x, stride=self.stride)
+
+
+def decorrelation_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """Every ``R`` of ``model`` (each once, in module order): what an optimizer must never hold."""
+    return [m.R for m in model.modules() if isinstance(m, Decorrelation)]
+
+
+def drop_decorrelation_matrices(optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
+    """Remove every ``R`` of ``model`` from ``optimizer``'s parameter groups; returns how many were there.
+
+    For optimizers built by hand from ``model.parameters()``, which hold ``R`` whatever its ``requires_grad``. ``R``
+    never gets a gradient, so such an optimizer would not move it; out of the groups it is not even looked at.
+    """
+    matrices = {id(R) for R in decorrelation_matrices(model)}
+    dropped = 0
+    for group in optimizer.param_groups:
+        kept = [p for p in group["params"] if id(p) not in matrices]
+        dropped += len(group["params"]) - len(kept)
+        group["params"] = kept
+    return dropped
 
 
 def _input_width(layer: nn.Module) -> int:
@@ -474,6 +525,11 @@ def _input_width(layer: nn.Module) -> int:
 def _split(path: str) -> tuple[str, str]:
     parent, _, leaf = path.rpartition(".")
     return parent, leaf
+
+
+def decorrelation_module_name(group: str) -> str:
+    """The name part under which :func:`inject_decorrelation` registers the ``R`` of ``group`` (beside its layers)."""
+    return f"{_split(group)[1]}_decorrelation"
 
 
 def inject_decorrelation(
@@ -509,8 +565,7 @@ def inject_decorrelation(
         decorrelation.group_out_features = sum(
             layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features for layer in layers
         )
-        parent, leaf = _split(name)
-        root.get_submodule(parent).register_module(f"{leaf}_decorrelation", decorrelation)
+        root.get_submodule(_split(name)[0]).register_module(decorrelation_module_name(name), decorrelation)
         for i, (path, layer) in enumerate(zip(paths, layers, strict=True)):
             wrapper = DecorrelatedConv2d if isinstance(layer, nn.Conv2d) else DecorrelatedLinear
             if isinstance(layer, (DecorrelatedLinear, DecorrelatedConv2d)):
@@ -572,6 +627,7 @@ def decorrelation_step(
     process_group=None,
     max_loss: float = 1e6,
     on_divergence: str = "skip",
+    variance_form: str = "rows",
 ) -> float | None:
     """Update every ``R`` from the statistics gathered since the last call, then clear them.
 
@@ -584,11 +640,15 @@ def decorrelation_step(
     skipped and counted in that module's ``skipped_updates`` (``on_divergence="skip"``), or raises
     :class:`DecorrelationDiverged` (``"raise"``) so that a run can stop rather than go on.
 
+    ``variance_form``: see :data:`VARIANCE_FORMS`.
+
     Returns:
         The mean decorrelation loss over the layers that saw rows (finite losses only), or ``None`` if none did.
     """
     if on_divergence not in ("skip", "raise"):
         raise ValueError(f"on_divergence must be 'skip' or 'raise', got {on_divergence!r}")
+    if variance_form not in VARIANCE_FORMS:
+        raise ValueError(f"variance_form must be one of {VARIANCE_FORMS}, got {variance_form!r}")
     decorrelations = list(decorrelations)
     if not decorrelations:
         return None
@@ -623,7 +683,9 @@ def decorrelation_step(
     for d, (count, zz, rows) in zip(decorrelations, statistics, strict=True):
         if count > 0:
             skipped = d.skipped_updates
-            loss = d.apply_update(zz / count if zz is not None else None, lr, kappa, max_loss, rows=rows)
+            loss = d.apply_update(
+                zz / count if zz is not None else None, lr, kappa, max_loss, rows=rows, variance_form=variance_form
+            )
             if d.skipped_updates > skipped and on_divergence == "raise":
                 raise DecorrelationDiverged(
                     f"the decorrelation update of a {d.dim}x{d.dim} R diverged (loss {loss:.3g}); R left unchanged"

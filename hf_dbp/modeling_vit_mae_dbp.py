@@ -15,7 +15,14 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoder, ViTMAEPreTrainedModel
 
 from .configuration_vit_mae_dbp import DBP_CONFIG_FIELDS, DECORRELATION_LAYER_KINDS, ViTMAEDBPConfig
-from .decorrelation import Decorrelation, RowSampler, decorrelation_step, fold_decorrelation, inject_decorrelation
+from .decorrelation import (
+    Decorrelation,
+    RowSampler,
+    decorrelation_module_name,
+    decorrelation_step,
+    fold_decorrelation,
+    inject_decorrelation,
+)
 
 # Seed of the generator that draws the rows used for R's statistics. It is separate from torch's global RNG so that
 # a DBP run and a BP run with the same seed draw the same masks.
@@ -56,12 +63,17 @@ class ViTMAEDBPPreTrainedModel(ViTMAEPreTrainedModel):
 
     config_class = ViTMAEDBPConfig
     config: ViTMAEDBPConfig
-    # R and its statistics stay in float32 even when the rest of the model is loaded in half precision.
-    _keep_in_fp32_modules_strict = ["_decorrelation"]
     # A plain ViTMAE checkpoint has no R: it starts at the identity by design, so its absence is not reported.
     _keys_to_ignore_on_load_missing = [r"_decorrelation\.R$"]
     # The transformers class whose checkpoints this model loads and whose kind `merge_decorrelation` returns.
     _plain_class: type[ViTMAEPreTrainedModel]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # `register_for_auto_class` (in hf_dbp/__init__) marks our classes to be saved with their source files, for
+        # `trust_remote_code`. The mark is a class attribute: without this, a user's subclass would inherit it and
+        # save_pretrained would copy the subclass's own file as remote code. Each class is registered by its own call.
+        cls._auto_class = None
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -77,7 +89,7 @@ class ViTMAEDBPPreTrainedModel(ViTMAEPreTrainedModel):
     def decorrelation_step(self, max_loss: float = 1e6, on_divergence: str = "skip") -> float | None:
         """Update every R from the statistics of the training-mode forwards since the last call, then clear them.
 
-        Uses `config.decorrelation_lr` and `config.decorrelation_kappa`. Under `torch.distributed` the statistics of
+        Uses `config.decorrelation_lr`, `config.decorrelation_kappa` and `config.decorrelation_variance_form`. Under `torch.distributed` the statistics of
         all processes are combined (one all-reduce), so every process ends with the same R. Call it after each
         optimizer step ([`DBPTrainer`] does). An update that would make R non-finite, or whose loss exceeds
         `max_loss`, is skipped (`on_divergence="skip"`, counted per module in `skipped_updates`) or raises
@@ -88,7 +100,7 @@ class ViTMAEDBPPreTrainedModel(ViTMAEPreTrainedModel):
         """
         return decorrelation_step(
             self.decorrelation_modules(), self.config.decorrelation_lr, self.config.decorrelation_kappa,
-            max_loss=max_loss, on_divergence=on_divergence,
+            max_loss=max_loss, on_divergence=on_divergence, variance_form=self.config.decorrelation_variance_form,
         )  # fmt: skip
 
     @torch.no_grad()
@@ -118,12 +130,15 @@ class ViTMAEDBPModel(ViTMAEDBPPreTrainedModel, ViTMAEModel):
 
     def __init__(self, config: ViTMAEDBPConfig):
         super().__init__(config)
+        groups = vit_mae_decorrelation_groups(config.num_hidden_layers, config.decorrelation_layers)
         inject_decorrelation(
-            self,
-            vit_mae_decorrelation_groups(config.num_hidden_layers, config.decorrelation_layers),
-            sample_fraction=config.decorrelation_sample_fraction,
-            generator=RowSampler(STATISTICS_SEED),
+            self, groups, sample_fraction=config.decorrelation_sample_fraction, generator=RowSampler(STATISTICS_SEED)
         )
+        # R and its statistics stay in float32 when the rest of the model is loaded in half precision. transformers
+        # matches these entries as whole dotted name parts (`qkv_decorrelation` of `layers.0.attention.
+        # qkv_decorrelation.R`), so they name exactly the R this config has; models holding this one (pre-training,
+        # backbone, UperNet) collect them in their `post_init`.
+        self._keep_in_fp32_modules_strict = {decorrelation_module_name(group) for group in groups}
 
 
 class ViTMAEDBPForPreTraining(ViTMAEDBPPreTrainedModel, ViTMAEForPreTraining):

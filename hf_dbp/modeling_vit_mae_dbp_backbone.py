@@ -19,6 +19,7 @@ from transformers.models.beit.modeling_beit import BeitFPNNeck
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_vit_mae_dbp import DBP_CONFIG_FIELDS, ViTMAEDBPConfig
+from .decorrelation import decorrelation_matrices
 from .modeling_vit_mae_dbp import ViTMAEDBPForPreTraining, ViTMAEDBPModel, ViTMAEDBPPreTrainedModel
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,8 @@ class ViTMAEDBPBackboneConfig(BackboneConfigMixin, ViTMAEDBPConfig):
     The encoder never masks: `mask_ratio` is always 0.
     """
 
+    # Never saved with its source as remote code (see ViTMAEDBPConfig.__init_subclass__): it lives in UperNet's config.
     model_type = "vit_mae_dbp_backbone"
-    _auto_class = None  # unlike ViTMAEDBPConfig, not exported as remote code: it lives inside UperNet's config
 
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
@@ -249,13 +250,14 @@ def layer_decay_parameter_groups(
     """AdamW parameter groups with layer-wise learning-rate decay (BEiT/MAE fine-tuning).
 
     The patch embedding gets `lr * decay^(L+1)`, block `i` (1-based) `lr * decay^(L+1-i)`, and the neck and heads
-    the full `lr`. Biases, norms, position embeddings, the class token and R carry no weight decay. transformers has
+    the full `lr`. Biases, norms, position embeddings and the class token carry no weight decay; R is left out. transformers has
     no layer decay built in, and its schedulers scale each group's own lr, so the ratios hold through the schedule.
     """
     num_layers = model.config.backbone_config.num_hidden_layers
+    matrices = {id(R) for R in decorrelation_matrices(model)}  # updated by the decorrelation step, never by AdamW
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or id(param) in matrices:
             continue
         if name.startswith("backbone.vit.embeddings."):
             layer = 0

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAE_SCRIPT = REPO_ROOT / "examples" / "run_mae_dbp.py"
@@ -30,6 +31,14 @@ TINY_ENCODER = {**TINY, "num_hidden_layers": 4}
 @pytest.fixture
 def tiny_kwargs() -> dict:
     return dict(TINY)
+
+
+def randomise_R(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> None:
+    """Move every R of `model` away from the identity by Gaussian noise (its own generator: the global RNG stays)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for d in model.decorrelation_modules():
+            d.R.add_(scale * torch.randn(d.R.shape, generator=generator))
 
 
 def read_json(path: Path) -> dict:

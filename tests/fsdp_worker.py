@@ -26,16 +26,18 @@ model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(
     decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32,
     decorrelation_lr=0.05,
 ))  # fmt: skip
+model.requires_grad_(True)  # a user unfreezing everything: R must still get no gradient (it is read detached)
 ignored = [module for name, module in model.named_modules() if re.fullmatch(IGNORED, name)]
 sharded = FullyShardedDataParallel(model, device_id=torch.device("cpu"), ignored_modules=ignored, use_orig_params=True)
 optimizer = torch.optim.AdamW([p for p in sharded.parameters() if p.requires_grad], lr=1e-3)
 pixels = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(rank))  # different data on each rank
-losses = []
+losses, r_grads = [], []
 for _ in range(3):
     sharded(pixels).loss.backward()
+    r_grads.append([d.R.grad is None for d in model.decorrelation_modules()])
     optimizer.step()
     optimizer.zero_grad()
     losses.append(model.decorrelation_step())
 torch.save({"R": [d.R.clone() for d in model.decorrelation_modules()], "losses": losses,
-            "ignored": len(ignored)}, os.path.join(sys.argv[1], f"fsdp_rank{rank}.pt"))  # fmt: skip
+            "ignored": len(ignored), "r_grads_none": r_grads}, os.path.join(sys.argv[1], f"fsdp_rank{rank}.pt"))  # fmt: skip
 dist.destroy_process_group()

@@ -7,8 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import offline_env
+import torch
+from conftest import offline_env, randomise_R
+from transformers import ViTMAEForPreTraining
 
+from hf_dbp import ViTMAEDBPConfig, ViTMAEDBPForPreTraining
 from hf_dbp.segmentation_data import make_demo_ade20k
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,3 +84,30 @@ def test_tiny_comparison_with_sweep_alternate_photos_and_finetuning_end_to_end(t
     markdown = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "| seed |" in markdown and "Learning-rate sweep" in markdown and "(chosen)" in markdown
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 10_000
+
+
+def test_comparison_from_a_dbp_checkpoint_leaves_R_to_the_decorrelation_rule(tmp_path):
+    """--model_name_or_path a DBP checkpoint (R far from I) with --decorrelation_lr 0: the DBP run trains the weights and
+    keeps every R bitwise; the BP run starts from the same model with R folded in."""
+    tiny = dict(image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=48, decoder_hidden_size=16, decoder_num_hidden_layers=1,
+                decoder_num_attention_heads=2, decoder_intermediate_size=32)  # fmt: skip
+    torch.manual_seed(0)
+    original = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny))
+    randomise_R(original, scale=0.1)
+    original.save_pretrained(tmp_path / "dbp")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "compare_bp_dbp.py"), "--output_dir", str(tmp_path / "cmp"),
+         "--model_name_or_path", str(tmp_path / "dbp"), "--decorrelation_lr", "0", "--max_steps", "2",
+         "--eval_steps", "1", "--per_device_train_batch_size", "8", "--max_train_samples", "32",
+         "--max_eval_samples", "8", "--emissions_country", "FRA", "--seeds", "0"],
+        cwd=ROOT, env=offline_env(tmp_path / "hf"), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    trained = ViTMAEDBPForPreTraining.from_pretrained(tmp_path / "cmp" / "seed0" / "dbp")
+    after, before = trained.state_dict(), original.state_dict()
+    matrices = [k for k in before if k.endswith("_decorrelation.R")]
+    assert len(matrices) == 9 and all(torch.equal(after[k], before[k]) for k in matrices)
+    assert not torch.equal(after["vit.layers.0.mlp.fc1.weight"], before["vit.layers.0.mlp.fc1.weight"])
+    bp = ViTMAEForPreTraining.from_pretrained(tmp_path / "cmp" / "seed0" / "bp")
+    assert not any(k.endswith("_decorrelation.R") for k in bp.state_dict())

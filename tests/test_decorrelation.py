@@ -21,14 +21,16 @@ from hf_dbp.decorrelation import (
 )
 
 
-def reference_update(R, rows, lr, kappa):
-    """The rule of METHOD.md, written out independently in float64 from the raw input rows."""
+def reference_update(R, rows, lr, kappa, variance_form="rows"):
+    """The rule of METHOD.md, written out independently in float64 from the raw input rows; with "columns", the
+    reference code's variance term R diag(v) (artcogsys/decorbp's `v * R`) in place of diag(v) R."""
     z = rows @ R.T
     X = z.T @ z / z.shape[0]
     C = X - torch.diag(torch.diagonal(X))
     v = (z * z - 1).mean(dim=0)
     loss = ((1 - kappa) * (C**2).sum() + kappa * (v**2).sum()) / R.shape[0] ** 2
-    return R - lr * ((1 - kappa) * C @ R + kappa * torch.diag(v) @ R), loss
+    variance_term = torch.diag(v) @ R if variance_form == "rows" else R @ torch.diag(v)
+    return R - lr * ((1 - kappa) * C @ R + kappa * variance_term), loss
 
 
 class TwoBranches(nn.Module):
@@ -59,16 +61,43 @@ def test_update_rule_matches_independent_computation_over_two_steps_with_accumul
     assert d.num_rows == 0 and d.sum_zz is None  # cleared after each step
 
 
-def test_variance_term_scales_rows_not_columns():
-    """diag(v) @ R and the reference code's R @ diag(v) differ once R is not symmetric; we follow METHOD.md."""
+@pytest.mark.parametrize("num_rows", [3, 50])  # 2 n < d: the update from the rows themselves; else from X
+def test_both_variance_forms_match_an_independent_computation(num_rows):
+    """diag(v) R (the default) and the reference code's R diag(v), each against the rule written out, from an R that
+    commutes with no diagonal matrix but the identity's multiples; the two forms give different R there."""
     torch.manual_seed(1)
-    d = Decorrelation(4, sample_fraction=1.0).double()
-    d.R.copy_(torch.eye(4, dtype=torch.float64) + 0.2 * torch.randn(4, 4, dtype=torch.float64))
-    rows = torch.randn(50, 4, dtype=torch.float64) * 3
-    expected, _ = reference_update(d.R.clone(), rows, lr=0.01, kappa=1.0)
-    d.observe(rows)
-    decorrelation_step([d], lr=0.01, kappa=1.0)
-    torch.testing.assert_close(d.R, expected)
+    dim = 8
+    start = torch.eye(dim, dtype=torch.float64) + 0.2 * torch.randn(dim, dim, dtype=torch.float64)
+    rows = torch.randn(num_rows, dim, dtype=torch.float64) * torch.linspace(0.5, 3, dim, dtype=torch.float64)
+    results = {}
+    for form in ("rows", "columns"):
+        d = Decorrelation(dim, sample_fraction=1.0).double()
+        d.R.copy_(start)
+        d.observe(rows)
+        assert (d.sum_zz is None) == (2 * num_rows < dim)
+        loss = decorrelation_step([d], lr=0.01, kappa=0.7, variance_form=form)
+        expected, expected_loss = reference_update(start, rows, lr=0.01, kappa=0.7, variance_form=form)
+        torch.testing.assert_close(d.R, expected, rtol=1e-12, atol=1e-12)
+        assert loss == pytest.approx(float(expected_loss), rel=1e-10)
+        results[form] = d.R.detach().clone()
+    assert not torch.allclose(results["rows"], results["columns"], rtol=0, atol=1e-6)
+
+
+def test_the_two_variance_forms_agree_from_the_identity():
+    """At R = I, R commutes with diag(v): the first step is the same in both forms."""
+    rows = torch.randn(40, 5, dtype=torch.float64) * 2
+    updated = []
+    for form in ("rows", "columns"):
+        d = Decorrelation(5, sample_fraction=1.0).double()
+        d.observe(rows)
+        decorrelation_step([d], lr=0.05, kappa=0.5, variance_form=form)
+        updated.append(d.R.detach().clone())
+    torch.testing.assert_close(updated[0], updated[1], rtol=1e-14, atol=1e-14)
+
+
+def test_unknown_variance_form_is_refused():
+    with pytest.raises(ValueError, match="variance_form"):
+        decorrelation_step([Decorrelation(3)], lr=0.1, kappa=0.1, variance_form="both")
 
 
 def test_fresh_layers_are_exactly_the_plain_layers():

@@ -69,6 +69,7 @@ def test_fsdp_with_R_left_out_of_the_sharding_keeps_R_identical(tmp_path):
          str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path)], tmp_path)  # fmt: skip
     ranks = [torch.load(tmp_path / f"fsdp_rank{r}.pt") for r in (0, 1)]
     assert ranks[0]["ignored"] == 1 + 4 * 2  # every R found by the config's regex
+    assert all(all(step) for rank in ranks for step in rank["r_grads_none"])  # with every requires_grad turned on
     assert ranks[0]["losses"] == ranks[1]["losses"] and all(loss > 0 for loss in ranks[0]["losses"])
     for a, b in zip(ranks[0]["R"], ranks[1]["R"], strict=True):
         assert torch.equal(a, b)

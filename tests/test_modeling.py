@@ -1,10 +1,13 @@
 """ViTMAEDBP models: config validation, equality with plain ViTMAE, checkpoints, the DBP step, merging."""
 
+import importlib
+import itertools
 import json
+import re
 
 import pytest
 import torch
-from conftest import offline_env
+from conftest import offline_env, randomise_R
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
@@ -23,13 +26,6 @@ from hf_dbp import ViTMAEDBPConfig, ViTMAEDBPForPreTraining, ViTMAEDBPModel
 def inputs(batch=2, size=16, patches=16, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, size, size, generator=generator), torch.rand(batch, patches, generator=generator)
-
-
-def randomise_R(model, scale=0.05, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for d in model.decorrelation_modules():
-            d.R.add_(scale * torch.randn(d.R.shape, generator=generator))
 
 
 @pytest.fixture
@@ -163,6 +159,114 @@ def test_half_precision_load_keeps_R_in_float32(tmp_path, tiny_kwargs):
     assert all(d.R.dtype == torch.float32 for d in model.decorrelation_modules())
     model(inputs()[0].bfloat16()).loss.backward()
     assert model.decorrelation_step() > 0
+
+
+def layer_combinations():
+    kinds = hf_dbp.DECORRELATION_LAYER_KINDS
+    return [list(c) for n in range(len(kinds) + 1) for c in itertools.combinations(kinds, n)]
+
+
+@pytest.mark.parametrize("layers", layer_combinations(), ids=lambda layers: "+".join(layers) or "none")
+def test_keep_in_fp32_names_follow_transformers_convention_for_every_layer_choice(layers, tiny_kwargs):
+    """transformers matches `_keep_in_fp32_modules_strict` entries as whole dotted name parts (its own
+    test_keep_in_fp32_modules_exist and the loader's dtype plan): each entry must name at least one R, and together
+    they must cover every R and nothing else."""
+    config = ViTMAEDBPConfig(**tiny_kwargs, decorrelation_layers=layers)
+    for model_class in (ViTMAEDBPModel, ViTMAEDBPForPreTraining):
+        model = model_class(config)
+        names = model._keep_in_fp32_modules_strict
+        state = list(model.state_dict())
+        matched = {entry: {k for k in state if re.search(rf"(?:^|\.){entry}(?:\.|$)", k)} for entry in names}
+        assert all(matched.values()), (matched, model_class)
+        assert set().union(*matched.values()) == {k for k in state if k.endswith("_decorrelation.R")}
+        assert len(names) == len(layers)
+
+
+def test_half_precision_loads_cast_everything_but_R(tmp_path, tiny_kwargs):
+    """transformers' test_keep_in_fp32_modules, as it would run it: float16 and bfloat16 loads keep exactly R in
+    float32."""
+    ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs, decorrelation_layers=["qkv", "fc2"])).save_pretrained(tmp_path)
+    for dtype in (torch.float16, torch.bfloat16):
+        model = ViTMAEDBPForPreTraining.from_pretrained(tmp_path, dtype=dtype)
+        for name, value in model.state_dict().items():
+            expected = torch.float32 if name.endswith("_decorrelation.R") else dtype
+            assert value.dtype == expected, (name, value.dtype)
+
+
+def test_transformers_knows_the_base_model_and_the_head_model():
+    """The static name lists transformers branches on (its model tests skip training base models; pipelines check
+    model types) hold the DBP classes where they hold ViTMAE's."""
+    from transformers.models.auto import modeling_auto
+
+    for names, ours, theirs in (
+        (modeling_auto.MODEL_MAPPING_NAMES, ViTMAEDBPModel, ViTMAEModel),
+        (modeling_auto.MODEL_FOR_PRETRAINING_MAPPING_NAMES, ViTMAEDBPForPreTraining, ViTMAEForPreTraining),
+        (modeling_auto.MODEL_FOR_IMAGE_MAPPING_NAMES, ViTMAEDBPModel, ViTMAEModel),
+    ):
+        assert names["vit_mae"] == theirs.__name__
+        assert names["vit_mae_dbp"] == ours.__name__
+    assert ViTMAEDBPModel.__name__ in modeling_auto.MODEL_MAPPING_NAMES.values()
+    assert ViTMAEDBPForPreTraining.__name__ not in modeling_auto.MODEL_MAPPING_NAMES.values()
+    # The lazy Auto mappings that library code uses know them through the registrations.
+    assert modeling_auto.MODEL_MAPPING[ViTMAEDBPConfig] is ViTMAEDBPModel
+    assert modeling_auto.MODEL_FOR_PRETRAINING_MAPPING[ViTMAEDBPConfig] is ViTMAEDBPForPreTraining
+
+
+USER_PACKAGE = {
+    "__init__.py": "from .modeling import MyDBPForPreTraining, MyDBPConfig\n",
+    "constants.py": "EXTRA = 'mine'\n",
+    "modeling.py": (
+        "from hf_dbp import ViTMAEDBPConfig, ViTMAEDBPForPreTraining\n"
+        "from .constants import EXTRA\n\n\n"
+        "class MyDBPConfig(ViTMAEDBPConfig):\n"
+        "    pass\n\n\n"
+        "class MyDBPForPreTraining(ViTMAEDBPForPreTraining):\n"
+        "    extra = EXTRA\n"
+    ),
+}
+
+
+def test_a_users_subclass_saves_and_loads_like_a_subclass_of_any_transformers_model(tmp_path, tiny_kwargs, monkeypatch):
+    """A subclass in a user's package with relative imports: save_pretrained used to copy its file as remote code
+    (and fail on the relative import). It saves weights and config, with the subclass as architecture, and loads
+    back exactly."""
+    package = tmp_path / "user_package"
+    package.mkdir()
+    for name, text in USER_PACKAGE.items():
+        (package / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    user = importlib.import_module("user_package")
+    assert user.MyDBPForPreTraining._auto_class is None and user.MyDBPConfig._auto_class is None
+    assert ViTMAEDBPForPreTraining._auto_class == "AutoModelForPreTraining"  # ours still carry their code
+    model = user.MyDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs))
+    randomise_R(model)
+    model.save_pretrained(tmp_path / "out")
+    assert not list((tmp_path / "out").glob("modeling*.py")) and not (tmp_path / "out" / "constants.py").exists()
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["MyDBPForPreTraining"] and "AutoModelForPreTraining" not in config.get("auto_map", {})
+    loaded = user.MyDBPForPreTraining.from_pretrained(tmp_path / "out")
+    assert type(loaded) is user.MyDBPForPreTraining and loaded.extra == "mine"
+    state, original = loaded.state_dict(), model.state_dict()
+    assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in state)
+    user.MyDBPConfig(**tiny_kwargs).save_pretrained(tmp_path / "config_only")
+    assert not list((tmp_path / "config_only").glob("*.py"))
+
+
+def test_the_variance_form_of_the_config_reaches_the_step(tiny_kwargs):
+    """`decorrelation_variance_form` of the config decides the update; "columns" is the reference code's R diag(v)."""
+    results = {}
+    for form in ("rows", "columns"):
+        torch.manual_seed(0)
+        model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs, decorrelation_lr=0.05, decorrelation_kappa=0.5,
+                                                        decorrelation_variance_form=form)).train()  # fmt: skip
+        randomise_R(model, scale=0.2)
+        for _ in range(2):
+            model(inputs()[0]).loss.backward()
+            model.decorrelation_step()
+        results[form] = model.vit.layers[0].mlp.fc1_decorrelation.R.detach().clone()
+    assert not torch.allclose(results["rows"], results["columns"], atol=1e-7)
+    with pytest.raises(ValueError, match="decorrelation_variance_form"):
+        ViTMAEDBPConfig(decorrelation_variance_form="diagonal")
 
 
 # --- the DBP step ----------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import offline_env, read_json, training_records
+from conftest import offline_env, randomise_R, read_json, training_records
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 from safetensors import safe_open
@@ -442,6 +442,29 @@ def test_dbp_training_starts_from_a_plain_vit_mae_checkpoint(tmp_path):
     r_qkv = model.vit.layers[0].attention.qkv_decorrelation.R
     assert not torch.allclose(r_qkv, torch.eye(r_qkv.shape[0]), atol=1e-6)
     assert all("decorrelation_loss" in r for r in training_records(output_dir))
+
+
+def test_dbp_checkpoint_trained_with_decorrelation_lr_zero_keeps_R_exactly(tmp_path):
+    """R is updated by the decorrelation rule only: continuing a DBP checkpoint (R far from I, loaded by
+    from_pretrained, which used to hand R back trainable) with --decorrelation_lr 0 trains the weights and leaves every
+    R bitwise as it was, also with a weight decay that would shrink any parameter in the optimizer."""
+    torch.manual_seed(0)
+    original = hf_dbp.ViTMAEDBPForPreTraining(hf_dbp.ViTMAEDBPConfig(**TINY_MODEL))
+    randomise_R(original, scale=0.1)
+    original.save_pretrained(tmp_path / "dbp")
+    write_images(tmp_path / "train", 12)
+    output_dir = tmp_path / "out"
+    result = run_script("--train_dir", tmp_path / "train", "--model_name_or_path", tmp_path / "dbp",
+                        "--decorrelation_lr", 0, "--weight_decay", 0.5, "--base_learning_rate", 0.1,
+                        "--output_dir", output_dir, *as_flags(TINY_RUN), hf_home=tmp_path / "hf_home")  # fmt: skip
+    assert_succeeded(result)
+    trained = hf_dbp.ViTMAEDBPForPreTraining.from_pretrained(output_dir)
+    assert trained.config.decorrelation_lr == 0
+    after, before = trained.state_dict(), original.state_dict()
+    matrices = [k for k in before if k.endswith("_decorrelation.R")]
+    assert len(matrices) == 9
+    assert all(torch.equal(after[k], before[k]) for k in matrices)
+    assert not torch.allclose(after["vit.layers.0.mlp.fc1.weight"], before["vit.layers.0.mlp.fc1.weight"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

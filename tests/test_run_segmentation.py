@@ -129,14 +129,15 @@ class Inputs:
     bert_checkpoint: Path
     parquet_dir: Path  # train/validation parquet with columns "pixels", "segmentation", "name"
     no_annotation_dir: Path  # train/validation parquet with columns "image", "caption"
+    frozen_dbp_checkpoint: Path  # the DBP checkpoint's weights and R, with decorrelation_lr 0
 
 
 PLAIN_CLS_TOKEN = 0.5  # a class-token value no initialisation gives
 
 
-def make_dbp_checkpoint(path: Path) -> None:
+def make_dbp_checkpoint(path: Path, decorrelation_lr: float = 1e-3) -> None:
     torch.manual_seed(0)
-    model = hf_dbp.ViTMAEDBPForPreTraining(hf_dbp.ViTMAEDBPConfig(**TINY_MODEL))
+    model = hf_dbp.ViTMAEDBPForPreTraining(hf_dbp.ViTMAEDBPConfig(**TINY_MODEL, decorrelation_lr=decorrelation_lr))
     with torch.no_grad():
         for module in model.decorrelation_modules():  # far enough from I that folding changes W visibly
             module.R.add_(0.1 * torch.randn_like(module.R))
@@ -217,6 +218,7 @@ def inputs(tmp_path_factory) -> Inputs:
     data_dir = Path(make_demo_ade20k(str(root / "ade20k"), num_train=8, num_validation=4, size=32, seed=0))
     make_messy(root / "messy")
     make_dbp_checkpoint(root / "dbp")
+    make_dbp_checkpoint(root / "frozen_dbp", decorrelation_lr=0.0)
     make_plain_checkpoint(root / "plain")
     BertModel(
         BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
@@ -231,7 +233,7 @@ def inputs(tmp_path_factory) -> Inputs:
             features=Features({"image": Image(), "caption": Value("string")}),
         ).to_parquet(str(root / "no_annotation" / f"{split}.parquet"))
     return Inputs(data_dir, root / "messy", root / "dbp", root / "plain", root / "bert", root / "parquet",
-                  root / "no_annotation")  # fmt: skip
+                  root / "no_annotation", root / "frozen_dbp")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +244,7 @@ def runs(inputs, tmp_path_factory) -> dict[str, Run]:
     - "parquet": the same pairs from parquet files, `--image_column_name pixels --label_column_name segmentation`,
       `--max_train_samples 6 --max_eval_samples 3`;
     - "keep": `--keep_decorrelation`;
+    - "keep_frozen": `--keep_decorrelation` from the checkpoint with decorrelation_lr 0;
     - "continued": from the UperNet checkpoint of "dbp" (started after it);
     - "plain": a transformers ViTMAEForPreTraining checkpoint, `--train_fraction 0.5`;
     - "messy": the messy data set (bad and non-RGB pairs);
@@ -268,6 +271,8 @@ def runs(inputs, tmp_path_factory) -> dict[str, Run]:
     jobs = {  # "dbp" first: "continued" waits for it
         "dbp": job("dbp", *data, *dbp),
         "keep": job("keep", *data, *dbp, "--keep_decorrelation"),
+        "keep_frozen": job("keep_frozen", *data, "--model_name_or_path", inputs.frozen_dbp_checkpoint,
+                           "--keep_decorrelation", "--learning_rate", 0.1, "--weight_decay", 0.5),
         "messy": job("messy", "--data_dir", inputs.messy_dir, *dbp),
         "parquet": job("parquet", "--dataset_name", inputs.parquet_dir, "--image_column_name", "pixels",
                        "--label_column_name", "segmentation", "--max_train_samples", 6, "--max_eval_samples", 3, *dbp),
@@ -380,6 +385,22 @@ def test_keep_decorrelation_continues_dbp(runs, inputs):
         assert "decorrelation_loss" in record, record
         assert math.isfinite(record["decorrelation_loss"]) and record["decorrelation_loss"] > 0
     assert_results(run.output_dir)
+
+
+def test_keep_decorrelation_with_lr_zero_leaves_R_exactly(runs, inputs):
+    """R is updated by the decorrelation rule only: with decorrelation_lr 0 in the checkpoint, fine-tuning (a large
+    learning rate and weight decay, layer-wise lr decay) moves the encoder's weights and leaves every R bitwise."""
+    run = runs["keep_frozen"]
+    assert_succeeded(run)
+    model = load_upernet(run.output_dir)
+    assert model.backbone.config.decorrelation_lr == 0
+    saved = r_matrices(model, prefix="backbone.")
+    original_model = hf_dbp.ViTMAEDBPForPreTraining.from_pretrained(inputs.frozen_dbp_checkpoint)
+    original = r_matrices(original_model)
+    assert len(original) == NUM_R and sorted(saved) == sorted(original)
+    assert all(torch.equal(saved[name], original[name]) for name in original)
+    fc1 = model.backbone.vit.layers[0].mlp.fc1.weight
+    assert not torch.allclose(fc1, original_model.vit.layers[0].mlp.fc1.weight)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
