@@ -34,6 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 import hf_dbp
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
 from hf_dbp.data import (
+    DEMO_SETS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     SAMPLE_INDEX_COLUMN,
@@ -90,7 +91,7 @@ class DataTrainingArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training images (e.g. a tenth of ImageNet-1K)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many validation images."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for checking the images."})
-    demo_photos: str = field(default="default", metadata={"help": "Without a dataset: which embedded photographs, 'default' or 'alternate' (another natural-image set of the same kind).", "choices": ["default", "alternate"]})
+    demo_photos: str = field(default="default", metadata={"help": "Without a dataset: which embedded images, 'default' or 'alternate' (another natural-image set of the same kind), or a held-out set no setting was tuned on: 'heldout_photos', 'heldout_faces', 'heldout_terrain'.", "choices": list(DEMO_SETS)})
 
     def has_data_source(self) -> bool:
         return self.dataset_name is not None or self.train_dir is not None
@@ -163,7 +164,7 @@ def load_images(data_args: DataTrainingArguments, model_args: ModelArguments, se
             data_files["validation"] = os.path.join(data_args.validation_dir, "**")
         ds = load_dataset("imagefolder", data_files=data_files, cache_dir=model_args.cache_dir)
     else:
-        logger.info("No --dataset_name or --train_dir: using the embedded %s demo set (crops of photographs).", data_args.demo_photos)
+        logger.info("No --dataset_name or --train_dir: using the embedded %s demo set (crops of its images, see hf_dbp.data).", data_args.demo_photos)
         ds = demo_image_dataset(seed=seed, photos=data_args.demo_photos)
     if not isinstance(ds, datasets.DatasetDict):
         ds = datasets.DatasetDict(train=ds)

@@ -28,10 +28,62 @@ ALTERNATE_TRAIN_PHOTOS = (
     "chelsea", "gravel", "coins", "clock", "cell", "microaneurysms", "stereo_motorcycle_right", "grace_hopper",
 )  # fmt: skip
 ALTERNATE_VALIDATION_PHOTOS = ("astronaut", "coffee", "rocket", "brick")
+# Held-out sets: no setting of hf-dbp was tuned on them (see the README's comparison section). Each comes from other
+# sources than the photographs above, all inside wheels from the package index, and validates on other images than it
+# trains on.
+# scikit-learn's and mahotas' sample images: a temple, a crowded drawing of a department store; a flower, a portrait.
+# (mahotas' nuclear.png is left out: its crops are nearly all black.) Two training images: a hard case for DBP.
+HELDOUT_PHOTOS = (("sklearn:china", "mahotas:DepartmentStore.jpg"), ("sklearn:flower", "mahotas:luispedro.jpg"))
+HELDOUT_FACES = (("lfw:train",), ("lfw:validation",))  # scikit-image's subset of Labeled Faces in the Wild, 25 px
+HELDOUT_TERRAIN = (("dem:jacksboro_fault_dem.npz",), ("dem:topobathy.npz",))  # matplotlib's elevation maps
 DEMO_SETS = {
     "default": (DEMO_TRAIN_PHOTOS, DEMO_VALIDATION_PHOTOS),
     "alternate": (ALTERNATE_TRAIN_PHOTOS, ALTERNATE_VALIDATION_PHOTOS),
+    "heldout_photos": HELDOUT_PHOTOS,
+    "heldout_faces": HELDOUT_FACES,
+    "heldout_terrain": HELDOUT_TERRAIN,
 }
+HELDOUT_SETS = ("heldout_photos", "heldout_faces", "heldout_terrain")
+LFW_VALIDATION = 40
+"""Of scikit-image's 200 LFW images (100 faces, then 100 other patches), the last 20 of each validate."""
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    return np.ascontiguousarray(image[..., :3])
+
+
+def _images(name: str) -> list[np.ndarray]:
+    """The uint8 RGB images of one source: a scikit-image photograph by name, or `package:name` for the others."""
+    kind, _, item = name.partition(":")
+    if not item:
+        return [_photo(name)]
+    if kind == "sklearn":
+        from sklearn.datasets import load_sample_image
+
+        return [load_sample_image(f"{item}.jpg")]
+    if kind == "mahotas":
+        import mahotas.demos
+        from PIL import Image as PILImage
+
+        with PILImage.open(os.path.join(os.path.dirname(mahotas.demos.__file__), "data", item)) as file:
+            return [np.asarray(file.convert("RGB"))]
+    if kind == "lfw":
+        import skimage.data
+
+        faces = skimage.data.lfw_subset()  # (200, 25, 25) floats in [0, 1]: 100 faces, then 100 other patches
+        validation = np.r_[100 - LFW_VALIDATION // 2 : 100, 200 - LFW_VALIDATION // 2 : 200]
+        index = validation if item == "validation" else np.setdiff1d(np.arange(len(faces)), validation)
+        return [_rgb((faces[i] * 255).round().astype(np.uint8)) for i in index]
+    if kind == "dem":
+        from matplotlib.cbook import get_sample_data
+
+        with np.load(get_sample_data(item, asfileobj=False)) as data:  # elevation, or topography with bathymetry
+            elevation = np.asarray(data["elevation" if "elevation" in data.files else "topo"], dtype=np.float64)
+        low, high = np.nanmin(elevation), np.nanmax(elevation)
+        return [_rgb(((np.nan_to_num(elevation, nan=low) - low) / (high - low) * 255).round().astype(np.uint8))]
+    raise ValueError(f"unknown image source {name!r}")
 
 
 def _photo(name: str) -> np.ndarray:
@@ -47,20 +99,19 @@ def _photo(name: str) -> np.ndarray:
     image = getattr(skimage.data, name.removesuffix("_right"))()
     if isinstance(image, tuple):  # stereo_motorcycle: (left, right, disparity)
         image = image[1 if right else 0]
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=-1)
-    return np.ascontiguousarray(image[..., :3])
+    return _rgb(image)
 
 
 def _random_crops(photos: tuple[str, ...], count: int, rng: np.random.Generator, min_size: int, max_size: int):
     from PIL import Image as PILImage
 
-    images = [_photo(name) for name in photos]
+    images = [image for name in photos for image in _images(name)]
     crops = []
     for i in range(count):
         image = images[i % len(images)]
         height, width = image.shape[:2]
-        size = int(rng.integers(min_size, min(max_size, height, width) + 1))
+        largest = min(max_size, height, width)
+        size = int(rng.integers(min(min_size, largest), largest + 1))  # images below min_size are taken whole
         top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
         crops.append(PILImage.fromarray(image[top : top + size, left : left + size]))
     return crops
@@ -77,8 +128,11 @@ def demo_image_dataset(
     """Square crops of scikit-image's photographs: a small natural-image set that needs no download.
 
     Training and validation crops come from different photographs. Crops are between `min_size` and `max_size`
-    pixels wide, so MAE's random resized crop still sees varied scales. `photos` picks the photographs: "default",
-    or "alternate" (another split of other photographs, see `ALTERNATE_TRAIN_PHOTOS`).
+    pixels wide (smaller images whole), so MAE's random resized crop still sees varied scales. `photos` picks the
+    images: "default", "alternate" (another split of other photographs, see `ALTERNATE_TRAIN_PHOTOS`), or one of the
+    held-out sets no setting was tuned on (`HELDOUT_SETS`): "heldout_photos" (scikit-learn's and mahotas' sample
+    images), "heldout_faces" (scikit-image's 25 px subset of Labeled Faces in the Wild, faces and other patches)
+    and "heldout_terrain" (matplotlib's elevation maps as grayscale images).
     """
     if photos not in DEMO_SETS:
         raise ValueError(f"unknown demo set {photos!r}; choose one of {sorted(DEMO_SETS)}")

@@ -31,6 +31,7 @@ from .emissions import (
 )
 from .model_card import write_model_card
 from .modeling_vit_mae_dbp import STATISTICS_SEED, ViTMAEDBPPreTrainedModel, vit_mae_decorrelation_groups
+from .optimizers import muon_with_adamw
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +169,14 @@ class DBPTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         self._freeze_decorrelation_matrices()
+        if self.optimizer is None and getattr(self.args, "matrix_optimizer", "adamw") == "muon":
+            opt_model = self.model if model is None else model
+            self.optimizer = muon_with_adamw(
+                opt_model, self.args.learning_rate, self.args.weight_decay, self.get_decay_parameter_names(opt_model),
+                adam_betas=(self.args.adam_beta1, self.args.adam_beta2), adam_epsilon=self.args.adam_epsilon,
+                muon_lr_multiplier=self.args.muon_lr_multiplier,
+            )  # fmt: skip
+            return self.optimizer
         return super().create_optimizer(model)
 
     def _training_clock_start(self) -> None:

@@ -8,10 +8,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from .optimizers import MATRIX_OPTIMIZERS
+
 
 @dataclass
 class DBPTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus how to measure the run's emissions (see `hf_dbp.emissions`)."""
+    """`TrainingArguments` plus how to measure the run's emissions (see `hf_dbp.emissions`) and the optimizer of the
+    hidden matrices (see `hf_dbp.optimizers`)."""
 
     emissions_country: str | None = field(
         default=None,
@@ -24,10 +27,24 @@ class DBPTrainingArguments(TrainingArguments):
         metadata={"help": "Stop training after this much training time (evaluation not counted), like max_steps in minutes."},
     )
 
+    matrix_optimizer: str = field(
+        default="adamw",
+        metadata={"help": "What updates the 2-D hidden weight matrices: 'adamw' (with everything else, as --optim says) "
+                  "or 'muon' (torch.optim.Muon, scaled to AdamW's RMS; AdamW keeps the rest). DBP works with either: R "
+                  "is updated by the decorrelation step, never by an optimizer.", "choices": list(MATRIX_OPTIMIZERS)},
+    )  # fmt: skip
+    muon_lr_multiplier: float = field(
+        default=1.0, metadata={"help": "With --matrix_optimizer muon: Muon's learning rate over AdamW's."}
+    )
+
     def __post_init__(self):
         # Launched as several processes (accelerate, torchrun) on a machine without GPUs, accelerate treats every
         # process as a separate single-process run unless told to use the CPU; with use_cpu they form one DDP group
         # over gloo.
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
             self.use_cpu = True
+        if self.matrix_optimizer not in MATRIX_OPTIMIZERS:
+            raise ValueError(f"matrix_optimizer must be one of {list(MATRIX_OPTIMIZERS)}, got {self.matrix_optimizer!r}")
+        if not self.muon_lr_multiplier > 0:
+            raise ValueError(f"muon_lr_multiplier must be > 0, got {self.muon_lr_multiplier}")
         super().__post_init__()

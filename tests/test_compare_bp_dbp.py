@@ -32,17 +32,47 @@ def curve(points):
 
 def test_time_saved_is_measured_at_bps_best_loss(compare_module):
     bp = curve([(10, 10.0, 0.9, 1.0), (20, 20.0, 0.7, 2.0), (30, 30.0, 0.6, 3.0), (40, 40.0, 0.65, 4.0)])
-    bp.update(best_eval_loss=0.6, seconds_to_best=30.0, emissions_g_to_best=3.0)
+    bp.update(best_eval_loss=0.6, seconds_to_best=30.0, emissions_g_to_best=3.0, step_of_best=30)
     dbp = curve([(10, 12.0, 0.8, 1.2), (20, 24.0, 0.59, 2.4), (30, 36.0, 0.5, 3.6)])
     result = compare_module.compare(bp, dbp)
     assert result["dbp_seconds_to_bp_best"] == 24.0  # the first evaluation at or below 0.6
+    assert result["dbp_steps_to_bp_best"] == 20
+    assert result["steps_saved_fraction"] == pytest.approx(1 - 20 / 30)
     assert result["time_saved_fraction"] == pytest.approx(1 - 24 / 30)
     assert result["emissions_saved_fraction"] == pytest.approx(1 - 2.4 / 3.0)
     never = curve([(10, 12.0, 0.8, 1.2), (20, 24.0, 0.61, 2.4)])
     assert compare_module.compare(bp, never) == {
-        "dbp_seconds_to_bp_best": None, "time_saved_fraction": None, "emissions_saved_fraction": None,
+        "dbp_steps_to_bp_best": None, "dbp_seconds_to_bp_best": None, "steps_saved_fraction": None,
+        "time_saved_fraction": None, "emissions_saved_fraction": None,
     }  # fmt: skip
     assert compare_module.summarize([0.2, None, 0.4])["reached"] == "2/3"
+
+
+def test_speedup_curve_takes_the_baselines_best_within_each_share_of_its_budget(compare_module):
+    """A late plateau of the baseline decides only the last point of the curve."""
+    bp = curve([(10, 10.0, 0.9, 0), (20, 20.0, 0.7, 0), (30, 30.0, 0.6, 0), (40, 40.0, 0.59, 0)])
+    dbp = curve([(10, 11.0, 0.72, 0), (20, 22.0, 0.6, 0), (30, 33.0, 0.58, 0), (40, 44.0, 0.5, 0)])
+    points = compare_module.speedup_curve(bp, dbp)
+    assert [p["fraction"] for p in points] == [0.25, 0.5, 0.75, 1.0]
+    assert [p["target_eval_loss"] for p in points] == [0.9, 0.7, 0.6, 0.59]  # best within 10, 20, 30, 40 steps
+    assert [p["baseline_step"] for p in points] == [10, 20, 30, 40]
+    assert [p["step"] for p in points] == [10, 20, 20, 30]
+    assert points[2]["steps_ratio"] == pytest.approx(20 / 30) and points[2]["seconds_ratio"] == pytest.approx(22 / 30)
+    slow = compare_module.speedup_curve(bp, curve([(10, 11.0, 0.95, 0), (40, 44.0, 0.8, 0)]))
+    assert slow[0]["step"] == 40 and slow[1]["step"] is None and slow[1]["steps_ratio"] is None
+
+
+def test_runs_measure_the_cpu_other_processes_took(compare_module):
+    """An idle run has (almost) no CPU of others; a run with a busy neighbour process says so."""
+    quiet = compare_module.run_alone([sys.executable, "-c", "sum(range(3_000_000))"])
+    assert quiet["own_cpu_seconds"] > 0 and quiet["wall_seconds"] > 0
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        busy = compare_module.run_alone([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+    assert busy["other_cpu_seconds"] > 0.5 and busy["busy"]
 
 
 def test_tiny_comparison_with_sweep_alternate_photos_and_finetuning_end_to_end(tmp_path):
@@ -100,14 +130,27 @@ def test_comparison_from_a_dbp_checkpoint_leaves_R_to_the_decorrelation_rule(tmp
         [sys.executable, str(ROOT / "examples" / "compare_bp_dbp.py"), "--output_dir", str(tmp_path / "cmp"),
          "--model_name_or_path", str(tmp_path / "dbp"), "--decorrelation_lr", "0", "--max_steps", "2",
          "--eval_steps", "1", "--per_device_train_batch_size", "8", "--max_train_samples", "32",
-         "--max_eval_samples", "8", "--emissions_country", "FRA", "--seeds", "0"],
+         "--max_eval_samples", "8", "--emissions_country", "FRA", "--seeds", "0", "--optimizers", "adamw", "muon"],
         cwd=ROOT, env=offline_env(tmp_path / "hf"), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    trained = ViTMAEDBPForPreTraining.from_pretrained(tmp_path / "cmp" / "seed0" / "dbp")
-    after, before = trained.state_dict(), original.state_dict()
-    matrices = [k for k in before if k.endswith("_decorrelation.R")]
-    assert len(matrices) == 9 and all(torch.equal(after[k], before[k]) for k in matrices)
-    assert not torch.equal(after["vit.layers.0.mlp.fc1.weight"], before["vit.layers.0.mlp.fc1.weight"])
-    bp = ViTMAEForPreTraining.from_pretrained(tmp_path / "cmp" / "seed0" / "bp")
-    assert not any(k.endswith("_decorrelation.R") for k in bp.state_dict())
+    matrices = [k for k in original.state_dict() if k.endswith("_decorrelation.R")]
+    assert len(matrices) == 9
+    for method in ("dbp", "dbp_muon"):  # with either optimizer, R is DBP's alone
+        trained = ViTMAEDBPForPreTraining.from_pretrained(tmp_path / "cmp" / "seed0" / method)
+        after, before = trained.state_dict(), original.state_dict()
+        assert all(torch.equal(after[k], before[k]) for k in matrices), method
+        assert not torch.equal(after["vit.layers.0.mlp.fc1.weight"], before["vit.layers.0.mlp.fc1.weight"]), method
+    for method in ("bp", "bp_muon"):
+        bp = ViTMAEForPreTraining.from_pretrained(tmp_path / "cmp" / "seed0" / method)
+        assert not any(k.endswith("_decorrelation.R") for k in bp.state_dict())
+    comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert comparison["methods"] == ["bp", "dbp", "bp_muon", "dbp_muon"]
+    run = comparison["runs"][0]
+    fields = {"evals", "best_eval_loss", "step_of_best", "seconds_to_best", "optimizer", "machine"}
+    for method in comparison["methods"]:
+        assert fields <= set(run[method]) and [e["step"] for e in run[method]["evals"]] == [1, 2], method
+    assert run["bp_muon"]["optimizer"] == "muon" and run["dbp"]["optimizer"] == "adamw"
+    assert set(run["comparisons"]) == {"dbp", "dbp_muon"} and set(run["speedup_curve"]) == {"dbp", "bp_muon", "dbp_muon"}
+    markdown = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "**dbp_muon against bp_muon**" in markdown and "Speed-up curve" in markdown

@@ -1,0 +1,100 @@
+"""Peer optimizers: torch's Muon on the hidden matrices with AdamW on the rest, as one optimizer, with and without DBP."""
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+
+from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
+from hf_dbp.decorrelation import decorrelation_matrices
+from hf_dbp.optimizers import CombinedOptimizer, muon_matrices, muon_with_adamw
+from hf_dbp.training_args import DBPTrainingArguments
+
+
+def noise_images(count=16, size=16):
+    return Dataset.from_dict({"pixel_values": torch.randn(count, 3, size, size).numpy()}).with_format("torch")
+
+
+def loss_of(model, seed):
+    return model(torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(seed))).loss
+
+
+def test_muon_takes_the_hidden_matrices_only(tiny_kwargs):
+    model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs))
+    names = set(muon_matrices(model))
+    assert "vit.layers.0.attention.q_proj.weight" in names and "vit.layers.1.mlp.fc2.weight" in names
+    assert "decoder.decoder_layers.0.mlp.fc1.weight" in names and "decoder.decoder_embed.weight" in names
+    assert "decoder.decoder_pred.weight" not in names  # the output layer stays with AdamW
+    assert not any(n.endswith(("bias", "_decorrelation.R", "projection.weight", "cls_token")) for n in names)
+    assert not any("layernorm" in n or "position" in n for n in names)
+    shapes = dict(model.named_parameters())
+    assert all(shapes[n].ndim == 2 for n in names)
+
+
+def test_combined_optimizer_steps_as_its_parts_and_resumes_exactly(tiny_kwargs):
+    torch.manual_seed(0)
+    model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs))
+    twin = copy.deepcopy(model)
+    decay = {n for n, p in model.named_parameters() if p.ndim > 1}
+    combined = muon_with_adamw(model, 1e-2, 0.05, decay, adam_betas=(0.9, 0.95), muon_lr_multiplier=4.0)
+    assert isinstance(combined, CombinedOptimizer) and len(combined.optimizers) == 2
+    muon, adamw = combined.optimizers
+    assert {id(p) for g in muon.param_groups for p in g["params"]} == {
+        id(p) for n, p in model.named_parameters() if n in set(muon_matrices(model))
+    }
+    assert all(g["lr"] == pytest.approx(4e-2) for g in muon.param_groups)
+    assert not {id(R) for R in decorrelation_matrices(model)} & {id(p) for g in combined.param_groups for p in g["params"]}
+    # The same two optimizers built by hand on the twin, stepped one after the other.
+    twin_matrices = [p for n, p in twin.named_parameters() if n in set(muon_matrices(twin))]
+    twin_rest = [(n, p) for n, p in twin.named_parameters() if p.requires_grad and n not in set(muon_matrices(twin))]
+    hand_muon = torch.optim.Muon(twin_matrices, lr=4e-2, weight_decay=0.05, adjust_lr_fn="match_rms_adamw")
+    hand_adamw = torch.optim.AdamW([{"params": [p for n, p in twin_rest if n in decay], "weight_decay": 0.05},
+                                    {"params": [p for n, p in twin_rest if n not in decay], "weight_decay": 0.0}],
+                                   lr=1e-2, betas=(0.9, 0.95))  # fmt: skip
+    for seed in range(2):
+        for m in (model, twin):
+            torch.manual_seed(seed)  # the same masks
+            loss_of(m, seed).backward()
+        combined.step(), hand_muon.step(), hand_adamw.step()
+        combined.zero_grad(), hand_muon.zero_grad(), hand_adamw.zero_grad()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    # A scheduler reaches every group; a saved state resumes to the same next step.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(combined, lambda step: 0.5)
+    assert muon.param_groups[0]["lr"] == pytest.approx(2e-2) and adamw.param_groups[0]["lr"] == pytest.approx(5e-3)
+    saved_model, saved_state = copy.deepcopy(model), copy.deepcopy(combined.state_dict())
+    resumed = muon_with_adamw(saved_model, 1e-2, 0.05, decay, adam_betas=(0.9, 0.95), muon_lr_multiplier=4.0)
+    resumed.load_state_dict(saved_state)
+    assert resumed.optimizers[0].state is resumed.state and resumed.optimizers[0].param_groups[0] is resumed.param_groups[0]
+    for m, optimizer in ((model, combined), (saved_model, resumed)):
+        torch.manual_seed(5)
+        loss_of(m, 5).backward()
+        optimizer.step()
+    for (name, a), b in zip(model.named_parameters(), saved_model.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    del scheduler
+
+
+def test_dbp_trainer_with_muon_trains_the_weights_and_leaves_R_to_dbp(tmp_path, tiny_kwargs):
+    torch.manual_seed(0)
+    model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs, decorrelation_lr=1e-2))
+    before = copy.deepcopy(model.state_dict())
+    args = DBPTrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, logging_steps=1, report_to="none",
+        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, track_emissions=False, use_cpu=True,
+        matrix_optimizer="muon", muon_lr_multiplier=4.0, learning_rate=1e-3, lr_scheduler_type="cosine",
+    )  # fmt: skip
+    trainer = DBPTrainer(model=model, args=args, train_dataset=noise_images(), track_emissions=False)
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer, CombinedOptimizer)  # accelerate wraps it
+    after = model.state_dict()
+    assert not torch.equal(after["vit.layers.0.mlp.fc1.weight"], before["vit.layers.0.mlp.fc1.weight"])
+    qkv = "vit.layers.0.attention.qkv_decorrelation.R"
+    assert not torch.equal(after[qkv], before[qkv])  # DBP moved R, after Muon's steps
+    assert all(r["decorrelation_loss"] > 0 for r in trainer.state.log_history if "loss" in r)
+
+
+def test_unknown_matrix_optimizer_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="matrix_optimizer"):
+        DBPTrainingArguments(output_dir=str(tmp_path), matrix_optimizer="lion")
