@@ -12,8 +12,15 @@ time is training time (`train_seconds`: wall clock without evaluation), the same
 `comparison.json`, `comparison.md` and `comparison.png` to `--output_dir`.
 
 `time_saved_fraction` = 1 - (DBP's seconds to BP's best eval loss) / (BP's seconds to its best), null when DBP
-never reaches it; `emissions_saved_fraction` likewise with the emissions at those points. Each validation image
-keeps one mask for all evaluations (see `hf_dbp.data.fixed_mask_noise`), so the curves move with the weights only.
+never reaches it; `steps_saved_fraction` the same in optimizer steps (deterministic for a seed);
+`emissions_saved_fraction` likewise with the emissions at those points. `speedup_curve`: the steps and seconds each
+method needs to reach BP's best eval loss within 25%, 50%, 75% and 100% of BP's budget. Each validation image keeps
+one mask for all evaluations (see `hf_dbp.data.fixed_mask_noise`), so the curves move with the weights only. Each
+run records the CPU that other processes took while it ran, and is marked busy above 5% (its seconds are then no
+figure; its steps still are).
+
+Peers: `--optimizers adamw muon` runs BP and DBP with each optimizer (records `bp`, `dbp`, `bp_muon`, `dbp_muon`), and
+compares each DBP with the BP of its own optimizer.
 
 Tuning both methods alike: `--learning_rate_sweep 5e-4 1e-3 1.5e-3 3e-3` runs BP and DBP at every base learning
 rate and seed, compares each method at its own best rate (lowest mean best eval loss over the seeds), and reports
