@@ -64,9 +64,10 @@ def muon_matrices(model: nn.Module) -> list[str]:
     names = []
     for module_name, module in model.named_modules():
         weight = getattr(module, "weight", None)
+        # 2-D only: norms (1-D) and convolutions (4-D) drop out here; embeddings are 2-D but not hidden matrices.
         if isinstance(module, nn.Embedding) or not isinstance(weight, nn.Parameter) or weight.ndim != 2:
             continue
-        if re.search(OUTPUT_LAYERS, module_name) or isinstance(module, (nn.LayerNorm, nn.Conv2d)):
+        if re.search(OUTPUT_LAYERS, module_name):
             continue
         if weight.requires_grad:
             names.append(f"{module_name}.weight" if module_name else "weight")
