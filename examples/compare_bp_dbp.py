@@ -19,12 +19,17 @@ one mask for all evaluations (see `hf_dbp.data.fixed_mask_noise`), so the curves
 run records the CPU that other processes took while it ran, and is marked busy above 5% (its seconds are then no
 figure; its steps still are).
 
-Peers: `--optimizers adamw muon` runs BP and DBP with each optimizer (records `bp`, `dbp`, `bp_muon`, `dbp_muon`), and
-compares each DBP with the BP of its own optimizer.
+Peers: `--optimizers adamw muon soap schedulefree` runs BP and DBP with each optimizer (records `bp`, `dbp`,
+`bp_muon`, `dbp_muon`, `bp_soap`, ...), and compares each DBP with the BP of its own optimizer: torch's Muon and
+pytorch-optimizer's SOAP on the hidden matrices (AdamW on the rest), transformers' schedule-free AdamW (its own
+warm-up, no schedule).
 
 Tuning both methods alike: `--learning_rate_sweep 5e-4 1e-3 1.5e-3 3e-3` runs BP and DBP at every base learning
 rate and seed, compares each method at its own best rate (lowest mean best eval loss over the seeds), and reports
-the whole sweep. `--demo_photos alternate` repeats the comparison on other embedded photographs.
+the whole sweep; `examples/sweep_bp_dbp.py` sweeps every other setting (weight decay, the decorrelation lr and its
+schedule, kappa, the sample fraction, the layer kinds) of both. `--demo_photos alternate` repeats the comparison on
+other embedded photographs, `--demo_photos heldout_photos` (`heldout_faces`, `heldout_terrain`) on sets nothing was
+tuned on.
 """
 
 from __future__ import annotations
@@ -43,8 +48,12 @@ from transformers import HfArgumentParser
 
 from hf_dbp.data import DEMO_SETS
 from hf_dbp.optimizers import MATRIX_OPTIMIZERS
+from hf_dbp.training_args import DECORRELATION_LR_SCHEDULES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+OPTIMIZERS = (*MATRIX_OPTIMIZERS, "schedulefree")
+"""`--optimizers`: the matrix optimizers of `hf_dbp.optimizers`, and transformers' schedule-free AdamW (`--optim
+schedule_free_adamw`, its own warm-up, a constant schedule)."""
 DEMO_MODEL = (
     "image_size=32,patch_size=4,hidden_size=96,num_hidden_layers=4,num_attention_heads=4,intermediate_size=384,"
     "decoder_hidden_size=64,decoder_num_hidden_layers=2,decoder_num_attention_heads=4,decoder_intermediate_size=256"
@@ -78,12 +87,33 @@ class ComparisonArguments:
     decorrelation_sample_fraction: float = field(default=0.1)
     decorrelation_layers: list[str] = field(default_factory=lambda: ["patch_embeddings", "qkv", "o_proj", "fc1", "fc2"])
     decorrelation_variance_form: str = field(default="rows", metadata={"help": "'rows' (diag(v) R) or 'columns' (R diag(v), the reference code)."})
-    optimizers: list[str] = field(default_factory=lambda: ["adamw"], metadata={"help": "Run BP and DBP with each: 'adamw', 'muon' (torch.optim.Muon on the hidden matrices, AdamW on the rest). Records: bp, dbp, bp_muon, dbp_muon.", "choices": list(MATRIX_OPTIMIZERS)})
+    decorrelation_lr_schedule: str = field(default="constant", metadata={"help": "'constant', or 'tied' to the weights' warm-up and cosine decay.", "choices": list(DECORRELATION_LR_SCHEDULES)})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW's (and every peer's) weight decay, for DBP..."})
+    bp_weight_decay: float | None = field(default=None, metadata={"help": "...and for BP if tuned separately (default: the same)."})
+    optimizers: list[str] = field(default_factory=lambda: ["adamw"], metadata={"help": "Run BP and DBP with each: 'adamw', 'muon' (torch.optim.Muon on the hidden matrices, AdamW on the rest), 'soap' (pytorch-optimizer's SOAP on them), 'schedulefree' (transformers' schedule_free_adamw). Records: bp, dbp, bp_muon, dbp_muon, ...", "choices": list(OPTIMIZERS)})
+    optimizer_base_learning_rates: list[str] = field(default_factory=list, metadata={"help": "optimizer=rate each (e.g. 'soap=3e-3'): the base learning rate of BP and DBP with that peer, where its own tuning chose another than --base_learning_rate."})
     muon_lr_multiplier: float = field(default=4.0, metadata={"help": "Muon's learning rate over AdamW's (its updates are scaled to AdamW's RMS)."})
     emissions_country: str | None = field(default=None, metadata={"help": "ISO alpha-3 country for the CO2 figures."})
     finetune_data_dir: str | None = field(default=None, metadata={"help": "ADE20K-layout folder: fine-tune both with UperNet."})
     finetune_dataset_name: str | None = field(default=None, metadata={"help": "Or a Hub/parquet dataset for it."})
     finetune_args: str = field(default="", metadata={"help": "More flags for run_segmentation.py, e.g. '--max_steps 2000'."})
+
+    def __post_init__(self) -> None:
+        self.peer_rates()  # checked before anything runs
+
+    def peer_rates(self) -> dict[str, float]:
+        """`--optimizer_base_learning_rates` as {peer: base learning rate}."""
+        rates = {}
+        for item in self.optimizer_base_learning_rates:
+            name, _, rate = item.partition("=")
+            try:
+                rates[name] = float(rate)
+            except ValueError:
+                rates[name] = None
+            if name not in OPTIMIZERS[1:] or rates[name] is None or not rates[name] > 0:
+                raise ValueError(f"--optimizer_base_learning_rates takes peer=rate with a peer of "
+                                 f"{list(OPTIMIZERS[1:])} and a rate > 0, got {item!r}")  # fmt: skip
+        return rates
 
 
 def method_names(optimizer: str) -> tuple[str, str]:
@@ -99,13 +129,18 @@ def pretraining_command(args: ComparisonArguments, seed: int, bp: bool, output_d
                "--per_device_train_batch_size", str(args.per_device_train_batch_size), "--per_device_eval_batch_size", "128",
                "--num_train_epochs", str(args.num_train_epochs), "--max_steps", str(args.max_steps),
                "--base_learning_rate", str(base_lr),
-               "--weight_decay", "0.05", "--adam_beta2", "0.95", "--lr_scheduler_type", "cosine",
-               "--warmup_steps", str(args.warmup_steps), "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+               "--weight_decay", str(args.bp_weight_decay if bp and args.bp_weight_decay is not None else args.weight_decay),
+               "--adam_beta2", "0.95", "--warmup_steps", str(args.warmup_steps), "--dataloader_num_workers", "0",
+               "--disable_tqdm", "true", "--decorrelation_lr_schedule", args.decorrelation_lr_schedule,
                "--decorrelation_lr", str(args.decorrelation_lr), "--decorrelation_kappa", str(args.decorrelation_kappa),
                "--decorrelation_sample_fraction", str(args.decorrelation_sample_fraction),
                "--decorrelation_variance_form", args.decorrelation_variance_form,
                "--decorrelation_layers", *args.decorrelation_layers,
-               "--matrix_optimizer", optimizer, "--muon_lr_multiplier", str(args.muon_lr_multiplier)]  # fmt: skip
+               "--muon_lr_multiplier", str(args.muon_lr_multiplier)]  # fmt: skip
+    if optimizer == "schedulefree":  # warm-up inside the optimizer, and no schedule: that is the point of it
+        command += ["--optim", "schedule_free_adamw", "--lr_scheduler_type", "constant", "--matrix_optimizer", "adamw"]
+    else:
+        command += ["--lr_scheduler_type", "cosine", "--matrix_optimizer", optimizer]
     for flag in ("train_dir", "validation_dir", "dataset_name", "image_column_name", "max_train_samples",
                  "max_eval_samples", "model_name_or_path", "max_train_minutes", "emissions_country"):  # fmt: skip
         if getattr(args, flag) is not None:
@@ -179,6 +214,24 @@ def speedup_curve(baseline: dict, other: dict) -> list[dict]:
                          seconds_ratio=mine["train_seconds"] / base["train_seconds"] if base["train_seconds"] else None)  # fmt: skip
         points.append(point)
     return points
+
+
+EARLY_STEPS = 32
+"""What a user sees early in a BP run: its records up to this step."""
+
+
+def predictors(runs: list[dict], bp: str) -> dict:
+    """What a user can measure on their data before DBP's result is known, per seed: the decorrelation loss that the
+    BP run reports in its first `EARLY_STEPS` steps (the mean of those records), and the share of BP's budget at
+    which its eval loss came within 1% of its best (small: BP flattens early and leaves little to catch up with)."""
+    out = {"early_bp_decorrelation_loss": [], "bp_share_of_budget_to_within_1pct": []}
+    for run in runs:
+        early = [t["decorrelation_loss"] for t in run[bp]["train"] if t["step"] <= EARLY_STEPS and t.get("decorrelation_loss") is not None]
+        out["early_bp_decorrelation_loss"].append(statistics.mean(early) if early else None)
+        evals, best = run[bp]["evals"], run[bp]["best_eval_loss"]
+        near = first_reaching(evals, best * 1.01)
+        out["bp_share_of_budget_to_within_1pct"].append(near["step"] / max(r["step"] for r in evals))
+    return out
 
 
 def _busy_cpu_seconds() -> float | None:
@@ -277,6 +330,12 @@ def write_markdown(path: str, result: dict) -> None:
         lines += ["| seed | " + " | ".join(f"{m} mIoU (UperNet)" for m in methods) + " |", "|" + " --- |" * (1 + len(methods))]
         lines += [f"| {run['seed']} | " + " | ".join(fmt(run[m].get("mean_iou")) for m in methods) + " |" for run in runs]
         lines.append("")
+    predicted = result["summary"].get("predictors")
+    if predicted:
+        lines += [f"What a user sees early (per seed): the decorrelation loss the BP run reports in its first {EARLY_STEPS} "
+                  "steps " + " / ".join(fmt(v, 3) for v in predicted["early_bp_decorrelation_loss"]) + "; the share of "
+                  "BP's budget after which its eval loss was within 1% of its best "
+                  + " / ".join(fmt(v, 2) for v in predicted["bp_share_of_budget_to_within_1pct"]) + ".", ""]  # fmt: skip
     sweep = result.get("sweep")
     if sweep:
         lines += ["Learning-rate sweep (best eval loss, mean ± std over seeds; each method compared at its best):",
@@ -292,7 +351,8 @@ def write_markdown(path: str, result: dict) -> None:
         file.write("\n".join(lines).rstrip() + "\n")
 
 
-COLORS = {"bp": "tab:blue", "dbp": "tab:orange", "bp_muon": "tab:green", "dbp_muon": "tab:red"}
+COLORS = {"bp": "tab:blue", "dbp": "tab:orange", "bp_muon": "tab:green", "dbp_muon": "tab:red", "bp_soap": "tab:purple",
+          "dbp_soap": "tab:brown", "bp_schedulefree": "tab:gray", "dbp_schedulefree": "tab:olive"}  # fmt: skip
 
 
 def plot(path: str, result: dict) -> None:
@@ -338,6 +398,10 @@ def main() -> None:
     optimizer_of = {method: optimizer for optimizer in dict.fromkeys(args.optimizers) for method in method_names(optimizer)}
     rates = {m: (args.bp_base_learning_rate or args.base_learning_rate) if m.startswith("bp") else args.base_learning_rate
              for m in methods}  # fmt: skip
+    for name, rate in args.peer_rates().items():  # a peer tuned on its own: both its BP and its DBP at its rate
+        for method in method_names(name):
+            if method in rates:
+                rates[method] = rate
     sweep = args.learning_rate_sweep or []
     # Every (seed, learning rate, method), one after the other so that their timings do not overlap.
     trained = {}
@@ -379,6 +443,7 @@ def main() -> None:
     summary["comparisons"] = {dbp: {key: summarize([r["comparisons"][dbp][key] for r in runs]) for key in keys}
                               for _, dbp in pairs}  # fmt: skip
     summary["busy_runs"] = sum(bool(r[m]["machine"]["busy"]) for r in runs for m in methods)
+    summary["predictors"] = predictors(runs, pairs[0][0])
     first_bp, first_dbp = pairs[0]
     result = {"settings": {k: v for k, v in vars(args).items()}, "methods": methods, "runs": runs, "summary": summary,
               "sweep": sweep_result,

@@ -14,13 +14,15 @@ logger = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Natural photographs that ship inside scikit-image's wheel, so the demo works offline. Validation crops come from
-# photographs never used for training. Grayscale ones are converted to RGB like any grayscale input.
+# Natural photographs that ship inside scikit-image's, matplotlib's and PyWavelets' wheels, so the demo works offline:
+# people, objects, textures, astronomy, microscopy, medicine, an aerial view. Validation crops come from photographs
+# never used for training. Grayscale ones are converted to RGB like any grayscale input.
 DEMO_TRAIN_PHOTOS = (
     "astronaut", "coffee", "hubble_deep_field", "immunohistochemistry", "retina",
     "rocket", "stereo_motorcycle", "brick", "camera", "grass", "moon",
+    "cell", "grace_hopper", "pywt:aero",
 )  # fmt: skip
-DEMO_VALIDATION_PHOTOS = ("chelsea", "gravel", "coins", "clock")
+DEMO_VALIDATION_PHOTOS = ("chelsea", "gravel", "coins", "clock", "pywt:ascent")
 # A second set of the same kind, to check that settings tuned on the default carry over to other images: it trains
 # on the default's validation photographs and on four that the default never uses, and validates on four of the
 # default's training photographs.
@@ -76,6 +78,10 @@ def _images(name: str) -> list[np.ndarray]:
         validation = np.r_[100 - LFW_VALIDATION // 2 : 100, 200 - LFW_VALIDATION // 2 : 200]
         index = validation if item == "validation" else np.setdiff1d(np.arange(len(faces)), validation)
         return [_rgb((faces[i] * 255).round().astype(np.uint8)) for i in index]
+    if kind == "pywt":  # PyWavelets' 512 px grayscale photographs: an aerial view, a staircase
+        import pywt.data
+
+        return [_rgb(np.asarray(getattr(pywt.data, item)()).clip(0, 255).astype(np.uint8))]
     if kind == "dem":
         from matplotlib.cbook import get_sample_data
 

@@ -86,10 +86,13 @@ class ViTMAEDBPPreTrainedModel(ViTMAEPreTrainedModel):
         """Every :class:`~hf_dbp.decorrelation.Decorrelation` (one R each) of the encoder, in module order."""
         return [m for m in self.modules() if isinstance(m, Decorrelation)]
 
-    def decorrelation_step(self, max_loss: float = 1e6, on_divergence: str = "skip") -> float | None:
+    def decorrelation_step(
+        self, max_loss: float = 1e6, on_divergence: str = "skip", lr_scale: float = 1.0
+    ) -> float | None:
         """Update every R from the statistics of the training-mode forwards since the last call, then clear them.
 
-        Uses `config.decorrelation_lr`, `config.decorrelation_kappa` and `config.decorrelation_variance_form`. Under `torch.distributed` the statistics of
+        Uses `config.decorrelation_lr` (times `lr_scale`, e.g. the MAE schedule's current factor), `config.decorrelation_kappa`
+        and `config.decorrelation_variance_form`. Under `torch.distributed` the statistics of
         all processes are combined (one all-reduce), so every process ends with the same R. Call it after each
         optimizer step ([`DBPTrainer`] does). An update that would make R non-finite, or whose loss exceeds
         `max_loss`, is skipped (`on_divergence="skip"`, counted per module in `skipped_updates`) or raises
@@ -99,7 +102,7 @@ class ViTMAEDBPPreTrainedModel(ViTMAEPreTrainedModel):
             The decorrelation loss averaged over the decorrelated layers, or `None` if no training forward ran.
         """
         return decorrelation_step(
-            self.decorrelation_modules(), self.config.decorrelation_lr, self.config.decorrelation_kappa,
+            self.decorrelation_modules(), self.config.decorrelation_lr * lr_scale, self.config.decorrelation_kappa,
             max_loss=max_loss, on_divergence=on_divergence, variance_form=self.config.decorrelation_variance_form,
         )  # fmt: skip
 

@@ -1,5 +1,6 @@
-"""The optimizers a user would pick instead of (or together with) DBP: torch's Muon for the hidden matrices, AdamW
-for the rest, as one optimizer that Trainer, its schedulers and its checkpoints handle like any other.
+"""The optimizers a user would pick instead of (or together with) DBP: torch's Muon or SOAP (from pytorch-optimizer)
+for the hidden matrices, AdamW for the rest, as one optimizer that Trainer, its schedulers and its checkpoints handle
+like any other. (Schedule-free AdamW needs nothing here: it is transformers' own ``--optim schedule_free_adamw``.)
 
 DBP is independent of the optimizer: R is updated by the decorrelation step, never by an optimizer, so every choice
 here leaves R out (it requires no grad), and DBP with Muon is Muon on the weights plus the decorrelation step.
@@ -12,7 +13,7 @@ import re
 import torch
 from torch import nn
 
-MATRIX_OPTIMIZERS = ("adamw", "muon")
+MATRIX_OPTIMIZERS = ("adamw", "muon", "soap")
 """`DBPTrainingArguments.matrix_optimizer`: what updates the 2-D hidden weight matrices."""
 
 OUTPUT_LAYERS = r"(^|\.)(decoder_pred|lm_head|classifier|head)(\.|$)"
@@ -74,8 +75,9 @@ def muon_matrices(model: nn.Module) -> list[str]:
     return names
 
 
-def muon_with_adamw(
+def matrices_with_adamw(
     model: nn.Module,
+    matrix_optimizer: str,
     learning_rate: float,
     weight_decay: float,
     decay_parameters: set[str] | list[str],
@@ -84,24 +86,45 @@ def muon_with_adamw(
     muon_lr_multiplier: float = 1.0,
     muon_momentum: float = 0.95,
 ) -> CombinedOptimizer:
-    """``torch.optim.Muon`` on the hidden matrices and ``torch.optim.AdamW`` on every other trainable parameter.
+    """``matrix_optimizer`` on the hidden matrices (`muon_matrices`) and ``torch.optim.AdamW`` on every other trainable
+    parameter, as one `CombinedOptimizer`.
 
-    Muon's updates are scaled to AdamW's RMS (``adjust_lr_fn="match_rms_adamw"``), so both share the learning-rate
-    scale: Muon runs at ``learning_rate * muon_lr_multiplier``. ``decay_parameters`` (Trainer's
-    ``get_decay_parameter_names``) decides which AdamW parameters get weight decay; every Muon matrix does.
+    - ``"muon"``: ``torch.optim.Muon`` with its updates scaled to AdamW's RMS (``adjust_lr_fn="match_rms_adamw"``),
+      so both share the learning-rate scale: Muon runs at ``learning_rate * muon_lr_multiplier``.
+    - ``"soap"``: ``pytorch_optimizer.SOAP`` (Adam in Shampoo's eigenbasis) at ``learning_rate`` with AdamW's betas and
+      epsilon. Why that package: torch and transformers have no SOAP, and pytorch-optimizer is maintained and tested.
+      As in the SOAP paper, the 1-D parameters stay with Adam(W).
+
+    ``decay_parameters`` (Trainer's ``get_decay_parameter_names``) decides which AdamW parameters get weight decay;
+    every matrix does.
     """
+    if matrix_optimizer not in MATRIX_OPTIMIZERS or matrix_optimizer == "adamw":
+        raise ValueError(f"matrix_optimizer must be one of {[o for o in MATRIX_OPTIMIZERS if o != 'adamw']}, got "
+                         f"{matrix_optimizer!r}")  # fmt: skip
     matrices = set(muon_matrices(model))
     if not matrices:
-        raise ValueError(f"{type(model).__name__} has no trainable hidden 2-D weight matrix for Muon")
+        raise ValueError(f"{type(model).__name__} has no trainable hidden 2-D weight matrix for {matrix_optimizer}")
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    muon = torch.optim.Muon(
-        [p for n, p in trainable if n in matrices], lr=learning_rate * muon_lr_multiplier, weight_decay=weight_decay,
-        momentum=muon_momentum, adjust_lr_fn="match_rms_adamw",
-    )  # fmt: skip
+    params = [p for n, p in trainable if n in matrices]
+    if matrix_optimizer == "muon":
+        first = torch.optim.Muon(params, lr=learning_rate * muon_lr_multiplier, weight_decay=weight_decay,
+                                 momentum=muon_momentum, adjust_lr_fn="match_rms_adamw")  # fmt: skip
+    else:
+        try:
+            from pytorch_optimizer import SOAP
+        except ImportError as error:
+            raise ImportError("matrix_optimizer='soap' needs pytorch-optimizer: pip install pytorch-optimizer") from error
+        first = SOAP(params, lr=learning_rate, betas=adam_betas, weight_decay=weight_decay, eps=adam_epsilon)
     rest = [(n, p) for n, p in trainable if n not in matrices]
     groups = [{"params": [p for n, p in rest if n in decay_parameters], "weight_decay": weight_decay},
               {"params": [p for n, p in rest if n not in decay_parameters], "weight_decay": 0.0}]  # fmt: skip
     groups = [group for group in groups if group["params"]]
     if not groups:
-        return CombinedOptimizer([muon])
-    return CombinedOptimizer([muon, torch.optim.AdamW(groups, lr=learning_rate, betas=adam_betas, eps=adam_epsilon)])
+        return CombinedOptimizer([first])
+    return CombinedOptimizer([first, torch.optim.AdamW(groups, lr=learning_rate, betas=adam_betas, eps=adam_epsilon)])
+
+
+def muon_with_adamw(model: nn.Module, learning_rate: float, weight_decay: float,
+                    decay_parameters: set[str] | list[str], **kwargs) -> CombinedOptimizer:  # fmt: skip
+    """``torch.optim.Muon`` on the hidden matrices and AdamW on the rest: `matrices_with_adamw` with ``"muon"``."""
+    return matrices_with_adamw(model, "muon", learning_rate, weight_decay, decay_parameters, **kwargs)

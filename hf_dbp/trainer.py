@@ -31,7 +31,7 @@ from .emissions import (
 )
 from .model_card import write_model_card
 from .modeling_vit_mae_dbp import STATISTICS_SEED, ViTMAEDBPPreTrainedModel, vit_mae_decorrelation_groups
-from .optimizers import muon_with_adamw
+from .optimizers import matrices_with_adamw
 
 logger = logging.getLogger(__name__)
 
@@ -169,10 +169,11 @@ class DBPTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         self._freeze_decorrelation_matrices()
-        if self.optimizer is None and getattr(self.args, "matrix_optimizer", "adamw") == "muon":
+        matrix_optimizer = getattr(self.args, "matrix_optimizer", "adamw")
+        if self.optimizer is None and matrix_optimizer != "adamw":
             opt_model = self.model if model is None else model
-            self.optimizer = muon_with_adamw(
-                opt_model, self.args.learning_rate, self.args.weight_decay, self.get_decay_parameter_names(opt_model),
+            self.optimizer = matrices_with_adamw(
+                opt_model, matrix_optimizer, self.args.learning_rate, self.args.weight_decay, self.get_decay_parameter_names(opt_model),
                 adam_betas=(self.args.adam_beta1, self.args.adam_beta2), adam_epsilon=self.args.adam_epsilon,
                 muon_lr_multiplier=self.args.muon_lr_multiplier,
             )  # fmt: skip
@@ -247,7 +248,7 @@ class DBPTrainer(Trainer):
         if self._monitor is not None:
             loss = decorrelation_step(self._decorrelation_modules(), lr=0.0, kappa=self._kappa)
         else:
-            loss = self._dbp_model.decorrelation_step(**self._guard)
+            loss = self._dbp_model.decorrelation_step(**self._guard, lr_scale=self._decorrelation_lr_scale())
         if loss is not None:
             self._decorrelation_losses.append(loss)
         skipped = self._skipped_updates()
@@ -256,6 +257,14 @@ class DBPTrainer(Trainer):
                            "R left unchanged", self.state.global_step, skipped - self._skipped_reported,
                            self._guard["max_loss"])  # fmt: skip
             self._skipped_reported = skipped
+
+    def _decorrelation_lr_scale(self) -> float:
+        """1, or with `decorrelation_lr_schedule="tied"` the factor the weights' scheduler applies at this step (its
+        warm-up and decay: the scheduler steps after this callback, so this is the factor the step just used)."""
+        if getattr(self.args, "decorrelation_lr_schedule", "constant") != "tied" or self.lr_scheduler is None:
+            return 1.0
+        base, last = self.lr_scheduler.base_lrs[0], self.lr_scheduler.get_last_lr()[0]
+        return last / base if base else 1.0
 
     def check_decorrelation_consistency(self) -> None:
         """Check that every R is bitwise the same on every process (raises `RuntimeError` if not).

@@ -10,6 +10,9 @@ from transformers import TrainingArguments
 
 from .optimizers import MATRIX_OPTIMIZERS
 
+DECORRELATION_LR_SCHEDULES = ("constant", "tied")
+"""`DBPTrainingArguments.decorrelation_lr_schedule`: R's learning rate constant, or following the weights' schedule."""
+
 
 @dataclass
 class DBPTrainingArguments(TrainingArguments):
@@ -29,13 +32,21 @@ class DBPTrainingArguments(TrainingArguments):
 
     matrix_optimizer: str = field(
         default="adamw",
-        metadata={"help": "What updates the 2-D hidden weight matrices: 'adamw' (with everything else, as --optim says) "
-                  "or 'muon' (torch.optim.Muon, scaled to AdamW's RMS; AdamW keeps the rest). DBP works with either: R "
+        metadata={"help": "What updates the 2-D hidden weight matrices: 'adamw' (with everything else, as --optim says), "
+                  "'muon' (torch.optim.Muon, scaled to AdamW's RMS) or 'soap' (pytorch-optimizer's SOAP); with the "
+                  "last two AdamW keeps the rest. DBP works with any: R "
                   "is updated by the decorrelation step, never by an optimizer.", "choices": list(MATRIX_OPTIMIZERS)},
     )  # fmt: skip
     muon_lr_multiplier: float = field(
         default=1.0, metadata={"help": "With --matrix_optimizer muon: Muon's learning rate over AdamW's."}
     )
+
+    decorrelation_lr_schedule: str = field(
+        default="constant",
+        metadata={"help": "The decorrelation learning rate over training: 'constant' (the config's decorrelation_lr at "
+                  "every step) or 'tied' (times the weights' schedule factor: the same warm-up and decay as "
+                  "--lr_scheduler_type).", "choices": list(DECORRELATION_LR_SCHEDULES)},
+    )  # fmt: skip
 
     def __post_init__(self):
         # Launched as several processes (accelerate, torchrun) on a machine without GPUs, accelerate treats every
@@ -45,6 +56,9 @@ class DBPTrainingArguments(TrainingArguments):
             self.use_cpu = True
         if self.matrix_optimizer not in MATRIX_OPTIMIZERS:
             raise ValueError(f"matrix_optimizer must be one of {list(MATRIX_OPTIMIZERS)}, got {self.matrix_optimizer!r}")
+        if self.decorrelation_lr_schedule not in DECORRELATION_LR_SCHEDULES:
+            raise ValueError(f"decorrelation_lr_schedule must be one of {list(DECORRELATION_LR_SCHEDULES)}, got "
+                             f"{self.decorrelation_lr_schedule!r}")  # fmt: skip
         if not self.muon_lr_multiplier > 0:
             raise ValueError(f"muon_lr_multiplier must be > 0, got {self.muon_lr_multiplier}")
         super().__post_init__()

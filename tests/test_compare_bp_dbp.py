@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import offline_env, randomise_R
-from transformers import ViTMAEForPreTraining
+from transformers import HfArgumentParser, TrainingArguments, ViTMAEForPreTraining
 
 from hf_dbp import ViTMAEDBPConfig, ViTMAEDBPForPreTraining
 from hf_dbp.segmentation_data import make_demo_ade20k
@@ -60,6 +60,16 @@ def test_speedup_curve_takes_the_baselines_best_within_each_share_of_its_budget(
     assert points[2]["steps_ratio"] == pytest.approx(20 / 30) and points[2]["seconds_ratio"] == pytest.approx(22 / 30)
     slow = compare_module.speedup_curve(bp, curve([(10, 11.0, 0.95, 0), (40, 44.0, 0.8, 0)]))
     assert slow[0]["step"] == 40 and slow[1]["step"] is None and slow[1]["steps_ratio"] is None
+
+
+def test_predictors_read_the_early_decorrelation_loss_and_how_soon_bp_flattens(compare_module):
+    bp = curve([(16, 1.0, 0.9, 0), (32, 2.0, 0.7, 0), (48, 3.0, 0.6, 0), (64, 4.0, 0.595, 0)])
+    bp["train"] = [{"step": s, "decorrelation_loss": d} for s, d in ((16, 0.4), (32, 0.2), (48, 9.0), (64, 9.0))]
+    bp["best_eval_loss"] = 0.595
+    flat = curve([(16, 1.0, 0.7, 0), (32, 2.0, 0.6, 0), (64, 4.0, 0.5999, 0)]) | {"best_eval_loss": 0.5999, "train": []}
+    out = compare_module.predictors([{"bp": bp}, {"bp": flat}], "bp")
+    assert out["early_bp_decorrelation_loss"] == [pytest.approx(0.3), None]  # steps 16 and 32 only
+    assert out["bp_share_of_budget_to_within_1pct"] == [0.75, 0.5]  # 0.6 <= 1.01 * 0.595 at step 48 of 64
 
 
 def test_runs_measure_the_cpu_other_processes_took(compare_module):
@@ -154,3 +164,82 @@ def test_comparison_from_a_dbp_checkpoint_leaves_R_to_the_decorrelation_rule(tmp
     assert set(run["comparisons"]) == {"dbp", "dbp_muon"} and set(run["speedup_curve"]) == {"dbp", "bp_muon", "dbp_muon"}
     markdown = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "**dbp_muon against bp_muon**" in markdown and "Speed-up curve" in markdown
+
+
+def run_mae_arguments(command: list[str]):
+    """The DBP and training arguments `examples/run_mae_dbp.py` parses from `command` (its script and arguments)."""
+    module = sys.modules.get("run_mae_dbp_parsed")
+    if module is None:  # dataclasses look their module up in sys.modules while the script runs
+        spec = importlib.util.spec_from_file_location("run_mae_dbp_parsed", ROOT / "examples" / "run_mae_dbp.py")
+        module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    parser = HfArgumentParser((module.ModelArguments, module.DataTrainingArguments, module.DBPArguments,
+                               module.CustomTrainingArguments))  # fmt: skip
+    _, _, dbp, training = parser.parse_args_into_dataclasses(args=command[command.index("--output_dir"):])
+    return dbp, training
+
+
+@pytest.mark.parametrize("optimizer, optim, matrices, schedule", [
+    ("soap", "default", "soap", "cosine"), ("muon", "default", "muon", "cosine"),
+    ("schedulefree", "schedule_free_adamw", "adamw", "constant")])  # fmt: skip
+def test_each_peer_optimizer_reaches_run_mae_dbp_as_its_flags(compare_module, tmp_path, optimizer, optim, matrices,
+                                                              schedule):  # fmt: skip
+    if optim == "default":  # AdamW as transformers builds it by default (for the parameters the matrices leave)
+        optim = TrainingArguments.__dataclass_fields__["optim"].default
+    args = compare_module.ComparisonArguments(weight_decay=0.1, bp_weight_decay=0.0, decorrelation_lr_schedule="tied")
+    for bp in (True, False):
+        command = compare_module.pretraining_command(args, 0, bp, str(tmp_path), 1e-3, optimizer)
+        dbp_arguments, training = run_mae_arguments(command)
+        assert dbp_arguments.bp_baseline == bp and (training.optim, training.matrix_optimizer, training.lr_scheduler_type) == (optim, matrices, schedule)
+        assert training.weight_decay == (0.0 if bp else 0.1) and training.decorrelation_lr_schedule == "tied"
+
+
+@pytest.mark.parametrize("item", ["adamw=1e-3", "lion=1e-3", "soap", "soap=fast", "muon=-1"])
+def test_a_bad_peer_learning_rate_is_refused_with_the_arguments(compare_module, item):
+    with pytest.raises(ValueError, match="optimizer_base_learning_rates"):
+        compare_module.ComparisonArguments(optimizer_base_learning_rates=[item])
+    assert compare_module.ComparisonArguments(optimizer_base_learning_rates=["soap=3e-3"]).peer_rates() == {"soap": 3e-3}
+
+
+TINY_MAE = ("image_size=16,patch_size=4,hidden_size=24,num_hidden_layers=2,num_attention_heads=2,intermediate_size=48,"
+            "decoder_hidden_size=16,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,decoder_intermediate_size=32")  # fmt: skip
+
+
+def test_settings_sweep_tunes_bp_and_measures_every_variant_against_the_best_bp(tmp_path):
+    variants = ["bp", "bp:weight_decay=0,base_learning_rate=1e-2",
+                "dbp:decorrelation_lr_schedule=tied,decorrelation_layers=qkv fc1,decorrelation_kappa=0.1"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "sweep_bp_dbp.py"), "--output_dir", str(tmp_path / "sweep"),
+         "--config_overrides", TINY_MAE, "--max_steps", "4", "--eval_steps", "2", "--per_device_train_batch_size", "8",
+         "--max_train_samples", "32", "--max_eval_samples", "8", "--seeds", "0", "1", "--variants", *variants],
+        cwd=ROOT, env=offline_env(tmp_path / "hf"), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    means = {v: sweep["variants"][v]["mean_best_eval_loss"] for v in variants}
+    assert sweep["baseline"] == min(variants[:2], key=means.get)
+    for variant in variants:
+        runs = sweep["runs"][variant]
+        assert means[variant] == pytest.approx(sum(runs[s]["best_eval_loss"] for s in ("0", "1")) / 2)
+        for seed in ("0", "1"):
+            target = sweep["runs"][sweep["baseline"]][seed]["best_eval_loss"]
+            steps = sweep["variants"][variant]["per_seed"][seed]["steps_to_baseline_best"]
+            reached = [e["step"] for e in runs[seed]["evals"] if e["eval_loss"] <= target]
+            assert steps == (reached[0] if reached else None)
+    assert sweep["variants"][sweep["baseline"]]["min_steps_saved_fraction"] == 0.0
+    config = json.loads((tmp_path / "sweep" / "variant02" / "seed1" / "config.json").read_text())
+    assert config["decorrelation_layers"] == ["qkv", "fc1"] and config["decorrelation_kappa"] == 0.1
+    dbp_arguments, bp = run_mae_arguments(sweep["variants"][variants[1]]["commands"]["0"])
+    assert bp.weight_decay == 0.0 and bp.base_learning_rate == 1e-2 and dbp_arguments.bp_baseline
+    assert "(baseline)" in (tmp_path / "sweep" / "sweep.md").read_text()
+
+
+@pytest.mark.parametrize("variant, message", [("dbp:decorrelation_lr", "name=value"), ("dbp:no_such=1", "name=value"),
+                                              ("adam:weight_decay=0", "the method"), ("dbp:seeds=3", "name=value")])  # fmt: skip
+def test_a_bad_sweep_variant_is_refused_before_any_run(tmp_path, variant, message):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "sweep_bp_dbp.py"), "--output_dir", str(tmp_path / "sweep"),
+         "--variants", "bp", variant], cwd=ROOT, env=offline_env(tmp_path / "hf"), capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0 and message in result.stderr and not (tmp_path / "sweep").exists()

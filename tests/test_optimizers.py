@@ -98,3 +98,76 @@ def test_dbp_trainer_with_muon_trains_the_weights_and_leaves_R_to_dbp(tmp_path, 
 def test_unknown_matrix_optimizer_is_refused(tmp_path):
     with pytest.raises(ValueError, match="matrix_optimizer"):
         DBPTrainingArguments(output_dir=str(tmp_path), matrix_optimizer="lion")
+
+
+def _train(tmp_path, tiny_kwargs, max_steps=3, **overrides):
+    torch.manual_seed(0)
+    model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs, decorrelation_lr=1e-2))
+    before = copy.deepcopy(model.state_dict())
+    settings = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=max_steps, logging_steps=1, report_to="none",
+        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, track_emissions=False, use_cpu=True,
+        learning_rate=1e-3,
+    )  # fmt: skip
+    trainer = DBPTrainer(model=model, args=DBPTrainingArguments(**settings | overrides), train_dataset=noise_images(),
+                         eval_dataset=noise_images(8), track_emissions=False)  # fmt: skip
+    return trainer, before
+
+
+def _optimized(optimizer) -> set[int]:
+    return {id(p) for g in optimizer.param_groups for p in g["params"]}
+
+
+def test_soap_takes_the_hidden_matrices_and_dbp_still_moves_R(tmp_path, tiny_kwargs):
+    from pytorch_optimizer import SOAP
+
+    trainer, before = _train(tmp_path, tiny_kwargs, matrix_optimizer="soap", lr_scheduler_type="cosine")
+    trainer.train()
+    combined = trainer.optimizer.optimizer
+    assert isinstance(combined, CombinedOptimizer) and isinstance(combined.optimizers[0], SOAP)
+    model = trainer.model
+    matrices = set(muon_matrices(model))
+    assert _optimized(combined.optimizers[0]) == {id(p) for n, p in model.named_parameters() if n in matrices}
+    assert not {id(R) for R in decorrelation_matrices(model)} & _optimized(combined)
+    after = model.state_dict()
+    for name in ("vit.layers.0.mlp.fc1.weight", "vit.layers.0.attention.qkv_decorrelation.R"):
+        assert not torch.equal(after[name], before[name]), name
+
+
+def test_schedule_free_adamw_from_transformers_trains_with_dbp(tmp_path, tiny_kwargs):
+    from schedulefree import AdamWScheduleFree
+
+    trainer, before = _train(tmp_path, tiny_kwargs, optim="schedule_free_adamw", lr_scheduler_type="constant",
+                             warmup_steps=1)  # fmt: skip
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer, AdamWScheduleFree)
+    assert not {id(R) for R in decorrelation_matrices(trainer.model)} & _optimized(trainer.optimizer)
+    assert "eval_loss" in trainer.evaluate()  # transformers switches the optimizer to its averaged weights for it
+    qkv = "vit.layers.0.attention.qkv_decorrelation.R"
+    assert not torch.equal(trainer.model.state_dict()[qkv], before[qkv])
+
+
+def test_tied_decorrelation_lr_follows_the_weights_schedule(tmp_path, tiny_kwargs, monkeypatch):
+    scales = {}
+    for schedule in ("constant", "tied"):
+        trainer, _ = _train(tmp_path / schedule, tiny_kwargs, max_steps=6, lr_scheduler_type="linear",
+                            warmup_steps=2, decorrelation_lr_schedule=schedule)  # fmt: skip
+        seen, lrs, step = [], [], trainer._dbp_model.decorrelation_step
+
+        def recording(*args, lr_scale=1.0, _seen=seen, _step=step, _trainer=trainer, _lrs=lrs, **kwargs):
+            _seen.append(lr_scale)
+            _lrs.append(_trainer.optimizer.param_groups[0]["lr"])  # the lr the optimizer step just used
+            return _step(*args, lr_scale=lr_scale, **kwargs)
+
+        monkeypatch.setattr(trainer._dbp_model, "decorrelation_step", recording)
+        trainer.train()
+        scales[schedule] = (seen, lrs)
+    assert scales["constant"][0] == [1.0] * 6
+    seen, lrs = scales["tied"]
+    assert seen == pytest.approx([lr / 1e-3 for lr in lrs]) and len(seen) == 6
+    assert seen == pytest.approx([0.0, 0.5, 1.0, 0.75, 0.5, 0.25])  # transformers' linear warm-up starts at 0
+
+
+def test_unknown_decorrelation_lr_schedule_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="decorrelation_lr_schedule"):
+        DBPTrainingArguments(output_dir=str(tmp_path), decorrelation_lr_schedule="cosine")

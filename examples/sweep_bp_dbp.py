@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""Tune BP and DBP alike: a sweep of their settings on one data set, each variant against the best-tuned BP.
+
+    python examples/sweep_bp_dbp.py                                   # the sweep the README reports (default set)
+    python examples/sweep_bp_dbp.py --seeds 0 1 2 --variants "bp:base_learning_rate=3e-3,weight_decay=0.15" \\
+        "dbp:decorrelation_kappa=0.1" "dbp_muon:decorrelation_lr=3e-3"
+
+A variant is a method (`bp`, `dbp`, `bp_<optimizer>`, `dbp_<optimizer>`) and overrides of `compare_bp_dbp.py`'s
+arguments (`name=value`, comma-separated; lists space-separated, e.g. `decorrelation_layers=qkv fc1`). Every variant
+is one `examples/run_mae_dbp.py` run per seed, one after the other, on the same data, model and budget as
+`compare_bp_dbp.py`, which also takes every other argument of that script (`--demo_photos`, `--train_dir`, ...).
+
+The BP variant with the lowest mean best eval loss over the seeds is the tuned baseline; for every variant the sweep
+reports its best eval loss (mean and per seed), the step of its best and, per seed, the optimizer steps it needs to
+reach the tuned baseline's best eval loss of that seed and the fraction saved (deterministic for a seed, so this
+sweep may run on a busy machine: its seconds are recorded but not compared). Writes `sweep.json` and `sweep.md`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import typing
+
+from transformers import HfArgumentParser
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare_bp_dbp import ComparisonArguments, _fmt, first_reaching, pretraining_command, read_run  # noqa: E402
+
+BP_VARIANTS = (
+    "bp:base_learning_rate=7.5e-4",
+    "bp",
+    "bp:base_learning_rate=3e-3",
+    "bp:base_learning_rate=6e-3",
+    "bp:weight_decay=0.15",
+    "bp:base_learning_rate=3e-3,weight_decay=0",
+    "bp:base_learning_rate=3e-3,weight_decay=0.15",
+    "bp:base_learning_rate=6e-3,weight_decay=0.15",
+)
+DBP_VARIANTS = (
+    "dbp",
+    "dbp:decorrelation_lr=3e-4",
+    "dbp:decorrelation_lr=3e-3",
+    "dbp:decorrelation_lr_schedule=tied",
+    "dbp:decorrelation_lr=3e-3,decorrelation_lr_schedule=tied",
+    "dbp:decorrelation_kappa=1e-3",
+    "dbp:decorrelation_kappa=0.1",
+    "dbp:decorrelation_sample_fraction=0.03",
+    "dbp:decorrelation_sample_fraction=0.3",
+    "dbp:decorrelation_layers=qkv o_proj fc1 fc2",
+    "dbp:decorrelation_layers=patch_embeddings qkv fc1",
+    "dbp:base_learning_rate=3e-3",
+    "dbp:weight_decay=0.15",
+)
+
+
+@dataclasses.dataclass
+class SweepArguments(ComparisonArguments):
+    output_dir: str = dataclasses.field(default="outputs/sweep-bp-dbp", metadata={"help": "Where the runs and the sweep go."})
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1], metadata={"help": "One run per variant and seed."})
+    variants: list[str] = dataclasses.field(
+        default_factory=lambda: [*BP_VARIANTS, *DBP_VARIANTS],
+        metadata={"help": "method[:name=value,...] each; at least one BP variant (the baseline is the best of them)."},
+    )
+
+
+def parse_variant(text: str, base: ComparisonArguments) -> tuple[str, str, ComparisonArguments]:
+    """`"dbp:decorrelation_lr=3e-3,weight_decay=0"` -> ("dbp", "adamw", the arguments with those values), checked."""
+    method, _, overrides = text.partition(":")
+    kind, _, optimizer = method.partition("_")
+    if kind not in ("bp", "dbp"):
+        raise ValueError(f"variant {text!r}: the method must be bp, dbp, bp_<optimizer> or dbp_<optimizer>")
+    optimizer = optimizer or "adamw"
+    fields = {f.name: f for f in dataclasses.fields(ComparisonArguments)}
+    hints = typing.get_type_hints(ComparisonArguments)
+    values = {}
+    for item in filter(None, overrides.split(",")):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in fields or name in ("seeds", "output_dir", "optimizers", "learning_rate_sweep"):
+            raise ValueError(f"variant {text!r}: {item!r} is not name=value of an argument a run can vary")
+        hint = str(hints[name])
+        if "list" in hint:
+            values[name] = value.split()
+        elif "float" in hint:
+            values[name] = float(value)
+        elif "int" in hint:
+            values[name] = int(value)
+        else:
+            values[name] = value
+    args = dataclasses.replace(base, optimizers=[optimizer], **values)
+    return kind, optimizer, args
+
+
+def main() -> None:
+    parser = HfArgumentParser(SweepArguments)
+    if len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
+        loader = parser.parse_json_file if sys.argv[1].endswith(".json") else parser.parse_yaml_file
+        (args,) = loader(os.path.abspath(sys.argv[1]))
+    else:
+        (args,) = parser.parse_args_into_dataclasses()
+    base = ComparisonArguments(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ComparisonArguments)})
+    variants = {text: parse_variant(text, base) for text in args.variants}  # every variant checked before any run
+    if not any(kind == "bp" for kind, _, _ in variants.values()):
+        raise ValueError("the sweep needs at least one BP variant: the baseline is the best of them")
+    os.makedirs(args.output_dir, exist_ok=True)
+    results = {}
+    for number, (text, (kind, optimizer, run_args)) in enumerate(variants.items()):
+        bp = kind == "bp"
+        lr = (run_args.bp_base_learning_rate or run_args.base_learning_rate) if bp else run_args.base_learning_rate
+        results[text] = {"method": kind if optimizer == "adamw" else f"{kind}_{optimizer}", "runs": {}, "commands": {}}
+        for seed in args.seeds:
+            output = os.path.join(args.output_dir, f"variant{number:02d}", f"seed{seed}")
+            print(f"== {text} (seed {seed}) -> {output}", flush=True)
+            command = pretraining_command(run_args, seed, bp, output, lr, optimizer)
+            results[text]["commands"][seed] = command[1:]  # the script and its arguments, to rerun one
+            subprocess.run(command, check=True)
+            results[text]["runs"][seed] = read_run(output)
+    mean_best = {text: statistics.mean(r["runs"][s]["best_eval_loss"] for s in args.seeds) for text, r in results.items()}
+    baseline = min((t for t in results if variants[t][0] == "bp"), key=mean_best.get)
+    for text, result in results.items():
+        per_seed = {}
+        for seed in args.seeds:
+            target = results[baseline]["runs"][seed]
+            reached = first_reaching(result["runs"][seed]["evals"], target["best_eval_loss"])
+            per_seed[seed] = {"best_eval_loss": result["runs"][seed]["best_eval_loss"],
+                              "step_of_best": result["runs"][seed]["step_of_best"],
+                              "steps_to_baseline_best": reached["step"] if reached else None,
+                              "steps_saved_fraction": 1 - reached["step"] / target["step_of_best"] if reached else None}  # fmt: skip
+        saved = [p["steps_saved_fraction"] for p in per_seed.values()]
+        result |= {"mean_best_eval_loss": mean_best[text], "per_seed": per_seed,
+                   "min_steps_saved_fraction": None if None in saved else min(saved)}  # fmt: skip
+    summary = {"baseline": baseline, "seeds": args.seeds, "settings": vars(base),
+               "variants": {t: {k: v for k, v in r.items() if k != "runs"} for t, r in results.items()}}  # fmt: skip
+    with open(os.path.join(args.output_dir, "sweep.json"), "w") as file:
+        json.dump(summary | {"runs": {t: r["runs"] for t, r in results.items()}}, file, indent=1)
+    lines = [f"Tuned baseline: `{baseline}` (lowest mean best eval loss over seeds {args.seeds}). Steps to its best eval "
+             "loss, per seed, and the fraction saved (never: the variant's best stayed above it).", "",
+             "| variant | mean best eval loss | best eval loss per seed | step of best | steps to the baseline's best "
+             "| steps saved | min saved |", "|" + " --- |" * 7]  # fmt: skip
+    for text in sorted(results, key=mean_best.get):
+        per_seed = results[text]["per_seed"].values()
+        mark = " (baseline)" if text == baseline else ""
+        lines.append(f"| `{text}`{mark} | {_fmt(mean_best[text])} | "
+                     + " / ".join(_fmt(p["best_eval_loss"]) for p in per_seed) + " | "
+                     + " / ".join(str(p["step_of_best"]) for p in per_seed) + " | "
+                     + " / ".join(_fmt(p["steps_to_baseline_best"]) if p["steps_to_baseline_best"] else "never" for p in per_seed)
+                     + " | " + " / ".join(_fmt(p["steps_saved_fraction"], 3) for p in per_seed)
+                     + f" | {_fmt(results[text]['min_steps_saved_fraction'], 3)} |")  # fmt: skip
+    with open(os.path.join(args.output_dir, "sweep.md"), "w") as file:
+        file.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"Written: {args.output_dir}/sweep.json, sweep.md")
+
+
+if __name__ == "__main__":
+    main()
