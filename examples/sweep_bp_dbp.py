@@ -2,6 +2,7 @@
 """Tune BP and DBP alike: a sweep of their settings on one data set, each variant against the best-tuned BP.
 
     python examples/sweep_bp_dbp.py                                   # the sweep the README reports (default set)
+    python examples/sweep_bp_dbp.py --variant_set peers --output_dir outputs/sweep-peers   # the peers' learning rates
     python examples/sweep_bp_dbp.py --seeds 0 1 2 --variants "bp:base_learning_rate=3e-3,weight_decay=0.15" \\
         "dbp:decorrelation_kappa=0.1" "dbp_muon:decorrelation_lr=3e-3"
 
@@ -55,17 +56,40 @@ DBP_VARIANTS = (
     "dbp:decorrelation_layers=patch_embeddings qkv fc1",
     "dbp:base_learning_rate=3e-3",
     "dbp:weight_decay=0.15",
+    # a second round around the best of the first (decorrelation lr 3e-3, tied)
+    "dbp:decorrelation_lr=1e-2,decorrelation_lr_schedule=tied",
+    "dbp:decorrelation_lr=3e-3,decorrelation_lr_schedule=tied,decorrelation_sample_fraction=0.03",
+    "dbp:decorrelation_lr=3e-3,decorrelation_lr_schedule=tied,weight_decay=0.15",
 )
+PEER_VARIANTS = (
+    "bp:base_learning_rate=1.5e-3",
+    *(f"bp_{peer}:base_learning_rate={rate}" for peer, rates in
+      {"muon": ("7.5e-4", "1.5e-3", "3e-3"), "soap": ("7.5e-4", "1.5e-3", "3e-3"),
+       "schedulefree": ("1.5e-3", "3e-3", "6e-3")}.items() for rate in rates),
+)  # fmt: skip
+"""`--variants` of the peers' learning-rate sweep (the README's second sweep)."""
 
 
 @dataclasses.dataclass
 class SweepArguments(ComparisonArguments):
+    """`compare_bp_dbp.py`'s arguments, starting from the untuned settings the sweep varies (the reference code's
+    decorrelation lr 1e-3, constant; BP at DBP's base rate; the peers at it too): the comparison's defaults are what
+    this sweep chose."""
+
     output_dir: str = dataclasses.field(default="outputs/sweep-bp-dbp", metadata={"help": "Where the runs and the sweep go."})
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1], metadata={"help": "One run per variant and seed."})
-    variants: list[str] = dataclasses.field(
-        default_factory=lambda: [*BP_VARIANTS, *DBP_VARIANTS],
+    bp_base_learning_rate: float | None = None
+    decorrelation_lr: float = 1e-3
+    decorrelation_lr_schedule: str = "constant"
+    optimizer_base_learning_rates: list[str] = dataclasses.field(default_factory=list)
+    variants: list[str] | None = dataclasses.field(
+        default=None,
         metadata={"help": "method[:name=value,...] each; at least one BP variant (the baseline is the best of them)."},
     )
+    variant_set: str = dataclasses.field(
+        default="bp_dbp", metadata={"help": "Without --variants: 'bp_dbp' (BP's and DBP's settings) or 'peers' (the "
+                                    "peers' learning rates).", "choices": ["bp_dbp", "peers"]},
+    )  # fmt: skip
 
 
 def parse_variant(text: str, base: ComparisonArguments) -> tuple[str, str, ComparisonArguments]:
@@ -92,8 +116,21 @@ def parse_variant(text: str, base: ComparisonArguments) -> tuple[str, str, Compa
             values[name] = int(value)
         else:
             values[name] = value
+    if "base_learning_rate" in values:  # the variant's rate is the run's, whatever the method
+        values.setdefault("bp_base_learning_rate", None)
+        values["optimizer_base_learning_rates"] = []
+    if "weight_decay" in values:
+        values.setdefault("bp_weight_decay", None)
     args = dataclasses.replace(base, optimizers=[optimizer], **values)
     return kind, optimizer, args
+
+
+def learning_rate(kind: str, optimizer: str, args: ComparisonArguments) -> float:
+    """The base learning rate of one run, as `compare_bp_dbp.py` would choose it."""
+    peers = args.peer_rates()
+    if optimizer in peers:
+        return peers[optimizer]
+    return (args.bp_base_learning_rate or args.base_learning_rate) if kind == "bp" else args.base_learning_rate
 
 
 def main() -> None:
@@ -104,14 +141,14 @@ def main() -> None:
     else:
         (args,) = parser.parse_args_into_dataclasses()
     base = ComparisonArguments(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ComparisonArguments)})
-    variants = {text: parse_variant(text, base) for text in args.variants}  # every variant checked before any run
+    texts = args.variants or ([*BP_VARIANTS, *DBP_VARIANTS] if args.variant_set == "bp_dbp" else list(PEER_VARIANTS))
+    variants = {text: parse_variant(text, base) for text in texts}  # every variant checked before any run
     if not any(kind == "bp" for kind, _, _ in variants.values()):
         raise ValueError("the sweep needs at least one BP variant: the baseline is the best of them")
     os.makedirs(args.output_dir, exist_ok=True)
     results = {}
     for number, (text, (kind, optimizer, run_args)) in enumerate(variants.items()):
-        bp = kind == "bp"
-        lr = (run_args.bp_base_learning_rate or run_args.base_learning_rate) if bp else run_args.base_learning_rate
+        bp, lr = kind == "bp", learning_rate(kind, optimizer, run_args)
         results[text] = {"method": kind if optimizer == "adamw" else f"{kind}_{optimizer}", "runs": {}, "commands": {}}
         for seed in args.seeds:
             output = os.path.join(args.output_dir, f"variant{number:02d}", f"seed{seed}")
