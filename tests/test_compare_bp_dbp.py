@@ -206,7 +206,7 @@ TINY_MAE = ("image_size=16,patch_size=4,hidden_size=24,num_hidden_layers=2,num_a
 
 
 def test_settings_sweep_tunes_bp_and_measures_every_variant_against_the_best_bp(tmp_path):
-    variants = ["bp", "bp:weight_decay=0,base_learning_rate=1e-2",
+    variants = ["bp:weight_decay=0,base_learning_rate=1e-2",
                 "dbp:decorrelation_lr_schedule=tied,decorrelation_layers=qkv fc1,decorrelation_kappa=0.1"]  # fmt: skip
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "sweep_bp_dbp.py"), "--output_dir", str(tmp_path / "sweep"),
@@ -217,7 +217,7 @@ def test_settings_sweep_tunes_bp_and_measures_every_variant_against_the_best_bp(
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     means = {v: sweep["variants"][v]["mean_best_eval_loss"] for v in variants}
-    assert sweep["baseline"] == min(variants[:2], key=means.get)
+    assert sweep["baseline"] == variants[0]  # the best (here the only) BP variant
     for variant in variants:
         runs = sweep["runs"][variant]
         assert means[variant] == pytest.approx(sum(runs[s]["best_eval_loss"] for s in ("0", "1")) / 2)
@@ -227,19 +227,39 @@ def test_settings_sweep_tunes_bp_and_measures_every_variant_against_the_best_bp(
             reached = [e["step"] for e in runs[seed]["evals"] if e["eval_loss"] <= target]
             assert steps == (reached[0] if reached else None)
     assert sweep["variants"][sweep["baseline"]]["min_steps_saved_fraction"] == 0.0
-    config = json.loads((tmp_path / "sweep" / "variant02" / "seed1" / "config.json").read_text())
+    config = json.loads((tmp_path / "sweep" / "variant01" / "seed1" / "config.json").read_text())
     assert config["decorrelation_layers"] == ["qkv", "fc1"] and config["decorrelation_kappa"] == 0.1
-    dbp_arguments, bp = run_mae_arguments(sweep["variants"][variants[1]]["commands"]["0"])
+    dbp_arguments, bp = run_mae_arguments(sweep["variants"][variants[0]]["commands"]["0"])
     assert bp.weight_decay == 0.0 and bp.base_learning_rate == 1e-2 and dbp_arguments.bp_baseline
     assert "(baseline)" in (tmp_path / "sweep" / "sweep.md").read_text()
 
 
+@pytest.fixture
+def sweep(compare_module, monkeypatch):
+    """examples/sweep_bp_dbp.py as a module (it imports compare_bp_dbp, which the other fixture loads)."""
+    spec = importlib.util.spec_from_file_location("sweep_bp_dbp", ROOT / "examples" / "sweep_bp_dbp.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("variant, message", [("dbp:decorrelation_lr", "name=value"), ("dbp:no_such=1", "name=value"),
                                               ("adam:weight_decay=0", "the method"), ("dbp:seeds=3", "name=value")])  # fmt: skip
-def test_a_bad_sweep_variant_is_refused_before_any_run(tmp_path, variant, message):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "sweep_bp_dbp.py"), "--output_dir", str(tmp_path / "sweep"),
-         "--variants", "bp", variant], cwd=ROOT, env=offline_env(tmp_path / "hf"), capture_output=True, text=True,
-        timeout=120,
-    )  # fmt: skip
-    assert result.returncode != 0 and message in result.stderr and not (tmp_path / "sweep").exists()
+def test_a_bad_sweep_variant_is_refused_before_any_run(sweep, monkeypatch, tmp_path, variant, message):
+    monkeypatch.setattr(sys, "argv", ["sweep_bp_dbp.py", "--output_dir", str(tmp_path / "sweep"), "--variants", "bp", variant])
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a run started"))
+    with pytest.raises(ValueError, match=message):
+        sweep.main()
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_sweep_variants_rate_and_weight_decay_are_the_runs_whatever_the_method(compare_module, sweep):
+    base = compare_module.ComparisonArguments(bp_base_learning_rate=3e-3, bp_weight_decay=0.1,
+                                              optimizer_base_learning_rates=["soap=6e-3"])  # fmt: skip
+    kind, optimizer, args = sweep.parse_variant("bp:weight_decay=0,base_learning_rate=1e-2", base)
+    assert (kind, optimizer, sweep.learning_rate(kind, optimizer, args), args.bp_weight_decay) == ("bp", "adamw", 1e-2, None)
+    kind, optimizer, args = sweep.parse_variant("bp_soap", base)
+    assert (optimizer, sweep.learning_rate(kind, optimizer, args)) == ("soap", 6e-3)  # the peer's own rate
+    kind, optimizer, args = sweep.parse_variant("bp", base)
+    assert sweep.learning_rate(kind, optimizer, args) == 3e-3 and args.optimizers == ["adamw"]
