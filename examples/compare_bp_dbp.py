@@ -385,13 +385,19 @@ def plot(path: str, result: dict) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    parser = HfArgumentParser(ComparisonArguments)
+def parse_arguments(arguments_class: type):
+    """One dataclass of arguments from the command line, or from a JSON/YAML file given as the only argument."""
+    parser = HfArgumentParser(arguments_class)
     if len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
         loader = parser.parse_json_file if sys.argv[1].endswith(".json") else parser.parse_yaml_file
         (args,) = loader(os.path.abspath(sys.argv[1]))
     else:
         (args,) = parser.parse_args_into_dataclasses()
+    return args
+
+
+def main() -> None:
+    args = parse_arguments(ComparisonArguments)
     os.makedirs(args.output_dir, exist_ok=True)
     pairs = [method_names(optimizer) for optimizer in dict.fromkeys(args.optimizers)]  # (bp_x, dbp_x) per optimizer
     methods = [method for pair in pairs for method in pair]

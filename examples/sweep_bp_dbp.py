@@ -27,10 +27,15 @@ import subprocess
 import sys
 import typing
 
-from transformers import HfArgumentParser
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_bp_dbp import ComparisonArguments, _fmt, first_reaching, pretraining_command, read_run  # noqa: E402
+from compare_bp_dbp import (  # noqa: E402
+    ComparisonArguments,
+    _fmt,
+    first_reaching,
+    parse_arguments,
+    pretraining_command,
+    read_run,
+)
 
 BP_VARIANTS = (
     "bp:base_learning_rate=7.5e-4",
@@ -134,12 +139,7 @@ def learning_rate(kind: str, optimizer: str, args: ComparisonArguments) -> float
 
 
 def main() -> None:
-    parser = HfArgumentParser(SweepArguments)
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
-        loader = parser.parse_json_file if sys.argv[1].endswith(".json") else parser.parse_yaml_file
-        (args,) = loader(os.path.abspath(sys.argv[1]))
-    else:
-        (args,) = parser.parse_args_into_dataclasses()
+    args = parse_arguments(SweepArguments)
     base = ComparisonArguments(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ComparisonArguments)})
     texts = args.variants or ([*BP_VARIANTS, *DBP_VARIANTS] if args.variant_set == "bp_dbp" else list(PEER_VARIANTS))
     variants = {text: parse_variant(text, base) for text in texts}  # every variant checked before any run
