@@ -385,6 +385,47 @@ def plot(path: str, result: dict) -> None:
     plt.close(fig)
 
 
+def train_every_run(output_dir: str, seeds: list[int], methods: list[str], rates: dict[str, float], sweep: list[float],
+                    command) -> dict:  # fmt: skip
+    """Every (seed, learning rate, method), one after the other so that their timings do not overlap: `command(seed,
+    method, output_dir, rate)` is the run's command line. Each at its rate of `rates`, or at every rate of `sweep`.
+    Returns {(seed, method, rate): (output folder, its record with the machine's load during the run)}."""
+    trained = {}
+    for seed in seeds:
+        for lr in sweep or [None]:
+            for method in methods:
+                rate = rates[method] if lr is None else lr
+                output = os.path.join(output_dir, f"seed{seed}", method if lr is None else f"{method}-lr{lr:g}")
+                print(f"== seed {seed}: {method}, learning rate {rate:g} -> {output}", flush=True)
+                machine = run_alone(command(seed, method, output, rate))
+                if machine["busy"]:
+                    print(f"WARNING: other processes used {machine['other_cpu_fraction']:.0%} of the CPU during this "
+                          "run: its seconds are not a figure (its steps are).", flush=True)  # fmt: skip
+                trained[seed, method, rate] = (output, read_run(output) | {"machine": machine})
+    return trained
+
+
+def choose_learning_rates(methods: list[str], seeds: list[int], sweep: list[float], best_eval_loss) -> dict:
+    """Each method's best rate of `sweep`: the lowest mean over `seeds` of `best_eval_loss(seed, method, rate)`. Returns
+    the sweep's record: the rates, each method's chosen one, and its losses (mean, std, ...) at every rate."""
+    result = {"learning_rates": sweep, "chosen": {}, "best_eval_loss": {}}
+    for method in methods:
+        losses = {lr: [best_eval_loss(seed, method, lr) for seed in seeds] for lr in sweep}
+        result["best_eval_loss"][method] = {f"{lr:g}": summarize(values) for lr, values in losses.items()}
+        result["chosen"][method] = min(sweep, key=lambda lr, losses=losses: statistics.mean(losses[lr]))
+    return result
+
+
+def write_comparison(output_dir: str, result: dict) -> None:
+    """comparison.json, comparison.md (printed too) and comparison.png in `output_dir`."""
+    with open(os.path.join(output_dir, "comparison.json"), "w") as file:
+        json.dump(result, file, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
+    write_markdown(os.path.join(output_dir, "comparison.md"), result)
+    plot(os.path.join(output_dir, "comparison.png"), result)
+    print(open(os.path.join(output_dir, "comparison.md")).read())
+    print(f"Written: {output_dir}/comparison.json, comparison.md, comparison.png")
+
+
 def parse_arguments(arguments_class: type):
     """One dataclass of arguments from the command line, or from a JSON/YAML file given as the only argument."""
     parser = HfArgumentParser(arguments_class)
@@ -409,28 +450,14 @@ def main() -> None:
             if method in rates:
                 rates[method] = rate
     sweep = args.learning_rate_sweep or []
-    # Every (seed, learning rate, method), one after the other so that their timings do not overlap.
-    trained = {}
-    for seed in args.seeds:
-        for lr in sweep or [None]:
-            for method in methods:
-                base_lr = rates[method] if lr is None else lr
-                output = os.path.join(args.output_dir, f"seed{seed}", method if lr is None else f"{method}-lr{lr:g}")
-                print(f"== seed {seed}: {method} pre-training, base lr {base_lr:g} -> {output}", flush=True)
-                command = pretraining_command(args, seed, method.startswith("bp"), output, base_lr, optimizer_of[method])
-                machine = run_alone(command)
-                if machine["busy"]:
-                    print(f"WARNING: other processes used {machine['other_cpu_fraction']:.0%} of the CPU during this "
-                          "run: its seconds are not a figure (its steps are).", flush=True)  # fmt: skip
-                trained[seed, method, base_lr] = (output, read_run(output) | {"machine": machine})
+    def command(seed, method, output, base_lr):
+        return pretraining_command(args, seed, method.startswith("bp"), output, base_lr, optimizer_of[method])
+
+    trained = train_every_run(args.output_dir, args.seeds, methods, rates, sweep, command)
     sweep_result = None
     if sweep:  # each method at its own best rate: the baselines are tuned exactly as carefully as DBP
-        sweep_result = {"learning_rates": sweep, "chosen": {}, "best_eval_loss": {}}
-        for method in methods:
-            losses = {lr: [trained[seed, method, lr][1]["best_eval_loss"] for seed in args.seeds] for lr in sweep}
-            sweep_result["best_eval_loss"][method] = {f"{lr:g}": summarize(values) for lr, values in losses.items()}
-            rates[method] = min(sweep, key=lambda lr, losses=losses: statistics.mean(losses[lr]))
-            sweep_result["chosen"][method] = rates[method]
+        sweep_result = choose_learning_rates(methods, args.seeds, sweep, lambda s, m, lr: trained[s, m, lr][1]["best_eval_loss"])
+        rates.update(sweep_result["chosen"])
     runs = []
     for seed in args.seeds:
         run = {"seed": seed}
@@ -459,12 +486,7 @@ def main() -> None:
               **runs[0]["comparison"]}  # fmt: skip
     for key in ("bp", "dbp"):
         result[key] = {k: v for k, v in result[key].items() if v is not None or k in ("mean_iou",)}
-    with open(os.path.join(args.output_dir, "comparison.json"), "w") as file:
-        json.dump(result, file, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
-    write_markdown(os.path.join(args.output_dir, "comparison.md"), result)
-    plot(os.path.join(args.output_dir, "comparison.png"), result)
-    print(open(os.path.join(args.output_dir, "comparison.md")).read())
-    print(f"Written: {args.output_dir}/comparison.json, comparison.md, comparison.png")
+    write_comparison(args.output_dir, result)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 
 import datasets
 import torch
-import transformers
 from datasets import load_dataset
 from transformers import (
     AutoConfig,
-    HfArgumentParser,
     ViTImageProcessorPil,
     ViTMAEConfig,
     set_seed,
@@ -48,6 +45,7 @@ from hf_dbp.data import (
 )
 from hf_dbp.hub import ensure_hub_reachable
 from hf_dbp.plotting import plot_training_curves
+from hf_dbp.scripts import parse_script_arguments, setup_logging
 from hf_dbp.training_args import DBPTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -148,14 +146,7 @@ class CustomTrainingArguments(DBPTrainingArguments):
 
 
 def parse_args():
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, DBPArguments, CustomTrainingArguments))
-    if len(sys.argv) == 1:
-        return parser.parse_dict(DEMO_ARGS)
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
-    return parser.parse_args_into_dataclasses()
+    return parse_script_arguments((ModelArguments, DataTrainingArguments, DBPArguments, CustomTrainingArguments), DEMO_ARGS)
 
 
 def load_images(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int) -> datasets.DatasetDict:
@@ -218,14 +209,7 @@ def main() -> None:
     if training_args.push_to_hub:  # before anything slow: fail now rather than after training
         ensure_hub_reachable(training_args.hub_token)
 
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
-                        handlers=[logging.StreamHandler(sys.stdout)])  # fmt: skip
-    log_level = training_args.get_process_log_level()
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    # This script's own account of what it does goes to the main process's log even at the default level.
-    for name in (__name__, "hf_dbp"):
-        logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else log_level)
+    setup_logging(training_args, __name__)
     logger.warning(
         "Process rank: %s, device: %s, n_gpu: %s, distributed: %s, bf16: %s, fp16: %s",
         training_args.process_index, training_args.device, training_args.n_gpu,

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 import datasets
 import torch
-import transformers
 from datasets import load_dataset
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_dbp import (
@@ -40,6 +38,7 @@ from hf_dbp.ade20k import ade20k_id2label
 from hf_dbp.data import augmentation_epoch_callback, with_sample_index
 from hf_dbp.hub import ensure_hub_reachable
 from hf_dbp.plotting import plot_segmentation_examples
+from hf_dbp.scripts import parse_script_arguments, setup_logging
 from hf_dbp.segmentation_data import (
     SegmentationTransform,
     check_segmentation_pairs,
@@ -135,14 +134,7 @@ class SegmentationTrainer(DBPTrainer):
 
 
 def parse_args():
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, SegmentationTrainingArguments))
-    if len(sys.argv) == 1:
-        return parser.parse_dict(DEMO_ARGS)
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
-    return parser.parse_args_into_dataclasses()
+    return parse_script_arguments((ModelArguments, DataTrainingArguments, SegmentationTrainingArguments), DEMO_ARGS)
 
 
 def load_pairs(data_args: DataTrainingArguments, seed: int) -> datasets.DatasetDict:
@@ -209,13 +201,7 @@ def main() -> None:
     model_args, data_args, training_args = parse_args()
     if training_args.push_to_hub:  # before anything slow: fail now rather than after training
         ensure_hub_reachable(training_args.hub_token)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
-                        handlers=[logging.StreamHandler(sys.stdout)])  # fmt: skip
-    log_level = training_args.get_process_log_level()
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    for name in (__name__, "hf_dbp"):
-        logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else log_level)
+    setup_logging(training_args, __name__)
 
     set_seed(training_args.seed)
     id2label = ade20k_id2label()

@@ -1,4 +1,8 @@
-"""hf-dbp: decorrelated backpropagation (DBP) for vision transformers in the Hugging Face stack.
+"""hf-dbp: decorrelated backpropagation (DBP) for transformers models in the Hugging Face stack.
+
+Any model: ``hf_dbp.decorrelate(model, hf_dbp.DecorrelationConfig(...))``, trained by ``hf_dbp.DBPTrainer`` (or your
+loop with ``hf_dbp.decorrelation_step(model)`` after each optimizer step), loaded back with
+``hf_dbp.load_decorrelated`` and folded into a plain model with ``hf_dbp.merge_decorrelation``.
 
 Importing the package registers the model type ``vit_mae_dbp`` with ``AutoConfig``, ``AutoModel`` and
 ``AutoModelForPreTraining``, and teaches transformers to load older (4.x) ViTMAE checkpoints into the DBP classes.
@@ -7,16 +11,26 @@ Importing the package registers the model type ``vit_mae_dbp`` with ``AutoConfig
 from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForPreTraining, ViTMAEConfig
 from transformers.models.auto import modeling_auto
 
+from .config import DecorrelationConfig
 from .configuration_vit_mae_dbp import DECORRELATION_LAYER_KINDS, ViTMAEDBPConfig
 from .decorrelation import (
+    DecorrelatedConv1D,
     DecorrelatedConv2d,
     DecorrelatedLinear,
     Decorrelation,
     DecorrelationMonitor,
-    decorrelation_step,
     fold_decorrelation,
     inject_decorrelation,
 )
+from .integration import (
+    decorrelate,
+    decorrelation_config_of,
+    decorrelation_step,
+    load_decorrelated,
+    merge_decorrelation,
+    plan_decorrelation,
+)
+from .mapping import TARGET_MODULES
 from .modeling_vit_mae_dbp import (
     ViTMAEDBPForPreTraining,
     ViTMAEDBPModel,
@@ -64,19 +78,27 @@ AutoBackbone.register(ViTMAEConfig, ViTMAEBackboneFromPreTraining, exist_ok=True
 __all__ = [
     "DBPTrainer",
     "DECORRELATION_LAYER_KINDS",
+    "DecorrelatedConv1D",
     "DecorrelatedConv2d",
     "DecorrelatedLinear",
     "Decorrelation",
+    "DecorrelationConfig",
     "DecorrelationMonitor",
+    "TARGET_MODULES",
     "ViTMAEDBPBackbone",
     "ViTMAEDBPBackboneConfig",
     "ViTMAEDBPConfig",
     "ViTMAEDBPForPreTraining",
     "ViTMAEDBPModel",
     "ViTMAEDBPPreTrainedModel",
+    "decorrelate",
+    "decorrelation_config_of",
     "decorrelation_step",
     "fold_decorrelation",
     "inject_decorrelation",
+    "load_decorrelated",
+    "merge_decorrelation",
+    "plan_decorrelation",
     "layer_decay_parameter_groups",
     "upernet_around_encoder",
     "upernet_from_pretraining_checkpoint",

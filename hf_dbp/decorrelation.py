@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 def _in_backward_pass() -> bool:
@@ -195,6 +196,17 @@ class Decorrelation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, sample_fraction={self.sample_fraction}"
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)`, `.half()`: R follows the model's device but never drops below float32, as when
+        # transformers loads a model in half precision (`_keep_in_fp32_modules_strict`): in 16 bits the small steps of
+        # its update would round away. (`.double()` is allowed.) fn runs once on R, a d x d copy, to learn the device.
+        def never_below_float32(tensor: torch.Tensor) -> torch.Tensor:
+            moved = fn(tensor)
+            lower = moved.is_floating_point() and tensor.is_floating_point() and torch.finfo(moved.dtype).bits < 32
+            return tensor.to(device=moved.device) if lower else moved
+
+        return super()._apply(never_below_float32, recurse)
 
     def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
         # `module.R = parameter` (nn.Module.__setattr__), `load_state_dict(assign=True)` and transformers' loaders all
@@ -494,6 +506,45 @@ class DecorrelatedConv2d(nn.Conv2d):
         return _folded_forward(self, x, stride=self.stride)
 
 
+class DecorrelatedConv1D(Conv1D):
+    """transformers' ``Conv1D`` (GPT-2's linear layer, weight stored transposed as ``(in, out)``) computing
+    ``(R x) W + b``.
+
+    Its folded weight is ``R^T W``, kept in the ``(in, out)`` layout so that it loads into a plain ``Conv1D``. A fused
+    projection (GPT-2's ``c_attn``: q, k and v in one matrix) is one layer reading one input: one R.
+    """
+
+    @classmethod
+    def from_layer(cls, conv: Conv1D, decorrelation: Decorrelation, record_statistics: bool) -> DecorrelatedConv1D:
+        return _rebase(conv, cls, decorrelation, record_statistics)
+
+    def fold(self) -> torch.Tensor:
+        """``R^T W`` (the ``(in, out)`` weight of a plain ``Conv1D`` with the same outputs), differentiable in W."""
+        return self.decorrelation.R.detach().to(self.weight.dtype).t() @ self.weight
+
+    def folded_weight(self) -> torch.Tensor:
+        return _cached_fold(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.record_statistics and not _in_backward_pass():
+            self.decorrelation.observe(input_rows(self, x))
+        size_out = x.shape[:-1] + (self.nf,)
+        if x.numel() // self.nx > self.decorrelation.group_out_features:
+            needs_grad = torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)
+            # Folded inside the graph when training (autograd differentiates R^T W), cached otherwise.
+            weight = _fold_in_weight_precision(self) if needs_grad or torch.compiler.is_compiling() else _cached_fold(self)
+        else:
+            x, weight = self.decorrelation.shared_forward(x), self.weight
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), weight.to(x.dtype)).reshape(size_out)
+
+
+DECORRELATED_LAYERS = (DecorrelatedLinear, DecorrelatedConv2d, DecorrelatedConv1D)
+"""The decorrelated layer classes; each keeps the parameter names of the layer it replaced."""
+
+PLAIN_LAYERS = {DecorrelatedLinear: nn.Linear, DecorrelatedConv2d: nn.Conv2d, DecorrelatedConv1D: Conv1D}
+"""The plain class each decorrelated layer class replaced."""
+
+
 def decorrelation_matrices(model: nn.Module) -> list[nn.Parameter]:
     """Every ``R`` of ``model`` (each once, in module order): what an optimizer must never hold."""
     return [m.R for m in model.modules() if isinstance(m, Decorrelation)]
@@ -515,11 +566,27 @@ def drop_decorrelation_matrices(optimizer: torch.optim.Optimizer, model: nn.Modu
 
 
 def _input_width(layer: nn.Module) -> int:
+    if isinstance(layer, Conv1D):
+        return layer.nx
     if isinstance(layer, nn.Conv2d):
         return layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
     if isinstance(layer, nn.Linear):
         return layer.in_features
-    raise TypeError(f"cannot decorrelate a {type(layer).__name__}: only nn.Linear and patchifying nn.Conv2d")
+    raise TypeError(
+        f"cannot decorrelate a {type(layer).__name__}: only nn.Linear, transformers' Conv1D and patchifying nn.Conv2d"
+    )
+
+
+def _output_width(layer: nn.Module) -> int:
+    if isinstance(layer, Conv1D):
+        return layer.nf
+    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+
+
+def _wrapper_class(layer: nn.Module) -> type:
+    if isinstance(layer, Conv1D):
+        return DecorrelatedConv1D
+    return DecorrelatedConv2d if isinstance(layer, nn.Conv2d) else DecorrelatedLinear
 
 
 def _split(path: str) -> tuple[str, str]:
@@ -562,13 +629,11 @@ def inject_decorrelation(
         reference = layers[0].weight
         decorrelation = Decorrelation(widths.pop(), sample_fraction, generator).to(reference.device)
         decorrelation.consumers = len(layers)
-        decorrelation.group_out_features = sum(
-            layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features for layer in layers
-        )
+        decorrelation.group_out_features = sum(_output_width(layer) for layer in layers)
         root.get_submodule(_split(name)[0]).register_module(decorrelation_module_name(name), decorrelation)
         for i, (path, layer) in enumerate(zip(paths, layers, strict=True)):
-            wrapper = DecorrelatedConv2d if isinstance(layer, nn.Conv2d) else DecorrelatedLinear
-            if isinstance(layer, (DecorrelatedLinear, DecorrelatedConv2d)):
+            wrapper = _wrapper_class(layer)
+            if isinstance(layer, DECORRELATED_LAYERS):
                 raise ValueError(f"layer {path!r} is already decorrelated")
             layer_parent, layer_leaf = _split(path)
             new = wrapper.from_layer(layer, decorrelation, record_statistics=i == 0)
@@ -703,7 +768,7 @@ def fold_decorrelation(root: nn.Module) -> dict[str, torch.Tensor]:
     """
     state = root.state_dict()
     for name, module in root.named_modules():
-        if isinstance(module, (DecorrelatedLinear, DecorrelatedConv2d)):
+        if isinstance(module, DECORRELATED_LAYERS):
             prefix = f"{name}." if name else ""
             state[f"{prefix}weight"] = module.folded_weight().detach().clone()
     for name, module in root.named_modules():

@@ -65,6 +65,98 @@ def _is_segmentation(config) -> bool:
     return getattr(config, "model_type", None) == "upernet"
 
 
+def _is_vit_mae(config) -> bool:
+    return _is_segmentation(config) or getattr(config, "model_type", None) in ("vit_mae", "vit_mae_dbp")
+
+
+# The Auto class that loads an architecture, from transformers' own name lists, and the pipeline task it serves.
+_AUTO_CLASSES = (("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM", "text-generation"),
+                 ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "AutoModelForMaskedLM", "fill-mask"),
+                 ("MODEL_FOR_CTC_MAPPING_NAMES", "AutoModelForCTC", "automatic-speech-recognition"),
+                 ("MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES", "AutoModelForSpeechSeq2Seq", "automatic-speech-recognition"),
+                 ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "AutoModelForImageClassification", "image-classification"),
+                 ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "AutoModelForSequenceClassification", "text-classification"),
+                 ("MODEL_FOR_PRETRAINING_MAPPING_NAMES", "AutoModelForPreTraining", None))  # fmt: skip
+LANGUAGE_MODELLING_METRICS = {"eval_loss": "cross-entropy loss (validation)", "perplexity": "perplexity (validation)"}
+
+
+def _auto_class(config) -> tuple[str, str | None]:
+    from transformers.models.auto import modeling_auto
+
+    architecture = (getattr(config, "architectures", None) or [""])[0]
+    for names, auto, task in _AUTO_CLASSES:
+        classes = getattr(modeling_auto, names, {}).get(config.model_type)
+        if architecture and architecture in ((classes,) if isinstance(classes, str) else tuple(classes or ())):
+            return auto, task
+    return "AutoModel", None
+
+
+def _generic_card(config, model_name, results, emissions, datasets, base_model, seconds, steps, extra_tags) -> ModelCard:
+    """The card of a model of any family decorrelated with `hf_dbp.decorrelate` (or its plain BP baseline)."""
+    dbp = getattr(config, "decorrelation", None)
+    auto, task = _auto_class(config)
+    architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+    tags = ["hf-dbp", config.model_type] + (["dbp", "decorrelated-backpropagation"] if dbp else []) + ([task] if task else [])
+    tags += [tag for tag in dict.fromkeys(extra_tags or []) if tag not in tags]
+    dataset_name = (datasets or ["unspecified"])[0]
+    eval_results = [
+        EvalResult(task_type=task or "other", dataset_type=dataset_name, dataset_name=dataset_name,
+                   dataset_split="validation", metric_type=key.removeprefix("eval_"), metric_name=label,
+                   metric_value=float(results[key]))  # fmt: skip
+        for key, label in LANGUAGE_MODELLING_METRICS.items()
+        if key in results
+    ]
+    co2 = None
+    if emissions is not None:
+        co2 = {"emissions": emissions.emissions_g, "source": "codecarbon",
+               "training_type": "fine-tuning" if base_model else "pre-training",
+               "geographical_location": emissions.location, "hardware_used": emissions.hardware}  # fmt: skip
+    data = ModelCardData(
+        library_name="transformers", tags=tags, datasets=datasets or None,
+        base_model=base_model if base_model and not os.path.exists(base_model) else None, model_name=model_name,
+        eval_results=eval_results or None, co2_eq_emissions=co2, pipeline_tag=task,
+    )  # fmt: skip
+    method = "decorrelated backpropagation (DBP)" if dbp else "plain backpropagation (the BP baseline)"
+    lines = [f"# {model_name}", "", f"A {config.model_type} model (`{architecture}`) trained with {method} using "
+             "[hf-dbp](https://github.com/hf-dbp/hf-dbp).", "", "## Decorrelation", ""]  # fmt: skip
+    if dbp:
+        groups = dbp.get("groups") or {}
+        layers = sum(len(paths) for paths in groups.values())
+        lines += ["Each decorrelated layer computes y = W (R x) + b; R is updated after every optimizer step to "
+                  "decorrelate the layer's inputs. Layers that read the same input share one R.", "",
+                  "| setting | value |", "| --- | --- |",
+                  f"| decorrelated layers | {layers}, sharing {len(groups)} matrices R |",
+                  f"| target modules | {dbp.get('target_modules') or f'defaults for {config.model_type}'} |",
+                  f"| decorrelation lr | {dbp.get('lr')} |", f"| kappa | {dbp.get('kappa')} |",
+                  f"| sample fraction | {dbp.get('sample_fraction')} |",
+                  f"| variance term | {_VARIANCE_TERMS.get(dbp.get('variance_form'), 'rows, diag(v) R')} |"]  # fmt: skip
+    else:
+        lines.append("None: this is the plain BP baseline (or a model with its R folded in).")
+    lines += ["", "## Training", "", "| | |", "| --- | --- |"]
+    lines += [f"| data | {', '.join(datasets)} |"] if datasets else []
+    lines += [f"| started from | {base_model} |"] if base_model else []
+    lines += [f"| optimizer steps | {steps} |"] if steps is not None else []
+    lines += [f"| training time | {seconds:.1f} s ({seconds / 3600:.2f} h) |"] if seconds is not None else []
+    if emissions is not None:
+        lines += [f"| energy | {emissions.energy_kwh:.6g} kWh |",
+                  f"| emissions | {emissions.emissions_g:.6g} g CO2-eq (codecarbon) |",
+                  f"| location | {emissions.location} |", f"| hardware | {emissions.hardware} |"]  # fmt: skip
+    shown = [(label, results[key]) for key, label in LANGUAGE_MODELLING_METRICS.items() if key in results]
+    if shown:
+        lines += ["", "## Results", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {label} | {value:.4f} |" for label, value in shown]
+    lines += ["", "## How to load", "", "```python", f"from transformers import {auto}", ""]
+    if dbp:
+        lines += ["import hf_dbp  # pip install hf-dbp", "",
+                  f'model = hf_dbp.load_decorrelated({auto}, "{model_name}")  # every R restored',
+                  "plain = hf_dbp.merge_decorrelation(model)  # R folded into the weights: a plain model", "```", "",
+                  f'`{auto}.from_pretrained("{model_name}")` without hf-dbp loads the weights without R (a different '
+                  "model); merge first to publish a checkpoint for plain transformers."]  # fmt: skip
+    else:
+        lines += [f'model = {auto}.from_pretrained("{model_name}")', "```"]
+    return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + "\n".join(lines) + "\n")
+
+
 _VARIANCE_TERMS = {"rows": "rows, diag(v) R", "columns": "columns, R diag(v) (the reference code's form)"}
 
 
@@ -87,10 +179,11 @@ def build_model_card(
     merged_from: str | None = None,
     extra_tags: list[str] | None = None,
 ) -> ModelCard:
-    """A model card for a pre-training or segmentation checkpoint of hf-dbp.
+    """A model card for a checkpoint of hf-dbp: MAE pre-training, segmentation, or any decorrelated model.
 
     Args:
-        config: the saved model's config (`vit_mae_dbp`, `vit_mae` or `upernet`).
+        config: the saved model's config: `vit_mae_dbp`, `vit_mae` or `upernet`, or that of any model decorrelated
+            with `hf_dbp.decorrelate` (or its BP baseline).
         model_name: the name in the model index (e.g. the Hub repo id or the folder name).
         results: metrics as in `all_results.json` (`eval_loss`; `eval_mean_iou`, ...).
         emissions: the run's energy and CO2; omitted from the metadata when unknown.
@@ -101,6 +194,9 @@ def build_model_card(
         extra_tags: more tags.
     """
     results = results or {}
+    if not _is_vit_mae(config):
+        return _generic_card(config, model_name, results, emissions, datasets, base_model, training_seconds, steps,
+                             extra_tags)  # fmt: skip
     segmentation = _is_segmentation(config)
     dbp = _dbp_settings(config)
     tags = ["hf-dbp", "mae", "vision-transformer"] + (["dbp", "decorrelated-backpropagation"] if dbp or merged_from else [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -12,6 +13,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEForPreTraining, ViTMAEModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from .config import CONFIG_ATTRIBUTE, DecorrelationConfig
 from .configuration_vit_mae_dbp import ViTMAEDBPConfig
 from .decorrelation import (
     Decorrelation,
@@ -29,6 +31,7 @@ from .emissions import (
     resolve_country,
     write_run_totals,
 )
+from .integration import decorrelation_config_of, decorrelation_modules, load_decorrelated, plan_decorrelation
 from .model_card import write_model_card
 from .modeling_vit_mae_dbp import STATISTICS_SEED, ViTMAEDBPPreTrainedModel, vit_mae_decorrelation_groups
 from .optimizers import matrices_with_adamw
@@ -61,20 +64,23 @@ class _DecorrelationCallback(TrainerCallback):
 
 class DBPTrainer(Trainer):
     """
-    [`~transformers.Trainer`] for DBP: after each optimizer step that was not skipped it calls the model's
-    `decorrelation_step()`, and it adds to every training log record
+    [`~transformers.Trainer`] for DBP: after each optimizer step that was not skipped it takes the decorrelation step
+    of every R in the model (`hf_dbp.decorrelation_step`), and it adds to every training log record
 
     - `decorrelation_loss`: the decorrelation loss averaged over the optimizer steps since the last record, and
     - `train_seconds`: wall-clock seconds since training began, not counting evaluation,
 
     so runs can be compared against time and against steps (`trainer.state.log_history`, `trainer_state.json`).
 
-    The model may also contain a DBP encoder, e.g. an `UperNetForSemanticSegmentation` whose backbone kept its R
-    (see `upernet_from_pretraining_checkpoint`); its R keep training the same way.
+    It trains any model that holds decorrelated layers: a transformers model of any family passed through
+    `hf_dbp.decorrelate` (its `config.decorrelation` gives the step's settings), a `ViTMAEDBP` model (its
+    `decorrelation_*` config fields), or a model that contains one, e.g. an `UperNetForSemanticSegmentation` whose
+    backbone kept its R (see `upernet_from_pretraining_checkpoint`).
 
-    Given a plain [`~transformers.ViTMAEForPreTraining`] or [`~transformers.ViTMAEModel`] (the BP baseline), it
-    measures the same decorrelation loss of the same layers, without changing the model, so BP and DBP runs report
-    comparable figures.
+    Given a plain model (the BP baseline), it measures the decorrelation loss of the layers a DBP run would
+    decorrelate, without changing the model, so BP and DBP runs report comparable figures: for a plain
+    [`~transformers.ViTMAEForPreTraining`] or [`~transformers.ViTMAEModel`] those of a `ViTMAEDBPConfig`, for any
+    other model those `decorrelation_config` (a `DecorrelationConfig`) selects.
 
     It also measures the run's energy and emissions with codecarbon's offline tracker (one per machine, on its main
     process): `energy_kwh` and `emissions_g` (cumulative, grams) join the log records, `emissions.csv` lands in
@@ -84,9 +90,10 @@ class DBPTrainer(Trainer):
     (`run_totals.json`): a run resumed from it goes on from them, so its figures are those of an uninterrupted run.
 
     Args:
-        decorrelation_config ([`ViTMAEDBPConfig`], *optional*):
+        decorrelation_config ([`DecorrelationConfig`] or [`ViTMAEDBPConfig`], *optional*):
             For a plain model only: which layers to measure, the sample fraction and the kappa of the loss. Defaults
-            to the defaults of [`ViTMAEDBPConfig`]. A DBP model uses its own config.
+            to `ViTMAEDBPConfig()` for a plain ViTMAE and to `DecorrelationConfig()` (the architecture's default
+            targets) for any other model. A decorrelated model uses its own config.
         emissions_country (`str`, *optional*):
             ISO 3166-1 alpha-3 code of the country the machines are in; see `hf_dbp.emissions.resolve_country`
             for the other ways to give it. Checked before training.
@@ -125,27 +132,21 @@ class DBPTrainer(Trainer):
         self._card_kwargs = dict(model_card_kwargs or {})
         super().__init__(*args, **kwargs)
         self._monitor: DecorrelationMonitor | None = None
-        model = self.model
-        # The outermost DBP model inside (the model itself, or e.g. the backbone of an UperNet) owns every R.
-        self._dbp_model = next((m for m in model.modules() if isinstance(m, ViTMAEDBPPreTrainedModel)), None)
-        if self._dbp_model is not None:
+        # A ViTMAEDBP model (or a model holding one, e.g. UperNet's backbone) is trained as DBP whatever R it has: a
+        # backbone from a BP checkpoint has none, and measures nothing.
+        self._decorrelated = bool(decorrelation_modules(self.model)) or any(
+            isinstance(m, ViTMAEDBPPreTrainedModel) for m in self.model.modules()
+        )
+        if self._decorrelated:
             if decorrelation_config is not None:
                 raise ValueError("decorrelation_config is for plain models; a DBP model uses its own config")
-        elif isinstance(model, (ViTMAEForPreTraining, ViTMAEModel)):
-            settings = decorrelation_config or ViTMAEDBPConfig()
-            encoder = model.vit if isinstance(model, ViTMAEForPreTraining) else model
-            groups = vit_mae_decorrelation_groups(model.config.num_hidden_layers, settings.decorrelation_layers)
-            # Its own generator, like a DBP model's: the BP run must draw the same masks as the DBP run.
-            sampler = RowSampler(STATISTICS_SEED)
-            self._monitor = DecorrelationMonitor(encoder, groups, settings.decorrelation_sample_fraction, sampler)
-            self._kappa = settings.decorrelation_kappa
+            if decorrelation_config_of(self.model) is None:
+                raise ValueError(f"{type(self.model).__name__} holds decorrelation matrices but no DecorrelationConfig "
+                                 "(config.decorrelation); decorrelate it with hf_dbp.decorrelate")  # fmt: skip
         else:
-            raise TypeError(
-                f"DBPTrainer trains models with a ViTMAEDBP encoder (or plain ViTMAE models as a BP baseline), "
-                f"not {type(model).__name__}"
-            )
+            self._monitor, self._kappa = self._baseline_monitor(self.model, decorrelation_config)
         self._freeze_decorrelation_matrices()  # before DDP wraps the model: it must not expect gradients for R
-        if self.optimizer is not None and (dropped := drop_decorrelation_matrices(self.optimizer, model)):
+        if self.optimizer is not None and (dropped := drop_decorrelation_matrices(self.optimizer, self.model)):
             logger.warning("Removed %d decorrelation matrices R from the optimizer passed to DBPTrainer: R is updated "
                            "by the decorrelation step, never by an optimizer.", dropped)  # fmt: skip
         # Under gradient accumulation every micro-batch of a step shares one folded W R (W and R do not change
@@ -153,13 +154,34 @@ class DBPTrainer(Trainer):
         for d in self._decorrelation_modules():
             d.reuse_fold_in_training = self.args.gradient_accumulation_steps > 1
         # ViTMAE returns its loss without labels; this is Trainer's switch for such models (eval_loss is computed).
-        self.can_return_loss = True
+        if "labels" not in inspect.signature(self.accelerator.unwrap_model(self.model).forward).parameters:
+            self.can_return_loss = True
         self._decorrelation_losses: list[float] = []
         self._clock_start: float | None = None
         self._seconds_in_evaluation = 0.0
         self._evaluation_start: float | None = None
         self._resumed_totals: dict | None = None  # the run_totals.json of the checkpoint train() resumes from
         self.add_callback(_DecorrelationCallback(self))
+
+    @staticmethod
+    def _baseline_monitor(model, settings: DecorrelationConfig | ViTMAEDBPConfig | None):
+        """The monitor that measures a plain model's decorrelation loss (the BP baseline) without changing it."""
+        if isinstance(model, (ViTMAEForPreTraining, ViTMAEModel)) and not isinstance(settings, DecorrelationConfig):
+            # ViTMAE: the layers of ViTMAEDBPConfig.decorrelation_layers, exactly those a DBP-MAE decorrelates.
+            settings = settings or ViTMAEDBPConfig()
+            encoder = model.vit if isinstance(model, ViTMAEForPreTraining) else model
+            groups = vit_mae_decorrelation_groups(model.config.num_hidden_layers, settings.decorrelation_layers)
+            # Its own generator, like a DBP model's: the BP run must draw the same masks as the DBP run.
+            sampler = RowSampler(STATISTICS_SEED)
+            monitor = DecorrelationMonitor(encoder, groups, settings.decorrelation_sample_fraction, sampler)
+            return monitor, settings.decorrelation_kappa
+        if isinstance(settings, ViTMAEDBPConfig):
+            raise TypeError(f"a ViTMAEDBPConfig describes ViTMAE layers; for a {type(model).__name__} pass "
+                            "decorrelation_config=hf_dbp.DecorrelationConfig(...)")  # fmt: skip
+        settings = settings or DecorrelationConfig()
+        groups = settings.groups or plan_decorrelation(model, settings)
+        sampler = RowSampler(settings.seed)
+        return DecorrelationMonitor(model, groups, settings.sample_fraction, sampler), settings.kappa
 
     def _freeze_decorrelation_matrices(self) -> None:
         # Trainer groups the parameters that require grad, and DDP expects a gradient for each. Every assignment of R
@@ -222,10 +244,14 @@ class DBPTrainer(Trainer):
 
         transformers 5.23's Trainer reloads checkpoints with `model.load_state_dict(file_keys, strict=False)`, but
         `save_pretrained` writes ViTMAE in its 4.x key layout (`vit.encoder.layer.N...`), so the encoder's weights and
-        every R would silently keep their current values. `from_pretrained` converts the keys.
+        every R would silently keep their current values. `from_pretrained` converts the keys; `load_decorrelated`
+        rebuilds the R of a model decorrelated with `hf_dbp.decorrelate`.
         """
         model = self.accelerator.unwrap_model(self.model)
-        loaded = type(model).from_pretrained(folder, config=model.config)
+        if self._decorrelated and CONFIG_ATTRIBUTE in model.config.to_dict():
+            loaded = load_decorrelated(type(model), folder, config=model.config)
+        else:
+            loaded = type(model).from_pretrained(folder, config=model.config)
         model.load_state_dict(loaded.state_dict(), strict=True)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -242,13 +268,17 @@ class DBPTrainer(Trainer):
     def _decorrelation_modules(self) -> list[Decorrelation]:
         if self._monitor is not None:
             return list(self._monitor.decorrelations.values())
-        return self._dbp_model.decorrelation_modules() if self._dbp_model is not None else []
+        return decorrelation_modules(self.model)
 
     def _decorrelation_update(self) -> None:
         if self._monitor is not None:
             loss = decorrelation_step(self._decorrelation_modules(), lr=0.0, kappa=self._kappa)
         else:
-            loss = self._dbp_model.decorrelation_step(**self._guard, lr_scale=self._decorrelation_lr_scale())
+            config = decorrelation_config_of(self.model)  # read at every step: a change of the config applies at once
+            loss = decorrelation_step(
+                self._decorrelation_modules(), config.lr * self._decorrelation_lr_scale(), config.kappa,
+                variance_form=config.variance_form, **self._guard,
+            )  # fmt: skip
         if loss is not None:
             self._decorrelation_losses.append(loss)
         skipped = self._skipped_updates()

@@ -6,8 +6,9 @@ import pytest
 import torch
 from datasets import Dataset
 
+import hf_dbp.trainer
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
-from hf_dbp.decorrelation import decorrelation_matrices
+from hf_dbp.decorrelation import decorrelation_matrices, decorrelation_step
 from hf_dbp.optimizers import CombinedOptimizer, muon_matrices, muon_with_adamw
 from hf_dbp.training_args import DBPTrainingArguments
 
@@ -152,14 +153,14 @@ def test_tied_decorrelation_lr_follows_the_weights_schedule(tmp_path, tiny_kwarg
     for schedule in ("constant", "tied"):
         trainer, _ = _train(tmp_path / schedule, tiny_kwargs, max_steps=6, lr_scheduler_type="linear",
                             warmup_steps=2, decorrelation_lr_schedule=schedule)  # fmt: skip
-        seen, lrs, step = [], [], trainer._dbp_model.decorrelation_step
+        seen, lrs = [], []
 
-        def recording(*args, lr_scale=1.0, _seen=seen, _step=step, _trainer=trainer, _lrs=lrs, **kwargs):
-            _seen.append(lr_scale)
+        def recording(modules, lr, *args, _seen=seen, _trainer=trainer, _lrs=lrs, **kwargs):
+            _seen.append(lr / _trainer.model.config.decorrelation_lr)  # the lr R's update used, over the config's
             _lrs.append(_trainer.optimizer.param_groups[0]["lr"])  # the lr the optimizer step just used
-            return _step(*args, lr_scale=lr_scale, **kwargs)
+            return decorrelation_step(modules, lr, *args, **kwargs)
 
-        monkeypatch.setattr(trainer._dbp_model, "decorrelation_step", recording)
+        monkeypatch.setattr(hf_dbp.trainer, "decorrelation_step", recording)
         trainer.train()
         scales[schedule] = (seen, lrs)
     assert scales["constant"][0] == [1.0] * 6

@@ -3,10 +3,12 @@
 import pytest
 import torch
 from datasets import Dataset
-from transformers import BertConfig, BertModel, TrainingArguments, ViTMAEConfig, ViTMAEForPreTraining
+from transformers import DistilBertConfig, DistilBertModel, TrainingArguments, ViTMAEConfig, ViTMAEForPreTraining
 
+import hf_dbp.trainer
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
 from hf_dbp.data import MAEImageTransform, demo_image_dataset
+from hf_dbp.decorrelation import decorrelation_step
 
 
 def training_args(tmp_path, **overrides):
@@ -22,17 +24,15 @@ def noise_images(count=32, size=16):
     return Dataset.from_dict({"pixel_values": torch.randn(count, 3, size, size).numpy()}).with_format("torch")
 
 
-def test_one_decorrelation_step_per_optimizer_step_with_gradient_accumulation(tmp_path, tiny_kwargs):
+def test_one_decorrelation_step_per_optimizer_step_with_gradient_accumulation(tmp_path, tiny_kwargs, monkeypatch):
     model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs, decorrelation_sample_fraction=1.0))
     calls = []
-    original = model.decorrelation_step
 
-    def counting_step(**guard):
-        qkv = model.vit.layers[0].attention.qkv_decorrelation
-        calls.append(qkv.num_rows)
-        return original(**guard)
+    def counting_step(modules, *args, **kwargs):
+        calls.append(model.vit.layers[0].attention.qkv_decorrelation.num_rows)
+        return decorrelation_step(modules, *args, **kwargs)
 
-    model.decorrelation_step = counting_step
+    monkeypatch.setattr(hf_dbp.trainer, "decorrelation_step", counting_step)
     args = training_args(tmp_path, max_steps=3, gradient_accumulation_steps=2, per_device_train_batch_size=4)
     trainer = DBPTrainer(model=model, args=args, train_dataset=noise_images())
     # The micro-batches of a step share one folded W R.
@@ -80,10 +80,15 @@ def test_plain_model_is_measured_but_not_changed(tmp_path, tiny_kwargs):
     assert all(r["decorrelation_loss"] > 0 for r in trainer.state.log_history if "loss" in r)
 
 
-def test_other_models_are_refused(tmp_path):
-    model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
-    with pytest.raises(TypeError, match="BertModel"):
+def test_a_model_without_default_targets_is_refused_with_the_way_out(tmp_path):
+    # A plain model is a BP baseline whose decorrelation loss is measured on the architecture's default targets; an
+    # architecture without defaults must be told which layers, before any training.
+    model = DistilBertModel(DistilBertConfig(dim=8, n_layers=1, n_heads=2, hidden_dim=8, vocab_size=20))
+    with pytest.raises(ValueError, match="'distilbert'.*target_modules"):
         DBPTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=noise_images())
+    trainer = DBPTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=noise_images(),
+                         decorrelation_config=hf_dbp.DecorrelationConfig(target_modules=["q_lin", "k_lin", "v_lin"]))  # fmt: skip
+    assert list(trainer._monitor.decorrelations) == ["transformer.layer.0.attention.qkv"]
 
 
 def _train_on_natural_images(tmp_path, model, dataset):

@@ -1,0 +1,110 @@
+"""`DecorrelationConfig`: what to decorrelate in a transformers model, and how (the DBP counterpart of a PEFT config)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .decorrelation import VARIANCE_FORMS
+
+CONFIG_ATTRIBUTE = "decorrelation"
+"""The attribute of a transformers config (and key of its ``config.json``) that holds a decorrelated model's
+:class:`DecorrelationConfig`, so that every ``save_pretrained``, checkpoint and ``push_to_hub`` carries it."""
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class DecorrelationConfig:
+    """Which layers of a model to decorrelate and the settings of their decorrelation step.
+
+    Args:
+        lr (`float`, defaults to 1e-3): step size of the update of every R, taken after each optimizer step. `0.0`
+            keeps R fixed.
+        kappa (`float`, defaults to 1e-2): balance between decorrelation (`0.0`) and variance normalisation (`1.0`);
+            in between R whitens its inputs.
+        sample_fraction (`float`, defaults to 0.1): fraction of the rows (tokens) of each training forward used for
+            R's statistics, in (0, 1]. The forward decorrelates every row regardless.
+        target_modules (`list[str]` or `str`, *optional*): the layers to decorrelate, as in PEFT: a list of names, each
+            matching a module whose dotted name equals it or ends with `.<name>`; a string, matched as a regular
+            expression against the whole name; or `"all-linear"`, every `nn.Linear` and transformers `Conv1D` except
+            the output layer (LM head) and, in an encoder-decoder model, the decoder. `None` (default): the defaults
+            for the model's architecture (`hf_dbp.mapping.TARGET_MODULES`), an error for an architecture without them.
+            Only `nn.Linear`, transformers' `Conv1D` and patchifying `nn.Conv2d` can be decorrelated.
+        exclude_modules (`list[str]` or `str`, *optional*): layers never to decorrelate, in the same forms. `None`
+            (default): the architecture's default exclusions (e.g. ViTMAE's and Whisper's decoders), if any.
+        variance_form (`str`, defaults to `"rows"`): `"rows"` (`diag(v) R`, the method's rule) or `"columns"`
+            (`R diag(v)`, what the reference code computes); see `hf_dbp.decorrelation.VARIANCE_FORMS`.
+        seed (`int`, defaults to 0): seed of the generator that draws the rows for the statistics. It is separate from
+            torch's global RNG, so a DBP run and a BP run with one seed draw the same dropout and masks.
+        groups (`dict[str, list[str]]`, *optional*): the resolved plan, filled in by `hf_dbp.decorrelate`: for each R,
+            its name and the layers that read their input through it (layers that read the same input share one R).
+            Saved with the model, so that loading rebuilds exactly the same R without tracing the model again.
+    """
+
+    lr: float = 1e-3
+    kappa: float = 1e-2
+    sample_fraction: float = 0.1
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    variance_form: str = "rows"
+    seed: int = 0
+    groups: dict[str, list[str]] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        def is_number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        if not (is_number(self.lr) and self.lr >= 0):
+            raise ValueError(f"DecorrelationConfig.lr must be a number >= 0, got {self.lr!r}")
+        if not (is_number(self.kappa) and 0.0 <= self.kappa <= 1.0):
+            raise ValueError(f"DecorrelationConfig.kappa must be a number in [0, 1], got {self.kappa!r}")
+        if not (is_number(self.sample_fraction) and 0.0 < self.sample_fraction <= 1.0):
+            raise ValueError(f"DecorrelationConfig.sample_fraction must be in (0, 1], got {self.sample_fraction!r}")
+        if self.variance_form not in VARIANCE_FORMS:
+            raise ValueError(f"DecorrelationConfig.variance_form must be one of {list(VARIANCE_FORMS)}, got "
+                             f"{self.variance_form!r}")  # fmt: skip
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple, set)):
+                if not all(isinstance(v, str) and v for v in value):
+                    raise ValueError(f"DecorrelationConfig.{name} must hold module names (non-empty strings), got {value!r}")
+                setattr(self, name, list(value))
+            elif isinstance(value, str):
+                if value != ALL_LINEAR:
+                    try:
+                        re.compile(value)
+                    except re.error as error:
+                        raise ValueError(f"DecorrelationConfig.{name} {value!r} is not a valid regular expression: "
+                                         f"{error}") from None  # fmt: skip
+            elif value is not None:
+                raise ValueError(f"DecorrelationConfig.{name} must be a list of names, a regular expression or "
+                                 f"'{ALL_LINEAR}', got {type(value).__name__}")  # fmt: skip
+        if self.exclude_modules == ALL_LINEAR:
+            raise ValueError(f"DecorrelationConfig.exclude_modules cannot be '{ALL_LINEAR}'")
+        if self.groups is not None:
+            if not isinstance(self.groups, dict) or not all(
+                isinstance(k, str) and isinstance(v, (list, tuple)) and v for k, v in self.groups.items()
+            ):
+                raise ValueError("DecorrelationConfig.groups must map each R's name to a non-empty list of layer names")
+            self.groups = {k: list(v) for k, v in self.groups.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DecorrelationConfig:
+        """The config from `to_dict`'s output; unknown keys are an error that names them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown DecorrelationConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def replace(self, **changes) -> DecorrelationConfig:
+        return dataclasses.replace(self, **changes)
+
+
+__all__ = ["ALL_LINEAR", "CONFIG_ATTRIBUTE", "DecorrelationConfig"]
