@@ -95,6 +95,10 @@ class SweepArguments(ComparisonArguments):
         default="bp_dbp", metadata={"help": "Without --variants: 'bp_dbp' (BP's and DBP's settings) or 'peers' (the "
                                     "peers' learning rates).", "choices": ["bp_dbp", "peers"]},
     )  # fmt: skip
+    reuse_runs: bool = dataclasses.field(
+        default=False, metadata={"help": "Reuse a finished run in the output folder whose command was exactly the same "
+                                 "(a sweep stopped half-way, or grown by new variants, goes on from what it has)."},
+    )  # fmt: skip
 
 
 def parse_variant(text: str, base: ComparisonArguments) -> tuple[str, str, ComparisonArguments]:
@@ -138,6 +142,20 @@ def learning_rate(kind: str, optimizer: str, args: ComparisonArguments) -> float
     return (args.bp_base_learning_rate or args.base_learning_rate) if kind == "bp" else args.base_learning_rate
 
 
+RUN_COMMAND = "sweep_command.json"
+"""In each finished run's folder: the command (script and arguments) that made it, for `--reuse_runs`."""
+
+
+def finished_with(output: str, command: list[str]) -> bool:
+    """Whether `output` holds a finished run of exactly `command` (steps are deterministic for a seed: it would only
+    come out the same again)."""
+    path = os.path.join(output, RUN_COMMAND)
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(output, "all_results.json")):
+        return False
+    with open(path) as file:
+        return json.load(file) == command
+
+
 def main() -> None:
     args = parse_arguments(SweepArguments)
     base = ComparisonArguments(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ComparisonArguments)})
@@ -155,7 +173,12 @@ def main() -> None:
             print(f"== {text} (seed {seed}) -> {output}", flush=True)
             command = pretraining_command(run_args, seed, bp, output, lr, optimizer)
             results[text]["commands"][seed] = command[1:]  # the script and its arguments, to rerun one
-            subprocess.run(command, check=True)
+            if args.reuse_runs and finished_with(output, command[1:]):
+                print(f"   reusing the finished run in {output}: the same command", flush=True)
+            else:
+                subprocess.run(command, check=True)
+                with open(os.path.join(output, RUN_COMMAND), "w") as file:  # written once the run has finished
+                    json.dump(command[1:], file)
             results[text]["runs"][seed] = read_run(output)
     mean_best = {text: statistics.mean(r["runs"][s]["best_eval_loss"] for s in args.seeds) for text, r in results.items()}
     baseline = min((t for t in results if variants[t][0] == "bp"), key=mean_best.get)

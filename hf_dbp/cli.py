@@ -9,18 +9,30 @@ import sys
 
 
 def merge(checkpoint: str, output: str) -> str:
-    """Fold every R of a DBP-MAE checkpoint into its weights and save a plain ViTMAE checkpoint with its card."""
+    """Fold every R of a decorrelated checkpoint (DBP-MAE, or any model saved after `hf_dbp.decorrelate`) into its
+    weights and save the plain transformers checkpoint, with its processor or tokenizer and its card."""
     from transformers import AutoConfig
 
     from . import ViTMAEDBPForPreTraining
-    from .model_card import read_emissions_csv, read_results, write_model_card
+    from .config import CONFIG_ATTRIBUTE
+    from .integration import load_decorrelated, merge_decorrelation
+    from .model_card import _auto_class, read_emissions_csv, read_results, write_model_card
 
-    model_type = AutoConfig.from_pretrained(checkpoint).model_type
-    if model_type != "vit_mae_dbp":
-        raise ValueError(f"{checkpoint} is a {model_type!r} checkpoint; `hf-dbp merge` folds the R of a 'vit_mae_dbp' one")
-    merged = ViTMAEDBPForPreTraining.from_pretrained(checkpoint).merge_decorrelation()
+    config = AutoConfig.from_pretrained(checkpoint)
+    if getattr(config, CONFIG_ATTRIBUTE, None):  # any model decorrelated with hf_dbp.decorrelate
+        import transformers
+
+        auto = getattr(transformers, _auto_class(config)[0])
+        merged = merge_decorrelation(load_decorrelated(auto, checkpoint), inplace=True)
+    elif config.model_type == "vit_mae_dbp":
+        merged = ViTMAEDBPForPreTraining.from_pretrained(checkpoint).merge_decorrelation()
+    else:
+        raise ValueError(f"{checkpoint} is a plain {config.model_type!r} checkpoint: it has no R to fold (`hf-dbp merge` "
+                         "takes a 'vit_mae_dbp' checkpoint or one saved by a model decorrelated with hf_dbp.decorrelate)")  # fmt: skip
     merged.save_pretrained(output)
-    for name in ("preprocessor_config.json", "all_results.json"):  # what a user needs with the weights
+    # What a user needs with the weights: the processor or tokenizer, and the results.
+    for name in ("preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "vocab.json", "merges.txt", "all_results.json"):  # fmt: skip
         if os.path.isfile(os.path.join(checkpoint, name)):
             shutil.copy(os.path.join(checkpoint, name), os.path.join(output, name))
     write_model_card(
@@ -31,15 +43,16 @@ def merge(checkpoint: str, output: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hf-dbp", description="Decorrelated backpropagation for vision transformers.")
+    parser = argparse.ArgumentParser(prog="hf-dbp", description="Decorrelated backpropagation for transformers models.")
     commands = parser.add_subparsers(dest="command", required=True)
     merge_parser = commands.add_parser(
-        "merge", help="fold R into the weights: a plain ViTMAE checkpoint anyone can load",
-        description="Fold every decorrelation matrix R of a DBP-MAE checkpoint into its weights (W <- W R) and save "
-        "a plain transformers ViTMAE checkpoint with the same outputs, with its model card. It loads with "
-        "ViTMAEForPreTraining, ViTModel (the encoder), or as the segmentation backbone, without hf_dbp.",
+        "merge", help="fold R into the weights: a plain checkpoint anyone can load",
+        description="Fold every decorrelation matrix R of a decorrelated checkpoint into its weights (W <- W R) and "
+        "save a plain transformers checkpoint with the same outputs, with its model card. A DBP-MAE one loads with "
+        "ViTMAEForPreTraining, ViTModel (the encoder), or as the segmentation backbone; any other with its own "
+        "class (e.g. AutoModelForCausalLM); without hf_dbp.",
     )  # fmt: skip
-    merge_parser.add_argument("checkpoint", help="a vit_mae_dbp checkpoint (folder or Hub id)")
+    merge_parser.add_argument("checkpoint", help="a vit_mae_dbp checkpoint, or one of a model decorrelated with hf_dbp.decorrelate (folder or Hub id)")
     merge_parser.add_argument("output", help="folder for the plain checkpoint")
     push_parser = commands.add_parser(
         "push", help="upload a finished output folder to the Hub",
@@ -55,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "merge":
-            print(f"Saved the merged plain ViTMAE checkpoint to {merge(args.checkpoint, args.output)}")
+            print(f"Saved the merged plain checkpoint to {merge(args.checkpoint, args.output)}")
         else:
             from .hub import ensure_hub_reachable, push_folder
 

@@ -232,9 +232,20 @@ def test_settings_sweep_tunes_bp_and_measures_every_variant_against_the_best_bp(
     dbp_arguments, bp = run_mae_arguments(sweep["variants"][variants[0]]["commands"]["0"])
     assert bp.weight_decay == 0.0 and bp.base_learning_rate == 1e-2 and dbp_arguments.bp_baseline
     assert "(baseline)" in (tmp_path / "sweep" / "sweep.md").read_text()
+    # Rerun with --reuse_runs (a sweep stopped half-way, or shrunk): the finished runs of the same commands are read,
+    # not rerun, and make the same sweep.
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "sweep_bp_dbp.py"), "--output_dir", str(tmp_path / "sweep"),
+         "--config_overrides", TINY_MAE, "--max_steps", "4", "--eval_steps", "2", "--per_device_train_batch_size", "8",
+         "--max_train_samples", "32", "--max_eval_samples", "8", "--seeds", "0", "1", "--variants", variants[0],
+         "--reuse_runs"], cwd=ROOT, env=offline_env(tmp_path / "hf"), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("reusing the finished run") == 2 and "Done:" not in again.stdout + again.stderr
+    rerun = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"][variants[0]]
+    assert rerun == sweep["runs"][variants[0]]
 
 
-@pytest.fixture
 def sweep(compare_module, monkeypatch):
     """examples/sweep_bp_dbp.py as a module (it imports compare_bp_dbp, which the other fixture loads)."""
     spec = importlib.util.spec_from_file_location("sweep_bp_dbp", ROOT / "examples" / "sweep_bp_dbp.py")

@@ -14,6 +14,7 @@ from test_distributed import free_port
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 import hf_dbp
+from hf_dbp import cli
 from hf_dbp.integration import decorrelation_modules
 from hf_dbp.text_data import (
     DEFAULT_TRAIN_PLAYS,
@@ -75,6 +76,15 @@ def test_dbp_on_a_users_text_files_then_load_merge_and_generate(tmp_path):
         torch.testing.assert_close(merged(**ids).logits, model.eval()(**ids).logits, rtol=1e-4, atol=1e-4)
     generated = pipeline("text-generation", model=merged, tokenizer=tokenizer)("the quick", max_new_tokens=4, do_sample=False)
     assert generated[0]["generated_text"].startswith("the quick")
+
+    # `hf-dbp merge`: a plain checkpoint with its tokenizer and card, for transformers alone.
+    assert cli.main(["merge", str(out), str(tmp_path / "merged")]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**ids).logits, model(**ids).logits, rtol=1e-4, atol=1e-4)
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged")("fox").input_ids == tokenizer("fox").input_ids
+    assert "AutoModelForCausalLM.from_pretrained" in (tmp_path / "merged" / "README.md").read_text()
+    assert cli.main(["merge", str(tmp_path / "merged"), str(tmp_path / "again")]) == 1  # no R left to fold
 
 
 def test_bp_baseline_is_a_plain_checkpoint_and_a_dbp_checkpoint_continues_as_bp_merged(tmp_path):
