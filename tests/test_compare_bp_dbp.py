@@ -246,6 +246,7 @@ def test_settings_sweep_tunes_bp_and_measures_every_variant_against_the_best_bp(
     assert rerun == sweep["runs"][variants[0]]
 
 
+@pytest.fixture
 def sweep(compare_module, monkeypatch):
     """examples/sweep_bp_dbp.py as a module (it imports compare_bp_dbp, which the other fixture loads)."""
     spec = importlib.util.spec_from_file_location("sweep_bp_dbp", ROOT / "examples" / "sweep_bp_dbp.py")
