@@ -475,6 +475,13 @@ class DecorrelatedLinear(nn.Linear):
         return F.linear(self.decorrelation.shared_forward(x), self.weight, self.bias)
 
 
+def is_patchifying(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` cuts its input into disjoint patches (kernel == stride, no padding or dilation, groups=1): only
+    then is each output a product of W with one flattened patch, so that R acts on the patches and folds into W."""
+    return (conv.kernel_size == conv.stride and conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1)
+            and conv.groups == 1)  # fmt: skip
+
+
 class DecorrelatedConv2d(nn.Conv2d):
     """A patchifying ``nn.Conv2d`` (kernel == stride, no padding) with ``R`` acting on each flattened patch.
 
@@ -484,8 +491,7 @@ class DecorrelatedConv2d(nn.Conv2d):
 
     @classmethod
     def from_layer(cls, conv: nn.Conv2d, decorrelation: Decorrelation, record_statistics: bool) -> DecorrelatedConv2d:
-        patchifying = conv.kernel_size == conv.stride and conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1)
-        if not patchifying or conv.groups != 1:
+        if not is_patchifying(conv):
             raise ValueError(
                 "DecorrelatedConv2d needs a patchifying conv: kernel_size == stride, no padding or dilation, groups=1"
             )

@@ -35,8 +35,10 @@ from .decorrelation import (
     PLAIN_LAYERS,
     Decorrelation,
     RowSampler,
+    _input_width,
     decorrelation_module_name,
     inject_decorrelation,
+    is_patchifying,
 )
 from .decorrelation import decorrelation_step as _update_decorrelations
 from .mapping import EXCLUDE_MODULES, TARGET_MODULES
@@ -109,11 +111,9 @@ def target_layer_names(model: nn.Module, config: DecorrelationConfig) -> list[st
                 continue
             raise ValueError(f"target module {name!r} ({type(module).__name__}) cannot be decorrelated: hf_dbp "
                              "decorrelates nn.Linear, transformers' Conv1D and patchifying nn.Conv2d")  # fmt: skip
-        if isinstance(module, nn.Conv2d) and not (
-            module.kernel_size == module.stride and module.padding in ((0, 0), "valid") and module.groups == 1
-        ):
+        if isinstance(module, nn.Conv2d) and not is_patchifying(module):
             raise ValueError(f"target module {name!r} is an nn.Conv2d that is not patchifying (kernel == stride, no "
-                             "padding, groups=1): its input rows overlap, and R cannot be folded into it")  # fmt: skip
+                             "padding or dilation, groups=1): its input rows overlap, and R cannot be folded into it")  # fmt: skip
         names.append(name)
     if not names:
         raise ValueError(f"no layer of {type(model).__name__} matches target_modules={targets!r} "
@@ -204,18 +204,10 @@ def plan_decorrelation(
     for name in names:
         key = id(seen[name]) if name in seen else id(name)
         members.setdefault(key, []).append(name)
-    widths_differ = [m for m in members.values() if len({_width(model.get_submodule(p)) for p in m}) > 1]
+    widths_differ = [m for m in members.values() if len({_input_width(model.get_submodule(p)) for p in m}) > 1]
     if widths_differ:
         raise ValueError(f"layers {widths_differ[0]} read the same input but have different input widths")
     return {_group_name(paths): paths for paths in members.values()}
-
-
-def _width(layer: nn.Module) -> int:
-    if isinstance(layer, Conv1D):
-        return layer.nx
-    if isinstance(layer, nn.Conv2d):
-        return layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
-    return layer.in_features
 
 
 def _inject(model: nn.Module, config: DecorrelationConfig) -> None:
