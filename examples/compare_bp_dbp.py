@@ -15,7 +15,7 @@ time is training time (`train_seconds`: wall clock without evaluation), the same
 never reaches it; `steps_saved_fraction` the same in optimizer steps (deterministic for a seed);
 `emissions_saved_fraction` likewise with the emissions at those points. `speedup_curve`: the steps and seconds each
 method needs to reach BP's best eval loss within 25%, 50%, 75% and 100% of BP's budget. Each validation image keeps
-one mask for all evaluations (see `hf_dbp.data.fixed_mask_noise`), so the curves move with the weights only. Each
+one mask for all evaluations (see `hf_dbp.tasks.image_data.fixed_mask_noise`), so the curves move with the weights only. Each
 run records the CPU that other processes took while it ran, and is marked busy above 5% (its seconds are then no
 figure; its steps still are).
 
@@ -46,13 +46,13 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from hf_dbp.data import DEMO_SETS
-from hf_dbp.optimizers import MATRIX_OPTIMIZERS
-from hf_dbp.training_args import DECORRELATION_LR_SCHEDULES
+from hf_dbp.tasks.image_data import DEMO_SETS
+from hf_dbp.training.optimizers import MATRIX_OPTIMIZERS
+from hf_dbp.training.training_args import DECORRELATION_LR_SCHEDULES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPTIMIZERS = (*MATRIX_OPTIMIZERS, "schedulefree")
-"""`--optimizers`: the matrix optimizers of `hf_dbp.optimizers`, and transformers' schedule-free AdamW (`--optim
+"""`--optimizers`: the matrix optimizers of `hf_dbp.training.optimizers`, and transformers' schedule-free AdamW (`--optim
 schedule_free_adamw`, its own warm-up, a constant schedule)."""
 DEMO_MODEL = (
     "image_size=32,patch_size=4,hidden_size=96,num_hidden_layers=4,num_attention_heads=4,intermediate_size=384,"

@@ -31,8 +31,8 @@ from compare_bp_dbp import (
 )
 from run_clm_dbp import DEMO_MODEL
 
-from hf_dbp.text_data import TEXT_SETS
-from hf_dbp.training_args import DECORRELATION_LR_SCHEDULES
+from hf_dbp.tasks.text_data import TEXT_SETS
+from hf_dbp.training.training_args import DECORRELATION_LR_SCHEDULES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

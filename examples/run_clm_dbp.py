@@ -36,13 +36,13 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import hf_dbp
 from hf_dbp import DBPTrainer, DecorrelationConfig
-from hf_dbp.config import CONFIG_ATTRIBUTE
-from hf_dbp.decorrelation import VARIANCE_FORMS
-from hf_dbp.hub import ensure_hub_reachable
-from hf_dbp.plotting import plot_training_curves
-from hf_dbp.scripts import parse_script_arguments, setup_logging
-from hf_dbp.text_data import TEXT_SETS, demo_text_dataset
-from hf_dbp.training_args import DBPTrainingArguments
+from hf_dbp.core.config import CONFIG_ATTRIBUTE
+from hf_dbp.core.decorrelation import VARIANCE_FORMS
+from hf_dbp.tasks.scripts import parse_script_arguments, setup_logging
+from hf_dbp.tasks.text_data import TEXT_SETS, demo_text_dataset
+from hf_dbp.training.hub import ensure_hub_reachable
+from hf_dbp.training.plotting import plot_training_curves
+from hf_dbp.training.training_args import DBPTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def load_text(data_args: DataTrainingArguments, model_args: ModelArguments) -> d
         kwargs = {"keep_linebreaks": data_args.keep_linebreaks} if builder == "text" else {}
         raw = load_dataset(builder, data_files=files, **hub, **kwargs)
     else:
-        logger.info("No --dataset_name or --train_file: using the embedded %r text set (see hf_dbp.text_data).", data_args.demo_text)
+        logger.info("No --dataset_name or --train_file: using the embedded %r text set (see hf_dbp.tasks.text_data).", data_args.demo_text)
         raw = demo_text_dataset(data_args.demo_text)
     if not isinstance(raw, datasets.DatasetDict):
         raw = datasets.DatasetDict(train=raw)
@@ -321,7 +321,7 @@ def main() -> None:
         method, model.config.model_type, model.config.num_hidden_layers, model.config.hidden_size,
         sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, len(lm["train"]), block_size,
         len(lm.get("validation", [])),
-        "" if dbp_args.bp_baseline else f", {len(hf_dbp.integration.decorrelation_modules(model))} matrices R",
+        "" if dbp_args.bp_baseline else f", {len(hf_dbp.core.model.decorrelation_modules(model))} matrices R",
     )  # fmt: skip
 
     trainer = DBPTrainer(

@@ -30,7 +30,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import hf_dbp
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
-from hf_dbp.data import (
+from hf_dbp.tasks.image_data import (
     DEMO_SETS,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -43,10 +43,10 @@ from hf_dbp.data import (
     fixed_mask_noise,
     with_sample_index,
 )
-from hf_dbp.hub import ensure_hub_reachable
-from hf_dbp.plotting import plot_training_curves
-from hf_dbp.scripts import parse_script_arguments, setup_logging
-from hf_dbp.training_args import DBPTrainingArguments
+from hf_dbp.tasks.scripts import parse_script_arguments, setup_logging
+from hf_dbp.training.hub import ensure_hub_reachable
+from hf_dbp.training.plotting import plot_training_curves
+from hf_dbp.training.training_args import DBPTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def load_images(data_args: DataTrainingArguments, model_args: ModelArguments, se
             data_files["validation"] = os.path.join(data_args.validation_dir, "**")
         ds = load_dataset("imagefolder", data_files=data_files, cache_dir=model_args.cache_dir)
     else:
-        logger.info("No --dataset_name or --train_dir: using the embedded %s demo set (crops of its images, see hf_dbp.data).", data_args.demo_photos)
+        logger.info("No --dataset_name or --train_dir: using the embedded %s demo set (crops of its images, see hf_dbp.tasks.image_data).", data_args.demo_photos)
         ds = demo_image_dataset(seed=seed, photos=data_args.demo_photos)
     if not isinstance(ds, datasets.DatasetDict):
         ds = datasets.DatasetDict(train=ds)

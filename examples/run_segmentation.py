@@ -34,20 +34,20 @@ from hf_dbp import (
     upernet_around_encoder,
     upernet_from_pretraining_checkpoint,
 )
-from hf_dbp.ade20k import ade20k_id2label
-from hf_dbp.data import augmentation_epoch_callback, with_sample_index
-from hf_dbp.hub import ensure_hub_reachable
-from hf_dbp.plotting import plot_segmentation_examples
-from hf_dbp.scripts import parse_script_arguments, setup_logging
-from hf_dbp.segmentation_data import (
+from hf_dbp.tasks.image_data import augmentation_epoch_callback, with_sample_index
+from hf_dbp.tasks.scripts import parse_script_arguments, setup_logging
+from hf_dbp.tasks.segmentation.ade20k import ade20k_id2label
+from hf_dbp.tasks.segmentation.data import (
     SegmentationTransform,
     check_segmentation_pairs,
     load_ade20k_folder,
     make_demo_ade20k,
     segmentation_collate,
 )
-from hf_dbp.segmentation_metrics import SegmentationEvaluator, logits_to_predictions
-from hf_dbp.training_args import DBPTrainingArguments
+from hf_dbp.tasks.segmentation.metrics import SegmentationEvaluator, logits_to_predictions
+from hf_dbp.training.hub import ensure_hub_reachable
+from hf_dbp.training.plotting import plot_segmentation_examples
+from hf_dbp.training.training_args import DBPTrainingArguments
 
 logger = logging.getLogger(__name__)
 

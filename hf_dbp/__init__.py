@@ -11,9 +11,8 @@ Importing the package registers the model type ``vit_mae_dbp`` with ``AutoConfig
 from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForPreTraining, ViTMAEConfig
 from transformers.models.auto import modeling_auto
 
-from .config import DecorrelationConfig
-from .configuration_vit_mae_dbp import DECORRELATION_LAYER_KINDS, ViTMAEDBPConfig
-from .decorrelation import (
+from .core.config import DecorrelationConfig
+from .core.decorrelation import (
     DecorrelatedConv1D,
     DecorrelatedConv2d,
     DecorrelatedLinear,
@@ -22,7 +21,7 @@ from .decorrelation import (
     fold_decorrelation,
     inject_decorrelation,
 )
-from .integration import (
+from .core.model import (
     decorrelate,
     decorrelation_config_of,
     decorrelation_step,
@@ -30,14 +29,15 @@ from .integration import (
     merge_decorrelation,
     plan_decorrelation,
 )
-from .mapping import TARGET_MODULES
-from .modeling_vit_mae_dbp import (
+from .models.mapping import TARGET_MODULES
+from .models.vit_mae_dbp.configuration_vit_mae_dbp import DECORRELATION_LAYER_KINDS, ViTMAEDBPConfig
+from .models.vit_mae_dbp.modeling_vit_mae_dbp import (
     ViTMAEDBPForPreTraining,
     ViTMAEDBPModel,
     ViTMAEDBPPreTrainedModel,
     vit_mae_decorrelation_groups,
 )
-from .modeling_vit_mae_dbp_backbone import (
+from .models.vit_mae_dbp.modeling_vit_mae_dbp_backbone import (
     ViTMAEBackboneFromPreTraining,
     ViTMAEDBPBackbone,
     ViTMAEDBPBackboneConfig,
@@ -46,7 +46,7 @@ from .modeling_vit_mae_dbp_backbone import (
     upernet_around_encoder,
     upernet_from_pretraining_checkpoint,
 )
-from .trainer import DBPTrainer
+from .training.trainer import DBPTrainer
 
 __version__ = "0.1.0"
 
@@ -54,10 +54,8 @@ AutoConfig.register(ViTMAEDBPConfig.model_type, ViTMAEDBPConfig, exist_ok=True)
 AutoModel.register(ViTMAEDBPConfig, ViTMAEDBPModel, exist_ok=True)
 AutoModelForPreTraining.register(ViTMAEDBPConfig, ViTMAEDBPForPreTraining, exist_ok=True)
 # Saved DBP checkpoints also carry their code (configuration, modeling and decorrelation modules, and an auto_map), so
-# that `AutoModelForPreTraining.from_pretrained(repo, trust_remote_code=True)` loads them where hf_dbp is not installed.
-ViTMAEDBPConfig.register_for_auto_class("AutoConfig")
-ViTMAEDBPModel.register_for_auto_class("AutoModel")
-ViTMAEDBPForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+# that `AutoModelForPreTraining.from_pretrained(repo, trust_remote_code=True)` loads them where hf_dbp is not installed
+# (hf_dbp.models.vit_mae_dbp.remote_code).
 # Which class is the base model (no head, no loss) transformers reads from static name lists per model type, which
 # the registrations above do not extend: its model-testing mixins (training tests skip base models) and its pipelines'
 # model-type checks consult them. transformers has no API to add to them; they are plain dicts, and the lazy Auto

@@ -14,9 +14,9 @@ def merge(checkpoint: str, output: str) -> str:
     from transformers import AutoConfig
 
     from . import ViTMAEDBPForPreTraining
-    from .config import CONFIG_ATTRIBUTE
-    from .integration import load_decorrelated, merge_decorrelation
-    from .model_card import _auto_class, read_emissions_csv, read_results, write_model_card
+    from .core.config import CONFIG_ATTRIBUTE
+    from .core.model import load_decorrelated, merge_decorrelation
+    from .training.model_card import _auto_class, read_emissions_csv, read_results, write_model_card
 
     config = AutoConfig.from_pretrained(checkpoint)
     if getattr(config, CONFIG_ATTRIBUTE, None):  # any model decorrelated with hf_dbp.decorrelate
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "merge":
             print(f"Saved the merged plain checkpoint to {merge(args.checkpoint, args.output)}")
         else:
-            from .hub import ensure_hub_reachable, push_folder
+            from .training.hub import ensure_hub_reachable, push_folder
 
             ensure_hub_reachable(args.token, what="`hf-dbp push`", token_option="--token", hint=(
                 f"{args.folder} stays saved locally as it is: run `hf-dbp push` again where the Hub can be reached."

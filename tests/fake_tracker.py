@@ -2,7 +2,7 @@
 
 Every measurement (each `flush()`, and the `stop()`) adds `rate` units: `rate`/1024 kWh (all of it CPU), `rate`/4096
 kg of CO2 and 8 s; powers of two, so that sums of them are exact. `install()` puts it in codecarbon's place, where
-`hf_dbp.emissions.EmissionsMeter` imports the tracker from.
+`hf_dbp.training.emissions.EmissionsMeter` imports the tracker from.
 """
 
 from __future__ import annotations

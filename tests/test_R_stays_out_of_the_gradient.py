@@ -34,7 +34,7 @@ from hf_dbp import (
     layer_decay_parameter_groups,
     upernet_from_pretraining_checkpoint,
 )
-from hf_dbp.decorrelation import decorrelation_matrices
+from hf_dbp.core.decorrelation import decorrelation_matrices
 
 LABELS = {i: f"class{i}" for i in range(3)}
 UPERNET = dict(hidden_size=16, auxiliary_channels=8)

@@ -18,9 +18,10 @@ from transformers import TrainingArguments
 
 import hf_dbp
 from hf_dbp import DBPTrainer, DecorrelationConfig
-from hf_dbp.decorrelation import DecorrelatedConv1D, DecorrelatedConv2d, DecorrelatedLinear
-from hf_dbp.integration import decorrelation_modules, example_inputs, plan_decorrelation
-from hf_dbp.modeling_vit_mae_dbp import vit_mae_decorrelation_groups
+from hf_dbp.core.decorrelation import DecorrelatedConv1D, DecorrelatedConv2d, DecorrelatedLinear
+from hf_dbp.core.model import decorrelation_modules
+from hf_dbp.core.plan import example_inputs, plan_decorrelation
+from hf_dbp.models.vit_mae_dbp.modeling_vit_mae_dbp import vit_mae_decorrelation_groups
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48)
 AUDIO = dict(conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=16,

@@ -22,7 +22,7 @@ from hf_dbp import (
     layer_decay_parameter_groups,
     upernet_from_pretraining_checkpoint,
 )
-from hf_dbp.modeling_vit_mae_dbp_backbone import default_out_indices
+from hf_dbp.models.vit_mae_dbp.modeling_vit_mae_dbp_backbone import default_out_indices
 
 LABELS = {i: f"class{i}" for i in range(5)}
 UPERNET = dict(hidden_size=16, auxiliary_channels=8)  # small heads

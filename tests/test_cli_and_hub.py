@@ -27,7 +27,7 @@ from transformers import TrainingArguments, ViTMAEConfig, ViTMAEForPreTraining
 
 import hf_dbp
 from hf_dbp.cli import main as cli_main
-from hf_dbp.hub import push_folder
+from hf_dbp.training.hub import push_folder
 
 HF_DBP = Path(sys.executable).parent / "hf-dbp"  # the console script
 
@@ -407,7 +407,7 @@ def test_push_to_hub_offline_fails_before_anything(cli, script):
     result = cli.results[f"{script}_push_offline"]
     assert_exit(result, success=False)
     error = result.stdout.strip().splitlines()[-1]
-    assert error.startswith("hf_dbp.hub.HubUnreachableError: "), result.stdout[-3000:]
+    assert error.startswith("hf_dbp.training.hub.HubUnreachableError: "), result.stdout[-3000:]
     assert "Hugging Face Hub" in error and "HF_HUB_OFFLINE" in error
     assert "hf-dbp push" in error and "locally" in error
     assert "Process rank" not in result.stdout and "{'loss'" not in result.stdout  # no log line: nothing started

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from hf_dbp.decorrelation import (
+from hf_dbp.core.decorrelation import (
     DecorrelatedConv2d,
     DecorrelatedLinear,
     Decorrelation,

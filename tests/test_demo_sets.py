@@ -4,7 +4,7 @@ trains on; the held-out sets share no image with the sets that settings were tun
 import numpy as np
 import pytest
 
-from hf_dbp.data import DEMO_SETS, HELDOUT_SETS, _images, demo_image_dataset
+from hf_dbp.tasks.image_data import DEMO_SETS, HELDOUT_SETS, _images, demo_image_dataset
 
 
 def pixels(dataset) -> set[bytes]:

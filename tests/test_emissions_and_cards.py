@@ -1,4 +1,4 @@
-"""Energy, emissions and model cards of real runs: hf_dbp.emissions, hf_dbp.model_card and DBPTrainer's side of them.
+"""Energy, emissions and model cards of real runs: hf_dbp.training.emissions, hf_dbp.training.model_card and DBPTrainer's side of them.
 
 The scripts run for real, in subprocesses, offline, on tiny models (2 to 4 optimizer steps). The module-scoped fixture
 `runs` starts all of them once, two at a time (most of a run's time is its imports, on one core):
@@ -33,9 +33,9 @@ from PIL import Image as PILImage
 from transformers import AutoConfig, TrainingArguments
 
 import hf_dbp
-from hf_dbp.emissions import WORLD_AVERAGE, EmissionsMeter, resolve_country
-from hf_dbp.model_card import read_emissions_csv, write_model_card
-from hf_dbp.segmentation_data import make_demo_ade20k
+from hf_dbp.tasks.segmentation.data import make_demo_ade20k
+from hf_dbp.training.emissions import WORLD_AVERAGE, EmissionsMeter, resolve_country
+from hf_dbp.training.model_card import read_emissions_csv, write_model_card
 
 TINY_MAE = dict(TINY)
 TINY_SEGMENTATION_ENCODER = {**TINY_MAE, "num_hidden_layers": 4}

@@ -26,8 +26,8 @@ from huggingface_hub import ModelCard
 from transformers import TrainerCallback, TrainingArguments
 
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
-from hf_dbp.emissions import RUN_TOTALS, EmissionsMeter, carried_for_machine
-from hf_dbp.model_card import read_emissions_csv
+from hf_dbp.training.emissions import RUN_TOTALS, EmissionsMeter, carried_for_machine
+from hf_dbp.training.model_card import read_emissions_csv
 
 WORKER = REPO_ROOT / "tests" / "emissions_worker.py"
 CARD_FIGURES = ("| energy |", "| emissions |", "| location |", "| hardware |")

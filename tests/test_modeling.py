@@ -21,6 +21,7 @@ from transformers import (
 
 import hf_dbp
 from hf_dbp import ViTMAEDBPConfig, ViTMAEDBPForPreTraining, ViTMAEDBPModel
+from hf_dbp.models.vit_mae_dbp.remote_code import remote_code_auto_class
 
 
 def inputs(batch=2, size=16, patches=16, seed=0):
@@ -236,8 +237,8 @@ def test_a_users_subclass_saves_and_loads_like_a_subclass_of_any_transformers_mo
         (package / name).write_text(text)
     monkeypatch.syspath_prepend(str(tmp_path))
     user = importlib.import_module("user_package")
-    assert user.MyDBPForPreTraining._auto_class is None and user.MyDBPConfig._auto_class is None
-    assert ViTMAEDBPForPreTraining._auto_class == "AutoModelForPreTraining"  # ours still carry their code
+    assert remote_code_auto_class(user.MyDBPForPreTraining) is None and remote_code_auto_class(user.MyDBPConfig) is None
+    assert remote_code_auto_class(ViTMAEDBPForPreTraining) == "AutoModelForPreTraining"  # ours still carry their code
     model = user.MyDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs))
     randomise_R(model)
     model.save_pretrained(tmp_path / "out")
@@ -367,7 +368,14 @@ def test_saved_checkpoint_loads_with_trust_remote_code_without_hf_dbp(tmp_path, 
     model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs)).eval()
     randomise_R(model, scale=0.1)
     model.save_pretrained(tmp_path / "ckpt")
-    assert {"modeling_vit_mae_dbp.py", "configuration_vit_mae_dbp.py", "decorrelation.py"} <= {p.name for p in (tmp_path / "ckpt").iterdir()}
+    code = {p.name: p.read_text() for p in (tmp_path / "ckpt").glob("*.py")}
+    assert set(code) == {"modeling_vit_mae_dbp.py", "configuration_vit_mae_dbp.py", "config.py", "decorrelation.py", "remote_code.py"}
+    # hf_dbp's modules live in several packages; the checkpoint's copies import one another as siblings.
+    assert not [line for text in code.values() for line in text.splitlines() if line.lstrip().startswith("from ..")]
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["auto_map"] == {
+        "AutoConfig": "configuration_vit_mae_dbp.ViTMAEDBPConfig",
+        "AutoModelForPreTraining": "modeling_vit_mae_dbp.ViTMAEDBPForPreTraining",
+    }
     pixels, noise = inputs()
     torch.save({"pixels": pixels, "noise": noise, "logits": model(pixels, noise=noise).logits}, tmp_path / "io.pt")
     script = f"""
@@ -377,6 +385,11 @@ model = AutoModelForPreTraining.from_pretrained({str(tmp_path / "ckpt")!r}, trus
 io = torch.load({str(tmp_path / "io.pt")!r})
 torch.testing.assert_close(model(io["pixels"], noise=io["noise"]).logits, io["logits"])
 assert type(model).__name__ == "ViTMAEDBPForPreTraining" and "hf_dbp" not in sys.modules
+# Saved again from the remote copy (a user fine-tunes it and publishes), it carries the same code and loads the same.
+model.save_pretrained({str(tmp_path / "again")!r})
+again = AutoModelForPreTraining.from_pretrained({str(tmp_path / "again")!r}, trust_remote_code=True).eval()
+torch.testing.assert_close(again(io["pixels"], noise=io["noise"]).logits, io["logits"])
+assert "hf_dbp" not in sys.modules
 print("ok")
 """
     env = offline_env(tmp_path / "hf")

@@ -6,11 +6,11 @@ import pytest
 import torch
 from datasets import Dataset
 
-import hf_dbp.trainer
+import hf_dbp.training.trainer
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
-from hf_dbp.decorrelation import decorrelation_matrices, decorrelation_step
-from hf_dbp.optimizers import CombinedOptimizer, muon_matrices, muon_with_adamw
-from hf_dbp.training_args import DBPTrainingArguments
+from hf_dbp.core.decorrelation import decorrelation_matrices, decorrelation_step
+from hf_dbp.training.optimizers import CombinedOptimizer, muon_matrices, muon_with_adamw
+from hf_dbp.training.training_args import DBPTrainingArguments
 
 
 def noise_images(count=16, size=16):
@@ -160,7 +160,7 @@ def test_tied_decorrelation_lr_follows_the_weights_schedule(tmp_path, tiny_kwarg
             _lrs.append(_trainer.optimizer.param_groups[0]["lr"])  # the lr the optimizer step just used
             return decorrelation_step(modules, lr, *args, **kwargs)
 
-        monkeypatch.setattr(hf_dbp.trainer, "decorrelation_step", recording)
+        monkeypatch.setattr(hf_dbp.training.trainer, "decorrelation_step", recording)
         trainer.train()
         scales[schedule] = (seen, lrs)
     assert scales["constant"][0] == [1.0] * 6

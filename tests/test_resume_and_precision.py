@@ -5,8 +5,13 @@ import torch
 from transformers import TrainingArguments
 
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
-from hf_dbp.data import MAEImageTransform, augmentation_epoch_callback, demo_image_dataset, with_sample_index
-from hf_dbp.decorrelation import Decorrelation, DecorrelationDiverged, decorrelation_step
+from hf_dbp.core.decorrelation import Decorrelation, DecorrelationDiverged, decorrelation_step
+from hf_dbp.tasks.image_data import (
+    MAEImageTransform,
+    augmentation_epoch_callback,
+    demo_image_dataset,
+    with_sample_index,
+)
 
 
 @pytest.fixture(scope="module")

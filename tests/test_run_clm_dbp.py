@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 import hf_dbp
 from hf_dbp import cli
-from hf_dbp.integration import decorrelation_modules
-from hf_dbp.text_data import (
+from hf_dbp.core.model import decorrelation_modules
+from hf_dbp.tasks.text_data import (
     DEFAULT_TRAIN_PLAYS,
     DEFAULT_VALIDATION_PLAYS,
     HELDOUT_TRAIN_PLAYS,

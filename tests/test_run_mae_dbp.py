@@ -30,7 +30,7 @@ from safetensors import safe_open
 from transformers import BertConfig, BertModel, ViTMAEConfig, ViTMAEForPreTraining
 
 import hf_dbp
-from hf_dbp.data import fixed_mask_noise
+from hf_dbp.tasks.image_data import fixed_mask_noise
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "run_mae_dbp.py"

@@ -28,7 +28,7 @@ from PIL import Image as PILImage
 from transformers import AutoModelForSemanticSegmentation, BertConfig, BertModel, ViTMAEConfig, ViTMAEForPreTraining
 
 import hf_dbp
-from hf_dbp.segmentation_data import make_demo_ade20k
+from hf_dbp.tasks.segmentation.data import make_demo_ade20k
 
 SCRIPT = SEGMENTATION_SCRIPT
 

@@ -13,8 +13,8 @@ import torch
 from datasets import Dataset, Features, Image
 from PIL import Image as PILImage
 
-from hf_dbp.data import IMAGENET_MEAN, IMAGENET_STD
-from hf_dbp.segmentation_data import (
+from hf_dbp.tasks.image_data import IMAGENET_MEAN, IMAGENET_STD
+from hf_dbp.tasks.segmentation.data import (
     DEMO_ADE20K_CLASSES,
     SegmentationTransform,
     check_segmentation_pairs,
@@ -23,7 +23,7 @@ from hf_dbp.segmentation_data import (
     segmentation_collate,
 )
 
-LOGGER = "hf_dbp.segmentation_data"
+LOGGER = "hf_dbp.tasks.segmentation.data"
 
 
 def rgb(height, width, seed=0, mode="RGB"):

@@ -14,8 +14,8 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import ModelOutput
 
-from hf_dbp.ade20k import ADE20K_CLASSES, ade20k_id2label, ade20k_label2id
-from hf_dbp.segmentation_metrics import (
+from hf_dbp.tasks.segmentation.ade20k import ADE20K_CLASSES, ade20k_id2label, ade20k_label2id
+from hf_dbp.tasks.segmentation.metrics import (
     SEGMENTATION_METRIC_PATH,
     SegmentationEvaluator,
     confusion_matrix,

@@ -5,10 +5,10 @@ import torch
 from datasets import Dataset
 from transformers import DistilBertConfig, DistilBertModel, TrainingArguments, ViTMAEConfig, ViTMAEForPreTraining
 
-import hf_dbp.trainer
+import hf_dbp.training.trainer
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
-from hf_dbp.data import MAEImageTransform, demo_image_dataset
-from hf_dbp.decorrelation import decorrelation_step
+from hf_dbp.core.decorrelation import decorrelation_step
+from hf_dbp.tasks.image_data import MAEImageTransform, demo_image_dataset
 
 
 def training_args(tmp_path, **overrides):
@@ -32,7 +32,7 @@ def test_one_decorrelation_step_per_optimizer_step_with_gradient_accumulation(tm
         calls.append(model.vit.layers[0].attention.qkv_decorrelation.num_rows)
         return decorrelation_step(modules, *args, **kwargs)
 
-    monkeypatch.setattr(hf_dbp.trainer, "decorrelation_step", counting_step)
+    monkeypatch.setattr(hf_dbp.training.trainer, "decorrelation_step", counting_step)
     args = training_args(tmp_path, max_steps=3, gradient_accumulation_steps=2, per_device_train_batch_size=4)
     trainer = DBPTrainer(model=model, args=args, train_dataset=noise_images())
     # The micro-batches of a step share one folded W R.

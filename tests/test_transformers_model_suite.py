@@ -221,7 +221,7 @@ for _variant, _base in (
     (MovedRViTMAEDBPModel, ViTMAEDBPModel),
     (MovedRViTMAEDBPForPreTraining, ViTMAEDBPForPreTraining),
 ):
-    for _attribute in ("__name__", "__qualname__", "__module__", "_auto_class"):
+    for _attribute in ("__name__", "__qualname__", "__module__", "_remote_code_auto_class"):
         setattr(_variant, _attribute, getattr(_base, _attribute))
 
 

@@ -13,15 +13,21 @@ from transformers import Trainer, TrainerCallback
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEForPreTraining, ViTMAEModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .config import CONFIG_ATTRIBUTE, DecorrelationConfig
-from .configuration_vit_mae_dbp import ViTMAEDBPConfig
-from .decorrelation import (
+from ..core.config import CONFIG_ATTRIBUTE, DecorrelationConfig
+from ..core.decorrelation import (
     Decorrelation,
     DecorrelationMonitor,
     RowSampler,
     decorrelation_matrices,
     decorrelation_step,
     drop_decorrelation_matrices,
+)
+from ..core.model import decorrelation_config_of, decorrelation_modules, load_decorrelated, plan_decorrelation
+from ..models.vit_mae_dbp.configuration_vit_mae_dbp import ViTMAEDBPConfig
+from ..models.vit_mae_dbp.modeling_vit_mae_dbp import (
+    STATISTICS_SEED,
+    ViTMAEDBPPreTrainedModel,
+    vit_mae_decorrelation_groups,
 )
 from .emissions import (
     EmissionsMeter,
@@ -31,9 +37,7 @@ from .emissions import (
     resolve_country,
     write_run_totals,
 )
-from .integration import decorrelation_config_of, decorrelation_modules, load_decorrelated, plan_decorrelation
 from .model_card import write_model_card
-from .modeling_vit_mae_dbp import STATISTICS_SEED, ViTMAEDBPPreTrainedModel, vit_mae_decorrelation_groups
 from .optimizers import matrices_with_adamw
 
 logger = logging.getLogger(__name__)
@@ -86,7 +90,7 @@ class DBPTrainer(Trainer):
     process): `energy_kwh` and `emissions_g` (cumulative, grams) join the log records, `emissions.csv` lands in
     `output_dir` (`emissions_machine<k>.csv` for each of several machines), the totals join the train metrics
     (`train_energy_kwh`, `train_emissions_g`), and every saved folder gets a model card (`README.md`) that carries
-    them (see `hf_dbp.model_card`). Each checkpoint keeps every machine's figures and the training seconds so far
+    them (see `hf_dbp.training.model_card`). Each checkpoint keeps every machine's figures and the training seconds so far
     (`run_totals.json`): a run resumed from it goes on from them, so its figures are those of an uninterrupted run.
 
     Args:
@@ -95,7 +99,7 @@ class DBPTrainer(Trainer):
             to `ViTMAEDBPConfig()` for a plain ViTMAE and to `DecorrelationConfig()` (the architecture's default
             targets) for any other model. A decorrelated model uses its own config.
         emissions_country (`str`, *optional*):
-            ISO 3166-1 alpha-3 code of the country the machines are in; see `hf_dbp.emissions.resolve_country`
+            ISO 3166-1 alpha-3 code of the country the machines are in; see `hf_dbp.training.emissions.resolve_country`
             for the other ways to give it. Checked before training.
         track_emissions (`bool`, defaults to `True`): measure energy and emissions.
         model_card_kwargs (`dict`, *optional*): `datasets`, `base_model`, `model_name` for the model cards.

@@ -16,6 +16,23 @@ CONFIG_ATTRIBUTE = "decorrelation"
 ALL_LINEAR = "all-linear"
 
 
+
+def check_step_settings(lr: float, kappa: float, sample_fraction: float, variance_form: str, prefix: str = "") -> None:
+    """Raise a `ValueError` naming (as `prefix` + name) the first of the step's settings whose value cannot work."""
+
+    def is_number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if not (is_number(lr) and lr >= 0):
+        raise ValueError(f"{prefix}lr must be a number >= 0, got {lr!r}")
+    if not (is_number(kappa) and 0.0 <= kappa <= 1.0):
+        raise ValueError(f"{prefix}kappa must be a number in [0, 1], got {kappa!r}")
+    if not (is_number(sample_fraction) and 0.0 < sample_fraction <= 1.0):
+        raise ValueError(f"{prefix}sample_fraction must be a number in (0, 1], got {sample_fraction!r}")
+    if variance_form not in VARIANCE_FORMS:
+        raise ValueError(f"{prefix}variance_form must be one of {list(VARIANCE_FORMS)}, got {variance_form!r}")
+
+
 @dataclass
 class DecorrelationConfig:
     """Which layers of a model to decorrelate and the settings of their decorrelation step.
@@ -31,12 +48,12 @@ class DecorrelationConfig:
             matching a module whose dotted name equals it or ends with `.<name>`; a string, matched as a regular
             expression against the whole name; or `"all-linear"`, every `nn.Linear` and transformers `Conv1D` except
             the output layer (LM head) and, in an encoder-decoder model, the decoder. `None` (default): the defaults
-            for the model's architecture (`hf_dbp.mapping.TARGET_MODULES`), an error for an architecture without them.
+            for the model's architecture (`hf_dbp.models.mapping.TARGET_MODULES`), an error for an architecture without them.
             Only `nn.Linear`, transformers' `Conv1D` and patchifying `nn.Conv2d` can be decorrelated.
         exclude_modules (`list[str]` or `str`, *optional*): layers never to decorrelate, in the same forms. `None`
             (default): the architecture's default exclusions (e.g. ViTMAE's and Whisper's decoders), if any.
         variance_form (`str`, defaults to `"rows"`): `"rows"` (`diag(v) R`, the method's rule) or `"columns"`
-            (`R diag(v)`, what the reference code computes); see `hf_dbp.decorrelation.VARIANCE_FORMS`.
+            (`R diag(v)`, what the reference code computes); see `hf_dbp.core.decorrelation.VARIANCE_FORMS`.
         seed (`int`, defaults to 0): seed of the generator that draws the rows for the statistics. It is separate from
             torch's global RNG, so a DBP run and a BP run with one seed draw the same dropout and masks.
         groups (`dict[str, list[str]]`, *optional*): the resolved plan, filled in by `hf_dbp.decorrelate`: for each R,
@@ -54,18 +71,7 @@ class DecorrelationConfig:
     groups: dict[str, list[str]] | None = field(default=None)
 
     def __post_init__(self) -> None:
-        def is_number(value) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-        if not (is_number(self.lr) and self.lr >= 0):
-            raise ValueError(f"DecorrelationConfig.lr must be a number >= 0, got {self.lr!r}")
-        if not (is_number(self.kappa) and 0.0 <= self.kappa <= 1.0):
-            raise ValueError(f"DecorrelationConfig.kappa must be a number in [0, 1], got {self.kappa!r}")
-        if not (is_number(self.sample_fraction) and 0.0 < self.sample_fraction <= 1.0):
-            raise ValueError(f"DecorrelationConfig.sample_fraction must be in (0, 1], got {self.sample_fraction!r}")
-        if self.variance_form not in VARIANCE_FORMS:
-            raise ValueError(f"DecorrelationConfig.variance_form must be one of {list(VARIANCE_FORMS)}, got "
-                             f"{self.variance_form!r}")  # fmt: skip
+        check_step_settings(self.lr, self.kappa, self.sample_fraction, self.variance_form, "DecorrelationConfig.")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple, set)):

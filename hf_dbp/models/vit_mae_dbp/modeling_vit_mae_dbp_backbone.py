@@ -18,8 +18,8 @@ from transformers.modeling_outputs import BackboneOutput
 from transformers.models.beit.modeling_beit import BeitFPNNeck
 from transformers.utils.generic import can_return_tuple
 
+from ...core.decorrelation import decorrelation_matrices
 from .configuration_vit_mae_dbp import DBP_CONFIG_FIELDS, ViTMAEDBPConfig
-from .decorrelation import decorrelation_matrices
 from .modeling_vit_mae_dbp import ViTMAEDBPForPreTraining, ViTMAEDBPModel, ViTMAEDBPPreTrainedModel
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import ViTMAEConfig
 
-from .decorrelation import VARIANCE_FORMS
+from ...core.config import check_step_settings
+from .remote_code import save_pretrained_with_remote_code
 
 DECORRELATION_LAYER_KINDS = ("patch_embeddings", "qkv", "o_proj", "fc1", "fc2")
 """Encoder layer kinds that can be decorrelated: the patch embedding conv, the q/k/v projections (one shared R),
@@ -59,10 +60,12 @@ class ViTMAEDBPConfig(ViTMAEConfig):
 
     model_type = "vit_mae_dbp"
 
-    def __init_subclass__(cls, *args, **kwargs):
-        super().__init_subclass__(*args, **kwargs)
-        # As for the models (see ViTMAEDBPPreTrainedModel): only a class registered by its own call saves its source.
-        cls._auto_class = None
+    # Saved with its code for `trust_remote_code` (see remote_code; not inherited by subclasses).
+    _remote_code_auto_class = "AutoConfig"
+
+    def save_pretrained(self, save_directory, **kwargs):
+        # With its code, flattened (see remote_code): transformers' copy cannot follow the imports of hf_dbp.core.
+        return save_pretrained_with_remote_code(self, super().save_pretrained, save_directory, **kwargs)
 
     decorrelation_lr: float = 1e-3
     decorrelation_kappa: float = 1e-2
@@ -80,25 +83,17 @@ class ViTMAEDBPConfig(ViTMAEConfig):
     def check_decorrelation_fields(self) -> None:
         """Raise a `ValueError` naming the first DBP field whose value cannot work."""
 
-        def is_number(value) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-        if not (is_number(self.decorrelation_lr) and self.decorrelation_lr >= 0):
-            raise ValueError(f"decorrelation_lr must be a number >= 0, got {self.decorrelation_lr!r}")
-        if not (is_number(self.decorrelation_kappa) and 0.0 <= self.decorrelation_kappa <= 1.0):
-            raise ValueError(f"decorrelation_kappa must be a number in [0, 1], got {self.decorrelation_kappa!r}")
-        fraction = self.decorrelation_sample_fraction
-        if not (is_number(fraction) and 0.0 < fraction <= 1.0):
-            raise ValueError(f"decorrelation_sample_fraction must be a number in (0, 1], got {fraction!r}")
+        check_step_settings(
+            self.decorrelation_lr,
+            self.decorrelation_kappa,
+            self.decorrelation_sample_fraction,
+            self.decorrelation_variance_form,
+            "decorrelation_",
+        )
         unknown = [kind for kind in self.decorrelation_layers if kind not in DECORRELATION_LAYER_KINDS]
         if unknown:
             raise ValueError(
                 f"decorrelation_layers has unknown kinds {unknown}; choose from {list(DECORRELATION_LAYER_KINDS)}"
-            )
-        if self.decorrelation_variance_form not in VARIANCE_FORMS:
-            raise ValueError(
-                f"decorrelation_variance_form must be one of {list(VARIANCE_FORMS)}, got "
-                f"{self.decorrelation_variance_form!r}"
             )
         if len(set(self.decorrelation_layers)) != len(self.decorrelation_layers):
             raise ValueError(f"decorrelation_layers lists a kind twice: {self.decorrelation_layers}")

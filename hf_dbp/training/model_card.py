@@ -15,7 +15,7 @@ import os
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .configuration_vit_mae_dbp import DBP_CONFIG_FIELDS
+from ..models.vit_mae_dbp.configuration_vit_mae_dbp import DBP_CONFIG_FIELDS
 from .emissions import EMISSIONS_CSV, WORLD_AVERAGE, EmissionsReport, combine_reports, machine_csv_paths
 
 PRETRAINING_METRICS = {"eval_loss": "MAE reconstruction loss (validation)"}
@@ -28,7 +28,7 @@ SEGMENTATION_METRICS = {
 
 def read_emissions_csv(folder: str) -> EmissionsReport | None:
     """The total of a run in `folder` (grams, not kg): the last row of codecarbon's `emissions.csv`, or for a run on
-    several machines the sum of the last rows of their `emissions_machine<k>.csv` (see `hf_dbp.emissions`)."""
+    several machines the sum of the last rows of their `emissions_machine<k>.csv` (see `hf_dbp.training.emissions`)."""
     machines = [report for report in map(_read_last_row, machine_csv_paths(folder)) if report is not None]
     if machines:
         return combine_reports(machines)

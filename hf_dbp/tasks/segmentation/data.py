@@ -28,7 +28,7 @@ from datasets import Dataset, DatasetDict, Features, Image  # noqa: E402
 from PIL import ExifTags, ImageDraw  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, SAMPLE_INDEX_COLUMN, EpochSeededAugmentation, _photo  # noqa: E402
+from ..image_data import IMAGENET_MEAN, IMAGENET_STD, SAMPLE_INDEX_COLUMN, EpochSeededAugmentation, _photo  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -412,7 +412,7 @@ class SegmentationTransform(EpochSeededAugmentation):
             the crop's labelled pixels; 1.0 disables it. 0.75 as in mmsegmentation.
 
         seed: with the epoch and the sample's index, seeds each sample's augmentation (see
-            `hf_dbp.data.EpochSeededAugmentation`); without an index, torch's generator does.
+            `hf_dbp.tasks.image_data.EpochSeededAugmentation`); without an index, torch's generator does.
 
     Training: rescale so that the short side is min(crop_size) x r, r uniform in [0.5, 2.0] (long side at most 4x
     that, as mmsegmentation's (2048, 512) scale), random crop of crop_size (one class at most `cat_max_ratio`), random

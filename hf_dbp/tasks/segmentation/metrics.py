@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SEGMENTATION_METRIC_PATH: Path = Path(__file__).resolve().parent / "metrics" / "segmentation_iou"
+SEGMENTATION_METRIC_PATH: Path = Path(__file__).resolve().parent / "segmentation_iou"
 """Folder of the local ``evaluate`` metric script (``segmentation_iou.py``)."""
 
 TRAINER_PAD_INDEX: int = -100

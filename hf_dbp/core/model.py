@@ -11,7 +11,7 @@ plain = hf_dbp.merge_decorrelation(model)  # the original class, R folded in
 ```
 
 The model stays an instance of its own class, with the parameter names it had: each target layer becomes its
-decorrelated twin (`hf_dbp.decorrelation`), and each R is registered beside the layers that read it, as
+decorrelated twin (`hf_dbp.core.decorrelation`), and each R is registered beside the layers that read it, as
 `<parent>.<name>_decorrelation.R`. The model's config carries the `DecorrelationConfig` (with its resolved `groups`) as
 `config.decorrelation`, so every `save_pretrained`, Trainer checkpoint and `push_to_hub` carries it.
 """
@@ -21,193 +21,23 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import re
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
-from .config import ALL_LINEAR, CONFIG_ATTRIBUTE, DecorrelationConfig
+from .config import CONFIG_ATTRIBUTE, DecorrelationConfig
 from .decorrelation import (
     DECORRELATED_LAYERS,
     PLAIN_LAYERS,
     Decorrelation,
     RowSampler,
-    _input_width,
     decorrelation_module_name,
     inject_decorrelation,
-    is_patchifying,
 )
 from .decorrelation import decorrelation_step as _update_decorrelations
-from .mapping import EXCLUDE_MODULES, TARGET_MODULES
-
-_DECORRELATABLE = (nn.Linear, Conv1D, nn.Conv2d)
-
-
-def _matches(name: str, pattern: list[str] | str | None) -> bool:
-    if pattern is None:
-        return False
-    if isinstance(pattern, str):
-        return re.fullmatch(pattern, name) is not None
-    return any(name == p or name.endswith(f".{p}") for p in pattern)
-
-
-def _model_type(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "model_type", None)
-
-
-def _output_layer_names(model: nn.Module) -> set[str]:
-    """The dotted names of the model's output embeddings (LM head), which `"all-linear"` leaves alone."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return {name for name, module in model.named_modules() if head is not None and module is head}
-
-
-def _decoder_prefixes(model: nn.Module) -> list[str]:
-    """The names of the decoder of an encoder-decoder model, which `"all-linear"` leaves alone."""
-    config = getattr(model, "config", None)
-    get = getattr(model, "get_decoder", None)
-    if not getattr(config, "is_encoder_decoder", False) or not callable(get):
-        return []
-    with contextlib.suppress(Exception):
-        decoder = get()
-        return [name for name, module in model.named_modules() if module is decoder and name]
-    return []
-
-
-def target_layer_names(model: nn.Module, config: DecorrelationConfig) -> list[str]:
-    """The dotted names of the layers `config` selects in `model`, in module order (see `DecorrelationConfig`)."""
-    targets, excludes = config.target_modules, config.exclude_modules
-    model_type = _model_type(model)
-    if targets is None:
-        if model_type not in TARGET_MODULES:
-            raise ValueError(
-                f"hf_dbp has no default target modules for model type {model_type!r} ({type(model).__name__}); pass "
-                f"DecorrelationConfig(target_modules=[...]) (names, a regular expression or '{ALL_LINEAR}'). "
-                f"Defaults exist for: {sorted(TARGET_MODULES)}"
-            )
-        targets = TARGET_MODULES[model_type]
-        if excludes is None:
-            excludes = EXCLUDE_MODULES.get(model_type)
-    skipped = set()
-    if targets == ALL_LINEAR:
-        skipped = _output_layer_names(model)
-        prefixes = _decoder_prefixes(model)
-        skipped |= {n for n, _ in model.named_modules() if any(n == p or n.startswith(f"{p}.") for p in prefixes)}
-    names = []
-    for name, module in model.named_modules():
-        if isinstance(module, DECORRELATED_LAYERS):
-            raise ValueError(f"{type(model).__name__} is already decorrelated (layer {name!r}); call decorrelate once")
-        if not name or name in skipped or _matches(name, excludes):
-            continue
-        selected = isinstance(module, (nn.Linear, Conv1D)) if targets == ALL_LINEAR else _matches(name, targets)
-        if not selected:
-            continue
-        if not isinstance(module, _DECORRELATABLE):
-            if targets == ALL_LINEAR:
-                continue
-            raise ValueError(f"target module {name!r} ({type(module).__name__}) cannot be decorrelated: hf_dbp "
-                             "decorrelates nn.Linear, transformers' Conv1D and patchifying nn.Conv2d")  # fmt: skip
-        if isinstance(module, nn.Conv2d) and not is_patchifying(module):
-            raise ValueError(f"target module {name!r} is an nn.Conv2d that is not patchifying (kernel == stride, no "
-                             "padding or dilation, groups=1): its input rows overlap, and R cannot be folded into it")  # fmt: skip
-        names.append(name)
-    if not names:
-        raise ValueError(f"no layer of {type(model).__name__} matches target_modules={targets!r} "
-                         f"(exclude_modules={excludes!r})")  # fmt: skip
-    return names
-
-
-def example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A tiny input for `model` (from its `main_input_name` and config), to trace which layers read the same input."""
-    config = model.config
-    parameter = next(model.parameters())
-    device, dtype = parameter.device, parameter.dtype if parameter.is_floating_point() else torch.float32
-    name = getattr(model, "main_input_name", "input_ids")
-    generator = torch.Generator().manual_seed(0)
-    inputs: dict[str, torch.Tensor] = {}
-    if name == "input_ids":
-        vocab = getattr(config, "vocab_size", None) or 2
-        inputs[name] = torch.randint(0, vocab, (1, 8), generator=generator)
-    elif name == "pixel_values":
-        size = getattr(config, "image_size", 224)
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        channels = getattr(config, "num_channels", 3)
-        inputs[name] = torch.randn(1, channels, height, width, generator=generator)
-    elif name == "input_values":
-        inputs[name] = torch.randn(1, 16000, generator=generator)
-    elif name == "input_features":
-        frames = 2 * getattr(config, "max_source_positions", 1500)
-        inputs[name] = torch.randn(1, getattr(config, "num_mel_bins", 80), frames, generator=generator)
-    else:
-        raise ValueError(f"cannot build an example input {name!r} for {type(model).__name__}: pass example_inputs")
-    if getattr(config, "is_encoder_decoder", False):
-        start = getattr(config, "decoder_start_token_id", None) or 0
-        inputs["decoder_input_ids"] = torch.full((1, 2), start, dtype=torch.long)
-    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
-
-
-def _group_name(paths: list[str]) -> str:
-    """The name of the R that `paths` share: beside the first layer, named after all of them.
-
-    One layer keeps its own name (`mlp.fc1` -> `mlp.fc1_decorrelation`); several are named by their common parent
-    and the distinct parts of their names: `q_proj`, `k_proj`, `v_proj` -> `qkv`, `gate_proj`, `up_proj` -> `gate_up`,
-    `query`, `key`, `value` -> `query_key_value`.
-    """
-    parent = paths[0].rpartition(".")[0]
-    if len(paths) == 1:
-        return paths[0]
-    leaves = [p.rpartition(".")[2] for p in paths]
-    suffix = os.path.commonprefix([leaf[::-1] for leaf in leaves])[::-1]
-    suffix = suffix[suffix.find("_") :] if "_" in suffix else ""
-    stems = [leaf[: len(leaf) - len(suffix)] if suffix else leaf for leaf in leaves]
-    joined = "".join(stems) if all(len(s) == 1 for s in stems) else "_".join(stems)
-    return f"{parent}.{joined}" if parent else joined
-
-
-def plan_decorrelation(
-    model: nn.Module, config: DecorrelationConfig, inputs: Mapping[str, torch.Tensor] | None = None
-) -> dict[str, list[str]]:
-    """The groups `hf_dbp.decorrelate` would inject: each R's name and the target layers that read it.
-
-    Which targets share one R is found from the model, not from a list: one forward of `inputs` (default:
-    `example_inputs(model)`) in eval mode records the input tensor of every target, and targets that read the very
-    same tensor (q, k and v; gate and up of a gated MLP) share one R. A target the forward does not reach gets an R
-    of its own.
-    """
-    names = target_layer_names(model, config)
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in names:
-        def hook(module, args, name=name):
-            if name not in seen and args and isinstance(args[0], torch.Tensor):
-                seen[name] = args[0]  # the tensor itself, kept alive so that its identity stays unique
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(**(dict(inputs) if inputs is not None else example_inputs(model)))
-    except Exception as error:
-        raise ValueError(
-            f"could not run {type(model).__name__} on an example input to find which layers share an input "
-            f"({type(error).__name__}: {error}); pass example_inputs=... to decorrelate, or DecorrelationConfig(groups=...)"
-        ) from error
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    members: dict[int, list[str]] = {}
-    for name in names:
-        key = id(seen[name]) if name in seen else id(name)
-        members.setdefault(key, []).append(name)
-    widths_differ = [m for m in members.values() if len({_input_width(model.get_submodule(p)) for p in m}) > 1]
-    if widths_differ:
-        raise ValueError(f"layers {widths_differ[0]} read the same input but have different input widths")
-    return {_group_name(paths): paths for paths in members.values()}
+from .plan import plan_decorrelation
 
 
 def _inject(model: nn.Module, config: DecorrelationConfig) -> None:
@@ -293,7 +123,7 @@ def decorrelation_step(
     Given a model, `lr`, `kappa` and the variance form come from its `DecorrelationConfig` unless passed; `lr_scale`
     multiplies the lr (e.g. the weights' schedule factor). Given the `Decorrelation` modules themselves, `lr` and
     `kappa` are required. Other keyword arguments (`max_loss`, `on_divergence`, `process_group`) are those of
-    `hf_dbp.decorrelation.decorrelation_step`. Returns the mean decorrelation loss, or None if no forward ran.
+    `hf_dbp.core.decorrelation.decorrelation_step`. Returns the mean decorrelation loss, or None if no forward ran.
     """
     if isinstance(model, nn.Module):
         modules = decorrelation_modules(model)
@@ -414,9 +244,6 @@ __all__ = [
     "decorrelation_config_of",
     "decorrelation_modules",
     "decorrelation_step",
-    "example_inputs",
     "load_decorrelated",
     "merge_decorrelation",
-    "plan_decorrelation",
-    "target_layer_names",
 ]

@@ -16,8 +16,8 @@ DECORRELATION_LR_SCHEDULES = ("constant", "tied")
 
 @dataclass
 class DBPTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus how to measure the run's emissions (see `hf_dbp.emissions`) and the optimizer of the
-    hidden matrices (see `hf_dbp.optimizers`)."""
+    """`TrainingArguments` plus how to measure the run's emissions (see `hf_dbp.training.emissions`) and the optimizer of the
+    hidden matrices (see `hf_dbp.training.optimizers`)."""
 
     emissions_country: str | None = field(
         default=None,

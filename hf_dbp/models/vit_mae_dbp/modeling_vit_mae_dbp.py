@@ -1,7 +1,7 @@
 """ViTMAE with a decorrelated encoder (DBP-MAE).
 
 The model classes are transformers' ViTMAE classes with the encoder layers named by
-``config.decorrelation_layers`` wrapped by :func:`hf_dbp.decorrelation.inject_decorrelation`. Parameter names are
+``config.decorrelation_layers`` wrapped by :func:`hf_dbp.core.decorrelation.inject_decorrelation`. Parameter names are
 unchanged, so any plain ViTMAE checkpoint (5.x key layout or the older 4.x one) loads with R = identity and gives
 the plain model's outputs; the only new keys are the ``*_decorrelation.R`` matrices.
 """
@@ -14,8 +14,7 @@ from transformers import initialization as init
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoder, ViTMAEPreTrainedModel
 
-from .configuration_vit_mae_dbp import DBP_CONFIG_FIELDS, DECORRELATION_LAYER_KINDS, ViTMAEDBPConfig
-from .decorrelation import (
+from ...core.decorrelation import (
     Decorrelation,
     RowSampler,
     decorrelation_module_name,
@@ -23,6 +22,8 @@ from .decorrelation import (
     fold_decorrelation,
     inject_decorrelation,
 )
+from .configuration_vit_mae_dbp import DBP_CONFIG_FIELDS, DECORRELATION_LAYER_KINDS, ViTMAEDBPConfig
+from .remote_code import save_pretrained_with_remote_code
 
 # Seed of the generator that draws the rows used for R's statistics. It is separate from torch's global RNG so that
 # a DBP run and a BP run with the same seed draw the same masks.
@@ -30,7 +31,7 @@ STATISTICS_SEED = 0
 
 
 def vit_mae_decorrelation_groups(num_hidden_layers: int, kinds=DECORRELATION_LAYER_KINDS) -> dict[str, list[str]]:
-    """The plan for :func:`~hf_dbp.decorrelation.inject_decorrelation` on a ViTMAE encoder (a ``ViTMAEModel``).
+    """The plan for :func:`~hf_dbp.core.decorrelation.inject_decorrelation` on a ViTMAE encoder (a ``ViTMAEModel``).
 
     Maps each R's name to the layers that read its output; q, k and v read the same input and share one R.
     Paths follow transformers 5.x module names (``layers.N.attention.q_proj``, ``layers.N.mlp.fc1``, ...).
@@ -68,12 +69,9 @@ class ViTMAEDBPPreTrainedModel(ViTMAEPreTrainedModel):
     # The transformers class whose checkpoints this model loads and whose kind `merge_decorrelation` returns.
     _plain_class: type[ViTMAEPreTrainedModel]
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        # `register_for_auto_class` (in hf_dbp/__init__) marks our classes to be saved with their source files, for
-        # `trust_remote_code`. The mark is a class attribute: without this, a user's subclass would inherit it and
-        # save_pretrained would copy the subclass's own file as remote code. Each class is registered by its own call.
-        cls._auto_class = None
+    def save_pretrained(self, save_directory, **kwargs):
+        # With its code, flattened (see remote_code): transformers' copy cannot follow the imports of hf_dbp.core.
+        return save_pretrained_with_remote_code(self, super().save_pretrained, save_directory, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -83,7 +81,7 @@ class ViTMAEDBPPreTrainedModel(ViTMAEPreTrainedModel):
             init.eye_(module.R)
 
     def decorrelation_modules(self) -> list[Decorrelation]:
-        """Every :class:`~hf_dbp.decorrelation.Decorrelation` (one R each) of the encoder, in module order."""
+        """Every :class:`~hf_dbp.core.decorrelation.Decorrelation` (one R each) of the encoder, in module order."""
         return [m for m in self.modules() if isinstance(m, Decorrelation)]
 
     def decorrelation_step(
@@ -96,7 +94,7 @@ class ViTMAEDBPPreTrainedModel(ViTMAEPreTrainedModel):
         all processes are combined (one all-reduce), so every process ends with the same R. Call it after each
         optimizer step ([`DBPTrainer`] does). An update that would make R non-finite, or whose loss exceeds
         `max_loss`, is skipped (`on_divergence="skip"`, counted per module in `skipped_updates`) or raises
-        `hf_dbp.decorrelation.DecorrelationDiverged` (`"raise"`).
+        `hf_dbp.core.decorrelation.DecorrelationDiverged` (`"raise"`).
 
         Returns:
             The decorrelation loss averaged over the decorrelated layers, or `None` if no training forward ran.
@@ -130,6 +128,7 @@ class ViTMAEDBPModel(ViTMAEDBPPreTrainedModel, ViTMAEModel):
     """
 
     _plain_class = ViTMAEModel
+    _remote_code_auto_class = "AutoModel"  # saved with its code (see remote_code)
 
     def __init__(self, config: ViTMAEDBPConfig):
         super().__init__(config)
@@ -169,6 +168,7 @@ class ViTMAEDBPForPreTraining(ViTMAEDBPPreTrainedModel, ViTMAEForPreTraining):
     """
 
     _plain_class = ViTMAEForPreTraining
+    _remote_code_auto_class = "AutoModelForPreTraining"  # saved with its code (see remote_code)
 
     def __init__(self, config: ViTMAEDBPConfig):
         # Same as ViTMAEForPreTraining.__init__, with the decorrelated encoder in place of ViTMAEModel.

@@ -40,7 +40,7 @@ A class that is predicted but never in the reference has IoU 0 (it counts in mea
 count in mean_accuracy).
 
 Unlike `mean_iou`, this metric never reduces labels and knows nothing of an ignore index: build the confusion matrices
-from already-reduced labels and skip ignored pixels when you build them (see `hf_dbp.segmentation_metrics`).
+from already-reduced labels and skip ignored pixels when you build them (see `hf_dbp.tasks.segmentation.metrics`).
 """
 
 _KWARGS_DESCRIPTION = """

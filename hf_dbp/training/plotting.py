@@ -65,7 +65,7 @@ def plot_segmentation_examples(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .data import IMAGENET_MEAN, IMAGENET_STD
+    from ..tasks.image_data import IMAGENET_MEAN, IMAGENET_STD
 
     mean = np.asarray(mean or IMAGENET_MEAN)[:, None, None]
     std = np.asarray(std or IMAGENET_STD)[:, None, None]
