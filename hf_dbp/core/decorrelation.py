@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .collectives import combine_statistics
+
 
 def _in_backward_pass() -> bool:
     """True while autograd runs a backward pass, i.e. when gradient checkpointing re-runs a forward.
@@ -293,6 +295,24 @@ class Decorrelation(nn.Module):
         would make R non-finite, or that comes from a loss that is not finite or above ``max_loss`` (the statistics
         exploded), is refused: R stays as it was and ``skipped_updates`` counts it.
         """
+        loss, applied = self.update(second_moment, lr, kappa, max_loss, rows, variance_form)
+        loss, applied = torch.stack([loss, applied.to(loss.dtype)]).tolist()
+        self.skipped_updates += int(not applied)
+        return loss
+
+    @torch.no_grad()
+    def update(
+        self,
+        second_moment: torch.Tensor | None,
+        lr: float,
+        kappa: float,
+        max_loss: float = math.inf,
+        rows: torch.Tensor | None = None,
+        variance_form: str = "rows",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`apply_update` without reading the device: returns the loss and whether R was updated, as 0-d
+        tensors on R's device (``skipped_updates`` is left to the caller). The guard decides on the device, so a
+        step over many R reads the device once, for all of them (:func:`decorrelation_step`)."""
         if variance_form not in VARIANCE_FORMS:
             raise ValueError(f"variance_form must be one of {VARIANCE_FORMS}, got {variance_form!r}")
         R = self.R
@@ -306,16 +326,16 @@ class Decorrelation(nn.Module):
             squared_sum = torch.linalg.vector_norm(rows @ rows.t()) ** 2 / n**2  # ||z^T z||_F = ||z z^T||_F
         v = variance - 1.0  # mean over rows of (z*z - 1) is the diagonal of X minus one
         off_diagonal = squared_sum - variance.pow(2).sum()
-        loss = float(((1.0 - kappa) * off_diagonal + kappa * v.pow(2).sum()) / self.dim**2)
+        loss = ((1.0 - kappa) * off_diagonal + kappa * v.pow(2).sum()) / self.dim**2
         if lr == 0.0:
-            return loss
+            return loss, torch.ones((), dtype=torch.bool, device=R.device)
         # R - lr [(1 - kappa) (X - diag X) R + kappa diag(v) R]
         #   = diag(1 - lr (kappa v - (1 - kappa) diag X)) R - lr (1 - kappa) X R.
         # diag(v) @ R scales the rows of R, normalising the variance of each output z_i. The reference code's `v * R`
         # scales columns instead, R diag(v); the two agree only while R commutes with diag(v) (e.g. R diagonal, as at
         # the first step from R = I). A symmetric R is not enough.
         # One d x d temporary, written once and finished by a single fused GEMM (addmm_), then one pass to check it
-        # and one to copy it: the d x d passes, not the arithmetic, dominate the step of fc2's 3072 x 3072 R.
+        # and one to write it back: the d x d passes, not the arithmetic, dominate the step of fc2's 3072 x 3072 R.
         if variance_form == "rows":
             new_r = R * (1.0 - lr * (kappa * v - (1.0 - kappa) * variance))[:, None]
         else:  # R diag(v): one more d x d pass, scaling the columns
@@ -325,12 +345,11 @@ class Decorrelation(nn.Module):
             new_r.addmm_(second_moment, R, alpha=-lr * (1.0 - kappa))
         else:
             new_r.addmm_(rows.t(), rows @ R, alpha=-lr * (1.0 - kappa) / rows.shape[0])
-        # A sum is finite only if every entry is (NaN and inf propagate), and needs no d x d mask.
-        if math.isfinite(loss) and loss <= max_loss and bool(torch.isfinite(new_r.sum())):
-            R.copy_(new_r)
-        else:
-            self.skipped_updates += 1
-        return loss
+        # A sum is finite only if every entry is (NaN and inf propagate), and needs no d x d mask. The decision stays
+        # on the device (torch.where, not an `if`): no host sync per R.
+        applied = torch.isfinite(loss) & (loss <= max_loss) & torch.isfinite(new_r.sum())
+        torch.where(applied, new_r, R, out=R)
+        return loss, applied
 
 
 def _rebase(layer: nn.Module, cls: type, decorrelation: Decorrelation, record_statistics: bool) -> nn.Module:
@@ -702,14 +721,16 @@ def decorrelation_step(
 ) -> float | None:
     """Update every ``R`` from the statistics gathered since the last call, then clear them.
 
-    When ``torch.distributed`` is initialised, the statistics of all processes are summed first, in a single
-    all-reduce for all layers together, so every process applies the same update to the same ``R`` and the
-    ``R`` stay identical across processes (the guard below decides the same way on every process too). ``lr=0``
-    only measures.
+    When ``torch.distributed`` is initialised, the statistics of all processes are combined first (each layer's
+    rows, or the upper triangle of its z^T z, whichever the update needs: see :mod:`hf_dbp.core.collectives`), so
+    every process applies the same update to the same ``R`` and the ``R`` stay identical across processes (the guard
+    below decides the same way on every process too). ``lr=0`` only measures. The updates never wait for the device:
+    the step reads it once, at the end, for every layer's loss and guard decision together.
 
     Guard: an update that would make an ``R`` non-finite, or whose loss is not finite or above ``max_loss``, is
     skipped and counted in that module's ``skipped_updates`` (``on_divergence="skip"``), or raises
-    :class:`DecorrelationDiverged` (``"raise"``) so that a run can stop rather than go on.
+    :class:`DecorrelationDiverged` (``"raise"``, after the other layers were updated) so that a run can stop rather
+    than go on.
 
     ``variance_form``: see :data:`VARIANCE_FORMS`.
 
@@ -728,41 +749,41 @@ def decorrelation_step(
         # counter (sharded optimizers) and where R did not move (lr = 0).
         d.steps += 1
     reference = decorrelations[0].R
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    # Per layer: (count, second-moment sum or None, rows or None). One process: each layer updates from its own
-    # rows while they are the cheaper form. Several processes: the second-moment sums of all layers travel in one
-    # flat tensor, a single all-reduce for every layer, and each process takes the X @ R form alike.
+    # Per layer: (count, second-moment sum or None, rows or None). Each layer updates from its rows while they are
+    # the cheaper form (few rows: 2 n < d), else from z^T z; over several processes the same rule is applied to all
+    # processes' rows together, and only what that form needs travels (hf_dbp.core.collectives).
     statistics = []
     for d in decorrelations:
-        if distributed or not d.sampled_rows or d.sum_zz is not None:
-            statistics.append((float(d.num_rows), d.moment_sum(), None))
+        if d.sum_zz is not None:
+            statistics.append((d.num_rows, d.moment_sum(), None))
         else:
-            statistics.append((float(d.num_rows), None, torch.cat(d.sampled_rows)))
+            statistics.append((d.num_rows, None, torch.cat(d.sampled_rows) if d.sampled_rows else None))
         d.reset_statistics()
-    if distributed:
-        chunks = []
-        for d, (count, zz, _) in zip(decorrelations, statistics, strict=True):
-            zz = zz if zz is not None else torch.zeros(d.dim, d.dim, dtype=reference.dtype, device=reference.device)
-            chunks += [torch.tensor([count], dtype=reference.dtype, device=reference.device), zz.reshape(-1).to(reference.dtype)]
-        flat = torch.cat(chunks)
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=process_group)
-        statistics, offset = [], 0
-        for d in decorrelations:
-            statistics.append((float(flat[offset]), flat[offset + 1 : offset + 1 + d.dim**2].reshape(d.dim, d.dim), None))
-            offset += 1 + d.dim**2
-    losses = []
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        dims = [d.dim for d in decorrelations]
+        statistics = combine_statistics(dims, statistics, reference.device, reference.dtype, process_group)
+    # Every update stays on the device; the losses and the guard's decisions of all layers are read in one go.
+    results = []
     for d, (count, zz, rows) in zip(decorrelations, statistics, strict=True):
         if count > 0:
-            skipped = d.skipped_updates
-            loss = d.apply_update(
-                zz / count if zz is not None else None, lr, kappa, max_loss, rows=rows, variance_form=variance_form
-            )
-            if d.skipped_updates > skipped and on_divergence == "raise":
-                raise DecorrelationDiverged(
-                    f"the decorrelation update of a {d.dim}x{d.dim} R diverged (loss {loss:.3g}); R left unchanged"
-                )
-            if math.isfinite(loss):
-                losses.append(loss)
+            second_moment = zz / count if zz is not None else None
+            results.append((d, *d.update(second_moment, lr, kappa, max_loss, rows=rows, variance_form=variance_form)))
+    if not results:
+        return None
+    values = torch.stack([t.to(reference.dtype) for _, loss, applied in results for t in (loss, applied)]).tolist()
+    losses, diverged = [], []
+    for (d, _, _), loss, applied in zip(results, values[::2], values[1::2], strict=True):
+        if not applied:
+            d.skipped_updates += 1
+            diverged.append((d.dim, loss))
+        if math.isfinite(loss):
+            losses.append(loss)
+    if diverged and on_divergence == "raise":
+        dim, loss = diverged[0]
+        raise DecorrelationDiverged(
+            f"the decorrelation update of a {dim}x{dim} R diverged (loss {loss:.3g}); R left unchanged"
+            + (f" ({len(diverged)} R in all)" if len(diverged) > 1 else "")
+        )
     return sum(losses) / len(losses) if losses else None
 
 
