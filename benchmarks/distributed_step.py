@@ -137,6 +137,7 @@ def measure(name: str, args, world: int, rank: int) -> dict:
         "dbp_calls": [f"{kind} of {numel} x {size} B" for kind, numel, size in traffic.calls],
         "dbp_collective_s": round(statistics.median(sum(s) for s in seconds), 4),
         "dbp_collective_s_per_call": [round(statistics.median(s[i] for s in seconds), 4) for i in range(len(seconds[0]))],
+        "dbp_collective_s_per_step": [round(sum(s), 4) for s in seconds],
         "gradient_all_reduce_s": round(time_all_reduce(gradients), 4),
         "dbp_before_all_reduce_s": round(time_all_reduce(before), 4),
         "threads_per_process": torch.get_num_threads(), "full_step": args.full_step,

@@ -5,15 +5,17 @@ carry that exactly (no approximation, and the same R on every process):
 
 - the upper triangle of ``sum z^T z`` (it is symmetric: d (d + 1) / 2 numbers, not d^2), summed by one all-reduce
   over every layer that takes this form;
-- the rows themselves, where they are fewer numbers on the wire: P processes padded to the most rows m any of them
-  has, while P m < d (an all-gather sends (P - 1) m d numbers per process, a ring all-reduce of the triangle about
-  (P - 1) / P d^2). One all-gather for every such layer; every process concatenates the rows in rank order, so it
-  computes from the very same rows, and takes the update's rows form or forms z^T z from them by the rule one
-  process uses (:func:`takes_rows_form`). For fc2 of ViT-B/16 at the default batch (d = 3072, 320 rows per process)
-  that is 1 M numbers per process instead of 4.7 M (the triangle) or 9.4 M (the matrix).
+- the rows themselves, where they are fewer numbers: each process's rows padded to the most rows m any process has,
+  while P m < d by all-gather (it sends (P - 1) m d numbers per process, a ring all-reduce of the triangle about
+  (P - 1) / P d^2), or on gloo, whose all-gather is slow, in the all-reduce, in slots of their own (P m d numbers,
+  while 2 P m < d). Every process concatenates the rows in rank order, so it computes from the very same rows, and
+  takes the update's rows form or forms z^T z from them by the rule one process uses (:func:`takes_rows_form`).
+  For fc2 of ViT-B/16 at the default batch (d = 3072, 320 rows per process) that is 1 M numbers per process
+  (2 M in gloo's slots) instead of 4.7 M (the triangle) or 9.4 M (the matrix).
 
 Which form a layer takes depends on the row counts of all processes, exchanged first: a few integers, sent over a
-CPU (gloo) group so that no accelerator is read. The two collectives run concurrently (``async_op``).
+CPU (gloo) group so that no accelerator is read. All layers then travel in one all-reduce and (NCCL) one
+all-gather, run concurrently (``async_op``).
 """
 
 from __future__ import annotations
@@ -77,6 +79,13 @@ def _gather_counts(counts: list[int], group, device: torch.device) -> list[list[
     return gathered.reshape(world, len(counts)).tolist()
 
 
+def rows_by_all_gather(group=None) -> bool:
+    """How rows travel: by all-gather (NCCL and the others), or on gloo in the all-reduce, each process's rows in its
+    own slot of a zeroed buffer. gloo's all-gather is slow: on this project's 2-core machine it moved 20.6 M numbers
+    from each of 2 processes in 0.19-0.25 s, where its all-reduce of as many took 0.05 s (benchmarks/README.md)."""
+    return dist.get_backend(group) != "gloo"
+
+
 def combine_statistics(
     dims: list[int], local: list[Statistics], device: torch.device, dtype: torch.dtype, group=None
 ) -> list[Statistics]:
@@ -84,64 +93,69 @@ def combine_statistics(
 
     `dims[i]` is the width of layer i's R; `local[i]` holds its rows while they have not been folded into a sum on
     this process (see `Decorrelation.observe`), else its sum of z^T z (or neither, without rows). Every process
-    returns the same values, on `device` in `dtype` (R's); layers are combined in one all-gather (rows form) and one
-    all-reduce (triangle form).
+    returns the same values, on `device` in `dtype` (R's). All layers travel together: one all-reduce (the
+    triangles; on gloo the rows too) and, where rows travel by all-gather, one all-gather, concurrently.
     """
     counts = _gather_counts([count for count, _, _ in local], group, device)
     world = len(counts)
+    gather = rows_by_all_gather(group)
     totals = [sum(per_process[i] for per_process in counts) for i in range(len(local))]
     most = [max(per_process[i] for per_process in counts) for i in range(len(local))]
-    # Rows travel while fewer numbers than the triangle; strictly below d / P per process, so that no process has
-    # folded its rows into a sum (it does so at d / 2, Decorrelation.observe).
-    rows_form = [world * most[i] < dims[i] for i in range(len(local))]
+    # Rows travel where they are fewer numbers than the triangle: by all-gather P m d on the wire against about
+    # (P - 1) / P d^2 (P m < d); in all-reduce slots P m d against d (d + 1) / 2 (2 P m < d). Either bound keeps
+    # every process below d / 2 rows, where it would have folded them into a sum (Decorrelation.observe).
+    rows_form = [(1 if gather else 2) * world * most[i] < dims[i] for i in range(len(local))]
+    padded = [most[i] if rows_form[i] else 0 for i in range(len(local))]  # so that every process's chunk is alike
+    rank = dist.get_rank(group)
 
-    # Each process's rows padded to the most any process has, so that every chunk has one size.
-    padded = [most[i] if rows_form[i] else 0 for i in range(len(local))]
-    row_chunks = []
+    row_chunks, reduced_chunks = [], []
     for i, (count, zz, rows) in enumerate(local):
         if rows_form[i]:
-            if zz is not None:  # cannot happen: a process folds its rows only past d / 2 of them (observe)
+            if zz is not None:  # cannot happen, by the bound above
                 raise RuntimeError(f"a process folded the rows of a {dims[i]}-wide R that all processes send as rows")
-            chunk = torch.zeros(padded[i], dims[i], dtype=dtype, device=device)
+            chunk = torch.zeros(1 if gather else world, padded[i], dims[i], dtype=dtype, device=device)
             if count:
-                chunk[:count] = rows
-            row_chunks.append(chunk.reshape(-1))
-    triangle_chunks = []
-    for i, (_, zz, _) in enumerate(local):
+                chunk[0 if gather else rank, :count] = rows
+            (row_chunks if gather else reduced_chunks).append(chunk.reshape(-1))
+    for i, (_, zz, rows) in enumerate(local):
         if not rows_form[i]:
-            if zz is None:  # no rows on this process, or rows not yet folded into a sum
-                rows = local[i][2]
+            if zz is None:  # rows not folded into a sum yet, or no rows on this process
                 zz = rows.t() @ rows if rows is not None else torch.zeros(dims[i], dims[i], dtype=dtype, device=device)
-            triangle_chunks.append(upper_triangle(zz.to(dtype)))
+            reduced_chunks.append(upper_triangle(zz.to(dtype)))
 
     pending = []
     if row_chunks:
         flat_rows = torch.cat(row_chunks)
-        gathered_rows = flat_rows.new_empty(world * flat_rows.numel())
-        pending.append(_all_gather_single(gathered_rows, flat_rows, group=group, async_op=True))
-    if triangle_chunks:
-        flat_triangles = torch.cat(triangle_chunks)
-        pending.append(dist.all_reduce(flat_triangles, op=dist.ReduceOp.SUM, group=group, async_op=True))
+        gathered = flat_rows.new_empty(world * flat_rows.numel())
+        pending.append(_all_gather_single(gathered, flat_rows, group=group, async_op=True))
+    if reduced_chunks:
+        reduced = torch.cat(reduced_chunks)
+        pending.append(dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=group, async_op=True))
     for work in pending:
         work.wait()
-    if row_chunks:
-        gathered_rows = gathered_rows.reshape(world, -1)
+    gathered = gathered.reshape(world, -1) if row_chunks else None
 
     combined: list[Statistics] = []
-    row_offset = triangle_offset = 0
+    gathered_offset = reduced_offset = 0
     for i, dim in enumerate(dims):
         if rows_form[i]:
             size = padded[i] * dim
-            per_process = gathered_rows[:, row_offset : row_offset + size].reshape(world, padded[i], dim)
-            rows = torch.cat([per_process[r, : counts[r][i]] for r in range(world)])
+            if gather:
+                per_process = gathered[:, gathered_offset : gathered_offset + size].reshape(world, padded[i], dim)
+                gathered_offset += size
+            else:
+                per_process = reduced[reduced_offset : reduced_offset + world * size].reshape(world, padded[i], dim)
+                reduced_offset += world * size
+            rows = torch.cat([per_process[r, : counts[r][i]] for r in range(world)])  # in rank order, everywhere
             if takes_rows_form(totals[i], dim):
                 combined.append((totals[i], None, rows))
             else:  # the rows travelled as the fewer numbers, but X R is the cheaper update from this many
                 combined.append((totals[i], rows.t() @ rows, None))
-            row_offset += size
-        else:
+    for i, dim in enumerate(dims):
+        if not rows_form[i]:
             size = dim * (dim + 1) // 2
-            zz = symmetric_from_upper_triangle(flat_triangles[triangle_offset : triangle_offset + size], dim)
+            zz = symmetric_from_upper_triangle(reduced[reduced_offset : reduced_offset + size], dim)
             combined.append((totals[i], zz, None))
-            triangle_offset += size
-    return combined
+            reduced_offset += size
+    order = [i for i in range(len(dims)) if rows_form[i]] + [i for i in range(len(dims)) if not rows_form[i]]
+    return [statistics for _, statistics in sorted(zip(order, combined, strict=True), key=lambda pair: pair[0])]

@@ -75,6 +75,31 @@ else:
         return torch.empty(num_samples, dtype=torch.long, device="cpu")
 
 
+# On an accelerator the indices are drawn there: a CPU draw would be copied to the device in every decorrelated
+# forward, and a copy from pageable host memory waits for the device. The state stays the CPU generator's (so
+# checkpoints and resuming are unchanged): each draw takes one seed from it, on the host, and permutes on the device
+# with a generator seeded by it. Reproducible on one kind of device; a GPU draws other rows than the CPU.
+if hasattr(torch.ops, "hf_dbp") and hasattr(torch.ops.hf_dbp, "sample_rows_on_device"):
+    _sample_rows_on_device = torch.ops.hf_dbp.sample_rows_on_device
+else:
+
+    @torch.library.custom_op("hf_dbp::sample_rows_on_device", mutates_args=("generator_state",))
+    def _sample_rows_on_device(
+        like: torch.Tensor, num_rows: int, num_samples: int, generator_state: torch.Tensor
+    ) -> torch.Tensor:
+        """``num_samples`` distinct row indices out of ``num_rows``, on ``like``'s device; advances the state."""
+        generator = torch.Generator()
+        generator.set_state(generator_state)
+        seed = int(torch.randint(0, 2**62, (), generator=generator))  # a CPU tensor: no device is read
+        generator_state.copy_(generator.get_state())
+        device_generator = torch.Generator(device=like.device).manual_seed(seed)
+        return torch.randperm(num_rows, generator=device_generator, device=like.device)[:num_samples]
+
+    @_sample_rows_on_device.register_fake
+    def _(like: torch.Tensor, num_rows: int, num_samples: int, generator_state: torch.Tensor) -> torch.Tensor:
+        return torch.empty(num_samples, dtype=torch.long, device=like.device)
+
+
 class RowSampler:
     """A CPU random generator for the rows of R's statistics that ``torch.compile`` traces without a graph break.
 
@@ -106,9 +131,11 @@ class RowSampler:
     def set_state(self, state: torch.Tensor) -> None:
         self.state.copy_(state)
 
-    def sample(self, num_rows: int, num_samples: int) -> torch.Tensor:
-        """``num_samples`` distinct indices out of ``num_rows`` (a CPU long tensor)."""
-        return _sample_rows(num_rows, num_samples, self.state)
+    def sample(self, num_rows: int, num_samples: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        """``num_samples`` distinct indices out of ``num_rows``, a long tensor on ``like``'s device (default CPU)."""
+        if like is None or like.device.type == "cpu":
+            return _sample_rows(num_rows, num_samples, self.state)
+        return _sample_rows_on_device(like, num_rows, num_samples, self.state)
 
 
 _SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # torch.Generator -> its RowSampler
@@ -231,9 +258,9 @@ class Decorrelation(nn.Module):
         if self.sample_fraction < 1.0:
             k = max(1, round(n * self.sample_fraction))
             if self.generator is None:
-                index = torch.randperm(n)[:k].to(rows.device)
+                index = torch.randperm(n, device=rows.device)[:k]
             else:
-                index = self.generator.sample(n, k).to(rows.device)
+                index = self.generator.sample(n, k, like=rows)
             rows = rows.index_select(0, index)
         # Statistics and R stay in R's precision (float32) whatever autocast does to the forward.
         with torch.autocast(device_type=rows.device.type, enabled=False):
