@@ -2,6 +2,7 @@
 """What DBP's step sends between processes, against the gradients DDP all-reduces, and how long it takes.
 
     torchrun --nproc_per_node 2 benchmarks/distributed_step.py --models vit_b16 vit_l16    # the paper's sizes
+    torchrun --nproc_per_node 2 benchmarks/distributed_step.py --rows_by all_gather  # what NCCL would be sent
     torchrun --nproc_per_node 2 benchmarks/distributed_step.py --models demo --full_step     # the demo, DDP steps
 
 Per model: the encoder runs real training forwards (`--per_device_batch` images of 224 px per process, mask 0.75,
@@ -140,7 +141,7 @@ def measure(name: str, args, world: int, rank: int) -> dict:
         "dbp_collective_s_per_step": [round(sum(s), 4) for s in seconds],
         "gradient_all_reduce_s": round(time_all_reduce(gradients), 4),
         "dbp_before_all_reduce_s": round(time_all_reduce(before), 4),
-        "threads_per_process": torch.get_num_threads(), "full_step": args.full_step,
+        "threads_per_process": torch.get_num_threads(), "full_step": args.full_step, "rows_by": args.rows_by,
     }  # fmt: skip
     if args.full_step:
         result["median_step_s"] = round(statistics.median(step_seconds), 4)
@@ -156,12 +157,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--full_step", action="store_true", help="whole DDP training steps (the demo model)")
+    parser.add_argument("--rows_by", choices=["auto", "all_gather", "all_reduce"], default="auto",
+                        help="how rows travel: the backend's choice (gloo: all-reduce slots), or force one (to see on "
+                             "CPU processes what NCCL's all-gather sends)")  # fmt: skip
     parser.add_argument("--output", default=None, help="also write the JSON lines here (rank 0)")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo")
+    if args.rows_by != "auto":
+        collectives.rows_by_all_gather = lambda group=None: args.rows_by == "all_gather"
     lines = [json.dumps(measure(name, args, world, rank)) for name in args.models]
     if rank == 0:
         print("\n".join(lines), flush=True)

@@ -75,3 +75,18 @@ def test_fsdp_with_R_left_out_of_the_sharding_keeps_R_identical(tmp_path):
         assert torch.equal(a, b)
     assert any(not torch.equal(R, torch.eye(R.shape[0])) for R in ranks[0]["R"])
     assert "fsdp_ignored_modules: \".*_decorrelation\"" in (ROOT / "examples" / "accelerate_configs" / "fsdp.yaml").read_text()
+
+
+def test_distributed_step_benchmark_counts_what_dbp_sends(tmp_path):
+    """benchmarks/distributed_step.py on the demo model, 2 processes: real DDP steps, DBP's collectives intercepted."""
+    import json
+
+    output = tmp_path / "traffic.jsonl"
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(ROOT / "benchmarks" / "distributed_step.py"), "--models", "demo", "--full_step", "--per_device_batch", "8",
+         "--steps", "1", "--warmup", "0", "--output", str(output)], tmp_path)  # fmt: skip
+    result = json.loads(output.read_text())
+    assert result["model"] == "demo" and result["processes"] == 2 and result["matrices_R"] == 17
+    # 8 images x (1 + 16 visible) tokens x 0.1 = 14 rows per process on 96- and 384-wide R: rows, in gloo's slots.
+    assert result["dbp_calls"][0] == "all_gather of 17 x 8 B"  # the row counts
+    assert result["dbp_handed_ratio"] < 0.25 * result["dbp_before_ratio"]

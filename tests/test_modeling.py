@@ -369,7 +369,8 @@ def test_saved_checkpoint_loads_with_trust_remote_code_without_hf_dbp(tmp_path, 
     randomise_R(model, scale=0.1)
     model.save_pretrained(tmp_path / "ckpt")
     code = {p.name: p.read_text() for p in (tmp_path / "ckpt").glob("*.py")}
-    assert set(code) == {"modeling_vit_mae_dbp.py", "configuration_vit_mae_dbp.py", "config.py", "decorrelation.py", "remote_code.py"}
+    assert set(code) == {"modeling_vit_mae_dbp.py", "configuration_vit_mae_dbp.py", "config.py", "decorrelation.py",
+                         "collectives.py", "remote_code.py"}
     # hf_dbp's modules live in several packages; the checkpoint's copies import one another as siblings.
     assert not [line for text in code.values() for line in text.splitlines() if line.lstrip().startswith("from ..")]
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["auto_map"] == {

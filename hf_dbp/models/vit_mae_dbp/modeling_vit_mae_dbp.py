@@ -91,7 +91,7 @@ class ViTMAEDBPPreTrainedModel(ViTMAEPreTrainedModel):
 
         Uses `config.decorrelation_lr` (times `lr_scale`, e.g. the MAE schedule's current factor), `config.decorrelation_kappa`
         and `config.decorrelation_variance_form`. Under `torch.distributed` the statistics of
-        all processes are combined (one all-reduce), so every process ends with the same R. Call it after each
+        all processes are combined (hf_dbp.core.collectives), so every process ends with the same R. Call it after each
         optimizer step ([`DBPTrainer`] does). An update that would make R non-finite, or whose loss exceeds
         `max_loss`, is skipped (`on_divergence="skip"`, counted per module in `skipped_updates`) or raises
         `hf_dbp.core.decorrelation.DecorrelationDiverged` (`"raise"`).
