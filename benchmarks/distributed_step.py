@@ -4,6 +4,8 @@
     torchrun --nproc_per_node 2 benchmarks/distributed_step.py --models vit_b16 vit_l16    # the paper's sizes
     torchrun --nproc_per_node 2 benchmarks/distributed_step.py --rows_by all_gather  # what NCCL would be sent
     torchrun --nproc_per_node 2 benchmarks/distributed_step.py --models demo --full_step     # the demo, DDP steps
+    torchrun --nproc_per_node 2 benchmarks/distributed_step.py --models vit_b16 --full_step --per_device_batch 16 \
+        --overlap                                                      # and with the exchange during the backward
 
 Per model: the encoder runs real training forwards (`--per_device_batch` images of 224 px per process, mask 0.75,
 the project's default sample fraction 0.1), so that every R gathers exactly the statistics of a training step, then
@@ -21,6 +23,7 @@ exact, the seconds are this machine's. Prints one JSON line per model on rank 0 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -32,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hf_dbp import ViTMAEDBPConfig, ViTMAEDBPForPreTraining
 from hf_dbp.core import collectives
+from hf_dbp.core.decorrelation import begin_decorrelation_step
 
 MODELS = {
     "demo": dict(image_size=32, patch_size=4, hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -45,8 +49,9 @@ MODELS = {
 class Traffic:
     """Counts what each collective call of DBP's step is handed, and times the calls."""
 
-    def __init__(self, world: int) -> None:
+    def __init__(self, world: int, overlap: bool = False) -> None:
         self.world = world
+        self.overlap = overlap  # leave async collectives running (their time then shows in the step's)
         self.calls: list[tuple[str, int, int]] = []  # (kind, numel, bytes per element)
         self.call_seconds: list[float] = []
         self._gather, self._reduce = collectives._all_gather_single, dist.all_reduce
@@ -65,13 +70,21 @@ class Traffic:
         self.calls.append((kind, tensor.numel(), tensor.element_size()))
         start = time.perf_counter()
         work = function(*args, **kwargs)
-        if work is not None:  # async: its wait is timed here (waiting again later returns at once)
+        if work is not None and not self.overlap:  # async: its wait is timed here (a later wait returns at once)
             work.wait()
         self.call_seconds.append(time.perf_counter() - start)
         return work
 
     def __exit__(self, *exc):
         collectives._all_gather_single, dist.all_reduce = self._gather, self._reduce
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.__exit__()
+        try:
+            yield
+        finally:
+            self.__enter__()
 
     def handed_bytes(self) -> int:
         return sum(numel * size for _, numel, size in self.calls)
@@ -110,17 +123,23 @@ def measure(name: str, args, world: int, rank: int) -> dict:
     for step in range(args.warmup + args.steps):
         dist.barrier()
         start = time.perf_counter()
-        if args.full_step:
-            ddp(pixels).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            with torch.no_grad():
-                model.vit(pixels)  # the encoder's training forward: every R gathers a step's statistics
-        rows_per_process = [m.num_rows for m in modules]
-        dist.barrier()  # the collectives' time, not the wait for a process that is still in its forward
-        with Traffic(world) as traffic:
-            model.decorrelation_step()
+        pending = None
+        with Traffic(world, overlap=args.overlap) as traffic:
+            if args.full_step:
+                loss = ddp(pixels).loss
+                rows_per_process = [m.num_rows for m in modules]
+                if args.overlap:  # the exchange runs during the backward, as DBPTrainer does
+                    pending = begin_decorrelation_step(modules)
+                with traffic.paused():
+                    loss.backward()  # DDP's gradient all-reduce: not DBP's traffic
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                with torch.no_grad():
+                    model.vit(pixels)  # the encoder's training forward: every R gathers a step's statistics
+                rows_per_process = [m.num_rows for m in modules]
+                dist.barrier()  # the collectives' time, not the wait for a process that is still in its forward
+            model.decorrelation_step(pending=pending)
         if step >= args.warmup:
             handed.append(traffic.handed_bytes())
             wire.append(traffic.wire_bytes())
@@ -141,11 +160,13 @@ def measure(name: str, args, world: int, rank: int) -> dict:
         "dbp_collective_s_per_step": [round(sum(s), 4) for s in seconds],
         "gradient_all_reduce_s": round(time_all_reduce(gradients), 4),
         "dbp_before_all_reduce_s": round(time_all_reduce(before), 4),
-        "threads_per_process": torch.get_num_threads(), "full_step": args.full_step, "rows_by": args.rows_by,
+        "threads_per_process": torch.get_num_threads(), "full_step": args.full_step, "overlap": args.overlap,
+        "rows_by": args.rows_by,
     }  # fmt: skip
     if args.full_step:
         result["median_step_s"] = round(statistics.median(step_seconds), 4)
-        result["dbp_collective_share"] = round(result["dbp_collective_s"] / result["median_step_s"], 4)
+        if not args.overlap:
+            result["dbp_collective_share"] = round(result["dbp_collective_s"] / result["median_step_s"], 4)
     return result
 
 
@@ -156,7 +177,10 @@ def main() -> None:
     parser.add_argument("--sample_fraction", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--full_step", action="store_true", help="whole DDP training steps (the demo model)")
+    parser.add_argument("--full_step", action="store_true", help="whole DDP training steps")
+    parser.add_argument("--overlap", action="store_true",
+                        help="with --full_step: start DBP's exchange after the forward, so that it runs during the "
+                             "backward (what DBPTrainer does on several processes)")  # fmt: skip
     parser.add_argument("--rows_by", choices=["auto", "all_gather", "all_reduce"], default="auto",
                         help="how rows travel: the backend's choice (gloo: all-reduce slots), or force one (to see on "
                              "CPU processes what NCCL's all-gather sends)")  # fmt: skip

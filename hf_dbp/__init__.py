@@ -22,6 +22,7 @@ from .core.decorrelation import (
     inject_decorrelation,
 )
 from .core.model import (
+    begin_decorrelation_step,
     decorrelate,
     decorrelation_config_of,
     decorrelation_step,
@@ -89,6 +90,7 @@ __all__ = [
     "ViTMAEDBPForPreTraining",
     "ViTMAEDBPModel",
     "ViTMAEDBPPreTrainedModel",
+    "begin_decorrelation_step",
     "decorrelate",
     "decorrelation_config_of",
     "decorrelation_step",

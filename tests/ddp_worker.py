@@ -13,6 +13,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainingArguments
 
+import hf_dbp.training.trainer
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
 
 logging.basicConfig(level=logging.WARNING)
@@ -36,6 +37,10 @@ def record(module, args):
 
 
 layer.register_forward_pre_hook(record)
+# The exchange of each step's statistics starts after its last micro-batch's forward (DBPTrainer's overlap).
+begun = []
+_begin = hf_dbp.training.trainer.begin_decorrelation_step
+hf_dbp.training.trainer.begin_decorrelation_step = lambda modules: begun.append(trainer.state.global_step) or _begin(modules)
 data = Dataset.from_dict({"pixel_values": torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1)).numpy()})
 args = TrainingArguments(
     output_dir=output_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
@@ -44,6 +49,6 @@ args = TrainingArguments(
 )
 trainer = DBPTrainer(model=model, args=args, train_dataset=data.with_format("torch"), track_emissions=False)
 trainer.train()
-torch.save({"rows": rows, "R": model.vit.layers[0].attention.qkv_decorrelation.R.clone(),
+torch.save({"rows": rows, "begun": begun, "R": model.vit.layers[0].attention.qkv_decorrelation.R.clone(),
             "losses": [r["decorrelation_loss"] for r in trainer.state.log_history if "decorrelation_loss" in r]},
            os.path.join(output_dir, f"rank{rank}.pt"))  # fmt: skip

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from hf_dbp.core import collectives
 from hf_dbp.core.collectives import symmetric_from_upper_triangle, upper_triangle
-from hf_dbp.core.decorrelation import Decorrelation, decorrelation_step
+from hf_dbp.core.decorrelation import Decorrelation, begin_decorrelation_step, decorrelation_step
 
 WIDTHS = {"wide": 64, "middle": 24, "narrow": 6, "idle_on_one": 40, "idle": 8}
 LR, KAPPA = 0.1, 0.2
@@ -89,7 +89,8 @@ def _worker(rank: int, world: int, port: int, results) -> None:
     try:
         out = {}
         # Both ways rows travel: by all-gather (what NCCL gets) and in all-reduce slots (gloo's own choice).
-        for transport in ("all_gather", "all_reduce"):
+        # And "begun": gloo's way, with the exchange started before the step (begin_decorrelation_step).
+        for transport in ("all_gather", "all_reduce", "begun"):
             collectives.rows_by_all_gather = lambda group=None, _t=transport: _t == "all_gather"
             modules = {name: Decorrelation(width, sample_fraction=1.0).double() for name, width in WIDTHS.items()}
             reads, per_step_sent = [], []
@@ -100,7 +101,8 @@ def _worker(rank: int, world: int, port: int, results) -> None:
                         module.observe(rows)  # z = R x of these rows, with this process's R
                 sent.clear()
                 with Reads() as counter:
-                    decorrelation_step(list(modules.values()), lr=LR, kappa=KAPPA)
+                    pending = begin_decorrelation_step(modules.values()) if transport == "begun" else None
+                    decorrelation_step(list(modules.values()), lr=LR, kappa=KAPPA, pending=pending)
                 reads.append(counter.callers)
                 per_step_sent.append(list(sent))
             out[transport] = {"R": {n: m.R.clone() for n, m in modules.items()}, "reads": reads, "sent": per_step_sent}
@@ -118,7 +120,7 @@ def two_processes():
     return dict(results)
 
 
-TRANSPORTS = ("all_gather", "all_reduce")
+TRANSPORTS = ("all_gather", "all_reduce", "begun")
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -156,6 +158,7 @@ EXPECTED_SENT = {
         ("all_reduce", 2 * 9 * WIDTHS["wide"] + 2 * 5 * WIDTHS["idle_on_one"] + triangle("middle") + triangle("narrow")),
     ],
 }
+EXPECTED_SENT["begun"] = EXPECTED_SENT["all_reduce"]
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -177,6 +180,20 @@ def test_the_step_reads_the_device_once(two_processes, transport):
     for rank in (0, 1):
         for callers in two_processes[rank][transport]["reads"]:
             assert sorted(callers) == ["_gather_counts", "decorrelation_step"], callers
+
+
+def test_a_begun_exchange_gives_the_same_R_bitwise(two_processes):
+    for name in WIDTHS:
+        assert torch.equal(two_processes[0]["begun"]["R"][name], two_processes[0]["all_reduce"]["R"][name])
+
+
+def test_statistics_gathered_after_the_exchange_began_are_refused():
+    module = Decorrelation(8, sample_fraction=1.0)
+    module.observe(torch.randn(3, 8))
+    pending = begin_decorrelation_step([module])
+    module.observe(torch.randn(3, 8))  # a forward after the step's last one
+    with pytest.raises(RuntimeError, match="after begin_decorrelation_step"):
+        decorrelation_step([module], lr=0.1, kappa=0.1, pending=pending)
 
 
 def test_one_process_reads_once_for_any_number_of_layers():

@@ -41,6 +41,7 @@ def test_torchrun_ddp_ranks_end_with_the_same_R_computed_from_all_ranks_rows(tmp
     # Each rank ran 3 optimizer steps of 2 micro-batches on different images.
     for result in results:
         assert [step for step, _ in result["rows"]] == [0, 0, 1, 1, 2, 2]
+        assert result["begun"] == [0, 1, 2]  # after each step's second (last) micro-batch, before its backward
     assert not torch.equal(results[0]["rows"][0][1], results[1]["rows"][0][1])
     R = torch.eye(24, dtype=torch.float64)
     for step in range(3):

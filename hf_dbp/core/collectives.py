@@ -86,76 +86,86 @@ def rows_by_all_gather(group=None) -> bool:
     return dist.get_backend(group) != "gloo"
 
 
-def combine_statistics(
-    dims: list[int], local: list[Statistics], device: torch.device, dtype: torch.dtype, group=None
-) -> list[Statistics]:
-    """The statistics of all processes in `group`, per layer, from this process's `local` ones.
+class StatisticsExchange:
+    """The statistics of all processes in `group`, per layer, being combined from this process's `local` ones.
+
+    Constructing it exchanges the row counts and starts the collectives (asynchronously); `wait()` returns the
+    combined statistics. In between, the process can go on (its backward: `begin_decorrelation_step`).
 
     `dims[i]` is the width of layer i's R; `local[i]` holds its rows while they have not been folded into a sum on
     this process (see `Decorrelation.observe`), else its sum of z^T z (or neither, without rows). Every process
-    returns the same values, on `device` in `dtype` (R's). All layers travel together: one all-reduce (the
-    triangles; on gloo the rows too) and, where rows travel by all-gather, one all-gather, concurrently.
+    gets the same values, on `device` in `dtype` (R's). All layers travel together: one all-reduce (the triangles;
+    on gloo the rows too) and, where rows travel by all-gather, one all-gather, concurrently.
     """
-    counts = _gather_counts([count for count, _, _ in local], group, device)
-    world = len(counts)
-    gather = rows_by_all_gather(group)
-    totals = [sum(per_process[i] for per_process in counts) for i in range(len(local))]
-    most = [max(per_process[i] for per_process in counts) for i in range(len(local))]
-    # Rows travel where they are fewer numbers than the triangle: by all-gather P m d on the wire against about
-    # (P - 1) / P d^2 (P m < d); in all-reduce slots P m d against d (d + 1) / 2 (2 P m < d). Either bound keeps
-    # every process below d / 2 rows, where it would have folded them into a sum (Decorrelation.observe).
-    rows_form = [(1 if gather else 2) * world * most[i] < dims[i] for i in range(len(local))]
-    padded = [most[i] if rows_form[i] else 0 for i in range(len(local))]  # so that every process's chunk is alike
-    rank = dist.get_rank(group)
 
-    row_chunks, reduced_chunks = [], []
-    for i, (count, zz, rows) in enumerate(local):
-        if rows_form[i]:
-            if zz is not None:  # cannot happen, by the bound above
-                raise RuntimeError(f"a process folded the rows of a {dims[i]}-wide R that all processes send as rows")
-            chunk = torch.zeros(1 if gather else world, padded[i], dims[i], dtype=dtype, device=device)
-            if count:
-                chunk[0 if gather else rank, :count] = rows
-            (row_chunks if gather else reduced_chunks).append(chunk.reshape(-1))
-    for i, (_, zz, rows) in enumerate(local):
-        if not rows_form[i]:
-            if zz is None:  # rows not folded into a sum yet, or no rows on this process
-                zz = rows.t() @ rows if rows is not None else torch.zeros(dims[i], dims[i], dtype=dtype, device=device)
-            reduced_chunks.append(upper_triangle(zz.to(dtype)))
+    def __init__(
+        self, dims: list[int], local: list[Statistics], device: torch.device, dtype: torch.dtype, group=None
+    ) -> None:
+        counts = _gather_counts([count for count, _, _ in local], group, device)
+        world = len(counts)
+        gather = rows_by_all_gather(group)
+        totals = [sum(per_process[i] for per_process in counts) for i in range(len(local))]
+        most = [max(per_process[i] for per_process in counts) for i in range(len(local))]
+        # Rows travel where they are fewer numbers than the triangle: by all-gather P m d on the wire against about
+        # (P - 1) / P d^2 (P m < d); in all-reduce slots P m d against d (d + 1) / 2 (2 P m < d). Either bound keeps
+        # every process below d / 2 rows, where it would have folded them into a sum (Decorrelation.observe).
+        rows_form = [(1 if gather else 2) * world * most[i] < dims[i] for i in range(len(local))]
+        padded = [most[i] if rows_form[i] else 0 for i in range(len(local))]  # so that every process's chunk is alike
+        rank = dist.get_rank(group)
 
-    pending = []
-    if row_chunks:
-        flat_rows = torch.cat(row_chunks)
-        gathered = flat_rows.new_empty(world * flat_rows.numel())
-        pending.append(_all_gather_single(gathered, flat_rows, group=group, async_op=True))
-    if reduced_chunks:
-        reduced = torch.cat(reduced_chunks)
-        pending.append(dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=group, async_op=True))
-    for work in pending:
-        work.wait()
-    gathered = gathered.reshape(world, -1) if row_chunks else None
+        row_chunks, reduced_chunks = [], []
+        for i, (count, zz, rows) in enumerate(local):
+            if rows_form[i]:
+                if zz is not None:  # cannot happen, by the bound above
+                    raise RuntimeError(f"a process folded the rows of a {dims[i]}-wide R that all processes send as rows")
+                chunk = torch.zeros(1 if gather else world, padded[i], dims[i], dtype=dtype, device=device)
+                if count:
+                    chunk[0 if gather else rank, :count] = rows
+                (row_chunks if gather else reduced_chunks).append(chunk.reshape(-1))
+        for i, (_, zz, rows) in enumerate(local):
+            if not rows_form[i]:
+                if zz is None:  # rows not folded into a sum yet, or no rows on this process
+                    zz = rows.t() @ rows if rows is not None else torch.zeros(dims[i], dims[i], dtype=dtype, device=device)
+                reduced_chunks.append(upper_triangle(zz.to(dtype)))
 
-    combined: list[Statistics] = []
-    gathered_offset = reduced_offset = 0
-    for i, dim in enumerate(dims):
-        if rows_form[i]:
-            size = padded[i] * dim
-            if gather:
-                per_process = gathered[:, gathered_offset : gathered_offset + size].reshape(world, padded[i], dim)
-                gathered_offset += size
-            else:
-                per_process = reduced[reduced_offset : reduced_offset + world * size].reshape(world, padded[i], dim)
-                reduced_offset += world * size
-            rows = torch.cat([per_process[r, : counts[r][i]] for r in range(world)])  # in rank order, everywhere
-            if takes_rows_form(totals[i], dim):
-                combined.append((totals[i], None, rows))
-            else:  # the rows travelled as the fewer numbers, but X R is the cheaper update from this many
-                combined.append((totals[i], rows.t() @ rows, None))
-    for i, dim in enumerate(dims):
-        if not rows_form[i]:
-            size = dim * (dim + 1) // 2
-            zz = symmetric_from_upper_triangle(reduced[reduced_offset : reduced_offset + size], dim)
-            combined.append((totals[i], zz, None))
-            reduced_offset += size
-    order = [i for i in range(len(dims)) if rows_form[i]] + [i for i in range(len(dims)) if not rows_form[i]]
-    return [statistics for _, statistics in sorted(zip(order, combined, strict=True), key=lambda pair: pair[0])]
+        self._work = []
+        self._gathered = self._reduced = None
+        if row_chunks:
+            flat_rows = torch.cat(row_chunks)
+            self._gathered = flat_rows.new_empty(world * flat_rows.numel())
+            self._work.append(_all_gather_single(self._gathered, flat_rows, group=group, async_op=True))
+        if reduced_chunks:
+            self._reduced = torch.cat(reduced_chunks)
+            self._work.append(dist.all_reduce(self._reduced, op=dist.ReduceOp.SUM, group=group, async_op=True))
+        self._layout = (dims, counts, totals, rows_form, padded, gather)
+
+    def wait(self) -> list[Statistics]:
+        for work in self._work:
+            work.wait()
+        dims, counts, totals, rows_form, padded, gather = self._layout
+        world = len(counts)
+        gathered = self._gathered.reshape(world, -1) if self._gathered is not None else None
+        reduced = self._reduced
+        combined: dict[int, Statistics] = {}
+        gathered_offset = reduced_offset = 0
+        for i, dim in enumerate(dims):
+            if rows_form[i]:
+                size = padded[i] * dim
+                if gather:
+                    per_process = gathered[:, gathered_offset : gathered_offset + size].reshape(world, padded[i], dim)
+                    gathered_offset += size
+                else:
+                    per_process = reduced[reduced_offset : reduced_offset + world * size].reshape(world, padded[i], dim)
+                    reduced_offset += world * size
+                rows = torch.cat([per_process[r, : counts[r][i]] for r in range(world)])  # in rank order, everywhere
+                if takes_rows_form(totals[i], dim):
+                    combined[i] = (totals[i], None, rows)
+                else:  # the rows travelled as the fewer numbers, but X R is the cheaper update from this many
+                    combined[i] = (totals[i], rows.t() @ rows, None)
+        for i, dim in enumerate(dims):
+            if not rows_form[i]:
+                size = dim * (dim + 1) // 2
+                zz = symmetric_from_upper_triangle(reduced[reduced_offset : reduced_offset + size], dim)
+                combined[i] = (totals[i], zz, None)
+                reduced_offset += size
+        return [combined[i] for i in range(len(dims))]

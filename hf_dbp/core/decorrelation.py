@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .collectives import combine_statistics
+from .collectives import StatisticsExchange
 
 
 def _in_backward_pass() -> bool:
@@ -736,6 +736,50 @@ class DecorrelationDiverged(FloatingPointError):
     """Raised by :func:`decorrelation_step` with ``on_divergence="raise"`` instead of skipping an update."""
 
 
+class PendingStatistics:
+    """The statistics of a step, taken out of the modules and (over several processes) being combined."""
+
+    def __init__(self, decorrelations: list[Decorrelation], statistics, exchange=None) -> None:
+        self.decorrelations = decorrelations
+        self._statistics = statistics
+        self._exchange = exchange
+
+    def wait(self) -> list:
+        """Per module: (row count, sum of z^T z or None, rows or None), over all processes."""
+        if self._exchange is not None:
+            self._statistics, self._exchange = self._exchange.wait(), None
+        return self._statistics
+
+
+@torch.no_grad()
+def begin_decorrelation_step(decorrelations: Iterable[Decorrelation], process_group=None) -> PendingStatistics:
+    """Take the statistics gathered since the last step out of the modules and, under ``torch.distributed``, start
+    combining them across processes; pass the result to :func:`decorrelation_step` as ``pending``.
+
+    Called after the last forward of an optimizer step (its last gradient-accumulation micro-batch), the exchange
+    runs while the backward and the optimizer step do, off the critical path (:class:`DBPTrainer` does this). Every
+    process must call it at the same point, as any collective. Forwards between the two calls must not gather
+    statistics (the step refuses them).
+    """
+    decorrelations = list(decorrelations)
+    # Per layer: (count, second-moment sum or None, rows or None). Each layer updates from its rows while they are
+    # the cheaper form (few rows: 2 n < d), else from z^T z; over several processes the same rule is applied to all
+    # processes' rows together, and only what that form needs travels (hf_dbp.core.collectives).
+    statistics = []
+    for d in decorrelations:
+        if d.sum_zz is not None:
+            statistics.append((d.num_rows, d.moment_sum(), None))
+        else:
+            statistics.append((d.num_rows, None, torch.cat(d.sampled_rows) if d.sampled_rows else None))
+        d.reset_statistics()
+    if not (decorrelations and torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return PendingStatistics(decorrelations, statistics)
+    reference = decorrelations[0].R
+    exchange = StatisticsExchange([d.dim for d in decorrelations], statistics, reference.device, reference.dtype,
+                                  process_group)  # fmt: skip
+    return PendingStatistics(decorrelations, statistics=None, exchange=exchange)
+
+
 @torch.no_grad()
 def decorrelation_step(
     decorrelations: Iterable[Decorrelation],
@@ -745,8 +789,12 @@ def decorrelation_step(
     max_loss: float = 1e6,
     on_divergence: str = "skip",
     variance_form: str = "rows",
+    pending: PendingStatistics | None = None,
 ) -> float | None:
     """Update every ``R`` from the statistics gathered since the last call, then clear them.
+
+    ``pending``: what :func:`begin_decorrelation_step` returned for these modules after the step's last forward, so
+    that the exchange between processes ran during the backward and the optimizer step.
 
     When ``torch.distributed`` is initialised, the statistics of all processes are combined first (each layer's
     rows, or the upper triangle of its z^T z, whichever the update needs: see :mod:`hf_dbp.core.collectives`), so
@@ -776,19 +824,13 @@ def decorrelation_step(
         # counter (sharded optimizers) and where R did not move (lr = 0).
         d.steps += 1
     reference = decorrelations[0].R
-    # Per layer: (count, second-moment sum or None, rows or None). Each layer updates from its rows while they are
-    # the cheaper form (few rows: 2 n < d), else from z^T z; over several processes the same rule is applied to all
-    # processes' rows together, and only what that form needs travels (hf_dbp.core.collectives).
-    statistics = []
-    for d in decorrelations:
-        if d.sum_zz is not None:
-            statistics.append((d.num_rows, d.moment_sum(), None))
-        else:
-            statistics.append((d.num_rows, None, torch.cat(d.sampled_rows) if d.sampled_rows else None))
-        d.reset_statistics()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        dims = [d.dim for d in decorrelations]
-        statistics = combine_statistics(dims, statistics, reference.device, reference.dtype, process_group)
+    if pending is None:
+        pending = begin_decorrelation_step(decorrelations, process_group)
+    elif pending.decorrelations != decorrelations:
+        raise ValueError("decorrelation_step was given the pending exchange of other modules")
+    elif any(d.num_rows for d in decorrelations):
+        raise RuntimeError("statistics were gathered after begin_decorrelation_step; call it after the last forward")
+    statistics = pending.wait()
     # Every update stays on the device; the losses and the guard's decisions of all layers are read in one go.
     results = []
     for d, (count, zz, rows) in zip(decorrelations, statistics, strict=True):

@@ -32,10 +32,12 @@ from .decorrelation import (
     DECORRELATED_LAYERS,
     PLAIN_LAYERS,
     Decorrelation,
+    PendingStatistics,
     RowSampler,
     decorrelation_module_name,
     inject_decorrelation,
 )
+from .decorrelation import begin_decorrelation_step as _begin_update
 from .decorrelation import decorrelation_step as _update_decorrelations
 from .plan import plan_decorrelation
 
@@ -122,7 +124,8 @@ def decorrelation_step(
 
     Given a model, `lr`, `kappa` and the variance form come from its `DecorrelationConfig` unless passed; `lr_scale`
     multiplies the lr (e.g. the weights' schedule factor). Given the `Decorrelation` modules themselves, `lr` and
-    `kappa` are required. Other keyword arguments (`max_loss`, `on_divergence`, `process_group`) are those of
+    `kappa` are required. Other keyword arguments (`max_loss`, `on_divergence`, `process_group`, `pending` from
+    `begin_decorrelation_step`) are those of
     `hf_dbp.core.decorrelation.decorrelation_step`. Returns the mean decorrelation loss, or None if no forward ran.
     """
     if isinstance(model, nn.Module):
@@ -140,6 +143,22 @@ def decorrelation_step(
         if lr is None or kappa is None:
             raise ValueError("decorrelation_step of Decorrelation modules needs lr and kappa")
     return _update_decorrelations(modules, lr * lr_scale, kappa, **kwargs)
+
+
+def begin_decorrelation_step(model: nn.Module | Iterable[Decorrelation], process_group=None) -> PendingStatistics:
+    """Start the next `decorrelation_step` of `model` early: after the forward of an optimizer step's last
+    micro-batch, so that over several processes the statistics travel while the backward runs. Pass the result as
+    `decorrelation_step(model, pending=...)`:
+
+    ```python
+    loss = model(**batch).loss
+    pending = hf_dbp.begin_decorrelation_step(model)
+    loss.backward(); optimizer.step(); optimizer.zero_grad()
+    hf_dbp.decorrelation_step(model, pending=pending)
+    ```
+    """
+    modules = decorrelation_modules(model) if isinstance(model, nn.Module) else list(model)
+    return _begin_update(modules, process_group)
 
 
 @contextlib.contextmanager
@@ -240,6 +259,7 @@ def merge_decorrelation(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 
 __all__ = [
+    "begin_decorrelation_step",
     "decorrelate",
     "decorrelation_config_of",
     "decorrelation_modules",

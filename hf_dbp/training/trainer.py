@@ -17,7 +17,9 @@ from ..core.config import CONFIG_ATTRIBUTE, DecorrelationConfig
 from ..core.decorrelation import (
     Decorrelation,
     DecorrelationMonitor,
+    PendingStatistics,
     RowSampler,
+    begin_decorrelation_step,
     decorrelation_matrices,
     decorrelation_step,
     drop_decorrelation_matrices,
@@ -161,6 +163,7 @@ class DBPTrainer(Trainer):
         if "labels" not in inspect.signature(self.accelerator.unwrap_model(self.model).forward).parameters:
             self.can_return_loss = True
         self._decorrelation_losses: list[float] = []
+        self._pending_statistics: PendingStatistics | None = None
         self._clock_start: float | None = None
         self._seconds_in_evaluation = 0.0
         self._evaluation_start: float | None = None
@@ -269,19 +272,33 @@ class DBPTrainer(Trainer):
         logger.info("Loading the best model from %s (score: %s)", self.state.best_model_checkpoint, self.state.best_metric)
         self._load_weights_from(self.state.best_model_checkpoint)
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        # After the forward of a step's last micro-batch every statistic of the step exists: over several processes
+        # their exchange starts now and runs during the backward and the optimizer step (hf_dbp.core.collectives).
+        if model.training and self.accelerator.sync_gradients and self._overlaps_exchange():
+            self._pending_statistics = begin_decorrelation_step(self._decorrelation_modules())
+        return result
+
+    def _overlaps_exchange(self) -> bool:
+        # Not with fp16's grad scaler: a step it skips keeps its statistics for the next step (on_optimizer_step).
+        return (self.accelerator.num_processes > 1 and getattr(self.args, "decorrelation_overlap", True)
+                and not self.args.fp16 and bool(self._decorrelation_modules()))  # fmt: skip
+
     def _decorrelation_modules(self) -> list[Decorrelation]:
         if self._monitor is not None:
             return list(self._monitor.decorrelations.values())
         return decorrelation_modules(self.model)
 
     def _decorrelation_update(self) -> None:
+        pending, self._pending_statistics = self._pending_statistics, None
         if self._monitor is not None:
-            loss = decorrelation_step(self._decorrelation_modules(), lr=0.0, kappa=self._kappa)
+            loss = decorrelation_step(self._decorrelation_modules(), lr=0.0, kappa=self._kappa, pending=pending)
         else:
             config = decorrelation_config_of(self.model)  # read at every step: a change of the config applies at once
             loss = decorrelation_step(
                 self._decorrelation_modules(), config.lr * self._decorrelation_lr_scale(), config.kappa,
-                variance_form=config.variance_form, **self._guard,
+                variance_form=config.variance_form, pending=pending, **self._guard,
             )  # fmt: skip
         if loss is not None:
             self._decorrelation_losses.append(loss)

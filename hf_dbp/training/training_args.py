@@ -48,6 +48,13 @@ class DBPTrainingArguments(TrainingArguments):
                   "--lr_scheduler_type).", "choices": list(DECORRELATION_LR_SCHEDULES)},
     )  # fmt: skip
 
+    decorrelation_overlap: bool = field(
+        default=True,
+        metadata={"help": "Over several processes, start exchanging the decorrelation statistics after the forward of "
+                  "each step's last micro-batch, so that it runs during the backward (off under --fp16, whose grad "
+                  "scaler can skip steps)."},
+    )  # fmt: skip
+
     def __post_init__(self):
         # Launched as several processes (accelerate, torchrun) on a machine without GPUs, accelerate treats every
         # process as a separate single-process run unless told to use the CPU; with use_cpu they form one DDP group

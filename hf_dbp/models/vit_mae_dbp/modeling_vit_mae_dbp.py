@@ -85,7 +85,7 @@ class ViTMAEDBPPreTrainedModel(ViTMAEPreTrainedModel):
         return [m for m in self.modules() if isinstance(m, Decorrelation)]
 
     def decorrelation_step(
-        self, max_loss: float = 1e6, on_divergence: str = "skip", lr_scale: float = 1.0
+        self, max_loss: float = 1e6, on_divergence: str = "skip", lr_scale: float = 1.0, pending=None
     ) -> float | None:
         """Update every R from the statistics of the training-mode forwards since the last call, then clear them.
 
@@ -94,7 +94,9 @@ class ViTMAEDBPPreTrainedModel(ViTMAEPreTrainedModel):
         all processes are combined (hf_dbp.core.collectives), so every process ends with the same R. Call it after each
         optimizer step ([`DBPTrainer`] does). An update that would make R non-finite, or whose loss exceeds
         `max_loss`, is skipped (`on_divergence="skip"`, counted per module in `skipped_updates`) or raises
-        `hf_dbp.core.decorrelation.DecorrelationDiverged` (`"raise"`).
+        `hf_dbp.core.decorrelation.DecorrelationDiverged` (`"raise"`). `pending`: what
+        `hf_dbp.core.decorrelation.begin_decorrelation_step(self.decorrelation_modules())` returned after the step's
+        last forward (the exchange between processes then ran during the backward).
 
         Returns:
             The decorrelation loss averaged over the decorrelated layers, or `None` if no training forward ran.
@@ -102,6 +104,7 @@ class ViTMAEDBPPreTrainedModel(ViTMAEPreTrainedModel):
         return decorrelation_step(
             self.decorrelation_modules(), self.config.decorrelation_lr * lr_scale, self.config.decorrelation_kappa,
             max_loss=max_loss, on_divergence=on_divergence, variance_form=self.config.decorrelation_variance_form,
+            pending=pending,
         )  # fmt: skip
 
     @torch.no_grad()
