@@ -89,19 +89,24 @@ def _worker(rank: int, world: int, port: int, results) -> None:
     try:
         out = {}
         # Both ways rows travel: by all-gather (what NCCL gets) and in all-reduce slots (gloo's own choice).
-        # And "begun": gloo's way, with the exchange started before the step (begin_decorrelation_step).
-        for transport in ("all_gather", "all_reduce", "begun"):
+        # And "begun": gloo's way, with the exchange started before the step (begin_decorrelation_step); "plain32"
+        # and "begun32" the same two in float32, where autocast would change what begin computes.
+        for transport in ("all_gather", "all_reduce", "begun", "plain32", "begun32"):
             collectives.rows_by_all_gather = lambda group=None, _t=transport: _t == "all_gather"
-            modules = {name: Decorrelation(width, sample_fraction=1.0).double() for name, width in WIDTHS.items()}
+            dtype = torch.float32 if transport.endswith("32") else torch.float64
+            modules = {name: Decorrelation(width, sample_fraction=1.0).to(dtype) for name, width in WIDTHS.items()}
             reads, per_step_sent = [], []
             for step in range(2):
                 for name, module in modules.items():
                     rows = rows_of(name, rank, step)
                     if rows.shape[0]:
-                        module.observe(rows)  # z = R x of these rows, with this process's R
+                        module.observe(rows.to(dtype))  # z = R x of these rows, with this process's R
                 sent.clear()
                 with Reads() as counter:
-                    pending = begin_decorrelation_step(modules.values()) if transport == "begun" else None
+                    # DBPTrainer begins inside the forward's autocast: the statistics must stay in R's precision.
+                    begun = transport.startswith("begun")
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=begun):
+                        pending = begin_decorrelation_step(modules.values()) if begun else None
                     decorrelation_step(list(modules.values()), lr=LR, kappa=KAPPA, pending=pending)
                 reads.append(counter.callers)
                 per_step_sent.append(list(sent))
@@ -182,9 +187,11 @@ def test_the_step_reads_the_device_once(two_processes, transport):
             assert sorted(callers) == ["_gather_counts", "decorrelation_step"], callers
 
 
-def test_a_begun_exchange_gives_the_same_R_bitwise(two_processes):
+@pytest.mark.parametrize("begun, plain", [("begun", "all_reduce"), ("begun32", "plain32")])
+def test_a_begun_exchange_gives_the_same_R_bitwise(two_processes, begun, plain):
+    """Begun inside a bf16 autocast (as in DBPTrainer's forward), the exchange still works in R's precision."""
     for name in WIDTHS:
-        assert torch.equal(two_processes[0]["begun"]["R"][name], two_processes[0]["all_reduce"]["R"][name])
+        assert torch.equal(two_processes[0][begun]["R"][name], two_processes[0][plain]["R"][name]), name
 
 
 def test_statistics_gathered_after_the_exchange_began_are_refused():

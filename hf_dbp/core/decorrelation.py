@@ -19,8 +19,8 @@ This module holds three things, in the spirit of PEFT's tuners:
   (q, k and v read the same input, so one ``R`` serves all three).
 - :func:`inject_decorrelation`, :func:`attach_decorrelation_monitor`, :func:`decorrelation_step` and
   :func:`fold_decorrelation`: wrap the layers a plan names, measure the same statistics on an unchanged model (the
-  BP baseline), take one update of every ``R`` (combining the statistics of all processes in one collective call),
-  and fold ``R`` into the weights.
+  BP baseline), take one update of every ``R`` (combining the statistics of all processes, see
+  :mod:`hf_dbp.core.collectives`), and fold ``R`` into the weights.
 """
 
 from __future__ import annotations
@@ -775,8 +775,10 @@ def begin_decorrelation_step(decorrelations: Iterable[Decorrelation], process_gr
     if not (decorrelations and torch.distributed.is_available() and torch.distributed.is_initialized()):
         return PendingStatistics(decorrelations, statistics)
     reference = decorrelations[0].R
-    exchange = StatisticsExchange([d.dim for d in decorrelations], statistics, reference.device, reference.dtype,
-                                  process_group)  # fmt: skip
+    # DBPTrainer begins inside the forward's autocast; z^T z formed here for the exchange must keep R's precision.
+    with torch.autocast(device_type=reference.device.type, enabled=False):
+        exchange = StatisticsExchange([d.dim for d in decorrelations], statistics, reference.device, reference.dtype,
+                                      process_group)  # fmt: skip
     return PendingStatistics(decorrelations, statistics=None, exchange=exchange)
 
 

@@ -277,13 +277,14 @@ class DBPTrainer(Trainer):
         # After the forward of a step's last micro-batch every statistic of the step exists: over several processes
         # their exchange starts now and runs during the backward and the optimizer step (hf_dbp.core.collectives).
         if model.training and self.accelerator.sync_gradients and self._overlaps_exchange():
-            self._pending_statistics = begin_decorrelation_step(self._decorrelation_modules())
+            if modules := self._decorrelation_modules():
+                self._pending_statistics = begin_decorrelation_step(modules)
         return result
 
     def _overlaps_exchange(self) -> bool:
         # Not with fp16's grad scaler: a step it skips keeps its statistics for the next step (on_optimizer_step).
         return (self.accelerator.num_processes > 1 and getattr(self.args, "decorrelation_overlap", True)
-                and not self.args.fp16 and bool(self._decorrelation_modules()))  # fmt: skip
+                and not self.args.fp16)  # fmt: skip
 
     def _decorrelation_modules(self) -> list[Decorrelation]:
         if self._monitor is not None:
