@@ -6,6 +6,8 @@
     torchrun --nproc_per_node 2 benchmarks/distributed_step.py --models demo --full_step     # the demo, DDP steps
     torchrun --nproc_per_node 2 benchmarks/distributed_step.py --models vit_b16 --full_step --per_device_batch 16 \
         --overlap                                                      # and with the exchange during the backward
+    torchrun --nproc_per_node 2 benchmarks/distributed_step.py --transfer_dtype bfloat16 --r_drift_steps 50
+                                                                # 16-bit statistics: bytes, and what they do to R
 
 Per model: the encoder runs real training forwards (`--per_device_batch` images of 224 px per process, mask 0.75,
 the project's default sample fraction 0.1), so that every R gathers exactly the statistics of a training step, then
@@ -15,6 +17,12 @@ an all-reduce's input, P - 1 times an all-gather's). The gradients' figures are 
 trainable parameter of the whole MAE in float32 (112 M for ViT-B/16); their time is that of one all-reduce of that
 many float32 numbers on the same processes. `dbp_before` is the step of hf_dbp 0.1.0 (every R's full d x d matrix
 and its count, float32). With `--full_step` (the demo model only, it is small) whole DDP training steps run instead.
+
+With `--transfer_dtype bfloat16` (or float16) the statistics travel in 16 bits; `--r_drift_steps N` then also runs
+N steps (encoder forwards on new random images at each step, then the decorrelation step, weights fixed) with two
+copies of the model from one initialisation, one exchanging in float32 and one in the lower precision, and reports
+how far their R drift apart: per layer ||R_low - R_exact||_F / ||R_exact - I||_F (the difference against how far R
+moved), and both copies' decorrelation loss at the last step.
 
 On a CPU-only machine the processes share its cores, and gloo's collectives stand in for NCCL's: the bytes are
 exact, the seconds are this machine's. Prints one JSON line per model on rank 0 (and writes them to `--output`).
@@ -129,7 +137,7 @@ def measure(name: str, args, world: int, rank: int) -> dict:
                 loss = ddp(pixels).loss
                 rows_per_process = [m.num_rows for m in modules]
                 if args.overlap:  # the exchange runs during the backward, as DBPTrainer does
-                    pending = begin_decorrelation_step(modules)
+                    pending = begin_decorrelation_step(modules, transfer_dtype=args.transfer_dtype)
                 with traffic.paused():
                     loss.backward()  # DDP's gradient all-reduce: not DBP's traffic
                 optimizer.step()
@@ -139,7 +147,7 @@ def measure(name: str, args, world: int, rank: int) -> dict:
                     model.vit(pixels)  # the encoder's training forward: every R gathers a step's statistics
                 rows_per_process = [m.num_rows for m in modules]
                 dist.barrier()  # the collectives' time, not the wait for a process that is still in its forward
-            model.decorrelation_step(pending=pending)
+            model.decorrelation_step(pending=pending, transfer_dtype=args.transfer_dtype)
         if step >= args.warmup:
             handed.append(traffic.handed_bytes())
             wire.append(traffic.wire_bytes())
@@ -161,13 +169,39 @@ def measure(name: str, args, world: int, rank: int) -> dict:
         "gradient_all_reduce_s": round(time_all_reduce(gradients), 4),
         "dbp_before_all_reduce_s": round(time_all_reduce(before), 4),
         "threads_per_process": torch.get_num_threads(), "full_step": args.full_step, "overlap": args.overlap,
-        "rows_by": args.rows_by,
+        "rows_by": args.rows_by, "transfer_dtype": args.transfer_dtype,
     }  # fmt: skip
     if args.full_step:
         result["median_step_s"] = round(statistics.median(step_seconds), 4)
         if not args.overlap:
             result["dbp_collective_share"] = round(result["dbp_collective_s"] / result["median_step_s"], 4)
+    if args.r_drift_steps:
+        result |= r_drift(config, args, rank)
     return result
+
+
+@torch.no_grad()
+def r_drift(config: ViTMAEDBPConfig, args, rank: int) -> dict:
+    """Two copies of one model, R exchanged in float32 and in `args.transfer_dtype`, after `args.r_drift_steps`."""
+    torch.manual_seed(0)
+    exact = ViTMAEDBPForPreTraining(config).train()
+    low = ViTMAEDBPForPreTraining(config).train()
+    low.load_state_dict(exact.state_dict())  # and both draw their rows from one seed: the transfer alone differs
+    images = torch.Generator().manual_seed(100 + rank)
+    losses = {}
+    for step in range(args.r_drift_steps):
+        pixels = torch.randn(args.per_device_batch, 3, config.image_size, config.image_size, generator=images)
+        for key, model, dtype in (("exact", exact, None), ("low", low, args.transfer_dtype)):
+            torch.manual_seed(1000 * step + rank)  # the same masks for both copies
+            model.vit(pixels)
+            losses[key] = model.decorrelation_step(transfer_dtype=dtype)
+    drift = []
+    for a, b in zip(exact.decorrelation_modules(), low.decorrelation_modules(), strict=True):
+        moved = torch.linalg.matrix_norm(a.R - torch.eye(a.dim))
+        drift.append(float(torch.linalg.matrix_norm(b.R - a.R) / moved))
+    return {"r_drift_steps": args.r_drift_steps, "decorrelation_lr": config.decorrelation_lr,
+            "r_drift_relative_max": round(max(drift), 5), "r_drift_relative_median": round(statistics.median(drift), 5),
+            "decorrelation_loss_exact": losses["exact"], "decorrelation_loss_low": losses["low"]}  # fmt: skip
 
 
 def main() -> None:
@@ -184,6 +218,10 @@ def main() -> None:
     parser.add_argument("--rows_by", choices=["auto", "all_gather", "all_reduce"], default="auto",
                         help="how rows travel: the backend's choice (gloo: all-reduce slots), or force one (to see on "
                              "CPU processes what NCCL's all-gather sends)")  # fmt: skip
+    parser.add_argument("--transfer_dtype", choices=list(collectives.TRANSFER_DTYPES), default="float32",
+                        help="precision DBP's statistics travel in (DBPTrainer: --decorrelation_transfer_dtype)")
+    parser.add_argument("--r_drift_steps", type=int, default=0,
+                        help="with --transfer_dtype: also run this many steps in both precisions and compare R")
     parser.add_argument("--output", default=None, help="also write the JSON lines here (rank 0)")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))

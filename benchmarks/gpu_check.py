@@ -10,6 +10,8 @@
 2. Step overhead: `benchmarks/step_overhead.py`'s BP and DBP steps, interleaved, in bf16 autocast at the paper
    recipe's per-device batch (64) and at 32: the ratio of median step times.
 3. R stays float32 under autocast, and the fold equals the explicit forward.
+4. The decorrelation step alone, equal-shaped R updated in stacks (`batch_updates=True`, the default on GPUs) and one
+   by one, after the same statistics: median seconds of each (`update_seconds`, which also runs on the CPU).
 
 Writes every figure to `--output` (JSON) and prints it.
 """
@@ -29,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step_overhead import build, train_step  # noqa: E402
 
+import hf_dbp  # noqa: E402
 from hf_dbp import DECORRELATION_LAYER_KINDS, DecorrelatedLinear  # noqa: E402
 
 
@@ -97,6 +100,28 @@ def step_overhead(device: torch.device, batch: int, steps: int) -> dict:
     return {"batch": batch, "bp_median_s": round(bp, 4), "dbp_median_s": round(dbp, 4), "dbp_time_ratio": round(dbp / bp, 3)}
 
 
+def update_seconds(device: torch.device, batch: int = 64, repeats: int = 5) -> dict:
+    """Median seconds of ViT-B/16's decorrelation step with and without stacking equal-shaped R, from the statistics
+    of one training forward each time (the forward not timed)."""
+    model, _, pixels = build("dbp", batch, DECORRELATION_LAYER_KINDS, device)
+    modules = model.decorrelation_modules()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {True: [], False: []}
+    for repeat in range(repeats + 1):
+        for batched in times:
+            with torch.no_grad():
+                model.vit(pixels)
+            sync()
+            start = time.perf_counter()
+            hf_dbp.decorrelation_step(modules, lr=1e-3, kappa=1e-2, batch_updates=batched)
+            sync()
+            if repeat:
+                times[batched].append(time.perf_counter() - start)
+    stacked, one_by_one = statistics.median(times[True]), statistics.median(times[False])
+    return {"batch": batch, "stacked_s": round(stacked, 5), "one_by_one_s": round(one_by_one, 5),
+            "stacked_over_one_by_one": round(stacked / one_by_one, 3)}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=os.path.join(os.environ.get("OUT", "."), "gpu_check.json"))
@@ -109,6 +134,7 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     report["sync"] = sync_check(device, 64)
     report["step_overhead_bf16"] = [step_overhead(device, batch, args.steps) for batch in args.batch_sizes]
+    report["decorrelation_step_update_seconds"] = update_seconds(device)
     text = json.dumps(report, indent=1)
     print(text)
     with open(args.output, "w") as file:

@@ -94,12 +94,15 @@ class ComparisonArguments:
     optimizer_base_learning_rates: list[str] = field(default_factory=lambda: ["muon=1.5e-3", "soap=3e-3", "schedulefree=3e-3"], metadata={"help": "optimizer=rate each (e.g. 'soap=3e-3'): the base learning rate of BP and DBP with that peer, where its own tuning chose another than --base_learning_rate."})
     muon_lr_multiplier: float = field(default=4.0, metadata={"help": "Muon's learning rate over AdamW's (its updates are scaled to AdamW's RMS)."})
     emissions_country: str | None = field(default=None, metadata={"help": "ISO alpha-3 country for the CO2 figures."})
+    decorrelation_update_every: list[int] = field(default_factory=lambda: [1], metadata={"help": "Also run DBP (AdamW) with R updated every k optimizer steps, for each k > 1 here: records dbp_every<k>, compared against bp (a k-th of DBP's traffic between processes; what it costs in convergence)."})
     finetune_data_dir: str | None = field(default=None, metadata={"help": "ADE20K-layout folder: fine-tune both with UperNet."})
     finetune_dataset_name: str | None = field(default=None, metadata={"help": "Or a Hub/parquet dataset for it."})
     finetune_args: str = field(default="", metadata={"help": "More flags for run_segmentation.py, e.g. '--max_steps 2000'."})
 
     def __post_init__(self) -> None:
         self.peer_rates()  # checked before anything runs
+        if any(not (isinstance(k, int) and k >= 1) for k in self.decorrelation_update_every):
+            raise ValueError(f"--decorrelation_update_every takes integers >= 1, got {self.decorrelation_update_every}")
 
     def peer_rates(self) -> dict[str, float]:
         """`--optimizer_base_learning_rates` as {peer: base learning rate}."""
@@ -116,13 +119,23 @@ class ComparisonArguments:
         return rates
 
 
+def update_every_of(method: str) -> int:
+    """k of a `dbp_every<k>` record (R updated every k optimizer steps), 1 for every other method."""
+    return int(method[len("dbp_every"):]) if method.startswith("dbp_every") else 1
+
+
+def baseline_of(dbp: str) -> str:
+    """The BP record a DBP record is compared against: the BP run with its optimizer (bp for dbp_every<k>)."""
+    return "bp" if update_every_of(dbp) > 1 else "bp" + dbp[len("dbp"):]
+
+
 def method_names(optimizer: str) -> tuple[str, str]:
     """The records of BP and DBP with `optimizer`: bp and dbp with AdamW, bp_<optimizer> and dbp_<optimizer> else."""
     return ("bp", "dbp") if optimizer == "adamw" else (f"bp_{optimizer}", f"dbp_{optimizer}")
 
 
 def pretraining_command(args: ComparisonArguments, seed: int, bp: bool, output_dir: str, base_lr: float,
-                        optimizer: str = "adamw") -> list[str]:  # fmt: skip
+                        optimizer: str = "adamw", update_every: int = 1) -> list[str]:  # fmt: skip
     command = [sys.executable, os.path.join(HERE, "run_mae_dbp.py"), "--output_dir", output_dir, "--seed", str(seed),
                "--eval_strategy", "steps", "--eval_steps", str(args.eval_steps), "--logging_steps", str(args.eval_steps),
                "--save_strategy", "no", "--report_to", "none", "--norm_pix_loss", "true",
@@ -151,6 +164,8 @@ def pretraining_command(args: ComparisonArguments, seed: int, bp: bool, output_d
         command += ["--demo_photos", args.demo_photos]
     if bp:
         command.append("--bp_baseline")
+    if update_every > 1:
+        command += ["--decorrelation_update_every", str(update_every)]
     return command
 
 
@@ -292,7 +307,7 @@ def write_markdown(path: str, result: dict) -> None:
     fmt, runs, methods = _fmt, result["runs"], result.get("methods", ["bp", "dbp"])
     lines = []
     for dbp, summary in result["summary"]["comparisons"].items():
-        bp = "bp" + dbp[len("dbp"):]
+        bp = baseline_of(dbp)
         lines += [f"**{dbp} against {bp}** (steps and training seconds to {bp}'s best eval loss; busy: other processes "
                   "took CPU during a run, its seconds are then no figure)", "",
                   f"| seed | {bp} best eval loss | {bp} step of best | {bp} s to best | {dbp} best eval loss | "
@@ -352,7 +367,8 @@ def write_markdown(path: str, result: dict) -> None:
 
 
 COLORS = {"bp": "tab:blue", "dbp": "tab:orange", "bp_muon": "tab:green", "dbp_muon": "tab:red", "bp_soap": "tab:purple",
-          "dbp_soap": "tab:brown", "bp_schedulefree": "tab:gray", "dbp_schedulefree": "tab:olive"}  # fmt: skip
+          "dbp_soap": "tab:brown", "bp_schedulefree": "tab:gray", "dbp_schedulefree": "tab:olive",
+          "dbp_every2": "tab:pink", "dbp_every4": "tab:cyan"}  # fmt: skip
 
 
 def plot(path: str, result: dict) -> None:
@@ -443,6 +459,11 @@ def main() -> None:
     pairs = [method_names(optimizer) for optimizer in dict.fromkeys(args.optimizers)]  # (bp_x, dbp_x) per optimizer
     methods = [method for pair in pairs for method in pair]
     optimizer_of = {method: optimizer for optimizer in dict.fromkeys(args.optimizers) for method in method_names(optimizer)}
+    for k in dict.fromkeys(args.decorrelation_update_every):
+        if k > 1:  # DBP with AdamW, R updated every k steps, against bp
+            pairs.append(("bp", f"dbp_every{k}"))
+            optimizer_of[f"dbp_every{k}"] = "adamw"
+    methods = list(dict.fromkeys(method for pair in pairs for method in pair))
     rates = {m: (args.bp_base_learning_rate or args.base_learning_rate) if m.startswith("bp") else args.base_learning_rate
              for m in methods}  # fmt: skip
     for name, rate in args.peer_rates().items():  # a peer tuned on its own: both its BP and its DBP at its rate
@@ -451,7 +472,8 @@ def main() -> None:
                 rates[method] = rate
     sweep = args.learning_rate_sweep or []
     def command(seed, method, output, base_lr):
-        return pretraining_command(args, seed, method.startswith("bp"), output, base_lr, optimizer_of[method])
+        return pretraining_command(args, seed, method.startswith("bp"), output, base_lr, optimizer_of[method],
+                                   update_every_of(method))  # fmt: skip
 
     trained = train_every_run(args.output_dir, args.seeds, methods, rates, sweep, command)
     sweep_result = None

@@ -38,7 +38,7 @@ import hf_dbp
 from hf_dbp import DBPTrainer, DecorrelationConfig
 from hf_dbp.core.config import CONFIG_ATTRIBUTE
 from hf_dbp.core.decorrelation import VARIANCE_FORMS
-from hf_dbp.tasks.scripts import parse_script_arguments, setup_logging
+from hf_dbp.tasks.scripts import parse_script_arguments, saved_files, setup_logging
 from hf_dbp.tasks.text_data import TEXT_SETS, demo_text_dataset
 from hf_dbp.training.hub import ensure_hub_reachable
 from hf_dbp.training.plotting import plot_training_curves
@@ -356,14 +356,15 @@ def main() -> None:
         plot_training_curves(trainer.state.log_history, os.path.join(training_args.output_dir, "training_curves.png"),
                              title=f"{method}: causal language modelling")  # fmt: skip
         logger.info(
-            "Done: %s, %d steps in %.1f s. Eval loss %s (perplexity %s). Outputs in %s: model + tokenizer (load with %s), "
-            "README.md (model card), all_results.json, trainer_state.json, emissions.csv, training_curves.png.",
+            "Done: %s, %d steps in %.1f s. Eval loss %s (perplexity %s). Outputs in %s (model + tokenizer, load with "
+            "%s): %s.",
             method, trainer.state.global_step, train_result.metrics["train_runtime"],
             f"{metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "n/a",
             f"{metrics['perplexity']:.2f}" if "perplexity" in metrics else "n/a",
             os.path.abspath(training_args.output_dir),
             "AutoModelForCausalLM.from_pretrained" if dbp_args.bp_baseline
             else "hf_dbp.load_decorrelated(AutoModelForCausalLM, ...)",
+            saved_files(training_args.output_dir),
         )  # fmt: skip
 
     if training_args.push_to_hub:

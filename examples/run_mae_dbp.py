@@ -37,13 +37,14 @@ from hf_dbp.tasks.image_data import (
     SAMPLE_INDEX_COLUMN,
     MAEImageTransform,
     augmentation_epoch_callback,
+    check_image_folder,
     demo_image_dataset,
     drop_unreadable_images,
     find_image_column,
     fixed_mask_noise,
     with_sample_index,
 )
-from hf_dbp.tasks.scripts import parse_script_arguments, setup_logging
+from hf_dbp.tasks.scripts import parse_script_arguments, saved_files, setup_logging
 from hf_dbp.training.hub import ensure_hub_reachable
 from hf_dbp.training.plotting import plot_training_curves
 from hf_dbp.training.training_args import DBPTrainingArguments
@@ -153,6 +154,9 @@ def load_images(data_args: DataTrainingArguments, model_args: ModelArguments, se
     if data_args.dataset_name is not None:
         ds = load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir, token=model_args.token)
     elif data_args.train_dir is not None:
+        check_image_folder(data_args.train_dir, "--train_dir")
+        if data_args.validation_dir is not None:
+            check_image_folder(data_args.validation_dir, "--validation_dir")
         data_files = {"train": os.path.join(data_args.train_dir, "**")}
         if data_args.validation_dir is not None:
             data_files["validation"] = os.path.join(data_args.validation_dir, "**")
@@ -222,6 +226,8 @@ def main() -> None:
         last_checkpoint = get_last_checkpoint(training_args.output_dir)
 
     set_seed(training_args.seed)
+    # The model first: its settings (the DBP flags, the checkpoint's type) are checked before any data is read.
+    model = build_model(model_args, dbp_args)
     ds = load_images(data_args, model_args, training_args.seed)
     image_column = find_image_column(ds["train"], data_args.image_column_name)
     for split, max_samples in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
@@ -233,7 +239,6 @@ def main() -> None:
             if len(ds[split]) == 0:
                 raise ValueError(f"no readable image left in the {split!r} split")
 
-    model = build_model(model_args, dbp_args)
     size = model.config.image_size
     image_processor = ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
     transforms = {
@@ -309,15 +314,16 @@ def main() -> None:
         plot_training_curves(trainer.state.log_history, plot_path, title=f"{method}: MAE pre-training")
         last = [r for r in trainer.state.log_history if "decorrelation_loss" in r]
         logger.info(
-            "Done: %s, %d steps in %.1f s. Final train loss %.4f, eval loss %s, decorrelation loss %s. Outputs in %s: "
-            "model.safetensors + config.json (load with %s), README.md (model card), all_results.json, trainer_state.json, "
-            "emissions.csv, training_curves.png.",
+            "Done: %s, %d steps in %.1f s. Final train loss %.4f, eval loss %s, decorrelation loss %s. Outputs in %s "
+            "(load with %s): %s.",
             method, trainer.state.global_step, train_result.metrics["train_runtime"], train_result.metrics["train_loss"],
-            f"{metrics['eval_loss']:.4f}" if "validation" in ds else "n/a",
-            f"{last[-1]['decorrelation_loss']:.4f}" if last else "n/a",
+            f"{metrics['eval_loss']:.4f}" if "validation" in ds else "n/a (no validation split)",
+            f"{last[-1]['decorrelation_loss']:.4f}" if last else
+            f"n/a (logged every {training_args.logging_steps:g} steps; the run took {trainer.state.global_step})",
             os.path.abspath(training_args.output_dir),
             "transformers.ViTMAEForPreTraining.from_pretrained" if dbp_args.bp_baseline
             else "`import hf_dbp` then hf_dbp.ViTMAEDBPForPreTraining.from_pretrained",
+            saved_files(training_args.output_dir),
         )  # fmt: skip
 
     if training_args.push_to_hub:

@@ -35,7 +35,7 @@ from hf_dbp import (
     upernet_from_pretraining_checkpoint,
 )
 from hf_dbp.tasks.image_data import augmentation_epoch_callback, with_sample_index
-from hf_dbp.tasks.scripts import parse_script_arguments, setup_logging
+from hf_dbp.tasks.scripts import parse_script_arguments, saved_files, setup_logging
 from hf_dbp.tasks.segmentation.ade20k import ade20k_id2label
 from hf_dbp.tasks.segmentation.data import (
     SegmentationTransform,
@@ -102,7 +102,7 @@ class DataTrainingArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training pairs."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep at most this many validation pairs."})
     do_reduce_labels: bool = field(default=True, metadata={"help": "ADE20K: label 0 ('other') becomes 255 (ignored), k becomes k-1."})
-    crop_size: int = field(default=512, metadata={"help": "Training crop; evaluation resizes the short side to it and runs on whole images."})
+    crop_size: int | None = field(default=None, metadata={"help": "Training crop; evaluation resizes the short side to it and runs on whole images. Default: 32 patches of the encoder (512 px for patch 16, the MAE/BEiT ADE20K recipe's 1,024 tokens per crop)."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for checking the pairs."})
     num_visualized: int = field(default=4, metadata={"help": "Validation images shown in predictions.png."})
 
@@ -174,6 +174,37 @@ def load_pairs(data_args: DataTrainingArguments, seed: int) -> datasets.DatasetD
     return datasets.DatasetDict(train=train, validation=validation)
 
 
+CROP_PATCHES = 32
+"""The default crop, in patches per side: 512 px at patch 16, as the MAE/BEiT ADE20K recipe (1,024 tokens)."""
+
+
+def check_fits_in_memory(encoder, crop_size: int, training_args) -> None:
+    """Refuse, before any data is read, a crop and batch whose encoder activations alone cannot fit the memory of the
+    device (accelerator memory, or the machine's RAM on the CPU), naming the numbers.
+
+    A lower bound, kept for the backward: per block the attention scores and probabilities (batch x heads x T^2) and
+    about 12 activations of width hidden per token (norms, q, k, v, MLP, residuals), T = (crop / patch)^2 tokens."""
+    tokens = (crop_size // encoder.patch_size) ** 2
+    batch = training_args.per_device_train_batch_size
+    width = 2 if training_args.bf16 or training_args.fp16 else 4
+    per_block = batch * (2 * encoder.num_attention_heads * tokens**2 + 12 * tokens * encoder.hidden_size) * width
+    needed = encoder.num_hidden_layers * per_block
+    device = training_args.device
+    if device.type == "cuda":
+        available, where = torch.cuda.mem_get_info(device)[0], f"free on {torch.cuda.get_device_name(device)}"
+    else:
+        available, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), "of free RAM"
+    if needed > available:
+        raise ValueError(
+            f"--crop_size {crop_size} with patch {encoder.patch_size} makes {tokens:,} tokens per image; at "
+            f"--per_device_train_batch_size {batch} the encoder's activations alone need about {needed / 2**30:.1f} GiB "
+            f"for the backward, and there are {available / 2**30:.1f} GiB {where}. Choose a smaller --crop_size (the "
+            f"default is {CROP_PATCHES} patches, {CROP_PATCHES * encoder.patch_size} px here) or batch.")  # fmt: skip
+    if needed > 0.5 * available:
+        logger.warning("--crop_size %d at batch %d: the encoder's activations alone take about %.1f of the %.1f GiB %s",
+                       crop_size, batch, needed / 2**30, available / 2**30, where)  # fmt: skip
+
+
 def build_model(model_args: ModelArguments, id2label: dict[int, str]):
     upernet = {"hidden_size": model_args.upernet_hidden_size, "auxiliary_channels": model_args.auxiliary_channels}
     checkpoint = model_args.model_name_or_path
@@ -205,6 +236,16 @@ def main() -> None:
 
     set_seed(training_args.seed)
     id2label = ade20k_id2label()
+    # The model first: the checkpoint is checked, and the crop sized to its encoder, before any data is read.
+    model, report = build_model(model_args, id2label)
+    logger.info(report)
+    encoder = model.config.backbone_config
+    patch = encoder.patch_size
+    if data_args.crop_size is None:
+        data_args.crop_size = CROP_PATCHES * patch
+        logger.info("--crop_size %d: %d patches of the encoder's %d px (set --crop_size to choose)", data_args.crop_size,
+                    CROP_PATCHES, patch)  # fmt: skip
+    check_fits_in_memory(encoder, data_args.crop_size, training_args)
     with training_args.main_process_first(desc="preparing the data"):
         ds = load_pairs(data_args, training_args.seed)
         for split in ds:
@@ -215,9 +256,6 @@ def main() -> None:
             if len(ds[split]) == 0:
                 raise ValueError(f"no usable image/annotation pair left in the {split!r} split")
 
-    model, report = build_model(model_args, id2label)
-    logger.info(report)
-    patch = model.config.backbone_config.patch_size
     transforms = {
         "train": SegmentationTransform(data_args.crop_size, train=True, reduce_labels=data_args.do_reduce_labels,
                                        size_divisor=patch, seed=training_args.seed),
@@ -255,7 +293,10 @@ def main() -> None:
         track_emissions=training_args.track_emissions,
         model_card_kwargs={
             "datasets": [data_args.data_dir and f"ADE20K layout: {data_args.data_dir}" or data_args.dataset_name],
-            "base_model": model_args.model_name_or_path,
+            # The encoder it was fine-tuned from, also when the demo's default was used (a Hub id goes into the
+            # card's metadata, a local folder into its text).
+            "base_model": model_args.model_name_or_path or (os.path.abspath(PRETRAINING_DEMO_OUTPUT) if os.path.isfile(
+                os.path.join(PRETRAINING_DEMO_OUTPUT, "config.json")) else None),
         },
     )
     checkpoint = training_args.resume_from_checkpoint
@@ -279,18 +320,17 @@ def main() -> None:
         with torch.no_grad():
             logits = model(pixel_values=batch["pixel_values"].to(model.device)).logits
         predictions = logits_to_predictions(logits, batch["labels"]).cpu()
-        figure = plot_segmentation_examples(
+        plot_segmentation_examples(
             batch["pixel_values"], batch["labels"], predictions, os.path.join(training_args.output_dir, "predictions.png"),
             num_labels=len(id2label), id2label=id2label,
         )  # fmt: skip
         logger.info(
             "Done: %d steps in %.1f s. mean IoU %.4f, mean accuracy %.4f, overall accuracy %.4f on %d validation "
             "images. Outputs in %s: the UperNet checkpoint (load with `import hf_dbp` then "
-            "AutoModelForSemanticSegmentation.from_pretrained), README.md (model card), all_results.json, "
-            "trainer_state.json, emissions.csv, %s.",
+            "AutoModelForSemanticSegmentation.from_pretrained): %s.",
             trainer.state.global_step, train_result.metrics["train_runtime"], metrics["eval_mean_iou"],
             metrics["eval_mean_accuracy"], metrics["eval_overall_accuracy"], len(ds["validation"]),
-            os.path.abspath(training_args.output_dir), os.path.basename(figure),
+            os.path.abspath(training_args.output_dir), saved_files(training_args.output_dir),
         )  # fmt: skip
 
     if training_args.push_to_hub:

@@ -8,6 +8,24 @@ import shutil
 import sys
 
 
+def looks_local(path: str) -> bool:
+    """Whether `path` can only mean a folder on this machine: a Hub repo id is `name` or `owner/name`, never absolute,
+    never starting with `.` or `~`, never with more than one `/`."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
+
+
+def check_model_folder(path: str, role: str) -> None:
+    """Raise a `FileNotFoundError` naming `path` when it is meant as a local folder and holds no saved model;
+    a path that may be a Hub repo id passes (the Hub is asked later)."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{role} {path} holds no saved model (no config.json in it: {sorted(os.listdir(path))[:8]})")
+    elif os.path.exists(path):
+        raise FileNotFoundError(f"{role} {path} is a file, not a saved model folder")
+    elif looks_local(path):
+        raise FileNotFoundError(f"{role} {path}: no such folder (from {os.getcwd()})")
+
+
 def merge(checkpoint: str, output: str) -> str:
     """Fold every R of a decorrelated checkpoint (DBP-MAE, or any model saved after `hf_dbp.decorrelate`) into its
     weights and save the plain transformers checkpoint, with its processor or tokenizer and its card."""
@@ -16,9 +34,25 @@ def merge(checkpoint: str, output: str) -> str:
     from . import ViTMAEDBPForPreTraining
     from .core.config import CONFIG_ATTRIBUTE
     from .core.model import load_decorrelated, merge_decorrelation
-    from .training.model_card import _auto_class, read_emissions_csv, read_results, write_model_card
+    from .training.model_card import (
+        _auto_class,
+        _dbp_settings,
+        card_training_facts,
+        read_emissions_csv,
+        read_results,
+        write_model_card,
+    )
 
-    config = AutoConfig.from_pretrained(checkpoint)
+    check_model_folder(checkpoint, "checkpoint")
+    if os.path.abspath(os.path.expanduser(output)) == os.path.abspath(os.path.expanduser(checkpoint)):
+        raise ValueError(f"the output folder {output} is the checkpoint itself: choose another, the merge writes a new one")
+    try:
+        config = AutoConfig.from_pretrained(checkpoint)
+    except OSError as error:
+        if os.path.isdir(checkpoint):
+            raise
+        raise FileNotFoundError(f"checkpoint {checkpoint}: no such folder here (from {os.getcwd()}), and the Hub gave "
+                                f"no model of that id: {str(error).splitlines()[0]}") from None  # fmt: skip
     if getattr(config, CONFIG_ATTRIBUTE, None):  # any model decorrelated with hf_dbp.decorrelate
         import transformers
 
@@ -35,9 +69,12 @@ def merge(checkpoint: str, output: str) -> str:
                  "vocab.json", "merges.txt", "all_results.json"):  # fmt: skip
         if os.path.isfile(os.path.join(checkpoint, name)):
             shutil.copy(os.path.join(checkpoint, name), os.path.join(output, name))
+    # The merged card keeps what the source's card said about the training: data, steps, time, DBP settings.
     write_model_card(
         output, merged.config, results=read_results(checkpoint), emissions=read_emissions_csv(checkpoint),
         merged_from=checkpoint, base_model=None if os.path.isdir(checkpoint) else checkpoint,
+        trained_with=_dbp_settings(config) if config.model_type == "vit_mae_dbp" else None,
+        **(card_training_facts(checkpoint) if os.path.isdir(checkpoint) else {}),
     )  # fmt: skip
     return output
 
@@ -72,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .training.hub import ensure_hub_reachable, push_folder
 
+            # What is missing here first, before anything about the Hub; the folder to push is always local.
+            if not os.path.exists(args.folder):
+                raise FileNotFoundError(f"folder {args.folder}: no such folder (from {os.getcwd()})")
+            check_model_folder(args.folder, "folder")
             ensure_hub_reachable(args.token, what="`hf-dbp push`", token_option="--token", hint=(
                 f"{args.folder} stays saved locally as it is: run `hf-dbp push` again where the Hub can be reached."
             ))  # fmt: skip

@@ -413,3 +413,77 @@ def test_push_to_hub_offline_fails_before_anything(cli, script):
     assert "Process rank" not in result.stdout and "{'loss'" not in result.stdout  # no log line: nothing started
     output_dir = cli.root / f"{script}_out"
     assert not output_dir.exists() or not any(output_dir.iterdir())
+
+
+@pytest.mark.parametrize("command", ["merge", "push"])
+@pytest.mark.parametrize("where", ["missing", "outputs/run/missing", "empty_folder", "a_file"])
+def test_cli_names_the_missing_local_folder_before_the_hub(tmp_path, monkeypatch, capsys, command, where):
+    """`hf-dbp merge/push` of a folder that is not there (or holds no model) says so, naming it, before any Hub
+    message (offline here: a Hub check first would report HF_HUB_OFFLINE instead)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "empty_folder").mkdir()
+    (tmp_path / "a_file").write_text("not a model")
+    path = where if where != "missing" else "./missing"
+    argv = ["merge", path, str(tmp_path / "out")] if command == "merge" else ["push", path, "me/model"]
+    assert cli_main(argv) == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith(f"hf-dbp {command}: ") and path in message, message
+    assert "Repo id" not in message and "HF_HUB_OFFLINE" not in message, message
+    assert any(words in message for words in ("no such folder", "no config.json", "is a file")), message
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_a_bare_name_that_is_neither_folder_nor_hub_model_says_both(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli_main(["merge", "mae-dbp-demo", "out"]) == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "mae-dbp-demo" in message and "no such folder here" in message and "Hub" in message, message
+
+
+def test_a_local_card_loads_from_anywhere_and_the_pushed_card_names_the_repo_id(tmp_path, monkeypatch):
+    """The card's loading code works where the card is read: locally the folder's absolute path (run from another
+    directory here), on the Hub the repo id (push_folder rewrites the card it finds)."""
+    import re
+
+    from transformers import AutoConfig, AutoModelForPreTraining
+
+    from hf_dbp.training.model_card import write_model_card
+
+    folder = make_run_folder(tmp_path / "run")
+    write_model_card(str(folder), AutoConfig.from_pretrained(folder))
+    loaded_from = re.findall(r'AutoModelForPreTraining\.from_pretrained\("([^"]+)"\)', (folder / "README.md").read_text())
+    assert loaded_from and set(loaded_from) == {str(folder.resolve())}, loaded_from
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert type(AutoModelForPreTraining.from_pretrained(loaded_from[0])).__name__ == "ViTMAEDBPForPreTraining"
+
+    api = FakeHubApi(tmp_path / "hub")
+    push_folder(str(folder), "me/run", api=api)
+    pushed = (tmp_path / "hub" / "me" / "run" / "README.md").read_text()
+    assert 'from_pretrained("me/run")' in pushed and str(folder.resolve()) not in pushed, pushed
+
+
+def test_merge_keeps_the_data_steps_time_and_dbp_settings_of_the_card_it_merges(tmp_path):
+    from hf_dbp.training.model_card import write_model_card
+
+    model = make_dbp_checkpoint(tmp_path / "dbp")
+    write_model_card(str(tmp_path / "dbp"), model.config, datasets=["imagenet-1k", "my photos in /data/imgs"],
+                     steps=1234, training_seconds=5678.5)  # fmt: skip
+    assert cli_main(["merge", str(tmp_path / "dbp"), str(tmp_path / "merged")]) == 0
+    card = load_card(tmp_path / "merged")
+    assert "| data | imagenet-1k, my photos in /data/imgs |" in card.text, card.text
+    assert "| optimizer steps | 1234 |" in card.text and "| training time | 5678.5 s" in card.text
+    assert f"| decorrelation lr | {model.config.decorrelation_lr} |" in card.text and "folded" in card.text
+    assert card.data.datasets == ["imagenet-1k"]  # Hub ids only in the metadata; the description in the text
+
+
+def test_card_metadata_keeps_only_hub_dataset_ids(tmp_path):
+    from hf_dbp.training.model_card import hub_dataset_ids
+
+    (tmp_path / "imgs").mkdir()
+    local = str(tmp_path / "imgs")
+    assert hub_dataset_ids(["scene_parse_150", "me/photos", local, "scikit-image photographs (hf-dbp demo)",
+                            "ADE20K layout: /data/ADE", "a/b/c"]) == ["scene_parse_150", "me/photos"]  # fmt: skip

@@ -75,14 +75,17 @@ def _worker(rank: int, world: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     sent: list[tuple[str, int]] = []
+    sent_bytes: list[int] = []
     gather_single, all_reduce, by_all_gather = collectives._all_gather_single, dist.all_reduce, collectives.rows_by_all_gather
 
     def gather(output, tensor, *args, **kwargs):
         sent.append(("all_gather", tensor.numel()))
+        sent_bytes.append(tensor.numel() * tensor.element_size())
         return gather_single(output, tensor, *args, **kwargs)
 
     def reduce(tensor, *args, **kwargs):
         sent.append(("all_reduce", tensor.numel()))
+        sent_bytes.append(tensor.numel() * tensor.element_size())
         return all_reduce(tensor, *args, **kwargs)
 
     collectives._all_gather_single, dist.all_reduce = gather, reduce
@@ -90,27 +93,37 @@ def _worker(rank: int, world: int, port: int, results) -> None:
         out = {}
         # Both ways rows travel: by all-gather (what NCCL gets) and in all-reduce slots (gloo's own choice).
         # And "begun": gloo's way, with the exchange started before the step (begin_decorrelation_step); "plain32"
-        # and "begun32" the same two in float32, where autocast would change what begin computes.
-        for transport in ("all_gather", "all_reduce", "begun", "plain32", "begun32"):
-            collectives.rows_by_all_gather = lambda group=None, _t=transport: _t == "all_gather"
+        # and "begun32" the same two in float32, where autocast would change what begin computes. "bf16_32": float32
+        # R, the statistics sent in bfloat16 (gathered rows, in "bf16_gather32"). "every2": one update, at the second
+        # step, from the statistics of both.
+        transports = ("all_gather", "all_reduce", "begun", "plain32", "begun32", "bf16_32", "bf16_gather32",
+                      "gather32", "every2")  # fmt: skip
+        for transport in transports:
+            collectives.rows_by_all_gather = lambda group=None, _t=transport: "gather" in _t
             dtype = torch.float32 if transport.endswith("32") else torch.float64
+            transfer = "bfloat16" if transport.startswith("bf16") else None
             modules = {name: Decorrelation(width, sample_fraction=1.0).to(dtype) for name, width in WIDTHS.items()}
-            reads, per_step_sent = [], []
+            reads, per_step_sent, per_step_bytes = [], [], []
             for step in range(2):
                 for name, module in modules.items():
                     rows = rows_of(name, rank, step)
                     if rows.shape[0]:
                         module.observe(rows.to(dtype))  # z = R x of these rows, with this process's R
                 sent.clear()
+                sent_bytes.clear()
                 with Reads() as counter:
                     # DBPTrainer begins inside the forward's autocast: the statistics must stay in R's precision.
                     begun = transport.startswith("begun")
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=begun):
                         pending = begin_decorrelation_step(modules.values()) if begun else None
-                    decorrelation_step(list(modules.values()), lr=LR, kappa=KAPPA, pending=pending)
+                    update = transport != "every2" or step == 1
+                    decorrelation_step(list(modules.values()), lr=LR, kappa=KAPPA, pending=pending,
+                                       transfer_dtype=transfer, update=update)  # fmt: skip
                 reads.append(counter.callers)
                 per_step_sent.append(list(sent))
-            out[transport] = {"R": {n: m.R.clone() for n, m in modules.items()}, "reads": reads, "sent": per_step_sent}
+                per_step_bytes.append(sum(sent_bytes))
+            out[transport] = {"R": {n: m.R.clone() for n, m in modules.items()}, "reads": reads, "sent": per_step_sent,
+                              "bytes": per_step_bytes, "steps": [m.steps for m in modules.values()]}  # fmt: skip
         results[rank] = out
     finally:
         collectives._all_gather_single, dist.all_reduce = gather_single, all_reduce
@@ -194,6 +207,38 @@ def test_a_begun_exchange_gives_the_same_R_bitwise(two_processes, begun, plain):
         assert torch.equal(two_processes[0][begun]["R"][name], two_processes[0][plain]["R"][name]), name
 
 
+@pytest.mark.parametrize("low, exact", [("bf16_32", "plain32"), ("bf16_gather32", "gather32")])
+def test_statistics_sent_in_bfloat16_keep_R_identical_on_both_processes_in_half_the_bytes(two_processes, low, exact):
+    for name in WIDTHS:
+        assert torch.equal(two_processes[0][low]["R"][name], two_processes[1][low]["R"][name]), name
+        # bfloat16 keeps 8 bits of mantissa: X's entries to about 0.4%, and R after two steps of lr 0.1 to 1e-2.
+        torch.testing.assert_close(two_processes[0][low]["R"][name], two_processes[0][exact]["R"][name],
+                                   rtol=0, atol=1e-2)  # fmt: skip
+    assert any(not torch.equal(two_processes[0][low]["R"][n], two_processes[0][exact]["R"][n]) for n in WIDTHS)
+    counts = 8 * len(WIDTHS)  # the row counts, int64, whatever the statistics travel in
+    for rank in (0, 1):
+        for low_bytes, exact_bytes in zip(two_processes[rank][low]["bytes"], two_processes[rank][exact]["bytes"], strict=True):
+            assert low_bytes - counts == (exact_bytes - counts) // 2
+
+
+def test_updating_every_second_step_sends_nothing_in_between_and_updates_from_both_steps(two_processes):
+    result = two_processes[0]["every2"]
+    assert result["sent"][0] == [] and result["reads"][0] == []  # the first step: no exchange, no read
+    assert result["steps"] == [2] * len(WIDTHS)  # yet every folded weight was reformed at both steps
+    for name, width in WIDTHS.items():
+        assert torch.equal(result["R"][name], two_processes[1]["every2"]["R"][name]), name
+        x = torch.cat([rows_of(name, rank, step) for step in (0, 1) for rank in (0, 1)])
+        R = reference_update(torch.eye(width, dtype=torch.float64), x) if x.shape[0] else torch.eye(width).double()
+        torch.testing.assert_close(result["R"][name], R, rtol=1e-10, atol=1e-12)
+
+
+def test_a_bad_transfer_dtype_is_refused_on_one_process_too():
+    module = Decorrelation(4, sample_fraction=1.0)
+    module.observe(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="transfer_dtype must be one of"):
+        decorrelation_step([module], lr=0.1, kappa=0.1, transfer_dtype="int8")
+
+
 def test_statistics_gathered_after_the_exchange_began_are_refused():
     module = Decorrelation(8, sample_fraction=1.0)
     module.observe(torch.randn(3, 8))
@@ -225,17 +270,23 @@ def test_upper_triangle_round_trip():
     assert torch.equal(symmetric_from_upper_triangle(values, 7), symmetric)
 
 
+def tiny_mae():
+    from hf_dbp import ViTMAEDBPConfig, ViTMAEDBPForPreTraining
+
+    torch.manual_seed(0)
+    return ViTMAEDBPForPreTraining(ViTMAEDBPConfig(
+        image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+        decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32,
+    ))  # fmt: skip
+
+
 def test_dbp_trainer_reads_the_device_once_per_optimizer_step(tmp_path, monkeypatch):
     from datasets import Dataset
     from transformers import TrainingArguments
 
-    from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
+    from hf_dbp import DBPTrainer
 
-    torch.manual_seed(0)
-    model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(
-        image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-        decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32,
-    ))  # fmt: skip
+    model = tiny_mae()
     data = Dataset.from_dict({"pixel_values": torch.randn(16, 3, 16, 16).numpy()}).with_format("torch")
     args = TrainingArguments(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3,
                              logging_steps=100, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True,
@@ -253,6 +304,44 @@ def test_dbp_trainer_reads_the_device_once_per_optimizer_step(tmp_path, monkeypa
     assert reads == [["decorrelation_step"]] * 3
 
 
+def test_dbp_trainer_updates_R_every_k_steps_and_reforms_the_folds_at_every_step(tmp_path):
+    from datasets import Dataset
+
+    from hf_dbp import DBPTrainer
+    from hf_dbp.core.model import decorrelation_modules
+    from hf_dbp.training.training_args import DBPTrainingArguments
+
+    model = tiny_mae()
+    data = Dataset.from_dict({"pixel_values": torch.randn(24, 3, 16, 16).numpy()}).with_format("torch")
+    args = DBPTrainingArguments(tmp_path, per_device_train_batch_size=4, max_steps=6, decorrelation_update_every=3,
+                                logging_steps=100, report_to="none", save_strategy="no", disable_tqdm=True,
+                                use_cpu=True, dataloader_num_workers=0)  # fmt: skip
+    trainer = DBPTrainer(model=model, args=args, train_dataset=data, track_emissions=False)
+    modules = decorrelation_modules(model)
+    history = []
+    update = trainer._decorrelation_update
+
+    def recorded():
+        update()
+        history.append([m.R.clone() for m in modules])
+
+    trainer._decorrelation_update = recorded
+    trainer.train()
+    previous = [[torch.eye(m.dim) for m in modules]] + history[:-1]
+    moved = [not all(map(torch.equal, before, after)) for before, after in zip(previous, history, strict=True)]
+    assert moved == [False, False, True, False, False, True]
+    assert all(m.steps == 6 for m in modules)
+    assert len(trainer._decorrelation_losses) == 2  # a loss per update, not per step
+
+
+@pytest.mark.parametrize("flag, value", [("decorrelation_update_every", 0), ("decorrelation_transfer_dtype", "fp8")])
+def test_bad_exchange_settings_are_refused_with_their_name(tmp_path, flag, value):
+    from hf_dbp.training.training_args import DBPTrainingArguments
+
+    with pytest.raises(ValueError, match=flag):
+        DBPTrainingArguments(tmp_path, report_to="none", **{flag: value})
+
+
 def test_rows_drawn_on_the_device_come_from_the_samplers_state_reproducibly():
     """On an accelerator the row indices are drawn there (no copy from the host in the forward); the sampler's CPU
     state still decides them, so checkpoints and resuming work as on the CPU. Run here on the CPU's device."""
@@ -268,3 +357,45 @@ def test_rows_drawn_on_the_device_come_from_the_samplers_state_reproducibly():
     sampler.set_state(start)
     assert torch.equal(_sample_rows_on_device(like, 50, 10, sampler.state), first)
     assert torch.equal(_sample_rows_on_device(like, 50, 10, sampler.state), second)
+
+
+@pytest.mark.parametrize("variance_form", ["rows", "columns"])
+def test_batched_updates_of_equal_shaped_R_equal_the_one_by_one_updates(variance_form):
+    """Stacks of equal-shaped R (both forms of the statistics), one R refused by the guard inside a stack, a group
+    split by the byte bound; the device still read once."""
+    import hf_dbp.core.decorrelation as core
+
+    torch.manual_seed(0)
+
+    def make():
+        torch.manual_seed(1)
+        modules = [Decorrelation(d, sample_fraction=1.0) for d in (16, 16, 16, 12, 12, 12, 16, 8)]
+        for i, m in enumerate(modules):
+            m.R.data += 0.05 * torch.randn(m.dim, m.dim)
+            m.observe(torch.randn(4 if 3 <= i <= 5 else 60, m.dim))  # rows for the 12s (2 x 4 < 12), else X
+        modules[4].R.data[0, 0] = float("inf")  # refused, alone, inside its stack
+        return modules
+
+    one_by_one, batched = make(), make()
+    loss = decorrelation_step(one_by_one, lr=0.1, kappa=0.2, variance_form=variance_form, batch_updates=False)
+    original, rule, stacks = core._BATCH_BYTES, core.update_rule, []
+
+    def recorded(R, *args, **kwargs):
+        stacks.append(tuple(R.shape))
+        return rule(R, *args, **kwargs)
+
+    core._BATCH_BYTES = 2 * 16 * 16 * 4  # the four 16-wide R with X: two stacks of two
+    core.update_rule = recorded
+    try:
+        with Reads() as counter:
+            batched_loss = decorrelation_step(batched, lr=0.1, kappa=0.2, variance_form=variance_form,
+                                              batch_updates=True)  # fmt: skip
+    finally:
+        core._BATCH_BYTES, core.update_rule = original, rule
+    assert sorted(stacks) == [(2, 16, 16), (2, 16, 16), (3, 12, 12), (8, 8)]  # the 8-wide R alone, unstacked
+    assert counter.callers == ["decorrelation_step"]
+    assert batched_loss == pytest.approx(loss, rel=1e-6)
+    assert [m.skipped_updates for m in batched] == [m.skipped_updates for m in one_by_one] == [0, 0, 0, 0, 1, 0, 0, 0]
+    for a, b in zip(one_by_one, batched, strict=True):
+        torch.testing.assert_close(b.R, a.R, rtol=1e-6, atol=1e-7, equal_nan=True)
+    assert not torch.equal(batched[0].R, make()[0].R)  # the stacked R were written back

@@ -275,3 +275,15 @@ def test_a_sweep_variants_rate_and_weight_decay_are_the_runs_whatever_the_method
     assert (optimizer, sweep.learning_rate(kind, optimizer, args)) == ("soap", 6e-3)  # the peer's own rate
     kind, optimizer, args = sweep.parse_variant("bp", base)
     assert sweep.learning_rate(kind, optimizer, args) == 3e-3 and args.optimizers == ["adamw"]
+
+
+def test_dbp_updating_every_k_steps_is_one_more_record_against_bp(compare_module, tmp_path):
+    args = compare_module.ComparisonArguments(decorrelation_update_every=[1, 4])
+    command = compare_module.pretraining_command(args, 0, False, str(tmp_path), 1e-3, "adamw",
+                                                 compare_module.update_every_of("dbp_every4"))  # fmt: skip
+    dbp_arguments, training = run_mae_arguments(command)
+    assert not dbp_arguments.bp_baseline and training.decorrelation_update_every == 4
+    assert run_mae_arguments(compare_module.pretraining_command(args, 0, False, str(tmp_path), 1e-3))[1].decorrelation_update_every == 1
+    assert compare_module.baseline_of("dbp_every4") == "bp" and compare_module.baseline_of("dbp_muon") == "bp_muon"
+    with pytest.raises(ValueError, match="decorrelation_update_every"):
+        compare_module.ComparisonArguments(decorrelation_update_every=[0])

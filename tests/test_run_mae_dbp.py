@@ -231,6 +231,12 @@ def early_exits(tmp_path_factory) -> dict[str, Run]:
         "no_image_column": ["--dataset_name", text_data],
         "wrong_image_column_name": ["--train_dir", root / "images", "--image_column_name", "nope"],
         "bert_checkpoint": ["--train_dir", root / "images", "--model_name_or_path", root / "bert"],
+        "missing_train_dir": ["--train_dir", root / "no_such_images"],
+        "empty_train_dir": ["--train_dir", root / "text_data"],  # a folder, but not one image in it
+        # A bad DBP flag (or checkpoint) with data that would fail too: the flag's error comes first, before the data.
+        "bad_decorrelation_lr": ["--train_dir", root / "no_such_images", "--decorrelation_lr", "-1"],
+        "bad_layer_kind": ["--train_dir", root / "no_such_images", "--decorrelation_layers", "qkv", "fc3"],
+        "bert_before_data": ["--train_dir", root / "no_such_images", "--model_name_or_path", root / "bert"],
     }
     results = run_concurrently({
         name: partial(run_script, *name_args, "--output_dir", root / name / "out", *TINY_FLAGS, hf_home=root / name / "hf_home")
@@ -413,6 +419,25 @@ def test_checkpoint_of_another_model_type_is_refused(early_exits):
     assert "'bert'" in error, error
 
 
+@pytest.mark.parametrize("name, words", [
+    ("missing_train_dir", ("--train_dir", "no_such_images", "no such folder")),
+    ("empty_train_dir", ("--train_dir", "text_data", "holds no image file", "1 files", ".png")),
+])  # fmt: skip
+def test_a_missing_or_imageless_train_dir_is_named_with_what_was_looked_for(early_exits, name, words):
+    error = assert_failed_before_training(early_exits[name])
+    assert all(word in error for word in words), error
+    assert "corresponds to no data" not in early_exits[name].output
+
+
+@pytest.mark.parametrize("name, words", [
+    ("bad_decorrelation_lr", ("decorrelation_lr", "-1")), ("bad_layer_kind", ("fc3",)), ("bert_before_data", ("'bert'",)),
+])  # fmt: skip
+def test_bad_dbp_settings_and_checkpoints_are_refused_before_the_data_is_read(early_exits, name, words):
+    error = assert_failed_before_training(early_exits[name])
+    assert all(word in error for word in words), error
+    assert "no_such_images" not in early_exits[name].output  # the data (a missing folder here) was never touched
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 5. Starting from a plain ViTMAE checkpoint
 
@@ -504,3 +529,23 @@ def test_config_file_as_only_argument(tmp_path, file_format):
     ]
     assert len(training_records(output_dir)) == 3
     assert_finite_losses(output_dir)
+
+
+def test_a_settings_file_plus_flags_says_the_file_must_be_the_only_argument(tmp_path, monkeypatch, capsys):
+    from dataclasses import dataclass
+
+    from hf_dbp.tasks.scripts import parse_script_arguments
+
+    @dataclass
+    class Settings:
+        output_dir: str = "out"
+        max_steps: int = -1
+
+    (tmp_path / "run.yaml").write_text("output_dir: out\n")
+    monkeypatch.setattr(sys, "argv", ["run_mae_dbp.py", str(tmp_path / "run.yaml"), "--max_steps", "2"])
+    with pytest.raises(SystemExit):
+        parse_script_arguments([Settings], {})
+    error = capsys.readouterr().err
+    assert "run.yaml is a settings file" in error and "only argument" in error and "--max_steps 2" in error, error
+    monkeypatch.setattr(sys, "argv", ["run_mae_dbp.py", str(tmp_path / "run.yaml")])
+    assert parse_script_arguments([Settings], {})[0].output_dir == "out"

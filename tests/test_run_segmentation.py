@@ -530,3 +530,27 @@ def test_without_checkpoint_starts_from_a_fresh_encoder(runs):
     assert read_json(run.output_dir / "config.json")["backbone_config"]["hidden_size"] == 96  # the script's fresh one
     cwd = run.output_dir.parent.parent / "fresh_cwd"
     assert not list(cwd.iterdir()), list(cwd.iterdir())
+
+
+def _segmentation_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_segmentation", SEGMENTATION_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_crop_that_cannot_fit_memory_is_refused_before_the_data_naming_the_numbers(tmp_path):
+    """What the out-of-memory killer did silently at 23.6 GB: 512 px around a patch-4 encoder, 16,384 tokens per
+    image. The default crop (32 patches) fits; 512 px is refused with the tokens, the GiB and the way out."""
+    script = _segmentation_module()
+    encoder = ViTMAEConfig(image_size=32, patch_size=4, hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
+                           intermediate_size=384)  # fmt: skip
+    args = script.SegmentationTrainingArguments(tmp_path, per_device_train_batch_size=8, report_to="none", use_cpu=True)
+    script.check_fits_in_memory(encoder, script.CROP_PATCHES * encoder.patch_size, args)  # 128 px: fits
+    with pytest.raises(ValueError) as refused:
+        script.check_fits_in_memory(encoder, 512, args)
+    message = str(refused.value)
+    assert "--crop_size 512" in message and "16,384 tokens" in message and "GiB" in message and "128 px" in message
+    assert script.DataTrainingArguments().crop_size is None  # sized from the encoder unless asked

@@ -123,3 +123,29 @@ def test_short_training_on_natural_images(tmp_path, tiny_kwargs):
     assert mean(dbp_loss[-3:]) < 0.9 * mean(dbp_loss[:3])
     assert mean(dbp_decorrelation[-3:]) < 0.5 * mean(dbp_decorrelation[:3])
     assert mean(dbp_decorrelation[-3:]) < mean(bp_decorrelation[-3:])
+
+
+def test_no_pinned_memory_is_asked_for_without_an_accelerator(tmp_path):
+    """torch warns at every data loader that pins memory without an accelerator (about 18 times in the demo)."""
+    import warnings
+
+    from hf_dbp.training.training_args import DBPTrainingArguments
+
+    args = DBPTrainingArguments(tmp_path, report_to="none", use_cpu=True)
+    assert args.dataloader_pin_memory is False
+    loader_warnings = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from datasets import Dataset
+
+        from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
+
+        model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=1,
+                                                        num_attention_heads=2, intermediate_size=48,
+                                                        decoder_hidden_size=16, decoder_num_hidden_layers=1,
+                                                        decoder_num_attention_heads=2, decoder_intermediate_size=32))  # fmt: skip
+        data = Dataset.from_dict({"pixel_values": torch.randn(8, 3, 16, 16).numpy()}).with_format("torch")
+        trainer = DBPTrainer(model=model, args=args, train_dataset=data, track_emissions=False)
+        next(iter(trainer.get_train_dataloader()))
+        loader_warnings = [w for w in caught if "pin_memory" in str(w.message)]
+    assert loader_warnings == []

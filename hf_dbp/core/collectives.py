@@ -16,6 +16,12 @@ carry that exactly (no approximation, and the same R on every process):
 Which form a layer takes depends on the row counts of all processes, exchanged first: a few integers, sent over a
 CPU (gloo) group so that no accelerator is read. All layers then travel in one all-reduce and (NCCL) one
 all-gather, run concurrently (``async_op``).
+
+Optionally the numbers travel in 16 bits (``transfer_dtype``), half the bytes: the rows as they are, and each
+triangle divided by the layer's total row count first, so that what is summed is the second moment X (entries of
+order 1) and not a sum that grows with the batch (float16 would overflow). Every process receives the very same
+16-bit numbers and converts them back the same way, so R stays identical across processes; what changes is R itself,
+by the rounding of its statistics (measured: ``benchmarks/distributed_step.py --transfer_dtype``, README).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import torch.distributed as dist
 Statistics = tuple[int, "torch.Tensor | None", "torch.Tensor | None"]
 
 _HOST_GROUPS: dict = {}
+TRANSFER_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""What ``transfer_dtype`` may name: None (or "float32") sends the statistics in R's precision."""
 # torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single; hf_dbp supports torch >= 2.4.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -46,6 +54,15 @@ def host_group(group=None):
     if "world" not in _HOST_GROUPS:
         _HOST_GROUPS["world"] = dist.new_group(backend="gloo")
     return _HOST_GROUPS["world"]
+
+
+def resolve_transfer_dtype(transfer_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The dtype the statistics travel in (None: R's own), from a dtype or a name in :data:`TRANSFER_DTYPES`."""
+    if transfer_dtype is None or isinstance(transfer_dtype, torch.dtype) and transfer_dtype.is_floating_point:
+        return None if transfer_dtype in (None, torch.float32) else transfer_dtype
+    if transfer_dtype not in TRANSFER_DTYPES:
+        raise ValueError(f"transfer_dtype must be one of {list(TRANSFER_DTYPES)}, got {transfer_dtype!r}")
+    return TRANSFER_DTYPES[transfer_dtype]
 
 
 def upper_triangle(matrix: torch.Tensor) -> torch.Tensor:
@@ -95,12 +112,21 @@ class StatisticsExchange:
     `dims[i]` is the width of layer i's R; `local[i]` holds its rows while they have not been folded into a sum on
     this process (see `Decorrelation.observe`), else its sum of z^T z (or neither, without rows). Every process
     gets the same values, on `device` in `dtype` (R's). All layers travel together: one all-reduce (the triangles;
-    on gloo the rows too) and, where rows travel by all-gather, one all-gather, concurrently.
+    on gloo the rows too) and, where rows travel by all-gather, one all-gather, concurrently. `transfer_dtype` (a
+    16-bit float dtype, or a name in :data:`TRANSFER_DTYPES`) sends them in that precision instead.
     """
 
     def __init__(
-        self, dims: list[int], local: list[Statistics], device: torch.device, dtype: torch.dtype, group=None
+        self,
+        dims: list[int],
+        local: list[Statistics],
+        device: torch.device,
+        dtype: torch.dtype,
+        group=None,
+        transfer_dtype: torch.dtype | str | None = None,
     ) -> None:
+        transfer_dtype = resolve_transfer_dtype(transfer_dtype)
+        wire = dtype if transfer_dtype is None else transfer_dtype
         counts = _gather_counts([count for count, _, _ in local], group, device)
         world = len(counts)
         gather = rows_by_all_gather(group)
@@ -118,7 +144,7 @@ class StatisticsExchange:
             if rows_form[i]:
                 if zz is not None:  # cannot happen, by the bound above
                     raise RuntimeError(f"a process folded the rows of a {dims[i]}-wide R that all processes send as rows")
-                chunk = torch.zeros(1 if gather else world, padded[i], dims[i], dtype=dtype, device=device)
+                chunk = torch.zeros(1 if gather else world, padded[i], dims[i], dtype=wire, device=device)
                 if count:
                     chunk[0 if gather else rank, :count] = rows
                 (row_chunks if gather else reduced_chunks).append(chunk.reshape(-1))
@@ -126,7 +152,10 @@ class StatisticsExchange:
             if not rows_form[i]:
                 if zz is None:  # rows not folded into a sum yet, or no rows on this process
                     zz = rows.t() @ rows if rows is not None else torch.zeros(dims[i], dims[i], dtype=dtype, device=device)
-                reduced_chunks.append(upper_triangle(zz.to(dtype)))
+                triangle = upper_triangle(zz.to(dtype))
+                if wire != dtype:  # X's entries, of order 1, travel; the sum is restored from them after the exchange
+                    triangle = (triangle / max(totals[i], 1)).to(wire)
+                reduced_chunks.append(triangle)
 
         self._work = []
         self._gathered = self._reduced = None
@@ -137,15 +166,15 @@ class StatisticsExchange:
         if reduced_chunks:
             self._reduced = torch.cat(reduced_chunks)
             self._work.append(dist.all_reduce(self._reduced, op=dist.ReduceOp.SUM, group=group, async_op=True))
-        self._layout = (dims, counts, totals, rows_form, padded, gather)
+        self._layout = (dims, counts, totals, rows_form, padded, gather, dtype, wire)
 
     def wait(self) -> list[Statistics]:
         for work in self._work:
             work.wait()
-        dims, counts, totals, rows_form, padded, gather = self._layout
+        dims, counts, totals, rows_form, padded, gather, dtype, wire = self._layout
         world = len(counts)
-        gathered = self._gathered.reshape(world, -1) if self._gathered is not None else None
-        reduced = self._reduced
+        gathered = self._gathered.reshape(world, -1).to(dtype) if self._gathered is not None else None
+        reduced = self._reduced.to(dtype) if self._reduced is not None else None
         combined: dict[int, Statistics] = {}
         gathered_offset = reduced_offset = 0
         for i, dim in enumerate(dims):
@@ -166,6 +195,8 @@ class StatisticsExchange:
             if not rows_form[i]:
                 size = dim * (dim + 1) // 2
                 zz = symmetric_from_upper_triangle(reduced[reduced_offset : reduced_offset + size], dim)
+                if wire != dtype:
+                    zz = zz * totals[i]
                 combined[i] = (totals[i], zz, None)
                 reduced_offset += size
         return [combined[i] for i in range(len(dims))]

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .collectives import StatisticsExchange
+from .collectives import StatisticsExchange, resolve_transfer_dtype
 
 
 def _in_backward_pass() -> bool:
@@ -342,41 +342,61 @@ class Decorrelation(nn.Module):
         step over many R reads the device once, for all of them (:func:`decorrelation_step`)."""
         if variance_form not in VARIANCE_FORMS:
             raise ValueError(f"variance_form must be one of {VARIANCE_FORMS}, got {variance_form!r}")
-        R = self.R
-        if second_moment is not None:
-            second_moment = second_moment.to(R.dtype)
-            variance = torch.diagonal(second_moment)
-            squared_sum = torch.linalg.vector_norm(second_moment) ** 2  # sum of X_ij^2, no d x d temporary
-        else:
-            n = rows.shape[0]
-            variance = rows.pow(2).sum(0) / n
-            squared_sum = torch.linalg.vector_norm(rows @ rows.t()) ** 2 / n**2  # ||z^T z||_F = ||z z^T||_F
-        v = variance - 1.0  # mean over rows of (z*z - 1) is the diagonal of X minus one
-        off_diagonal = squared_sum - variance.pow(2).sum()
-        loss = ((1.0 - kappa) * off_diagonal + kappa * v.pow(2).sum()) / self.dim**2
-        if lr == 0.0:
-            return loss, torch.ones((), dtype=torch.bool, device=R.device)
-        # R - lr [(1 - kappa) (X - diag X) R + kappa diag(v) R]
-        #   = diag(1 - lr (kappa v - (1 - kappa) diag X)) R - lr (1 - kappa) X R.
-        # diag(v) @ R scales the rows of R, normalising the variance of each output z_i. The reference code's `v * R`
-        # scales columns instead, R diag(v); the two agree only while R commutes with diag(v) (e.g. R diagonal, as at
-        # the first step from R = I). A symmetric R is not enough.
-        # One d x d temporary, written once and finished by a single fused GEMM (addmm_), then one pass to check it
-        # and one to write it back: the d x d passes, not the arithmetic, dominate the step of fc2's 3072 x 3072 R.
-        if variance_form == "rows":
-            new_r = R * (1.0 - lr * (kappa * v - (1.0 - kappa) * variance))[:, None]
-        else:  # R diag(v): one more d x d pass, scaling the columns
-            new_r = R * (1.0 + lr * (1.0 - kappa) * variance)[:, None]
-            new_r.addcmul_(R, v[None, :], value=-lr * kappa)
-        if second_moment is not None:
-            new_r.addmm_(second_moment, R, alpha=-lr * (1.0 - kappa))
-        else:
-            new_r.addmm_(rows.t(), rows @ R, alpha=-lr * (1.0 - kappa) / rows.shape[0])
-        # A sum is finite only if every entry is (NaN and inf propagate), and needs no d x d mask. The decision stays
-        # on the device (torch.where, not an `if`): no host sync per R.
-        applied = torch.isfinite(loss) & (loss <= max_loss) & torch.isfinite(new_r.sum())
-        torch.where(applied, new_r, R, out=R)
-        return loss, applied
+        return update_rule(self.R, second_moment, rows, lr, kappa, max_loss, variance_form)
+
+
+@torch.no_grad()
+def update_rule(
+    R: torch.Tensor,
+    second_moment: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    lr: float,
+    kappa: float,
+    max_loss: float = math.inf,
+    variance_form: str = "rows",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DBP update of ``R`` in place, guarded, from ``X`` or the rows: :meth:`Decorrelation.update`'s arithmetic.
+
+    ``R`` is one ``(d, d)`` matrix, or a stack ``(B, d, d)`` of equal-shaped ones updated together (``second_moment``
+    ``(B, d, d)`` or ``rows`` ``(B, n, d)``); the loss and the guard's decision then come per matrix, shape ``(B,)``.
+    """
+    batched = R.dim() == 3
+    matrix_dims = (-2, -1) if batched else None  # one 2-D R reduces as before: the same bits as one R always had
+    if second_moment is not None:
+        second_moment = second_moment.to(R.dtype)
+        variance = torch.diagonal(second_moment, dim1=-2, dim2=-1)
+        squared_sum = torch.linalg.vector_norm(second_moment, dim=matrix_dims) ** 2  # sum of X_ij^2, no d x d temporary
+    else:
+        n = rows.shape[-2]
+        variance = rows.pow(2).sum(-2) / n
+        squared_sum = torch.linalg.vector_norm(rows @ rows.mT, dim=matrix_dims) ** 2 / n**2  # ||z^T z|| = ||z z^T||
+    v = variance - 1.0  # mean over rows of (z*z - 1) is the diagonal of X minus one
+    off_diagonal = squared_sum - variance.pow(2).sum(-1)
+    loss = ((1.0 - kappa) * off_diagonal + kappa * v.pow(2).sum(-1)) / R.shape[-1] ** 2
+    if lr == 0.0:
+        return loss, torch.ones(loss.shape, dtype=torch.bool, device=R.device)
+    # R - lr [(1 - kappa) (X - diag X) R + kappa diag(v) R]
+    #   = diag(1 - lr (kappa v - (1 - kappa) diag X)) R - lr (1 - kappa) X R.
+    # diag(v) @ R scales the rows of R, normalising the variance of each output z_i. The reference code's `v * R`
+    # scales columns instead, R diag(v); the two agree only while R commutes with diag(v) (e.g. R diagonal, as at
+    # the first step from R = I). A symmetric R is not enough.
+    # One d x d temporary, written once and finished by a single fused GEMM (addmm_), then one pass to check it
+    # and one to write it back: the d x d passes, not the arithmetic, dominate the step of fc2's 3072 x 3072 R.
+    if variance_form == "rows":
+        new_r = R * (1.0 - lr * (kappa * v - (1.0 - kappa) * variance))[..., :, None]
+    else:  # R diag(v): one more d x d pass, scaling the columns
+        new_r = R * (1.0 + lr * (1.0 - kappa) * variance)[..., :, None]
+        new_r.addcmul_(R, v[..., None, :], value=-lr * kappa)
+    fused = new_r.baddbmm_ if batched else new_r.addmm_
+    if second_moment is not None:
+        fused(second_moment, R, alpha=-lr * (1.0 - kappa))
+    else:
+        fused(rows.mT, rows @ R, alpha=-lr * (1.0 - kappa) / rows.shape[-2])
+    # A sum is finite only if every entry is (NaN and inf propagate), and needs no d x d mask. The decision stays
+    # on the device (torch.where, not an `if`): no host sync per R.
+    applied = torch.isfinite(loss) & (loss <= max_loss) & torch.isfinite(new_r.sum(dim=matrix_dims))
+    torch.where(applied[..., None, None] if batched else applied, new_r, R, out=R)
+    return loss, applied
 
 
 def _rebase(layer: nn.Module, cls: type, decorrelation: Decorrelation, record_statistics: bool) -> nn.Module:
@@ -752,7 +772,9 @@ class PendingStatistics:
 
 
 @torch.no_grad()
-def begin_decorrelation_step(decorrelations: Iterable[Decorrelation], process_group=None) -> PendingStatistics:
+def begin_decorrelation_step(
+    decorrelations: Iterable[Decorrelation], process_group=None, transfer_dtype: torch.dtype | str | None = None
+) -> PendingStatistics:
     """Take the statistics gathered since the last step out of the modules and, under ``torch.distributed``, start
     combining them across processes; pass the result to :func:`decorrelation_step` as ``pending``.
 
@@ -760,7 +782,11 @@ def begin_decorrelation_step(decorrelations: Iterable[Decorrelation], process_gr
     runs while the backward and the optimizer step do, off the critical path (:class:`DBPTrainer` does this). Every
     process must call it at the same point, as any collective. Forwards between the two calls must not gather
     statistics (the step refuses them).
+
+    ``transfer_dtype``: ``"bfloat16"`` or ``"float16"`` sends the statistics in 16 bits (half the bytes; R stays the
+    same on every process but rounds differently: :mod:`hf_dbp.core.collectives`); ``None`` sends R's float32.
     """
+    transfer_dtype = resolve_transfer_dtype(transfer_dtype)  # a bad name fails on one process as on several
     decorrelations = list(decorrelations)
     # Per layer: (count, second-moment sum or None, rows or None). Each layer updates from its rows while they are
     # the cheaper form (few rows: 2 n < d), else from z^T z; over several processes the same rule is applied to all
@@ -778,7 +804,7 @@ def begin_decorrelation_step(decorrelations: Iterable[Decorrelation], process_gr
     # DBPTrainer begins inside the forward's autocast; z^T z formed here for the exchange must keep R's precision.
     with torch.autocast(device_type=reference.device.type, enabled=False):
         exchange = StatisticsExchange([d.dim for d in decorrelations], statistics, reference.device, reference.dtype,
-                                      process_group)  # fmt: skip
+                                      process_group, transfer_dtype)  # fmt: skip
     return PendingStatistics(decorrelations, statistics=None, exchange=exchange)
 
 
@@ -792,6 +818,9 @@ def decorrelation_step(
     on_divergence: str = "skip",
     variance_form: str = "rows",
     pending: PendingStatistics | None = None,
+    transfer_dtype: torch.dtype | str | None = None,
+    update: bool = True,
+    batch_updates: bool | None = None,
 ) -> float | None:
     """Update every ``R`` from the statistics gathered since the last call, then clear them.
 
@@ -809,7 +838,17 @@ def decorrelation_step(
     :class:`DecorrelationDiverged` (``"raise"``, after the other layers were updated) so that a run can stop rather
     than go on.
 
-    ``variance_form``: see :data:`VARIANCE_FORMS`.
+    ``variance_form``: see :data:`VARIANCE_FORMS`. ``transfer_dtype``: see :func:`begin_decorrelation_step`.
+
+    ``update=False`` takes an optimizer step without a decorrelation update: the statistics are kept (and go on
+    accumulating) for the next call that updates, nothing is exchanged, and the layers' folded weights ``W R`` are
+    still reformed for the new ``W``. Passing ``update=(step + 1) % k == 0`` updates R every k optimizer steps from
+    the statistics of all k, with a k-th of the traffic (:class:`DBPTrainer`: ``--decorrelation_update_every``).
+
+    ``batch_updates``: update equal-shaped R together, a stack at a time (one batched GEMM for many R, up to
+    64 MiB per stack), instead of one after the other; ``None`` (the default) batches on accelerators, where each
+    small R's update is bound by kernel launches, and not on the CPU. The results equal the one-by-one updates up to
+    float rounding, and are the same on every process.
 
     Returns:
         The mean decorrelation loss over the layers that saw rows (finite losses only), or ``None`` if none did.
@@ -818,27 +857,44 @@ def decorrelation_step(
         raise ValueError(f"on_divergence must be 'skip' or 'raise', got {on_divergence!r}")
     if variance_form not in VARIANCE_FORMS:
         raise ValueError(f"variance_form must be one of {VARIANCE_FORMS}, got {variance_form!r}")
+    resolve_transfer_dtype(transfer_dtype)
     decorrelations = list(decorrelations)
     if not decorrelations:
         return None
     for d in decorrelations:
         # The folded weights W R are reformed after every optimizer step, also where W was written behind its version
-        # counter (sharded optimizers) and where R did not move (lr = 0).
+        # counter (sharded optimizers) and where R did not move (lr = 0 or no update at this step).
         d.steps += 1
+    if not update:
+        if pending is not None:
+            raise ValueError("decorrelation_step was given a pending exchange with update=False")
+        return None
     reference = decorrelations[0].R
     if pending is None:
-        pending = begin_decorrelation_step(decorrelations, process_group)
+        pending = begin_decorrelation_step(decorrelations, process_group, transfer_dtype)
     elif pending.decorrelations != decorrelations:
         raise ValueError("decorrelation_step was given the pending exchange of other modules")
     elif any(d.num_rows for d in decorrelations):
         raise RuntimeError("statistics were gathered after begin_decorrelation_step; call it after the last forward")
     statistics = pending.wait()
     # Every update stays on the device; the losses and the guard's decisions of all layers are read in one go.
+    updates = [(d, zz / count if zz is not None else None, rows)
+               for d, (count, zz, rows) in zip(decorrelations, statistics, strict=True) if count > 0]  # fmt: skip
+    if batch_updates is None:  # an accelerator pays a kernel launch per operation and R; a CPU does not
+        batch_updates = reference.device.type != "cpu"
     results = []
-    for d, (count, zz, rows) in zip(decorrelations, statistics, strict=True):
-        if count > 0:
-            second_moment = zz / count if zz is not None else None
+    for group in _equal_shaped_groups(updates) if batch_updates else [[u] for u in updates]:
+        if len(group) == 1:
+            d, second_moment, rows = group[0]
             results.append((d, *d.update(second_moment, lr, kappa, max_loss, rows=rows, variance_form=variance_form)))
+            continue
+        matrices = [d.R for d, _, _ in group]
+        stacked = torch.stack(matrices)  # a transient copy of this group only (bounded by _BATCH_BYTES), not of every R
+        second_moments = torch.stack([m for _, m, _ in group]) if group[0][1] is not None else None
+        rows = torch.stack([r for _, _, r in group]) if group[0][1] is None else None
+        loss, applied = update_rule(stacked, second_moments, rows, lr, kappa, max_loss, variance_form)
+        torch._foreach_copy_(matrices, list(stacked.unbind(0)))
+        results += [(d, loss[i], applied[i]) for i, (d, _, _) in enumerate(group)]
     if not results:
         return None
     values = torch.stack([t.to(reference.dtype) for _, loss, applied in results for t in (loss, applied)]).tolist()
@@ -856,6 +912,26 @@ def decorrelation_step(
             + (f" ({len(diverged)} R in all)" if len(diverged) > 1 else "")
         )
     return sum(losses) / len(losses) if losses else None
+
+
+_BATCH_BYTES = 64 * 2**20
+"""The most bytes one stack of R takes in a batched update (every 768 x 768 R of ViT-B in one; fc2's 3072 x 3072, a
+GEMM big enough on its own, one at a time)."""
+
+
+def _equal_shaped_groups(updates: list) -> list[list]:
+    """`(module, X or None, rows or None)` grouped by what can be stacked: R's shape, dtype and device, and the form
+    of the statistics (X, or as many rows); each group at most `_BATCH_BYTES` of R."""
+    groups: dict = {}
+    for update in updates:
+        d, second_moment, rows = update
+        key = (d.R.shape, d.R.dtype, d.R.device, None if second_moment is not None else rows.shape)
+        groups.setdefault(key, []).append(update)
+    chunks = []
+    for group in groups.values():
+        size = max(1, _BATCH_BYTES // (group[0][0].R.numel() * group[0][0].R.element_size()))
+        chunks += [group[i : i + size] for i in range(0, len(group), size)]
+    return chunks
 
 
 @torch.no_grad()

@@ -125,7 +125,7 @@ def decorrelation_step(
     Given a model, `lr`, `kappa` and the variance form come from its `DecorrelationConfig` unless passed; `lr_scale`
     multiplies the lr (e.g. the weights' schedule factor). Given the `Decorrelation` modules themselves, `lr` and
     `kappa` are required. Other keyword arguments (`max_loss`, `on_divergence`, `process_group`, `pending` from
-    `begin_decorrelation_step`) are those of
+    `begin_decorrelation_step`, `transfer_dtype`, `update`) are those of
     `hf_dbp.core.decorrelation.decorrelation_step`. Returns the mean decorrelation loss, or None if no forward ran.
     """
     if isinstance(model, nn.Module):

@@ -152,6 +152,27 @@ def demo_image_dataset(
     )
 
 
+def check_image_folder(path: str, flag: str) -> None:
+    """Raise a `ValueError` naming `flag`, `path` and what was looked for, unless `path` is a folder holding at least
+    one image file (searched recursively, with the extensions datasets' `imagefolder` reads). Called before any data
+    is loaded, so that a typo fails in a second, not after a scan of the rest."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    if not os.path.exists(path):
+        raise ValueError(f"{flag} {path}: no such folder (from {os.getcwd()})")
+    if not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a file; it takes a folder of images (searched recursively)")
+    extensions = {extension.lower() for extension in ImageFolder.EXTENSIONS}
+    seen = 0
+    for _, _, files in os.walk(path):
+        seen += len(files)
+        if any(os.path.splitext(name)[1].lower() in extensions for name in files):
+            return
+    examples = ", ".join(sorted(extensions & {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}))
+    raise ValueError(f"{flag} {path} holds no image file ({seen} files in it and its subfolders; looked for the "
+                     f"extensions datasets' imagefolder reads: {examples}, ...)")  # fmt: skip
+
+
 def find_image_column(dataset: Dataset, image_column_name: str | None) -> str:
     """The image column: the one named, else `image` or `img`; a clear error listing the columns otherwise."""
     columns = dataset.column_names

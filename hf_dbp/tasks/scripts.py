@@ -22,6 +22,13 @@ def parse_script_arguments(dataclass_types: Sequence[type], demo_args: dict) -> 
         return parser.parse_json_file(os.path.abspath(sys.argv[1]))
     if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
         return parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
+    files = [arg for arg in sys.argv[1:] if arg.endswith((".json", ".yaml", ".yml")) and not arg.startswith("-")]
+    if files and sys.argv[1] in files:
+        # transformers' convention: a settings file is the only argument, or flags only; say so instead of argparse's
+        # "unrecognized arguments".
+        parser.error(f"{files[0]} is a settings file: give it as the only argument (`{os.path.basename(sys.argv[0])} "
+                     f"{files[0]}`), or give every setting as flags; a file plus flags is not read. Put "
+                     f"{' '.join(sys.argv[2:])} into the file instead.")  # fmt: skip
     return parser.parse_args_into_dataclasses()
 
 
@@ -35,3 +42,10 @@ def setup_logging(training_args: transformers.TrainingArguments, script_logger: 
     transformers.utils.logging.set_verbosity(log_level)
     for name in (script_logger, "hf_dbp"):
         logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else log_level)
+
+
+def saved_files(folder: str) -> str:
+    """The files a run left in `folder` (not its checkpoint folders), for the last line of its log: only what is
+    there (no emissions.csv without emissions tracking, no plot that was not drawn)."""
+    names = sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name)))
+    return ", ".join(names) if names else "nothing"

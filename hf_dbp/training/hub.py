@@ -50,12 +50,14 @@ def push_folder(
 ) -> str:
     """Upload a saved model folder (checkpoint, model card, results, emissions) to a Hub model repo.
 
-    The folder must hold a model (`config.json`); a model card is written first if it has none. Intermediate
+    The folder must hold a model (`config.json`); a model card is written first if it has none, and the loading code
+    of an hf-dbp card (the folder's path) is made to name the repo id. Intermediate
     `checkpoint-*` folders stay behind. Returns the URL of the commit.
     """
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"{folder} holds no saved model (no config.json)")
-    if not os.path.isfile(os.path.join(folder, "README.md")):
+    card = os.path.join(folder, "README.md")
+    if not os.path.isfile(card):
         from transformers import AutoConfig
 
         import hf_dbp  # noqa: F401 - registers the config types the folder may hold
@@ -63,6 +65,14 @@ def push_folder(
         from .model_card import write_model_card
 
         write_model_card(folder, AutoConfig.from_pretrained(folder), model_name=repo_id)
+    else:
+        # hf-dbp's cards load from the folder's absolute path; on the Hub that is the repo id.
+        with open(card, encoding="utf-8") as file:
+            text = file.read()
+        local = f'"{os.path.abspath(folder)}"'
+        if local in text:
+            with open(card, "w", encoding="utf-8") as file:
+                file.write(text.replace(local, f'"{repo_id}"'))
     api = api or HfApi()
     api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
     commit = api.upload_folder(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -91,7 +92,17 @@ def _auto_class(config) -> tuple[str, str | None]:
     return "AutoModel", None
 
 
-def _generic_card(config, model_name, results, emissions, datasets, base_model, seconds, steps, extra_tags) -> ModelCard:
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def hub_dataset_ids(datasets: list[str] | None) -> list[str]:
+    """The entries of `datasets` that are Hub dataset ids (`name` or `owner/name`, not a local path): what the card's
+    `datasets:` metadata takes. Local folders and descriptions are named in the card's body only."""
+    return [d for d in datasets or [] if _HUB_ID.match(d) and not os.path.exists(d)]
+
+
+def _generic_card(config, model_name, results, emissions, datasets, base_model, seconds, steps, extra_tags,
+                  load_path) -> ModelCard:  # fmt: skip
     """The card of a model of any family decorrelated with `hf_dbp.decorrelate` (or its plain BP baseline)."""
     dbp = getattr(config, "decorrelation", None)
     auto, task = _auto_class(config)
@@ -112,7 +123,7 @@ def _generic_card(config, model_name, results, emissions, datasets, base_model, 
                "training_type": "fine-tuning" if base_model else "pre-training",
                "geographical_location": emissions.location, "hardware_used": emissions.hardware}  # fmt: skip
     data = ModelCardData(
-        library_name="transformers", tags=tags, datasets=datasets or None,
+        library_name="transformers", tags=tags, datasets=hub_dataset_ids(datasets) or None,
         base_model=base_model if base_model and not os.path.exists(base_model) else None, model_name=model_name,
         eval_results=eval_results or None, co2_eq_emissions=co2, pipeline_tag=task,
     )  # fmt: skip
@@ -148,16 +159,34 @@ def _generic_card(config, model_name, results, emissions, datasets, base_model, 
     lines += ["", "## How to load", "", "```python", f"from transformers import {auto}", ""]
     if dbp:
         lines += ["import hf_dbp  # pip install hf-dbp", "",
-                  f'model = hf_dbp.load_decorrelated({auto}, "{model_name}")  # every R restored',
+                  f'model = hf_dbp.load_decorrelated({auto}, "{load_path}")  # every R restored',
                   "plain = hf_dbp.merge_decorrelation(model)  # R folded into the weights: a plain model", "```", "",
-                  f'`{auto}.from_pretrained("{model_name}")` without hf-dbp loads the weights without R (a different '
+                  f'`{auto}.from_pretrained("{load_path}")` without hf-dbp loads the weights without R (a different '
                   "model); merge first to publish a checkpoint for plain transformers."]  # fmt: skip
     else:
-        lines += [f'model = {auto}.from_pretrained("{model_name}")', "```"]
+        lines += [f'model = {auto}.from_pretrained("{load_path}")', "```"]
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + "\n".join(lines) + "\n")
 
 
 _VARIANCE_TERMS = {"rows": "rows, diag(v) R", "columns": "columns, R diag(v) (the reference code's form)"}
+
+
+def card_training_facts(folder: str) -> dict:
+    """What the hf-dbp card in `folder` says about the training: `datasets`, `steps`, `training_seconds` (the keys
+    found), for a card written from it (`hf-dbp merge` keeps them)."""
+    path = os.path.join(folder, "README.md")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    facts = {}
+    if match := re.search(r"^\| data \| (.+) \|$", text, re.MULTILINE):
+        facts["datasets"] = [match.group(1)]
+    if match := re.search(r"^\| optimizer steps \| (\d+) \|$", text, re.MULTILINE):
+        facts["steps"] = int(match.group(1))
+    if match := re.search(r"^\| training time \| ([0-9.]+) s ", text, re.MULTILINE):
+        facts["training_seconds"] = float(match.group(1))
+    return facts
 
 
 def _dbp_settings(config) -> dict | None:
@@ -178,6 +207,8 @@ def build_model_card(
     steps: int | None = None,
     merged_from: str | None = None,
     extra_tags: list[str] | None = None,
+    load_path: str | None = None,
+    trained_with: dict | None = None,
 ) -> ModelCard:
     """A model card for a checkpoint of hf-dbp: MAE pre-training, segmentation, or any decorrelated model.
 
@@ -192,11 +223,15 @@ def build_model_card(
         training_seconds, steps: training time and optimizer steps.
         merged_from: for `hf-dbp merge` output: the DBP checkpoint whose R were folded in.
         extra_tags: more tags.
+        trained_with: for `hf-dbp merge` output: the DBP settings of the checkpoint it was merged from.
+        load_path: what the card's loading code passes to `from_pretrained`: the Hub repo id once pushed, the
+            folder's absolute path locally (default: `model_name`).
     """
     results = results or {}
+    load_path = load_path or model_name
     if not _is_vit_mae(config):
         return _generic_card(config, model_name, results, emissions, datasets, base_model, training_seconds, steps,
-                             extra_tags)  # fmt: skip
+                             extra_tags, load_path)  # fmt: skip
     segmentation = _is_segmentation(config)
     dbp = _dbp_settings(config)
     tags = ["hf-dbp", "mae", "vision-transformer"] + (["dbp", "decorrelated-backpropagation"] if dbp or merged_from else [])
@@ -228,18 +263,20 @@ def build_model_card(
     data = ModelCardData(
         library_name="transformers",
         tags=tags,
-        datasets=datasets or None,
+        datasets=hub_dataset_ids(datasets) or None,
         base_model=hub_base_model,
         model_name=model_name,
         eval_results=eval_results or None,
         co2_eq_emissions=co2,
     )
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + _body(
-        config, model_name, results, emissions, datasets, base_model, training_seconds, steps, merged_from, dbp, metrics
+        config, model_name, results, emissions, datasets, base_model, training_seconds, steps, merged_from, dbp, metrics,
+        load_path, trained_with,
     ))  # fmt: skip
 
 
-def _body(config, model_name, results, emissions, datasets, base_model, seconds, steps, merged_from, dbp, metrics) -> str:
+def _body(config, model_name, results, emissions, datasets, base_model, seconds, steps, merged_from, dbp, metrics,
+          load_path, trained_with=None) -> str:  # fmt: skip
     segmentation = _is_segmentation(config)
     encoder = config.backbone_config if segmentation else config
     size = (f"{encoder.num_hidden_layers} blocks, width {encoder.hidden_size}, {encoder.image_size} px pre-training "
@@ -269,6 +306,16 @@ def _body(config, model_name, results, emissions, datasets, base_model, seconds,
             f"| sample fraction | {dbp['decorrelation_sample_fraction']} |",
             f"| variance term | {_VARIANCE_TERMS.get(dbp['decorrelation_variance_form'], 'rows, diag(v) R')} |",
         ]  # fmt: skip
+    elif merged_from and trained_with:
+        lines += [
+            "Pre-trained with these DBP settings; every R is now folded into its layer's weight (W R), so the model "
+            "computes the same outputs with plain layers.", "",
+            "| setting | value |", "| --- | --- |",
+            f"| layers | {', '.join(trained_with['decorrelation_layers'])} |",
+            f"| decorrelation lr | {trained_with['decorrelation_lr']} |",
+            f"| kappa | {trained_with['decorrelation_kappa']} |",
+            f"| sample fraction | {trained_with['decorrelation_sample_fraction']} |",
+        ]  # fmt: skip
     elif merged_from or segmentation:
         lines.append("The encoder holds no R: any decorrelation from pre-training is folded into its weights.")
     else:
@@ -296,19 +343,19 @@ def _body(config, model_name, results, emissions, datasets, base_model, seconds,
     lines += ["", "## How to load", "", "```python"]
     if segmentation:
         lines += ["import hf_dbp  # registers the backbone", "from transformers import AutoModelForSemanticSegmentation", "",
-                  f'model = AutoModelForSemanticSegmentation.from_pretrained("{model_name}")']  # fmt: skip
+                  f'model = AutoModelForSemanticSegmentation.from_pretrained("{load_path}")']  # fmt: skip
     elif dbp:
         lines += ["import hf_dbp  # pip install hf-dbp: registers vit_mae_dbp", "from transformers import AutoModelForPreTraining", "",
-                  f'model = AutoModelForPreTraining.from_pretrained("{model_name}")', "```", "",
+                  f'model = AutoModelForPreTraining.from_pretrained("{load_path}")', "```", "",
                   "Without hf-dbp: the checkpoint carries its code, so `AutoModelForPreTraining.from_pretrained("
-                  f'"{model_name}", trust_remote_code=True)` loads it with plain transformers (read the code first: '
+                  f'"{load_path}", trust_remote_code=True)` loads it with plain transformers (read the code first: '
                   "`modeling_vit_mae_dbp.py`, `decorrelation.py`). Or fold R into the weights once "
                   "(`hf-dbp merge CHECKPOINT OUT`) for a plain ViTMAE checkpoint (`ViTMAEForPreTraining`, or "
                   "`ViTModel` for the encoder) with no custom code at all."]  # fmt: skip
     else:
         lines += ["from transformers import ViTMAEForPreTraining, ViTModel", "",
-                  f'model = ViTMAEForPreTraining.from_pretrained("{model_name}")',
-                  f'encoder = ViTModel.from_pretrained("{model_name}", add_pooling_layer=False)  # the encoder alone']  # fmt: skip
+                  f'model = ViTMAEForPreTraining.from_pretrained("{load_path}")',
+                  f'encoder = ViTModel.from_pretrained("{load_path}", add_pooling_layer=False)  # the encoder alone']  # fmt: skip
     if not lines[-1].startswith("Without hf-dbp"):
         lines.append("```")
     lines.append("")
@@ -322,6 +369,11 @@ def write_model_card(folder: str, config, **kwargs) -> str:
     if kwargs.get("emissions") is None:
         kwargs["emissions"] = read_emissions_csv(folder)
     kwargs.setdefault("model_name", os.path.basename(os.path.abspath(folder)))
+    # The loading code must work where the card is read: a Hub repo id given as the name (the card of a push), else
+    # this folder's absolute path (a relative one fails from anywhere but the directory the run started in).
+    name = kwargs["model_name"]
+    is_repo_id = name.count("/") == 1 and not os.path.exists(name) and not name.startswith((".", "/", "~"))
+    kwargs.setdefault("load_path", name if is_repo_id else os.path.abspath(folder))
     card = build_model_card(config, **kwargs)
     path = os.path.join(folder, "README.md")
     card.save(path)

@@ -9,7 +9,7 @@ import time
 
 import torch
 from accelerate.utils import gather_object
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEForPreTraining, ViTMAEModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
@@ -239,12 +239,22 @@ class DBPTrainer(Trainer):
                            "only", checkpoint)  # fmt: skip
         elif isinstance(checkpoint, str) and self._track_emissions and not self._resumed_totals.get("machines"):
             logger.warning("%s was saved without measuring emissions: they count from this resume on only", checkpoint)
+        every = getattr(self.args, "decorrelation_update_every", 1)
+        if isinstance(checkpoint, str) and every > 1 and self._resumed_step(checkpoint) % every:
+            # The statistics gathered since the last update live in the modules, not in checkpoints.
+            logger.warning("%s was saved between two decorrelation updates (every %d steps): the statistics gathered "
+                           "since the last one are not in it, so the next update sees fewer steps", checkpoint, every)
         result = super().train(resume_from_checkpoint, *args, **kwargs)
         self.check_decorrelation_consistency()
         if self._meter is not None:
             self.emissions = self._meter.read(stop=True, gather=self._gather_over_processes)
             result.metrics.update(train_energy_kwh=self.emissions.energy_kwh, train_emissions_g=self.emissions.emissions_g)
         return result
+
+    @staticmethod
+    def _resumed_step(checkpoint: str) -> int:
+        path = os.path.join(checkpoint, "trainer_state.json")
+        return TrainerState.load_from_json(path).global_step if os.path.isfile(path) else 0
 
     def _load_weights_from(self, folder: str) -> None:
         """Load a saved folder's weights into the model through `from_pretrained`, with all keys checked.
@@ -276,10 +286,19 @@ class DBPTrainer(Trainer):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         # After the forward of a step's last micro-batch every statistic of the step exists: over several processes
         # their exchange starts now and runs during the backward and the optimizer step (hf_dbp.core.collectives).
-        if model.training and self.accelerator.sync_gradients and self._overlaps_exchange():
+        if model.training and self.accelerator.sync_gradients and self._overlaps_exchange() and self._updates_r_now():
             if modules := self._decorrelation_modules():
-                self._pending_statistics = begin_decorrelation_step(modules)
+                self._pending_statistics = begin_decorrelation_step(modules, transfer_dtype=self._transfer_dtype())
         return result
+
+    def _updates_r_now(self) -> bool:
+        """Whether the optimizer step under way (the next one) is followed by a decorrelation update: every
+        `decorrelation_update_every`-th. Counted from `global_step`, which a resumed run restores."""
+        every = getattr(self.args, "decorrelation_update_every", 1)
+        return (self.state.global_step + 1) % every == 0
+
+    def _transfer_dtype(self) -> str:
+        return getattr(self.args, "decorrelation_transfer_dtype", "float32")
 
     def _overlaps_exchange(self) -> bool:
         # Not with fp16's grad scaler: a step it skips keeps its statistics for the next step (on_optimizer_step).
@@ -293,13 +312,15 @@ class DBPTrainer(Trainer):
 
     def _decorrelation_update(self) -> None:
         pending, self._pending_statistics = self._pending_statistics, None
+        # Every k-th step updates; the others keep gathering statistics and reform the folded weights.
+        common = dict(pending=pending, transfer_dtype=self._transfer_dtype(), update=self._updates_r_now())
         if self._monitor is not None:
-            loss = decorrelation_step(self._decorrelation_modules(), lr=0.0, kappa=self._kappa, pending=pending)
+            loss = decorrelation_step(self._decorrelation_modules(), lr=0.0, kappa=self._kappa, **common)
         else:
             config = decorrelation_config_of(self.model)  # read at every step: a change of the config applies at once
             loss = decorrelation_step(
                 self._decorrelation_modules(), config.lr * self._decorrelation_lr_scale(), config.kappa,
-                variance_form=config.variance_form, pending=pending, **self._guard,
+                variance_form=config.variance_form, **common, **self._guard,
             )  # fmt: skip
         if loss is not None:
             self._decorrelation_losses.append(loss)

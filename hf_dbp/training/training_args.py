@@ -8,10 +8,18 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from ..core.collectives import TRANSFER_DTYPES
 from .optimizers import MATRIX_OPTIMIZERS
 
 DECORRELATION_LR_SCHEDULES = ("constant", "tied")
 """`DBPTrainingArguments.decorrelation_lr_schedule`: R's learning rate constant, or following the weights' schedule."""
+
+
+def _has_other_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ... alike
+    if accelerator is not None:
+        return accelerator.is_available()
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 @dataclass
@@ -55,17 +63,39 @@ class DBPTrainingArguments(TrainingArguments):
                   "scaler can skip steps)."},
     )  # fmt: skip
 
+    decorrelation_update_every: int = field(
+        default=1,
+        metadata={"help": "Update R every this many optimizer steps, from the statistics of all of them (a k-th of "
+                  "DBP's traffic between processes). 1 (the default) updates at every step, as the method does."},
+    )  # fmt: skip
+
+    decorrelation_transfer_dtype: str = field(
+        default="float32",
+        metadata={"help": "Precision the decorrelation statistics travel in between processes: 'float32' (exact) or "
+                  "'bfloat16'/'float16' (half the bytes; R is rounded, identically on every process).",
+                  "choices": list(TRANSFER_DTYPES)},
+    )  # fmt: skip
+
     def __post_init__(self):
         # Launched as several processes (accelerate, torchrun) on a machine without GPUs, accelerate treats every
         # process as a separate single-process run unless told to use the CPU; with use_cpu they form one DDP group
         # over gloo.
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
             self.use_cpu = True
+        # Pinned memory only speeds copies to an accelerator; without one, torch warns at every data loader it starts
+        # (once per epoch and evaluation: ~18 times in the demo) and pins nothing.
+        if self.use_cpu or not (torch.cuda.is_available() or _has_other_accelerator()):
+            self.dataloader_pin_memory = False
         if self.matrix_optimizer not in MATRIX_OPTIMIZERS:
             raise ValueError(f"matrix_optimizer must be one of {list(MATRIX_OPTIMIZERS)}, got {self.matrix_optimizer!r}")
         if self.decorrelation_lr_schedule not in DECORRELATION_LR_SCHEDULES:
             raise ValueError(f"decorrelation_lr_schedule must be one of {list(DECORRELATION_LR_SCHEDULES)}, got "
                              f"{self.decorrelation_lr_schedule!r}")  # fmt: skip
+        if not (isinstance(self.decorrelation_update_every, int) and self.decorrelation_update_every >= 1):
+            raise ValueError(f"decorrelation_update_every must be an integer >= 1, got {self.decorrelation_update_every!r}")
+        if self.decorrelation_transfer_dtype not in TRANSFER_DTYPES:
+            raise ValueError(f"decorrelation_transfer_dtype must be one of {list(TRANSFER_DTYPES)}, got "
+                             f"{self.decorrelation_transfer_dtype!r}")  # fmt: skip
         if not self.muon_lr_multiplier > 0:
             raise ValueError(f"muon_lr_multiplier must be > 0, got {self.muon_lr_multiplier}")
         super().__post_init__()

@@ -85,7 +85,13 @@ class ViTMAEDBPPreTrainedModel(ViTMAEPreTrainedModel):
         return [m for m in self.modules() if isinstance(m, Decorrelation)]
 
     def decorrelation_step(
-        self, max_loss: float = 1e6, on_divergence: str = "skip", lr_scale: float = 1.0, pending=None
+        self,
+        max_loss: float = 1e6,
+        on_divergence: str = "skip",
+        lr_scale: float = 1.0,
+        pending=None,
+        transfer_dtype: torch.dtype | str | None = None,
+        update: bool = True,
     ) -> float | None:
         """Update every R from the statistics of the training-mode forwards since the last call, then clear them.
 
@@ -96,7 +102,9 @@ class ViTMAEDBPPreTrainedModel(ViTMAEPreTrainedModel):
         `max_loss`, is skipped (`on_divergence="skip"`, counted per module in `skipped_updates`) or raises
         `hf_dbp.core.decorrelation.DecorrelationDiverged` (`"raise"`). `pending`: what
         `hf_dbp.core.decorrelation.begin_decorrelation_step(self.decorrelation_modules())` returned after the step's
-        last forward (the exchange between processes then ran during the backward).
+        last forward (the exchange between processes then ran during the backward). `transfer_dtype` ("bfloat16",
+        "float16") sends the statistics between processes in 16 bits; `update=False` keeps them for a later update
+        (R updated every k steps): see `hf_dbp.core.decorrelation.decorrelation_step`.
 
         Returns:
             The decorrelation loss averaged over the decorrelated layers, or `None` if no training forward ran.
@@ -104,7 +112,7 @@ class ViTMAEDBPPreTrainedModel(ViTMAEPreTrainedModel):
         return decorrelation_step(
             self.decorrelation_modules(), self.config.decorrelation_lr * lr_scale, self.config.decorrelation_kappa,
             max_loss=max_loss, on_divergence=on_divergence, variance_form=self.config.decorrelation_variance_form,
-            pending=pending,
+            pending=pending, transfer_dtype=transfer_dtype, update=update,
         )  # fmt: skip
 
     @torch.no_grad()
