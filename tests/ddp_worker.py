@@ -40,7 +40,7 @@ layer.register_forward_pre_hook(record)
 # The exchange of each step's statistics starts after its last micro-batch's forward (DBPTrainer's overlap).
 begun = []
 _begin = hf_dbp.training.trainer.begin_decorrelation_step
-hf_dbp.training.trainer.begin_decorrelation_step = lambda modules: begun.append(trainer.state.global_step) or _begin(modules)
+hf_dbp.training.trainer.begin_decorrelation_step = lambda modules, **kwargs: begun.append(trainer.state.global_step) or _begin(modules, **kwargs)
 data = Dataset.from_dict({"pixel_values": torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1)).numpy()})
 args = TrainingArguments(
     output_dir=output_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,

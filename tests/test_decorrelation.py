@@ -546,3 +546,10 @@ def test_modules_built_from_one_torch_generator_share_its_sequence():
     first.observe(rows)
     second.observe(rows)
     assert not torch.equal(first.moment_sum(), second.moment_sum())  # different rows, not one stream copied twice
+
+
+def test_an_unknown_layer_kind_is_refused_with_its_name_and_the_choices():
+    from hf_dbp import ViTMAEDBPConfig
+
+    with pytest.raises(ValueError, match=r"unknown kinds \['fc3'\].*patch_embeddings"):
+        ViTMAEDBPConfig(decorrelation_layers=["qkv", "fc3"])

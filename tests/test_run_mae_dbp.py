@@ -213,7 +213,8 @@ def early_exits(tmp_path_factory) -> dict[str, Run]:
     - "help": `--help`;
     - "no_image_column": a parquet dataset with only "text" and "label" columns;
     - "wrong_image_column_name": an image folder with `--image_column_name nope`;
-    - "bert_checkpoint": `--model_name_or_path` a tiny BERT checkpoint.
+    - "bert_before_data": `--model_name_or_path` a tiny BERT checkpoint (and a missing data folder: never read);
+    - "missing_train_dir", "empty_train_dir", "bad_decorrelation_lr": the data or a DBP flag wrong.
     """
     root = tmp_path_factory.mktemp("early_exits")
     text_data = root / "text_data"
@@ -230,12 +231,10 @@ def early_exits(tmp_path_factory) -> dict[str, Run]:
         "help": ["--help"],
         "no_image_column": ["--dataset_name", text_data],
         "wrong_image_column_name": ["--train_dir", root / "images", "--image_column_name", "nope"],
-        "bert_checkpoint": ["--train_dir", root / "images", "--model_name_or_path", root / "bert"],
         "missing_train_dir": ["--train_dir", root / "no_such_images"],
         "empty_train_dir": ["--train_dir", root / "text_data"],  # a folder, but not one image in it
         # A bad DBP flag (or checkpoint) with data that would fail too: the flag's error comes first, before the data.
         "bad_decorrelation_lr": ["--train_dir", root / "no_such_images", "--decorrelation_lr", "-1"],
-        "bad_layer_kind": ["--train_dir", root / "no_such_images", "--decorrelation_layers", "qkv", "fc3"],
         "bert_before_data": ["--train_dir", root / "no_such_images", "--model_name_or_path", root / "bert"],
     }
     results = run_concurrently({
@@ -415,7 +414,7 @@ def test_wrong_image_column_name_fails_before_training(early_exits):
 
 def test_checkpoint_of_another_model_type_is_refused(early_exits):
     """--model_name_or_path pointing to a BERT checkpoint stops with an error naming the type 'bert'."""
-    error = assert_failed_before_training(early_exits["bert_checkpoint"])
+    error = assert_failed_before_training(early_exits["bert_before_data"])
     assert "'bert'" in error, error
 
 
@@ -430,7 +429,7 @@ def test_a_missing_or_imageless_train_dir_is_named_with_what_was_looked_for(earl
 
 
 @pytest.mark.parametrize("name, words", [
-    ("bad_decorrelation_lr", ("decorrelation_lr", "-1")), ("bad_layer_kind", ("fc3",)), ("bert_before_data", ("'bert'",)),
+    ("bad_decorrelation_lr", ("decorrelation_lr", "-1")), ("bert_before_data", ("'bert'",)),
 ])  # fmt: skip
 def test_bad_dbp_settings_and_checkpoints_are_refused_before_the_data_is_read(early_exits, name, words):
     error = assert_failed_before_training(early_exits[name])

@@ -537,7 +537,11 @@ def _segmentation_module():
 
     spec = importlib.util.spec_from_file_location("run_segmentation", SEGMENTATION_SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
     return module
 
 

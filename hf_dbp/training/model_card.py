@@ -181,7 +181,7 @@ def card_training_facts(folder: str) -> dict:
         text = file.read()
     facts = {}
     if match := re.search(r"^\| data \| (.+) \|$", text, re.MULTILINE):
-        facts["datasets"] = [match.group(1)]
+        facts["datasets"] = match.group(1).split(", ")  # the card joined them so: ids stay ids
     if match := re.search(r"^\| optimizer steps \| (\d+) \|$", text, re.MULTILINE):
         facts["steps"] = int(match.group(1))
     if match := re.search(r"^\| training time \| ([0-9.]+) s ", text, re.MULTILINE):
