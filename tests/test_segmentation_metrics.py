@@ -347,3 +347,20 @@ def test_trainer_evaluate_batch_eval_metrics(tmp_path):
         preprocess_logits_for_metrics=logits_to_predictions,
     )
     assert trainer_all_at_once.evaluate()["eval_mean_iou"] == pytest.approx(metrics["eval_mean_iou"])
+
+
+def test_the_predictions_legend_names_the_ignored_black_label(tmp_path):
+    import numpy as np
+
+    from hf_dbp.training.plotting import IGNORED_LABEL_NAME, _label_colors, legend_entries, plot_segmentation_examples
+
+    labels = np.array([[[0, 1], [255, 255]]])
+    predictions = np.array([[[0, 2], [1, 1]]])
+    id2label = {0: "wall", 1: "floor", 2: "tree"}
+    entries = legend_entries(labels, predictions, id2label, _label_colors(3), 3)
+    assert [name for name, _ in entries] == ["wall", "floor", "tree", IGNORED_LABEL_NAME]
+    assert entries[-1][1] == (0.0, 0.0, 0.0)
+    assert IGNORED_LABEL_NAME not in [n for n, _ in legend_entries(predictions, predictions, id2label, _label_colors(3), 3)]
+    path = plot_segmentation_examples(np.zeros((1, 3, 2, 2), dtype=np.float32), labels, predictions,
+                                      str(tmp_path / "p.png"), num_labels=3, id2label=id2label)  # fmt: skip
+    assert (tmp_path / "p.png").stat().st_size > 1000 and path

@@ -47,6 +47,20 @@ def _label_colors(num_labels: int) -> np.ndarray:
     return colors
 
 
+IGNORED_LABEL_NAME = "ignored (not scored)"
+
+
+def legend_entries(labels, predictions, id2label: dict, colors: np.ndarray, num_labels: int) -> list[tuple[str, tuple]]:
+    """(name, RGB in [0, 1]) of every class drawn in `labels` or `predictions`, and the black of the ignored label 255
+    (padding, ADE20K's "other") where the labels hold it."""
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    shown = sorted({int(c) for c in np.unique(labels) if c != 255} | {int(c) for c in np.unique(predictions) if c < num_labels})
+    entries = [(id2label.get(c, str(c)).strip(), tuple(colors[c] / 255)) for c in shown]
+    if (labels == 255).any():
+        entries.append((IGNORED_LABEL_NAME, (0.0, 0.0, 0.0)))
+    return entries
+
+
 def plot_segmentation_examples(
     pixel_values, labels, predictions, path: str, num_labels: int, id2label=None, mean=None, std=None
 ) -> str:
@@ -86,9 +100,8 @@ def plot_segmentation_examples(
     if id2label:
         from matplotlib.patches import Patch
 
-        shown = sorted({int(c) for c in np.unique(np.asarray(labels)) if c != 255}
-                       | {int(c) for c in np.unique(np.asarray(predictions)) if c < num_labels})  # fmt: skip
-        handles = [Patch(color=colors[c] / 255, label=id2label.get(c, str(c)).strip()) for c in shown]
+        entries = legend_entries(labels, predictions, id2label, colors, num_labels)
+        handles = [Patch(facecolor=rgb, edgecolor="gray", label=name) for name, rgb in entries]
         fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), frameon=False)
         fig.tight_layout(rect=(0, 0.04 + 0.02 * (len(handles) // 6), 1, 1))
     else:
