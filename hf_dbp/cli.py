@@ -8,24 +8,6 @@ import shutil
 import sys
 
 
-def looks_local(path: str) -> bool:
-    """Whether `path` can only mean a folder on this machine: a Hub repo id is `name` or `owner/name`, never absolute,
-    never starting with `.` or `~`, never with more than one `/`."""
-    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
-
-
-def check_model_folder(path: str, role: str) -> None:
-    """Raise a `FileNotFoundError` naming `path` when it is meant as a local folder and holds no saved model;
-    a path that may be a Hub repo id passes (the Hub is asked later)."""
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"{role} {path} holds no saved model (no config.json in it: {sorted(os.listdir(path))[:8]})")
-    elif os.path.exists(path):
-        raise FileNotFoundError(f"{role} {path} is a file, not a saved model folder")
-    elif looks_local(path):
-        raise FileNotFoundError(f"{role} {path}: no such folder (from {os.getcwd()})")
-
-
 def merge(checkpoint: str, output: str) -> str:
     """Fold every R of a decorrelated checkpoint (DBP-MAE, or any model saved after `hf_dbp.decorrelate`) into its
     weights and save the plain transformers checkpoint, with its processor or tokenizer and its card."""
@@ -34,6 +16,7 @@ def merge(checkpoint: str, output: str) -> str:
     from . import ViTMAEDBPForPreTraining
     from .core.config import CONFIG_ATTRIBUTE
     from .core.model import load_decorrelated, merge_decorrelation
+    from .training.hub import check_model_folder
     from .training.model_card import (
         _auto_class,
         _dbp_settings,
@@ -107,12 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "merge":
             print(f"Saved the merged plain checkpoint to {merge(args.checkpoint, args.output)}")
         else:
-            from .training.hub import ensure_hub_reachable, push_folder
+            from .training.hub import check_model_folder, ensure_hub_reachable, push_folder
 
             # What is missing here first, before anything about the Hub; the folder to push is always local.
-            if not os.path.exists(args.folder):
-                raise FileNotFoundError(f"folder {args.folder}: no such folder (from {os.getcwd()})")
-            check_model_folder(args.folder, "folder")
+            check_model_folder(args.folder, "folder", repo_id_allowed=False)
             ensure_hub_reachable(args.token, what="`hf-dbp push`", token_option="--token", hint=(
                 f"{args.folder} stays saved locally as it is: run `hf-dbp push` again where the Hub can be reached."
             ))  # fmt: skip

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from huggingface_hub import HfApi, constants
-from huggingface_hub.errors import LocalTokenNotFoundError
+from huggingface_hub.errors import HFValidationError, LocalTokenNotFoundError
+from huggingface_hub.utils import validate_repo_id
 
 
 class HubUnreachableError(RuntimeError):
@@ -40,6 +41,31 @@ def ensure_hub_reachable(
         ) from error
 
 
+def is_repo_id(name: str) -> bool:
+    """Whether `name` can be a Hub repo id here: not a path on this machine, and of the Hub's form (`name` or
+    `owner/name`, as huggingface_hub's own validator says: no absolute or dotted path, no second `/`)."""
+    if os.path.exists(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_model_folder(path: str, role: str, repo_id_allowed: bool = True) -> None:
+    """Raise a `FileNotFoundError` naming `path` (as the `role` it plays) unless it is a folder holding a saved model
+    (`config.json`), or, with `repo_id_allowed`, a name that may be a Hub repo id (the Hub is asked later). Local
+    problems are reported before anything about the Hub."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{role} {path} holds no saved model (no config.json in it: {sorted(os.listdir(path))[:8]})")
+    elif os.path.exists(path):
+        raise FileNotFoundError(f"{role} {path} is a file, not a saved model folder")
+    elif not (repo_id_allowed and is_repo_id(path)):
+        raise FileNotFoundError(f"{role} {path}: no such folder (from {os.getcwd()})")
+
+
 def push_folder(
     folder: str,
     repo_id: str,
@@ -54,8 +80,7 @@ def push_folder(
     of an hf-dbp card (the folder's path) is made to name the repo id. Intermediate
     `checkpoint-*` folders stay behind. Returns the URL of the commit.
     """
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"{folder} holds no saved model (no config.json)")
+    check_model_folder(folder, "folder", repo_id_allowed=False)
     card = os.path.join(folder, "README.md")
     if not os.path.isfile(card):
         from transformers import AutoConfig

@@ -18,6 +18,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..models.vit_mae_dbp.configuration_vit_mae_dbp import DBP_CONFIG_FIELDS
 from .emissions import EMISSIONS_CSV, WORLD_AVERAGE, EmissionsReport, combine_reports, machine_csv_paths
+from .hub import is_repo_id
 
 PRETRAINING_METRICS = {"eval_loss": "MAE reconstruction loss (validation)"}
 SEGMENTATION_METRICS = {
@@ -92,13 +93,10 @@ def _auto_class(config) -> tuple[str, str | None]:
     return "AutoModel", None
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
-
 def hub_dataset_ids(datasets: list[str] | None) -> list[str]:
     """The entries of `datasets` that are Hub dataset ids (`name` or `owner/name`, not a local path): what the card's
     `datasets:` metadata takes. Local folders and descriptions are named in the card's body only."""
-    return [d for d in datasets or [] if _HUB_ID.match(d) and not os.path.exists(d)]
+    return [d for d in datasets or [] if is_repo_id(d)]
 
 
 def _generic_card(config, model_name, results, emissions, datasets, base_model, seconds, steps, extra_tags,
@@ -372,8 +370,7 @@ def write_model_card(folder: str, config, **kwargs) -> str:
     # The loading code must work where the card is read: a Hub repo id given as the name (the card of a push), else
     # this folder's absolute path (a relative one fails from anywhere but the directory the run started in).
     name = kwargs["model_name"]
-    is_repo_id = name.count("/") == 1 and not os.path.exists(name) and not name.startswith((".", "/", "~"))
-    kwargs.setdefault("load_path", name if is_repo_id else os.path.abspath(folder))
+    kwargs.setdefault("load_path", name if "/" in name and is_repo_id(name) else os.path.abspath(folder))
     card = build_model_card(config, **kwargs)
     path = os.path.join(folder, "README.md")
     card.save(path)
