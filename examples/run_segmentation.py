@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 from datasets import load_dataset
-from transformers import set_seed
+from transformers import AutoImageProcessor, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_dbp import (
@@ -34,7 +34,8 @@ from hf_dbp import (
     upernet_around_encoder,
     upernet_from_pretraining_checkpoint,
 )
-from hf_dbp.tasks.image_data import augmentation_epoch_callback, with_sample_index
+from hf_dbp.tasks.image_data import IMAGENET_MEAN, IMAGENET_STD, augmentation_epoch_callback, with_sample_index
+from hf_dbp.tasks.image_modes import to_rgb
 from hf_dbp.tasks.scripts import parse_script_arguments, saved_files, setup_logging
 from hf_dbp.tasks.segmentation.ade20k import ade20k_id2label
 from hf_dbp.tasks.segmentation.data import (
@@ -44,7 +45,9 @@ from hf_dbp.tasks.segmentation.data import (
     make_demo_ade20k,
     segmentation_collate,
 )
-from hf_dbp.tasks.segmentation.metrics import SegmentationEvaluator, logits_to_predictions
+from hf_dbp.tasks.segmentation.evaluation import predict_batch
+from hf_dbp.tasks.segmentation.image_processing import DBPSegmentationImageProcessor
+from hf_dbp.tasks.segmentation.metrics import SegmentationEvaluator
 from hf_dbp.training.hub import ensure_hub_reachable
 from hf_dbp.training.plotting import plot_segmentation_examples
 from hf_dbp.training.training_args import DBPTrainingArguments
@@ -82,6 +85,13 @@ class ModelArguments:
     """The encoder to fine-tune and the UperNet around it."""
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "Pre-training checkpoint (vit_mae_dbp or vit_mae), or an UperNet checkpoint of this script to continue. Default: the pre-training demo's output if present, else a fresh small encoder."})
+    config_name: str | None = field(default=None, metadata={"help": "Pretrained config name or path if not the same as model_name_or_path (the weights still come from it)."})
+    image_processor_name: str | None = field(default=None, metadata={"help": "An image processor (name or path) whose image_mean and image_std to normalise with. Default: the checkpoint's own, else ImageNet's."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to store the models and datasets downloaded from the Hub."})
+    model_revision: str = field(default="main", metadata={"help": "The model version to use (branch name, tag or commit id)."})
+    token: str | None = field(default=None, metadata={"help": "The token for remote files (default: the one `hf auth login` stored)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow a checkpoint's own configuration code from the Hub (only for repositories you trust)."})
+    drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth of the encoder during fine-tuning (the MAE/BEiT ADE20K recipe: 0.1). Default: 0, or a continued UperNet checkpoint's own."})
     keep_decorrelation: bool = field(default=False, metadata={"help": "Keep R and go on decorrelating during fine-tuning (default: fold R into W, a plain ViT)."})
     out_indices: list[int] | None = field(default=None, metadata={"help": "Encoder blocks feeding UperNet (1-based; default 4 6 8 12 for 12 blocks)."})
     upernet_hidden_size: int = field(default=512, metadata={"help": "Channels of UperNet's decode head."})
@@ -102,7 +112,10 @@ class DataTrainingArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training pairs."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep at most this many validation pairs."})
     do_reduce_labels: bool = field(default=True, metadata={"help": "ADE20K: label 0 ('other') becomes 255 (ignored), k becomes k-1."})
-    crop_size: int | None = field(default=None, metadata={"help": "Training crop; evaluation resizes the short side to it and runs on whole images. Default: 32 patches of the encoder (512 px for patch 16, the MAE/BEiT ADE20K recipe's 1,024 tokens per crop)."})
+    train_val_split: float = field(default=0.15, metadata={"help": "Fraction of train held out for validation when the dataset has no validation split."})
+    crop_size: int | None = field(default=None, metadata={"help": "Training crop; evaluation rescales the short side to it. Default: 32 patches of the encoder (512 px for patch 16, the MAE/BEiT ADE20K recipe's 1,024 tokens per crop)."})
+    eval_window_size: int | None = field(default=None, metadata={"help": "Evaluate with sliding windows of this size (the recipe: 512, the crop) rather than on the whole rescaled image. Predictions are scored at the annotation's resolution either way."})
+    eval_window_stride: int | None = field(default=None, metadata={"help": "Step between the sliding windows (default: two thirds of the window, 341 for 512)."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for checking the pairs."})
     num_visualized: int = field(default=4, metadata={"help": "Validation images shown in predictions.png."})
 
@@ -119,9 +132,31 @@ class SegmentationTrainingArguments(DBPTrainingArguments):
 
 
 class SegmentationTrainer(DBPTrainer):
-    """DBPTrainer that never trains on a batch of one image: UperNet's pyramid pooling ends in a BatchNorm over 1x1
-    maps, which fails in training mode on a single image. When the training set would leave a last batch of one, that
-    batch is dropped (a different image each epoch); evaluation keeps every image."""
+    """DBPTrainer that evaluates at the annotations' resolution through its image processor, and never trains on a
+    batch of one image.
+
+    Evaluation batches (they carry `target_sizes`) go through `predict_batch`: the model on the processor's inputs
+    (whole images or sliding windows), the logits back to each annotation's size, the class ids scored there; the
+    loss is the decode head's cross-entropy at that resolution. So the metrics are those of `pipeline(
+    "image-segmentation", model=checkpoint)`'s masks.
+
+    UperNet's pyramid pooling ends in a BatchNorm over 1x1 maps, which fails in training mode on a single image.
+    When the training set would leave a last batch of one, that batch is dropped (a different image each epoch);
+    evaluation keeps every image."""
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if "target_sizes" not in inputs:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            predictions, loss = predict_batch(
+                model, self.processing_class, inputs["pixel_values"], inputs["target_sizes"], inputs["labels"],
+                max_inputs=self.args.per_device_eval_batch_size,
+            )  # fmt: skip
+        loss = loss.detach() if loss is not None else None
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, predictions, inputs["labels"]
 
     def get_train_dataloader(self):
         drop_last = self.args.dataloader_drop_last
@@ -137,7 +172,8 @@ def parse_args():
     return parse_script_arguments((ModelArguments, DataTrainingArguments, SegmentationTrainingArguments), DEMO_ARGS)
 
 
-def load_pairs(data_args: DataTrainingArguments, seed: int) -> datasets.DatasetDict:
+def load_pairs(data_args: DataTrainingArguments, seed: int, model_args: ModelArguments | None = None) -> datasets.DatasetDict:
+    hub = {"cache_dir": model_args.cache_dir, "token": model_args.token} if model_args is not None else {}
     if data_args.data_dir is not None:
         if data_args.data_dir == DEMO_ARGS["data_dir"] and not os.path.isdir(os.path.join(data_args.data_dir, "images")):
             logger.info("Generating the demo ADE20K-layout set in %s (textures of scikit-image's photographs)", data_args.data_dir)
@@ -152,12 +188,19 @@ def load_pairs(data_args: DataTrainingArguments, seed: int) -> datasets.DatasetD
             # datasets 5 runs no loading scripts; the Hub keeps an auto-converted parquet copy, one folder per config.
             revision = "refs/convert/parquet"
         if revision == "refs/convert/parquet":
-            ds = load_dataset(name, data_dir=config, revision=revision)
+            ds = load_dataset(name, data_dir=config, revision=revision, **hub)
         else:
-            ds = load_dataset(name, config, revision=revision)
-    missing_splits = {"train", "validation"} - set(ds)
-    if missing_splits:
-        raise ValueError(f"the dataset needs 'train' and 'validation' splits; it has {list(ds)}")
+            ds = load_dataset(name, config, revision=revision, **hub)
+    if "train" not in ds:
+        raise ValueError(f"the dataset needs a 'train' split; it has {list(ds)}")
+    if "validation" not in ds:
+        if not 0.0 < data_args.train_val_split < 1.0:
+            raise ValueError(f"the dataset has no 'validation' split (it has {list(ds)}) and --train_val_split is "
+                             f"{data_args.train_val_split}; give a fraction in (0, 1) to hold out of train")  # fmt: skip
+        split = ds["train"].train_test_split(data_args.train_val_split, seed=seed)
+        logger.info("No validation split: holding out %d of the %d training pairs (--train_val_split %s)",
+                    len(split["test"]), len(ds["train"]), data_args.train_val_split)  # fmt: skip
+        ds = datasets.DatasetDict(train=split["train"], validation=split["test"])
     for split in ds:
         columns = ds[split].column_names
         for column in (data_args.image_column_name, data_args.label_column_name):
@@ -205,16 +248,24 @@ def check_fits_in_memory(encoder, crop_size: int, training_args) -> None:
                        crop_size, batch, needed / 2**30, available / 2**30, where)  # fmt: skip
 
 
+def pretrained_checkpoint(model_args: ModelArguments) -> str | None:
+    """--model_name_or_path, else the pre-training demo's output where it exists, else None (a fresh encoder)."""
+    if model_args.model_name_or_path is None and os.path.isfile(os.path.join(PRETRAINING_DEMO_OUTPUT, "config.json")):
+        return PRETRAINING_DEMO_OUTPUT
+    return model_args.model_name_or_path
+
+
 def build_model(model_args: ModelArguments, id2label: dict[int, str]):
     upernet = {"hidden_size": model_args.upernet_hidden_size, "auxiliary_channels": model_args.auxiliary_channels}
-    checkpoint = model_args.model_name_or_path
-    if checkpoint is None and os.path.isfile(os.path.join(PRETRAINING_DEMO_OUTPUT, "config.json")):
-        checkpoint = PRETRAINING_DEMO_OUTPUT
+    checkpoint = pretrained_checkpoint(model_args)
+    if checkpoint is not None and model_args.model_name_or_path is None:
         logger.info("No --model_name_or_path: using the pre-training demo's checkpoint %s", checkpoint)
     if checkpoint is not None:
         return upernet_from_pretraining_checkpoint(
-            checkpoint, id2label, model_args.keep_decorrelation, model_args.out_indices, **upernet
-        )
+            checkpoint, id2label, model_args.keep_decorrelation, model_args.out_indices,
+            drop_path_rate=model_args.drop_path_rate, config_name=model_args.config_name,
+            load_kwargs=load_kwargs(model_args), trust_remote_code=model_args.trust_remote_code, **upernet,
+        )  # fmt: skip
     logger.warning(
         "No --model_name_or_path and no pre-training demo output in %s (run `accelerate launch "
         "examples/run_mae_dbp.py` first to fine-tune a pre-trained encoder): starting from a fresh small encoder.",
@@ -225,7 +276,42 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]):
         decoder_hidden_size=64, decoder_num_hidden_layers=1, decoder_num_attention_heads=4, decoder_intermediate_size=128,
     ))  # fmt: skip
     return upernet_around_encoder(fresh, id2label, model_args.keep_decorrelation, model_args.out_indices,
-                                  source="a fresh (untrained) encoder", **upernet)  # fmt: skip
+                                  source="a fresh (untrained) encoder", drop_path_rate=model_args.drop_path_rate or 0.0,
+                                  **upernet)  # fmt: skip
+
+
+def load_kwargs(model_args: ModelArguments) -> dict:
+    """What every `from_pretrained` of the script gets, as in transformers' example scripts."""
+    return {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
+
+
+def build_image_processor(model_args: ModelArguments, data_args: DataTrainingArguments, checkpoint: str | None,
+                          patch: int) -> DBPSegmentationImageProcessor:  # fmt: skip
+    """The evaluation transform, saved with every checkpoint: rescaling to the crop size, the patch as the padding
+    divisor, the sliding windows if asked for, and the normalisation of `--image_processor_name`, else of the
+    checkpoint's own image processor (a pre-training checkpoint of run_mae_dbp.py carries one), else ImageNet's."""
+    mean, std, source = list(IMAGENET_MEAN), list(IMAGENET_STD), "ImageNet's (no image processor in the checkpoint)"
+    name = model_args.image_processor_name or checkpoint
+    if name is not None:
+        try:
+            found = AutoImageProcessor.from_pretrained(name, trust_remote_code=model_args.trust_remote_code, **load_kwargs(model_args))
+        except (OSError, ValueError) as error:
+            if model_args.image_processor_name is not None:  # asked for by name: its absence is the user's to fix
+                raise ValueError(f"--image_processor_name {name}: no image processor could be loaded ({error})") from error
+            found = None
+        if found is not None:
+            mean, std = list(found.image_mean), list(found.image_std)
+            source = f"{name}'s {type(found).__name__}"
+    crop = data_args.crop_size
+    processor = DBPSegmentationImageProcessor(
+        size={"shortest_edge": crop, "longest_edge": 4 * crop}, size_divisor=patch, image_mean=mean, image_std=std,
+        window_size=data_args.eval_window_size, window_stride=data_args.eval_window_stride,
+        do_reduce_labels=data_args.do_reduce_labels,
+    )  # fmt: skip
+    logger.info("Evaluation: short side %d px, %s, normalisation of %s; scored at the annotations' resolution", crop,
+                f"sliding windows of {processor.window_size} px, stride {processor.window_stride}"
+                if processor.window_size else "whole images", source)  # fmt: skip
+    return processor
 
 
 def main() -> None:
@@ -246,8 +332,9 @@ def main() -> None:
         logger.info("--crop_size %d: %d patches of the encoder's %d px (set --crop_size to choose)", data_args.crop_size,
                     CROP_PATCHES, patch)  # fmt: skip
     check_fits_in_memory(encoder, data_args.crop_size, training_args)
+    image_processor = build_image_processor(model_args, data_args, pretrained_checkpoint(model_args), patch)
     with training_args.main_process_first(desc="preparing the data"):
-        ds = load_pairs(data_args, training_args.seed)
+        ds = load_pairs(data_args, training_args.seed, model_args)
         for split in ds:
             ds[split], _ = check_segmentation_pairs(
                 ds[split], data_args.image_column_name, data_args.label_column_name, num_labels=len(id2label),
@@ -256,10 +343,13 @@ def main() -> None:
             if len(ds[split]) == 0:
                 raise ValueError(f"no usable image/annotation pair left in the {split!r} split")
 
+    normalisation = {"mean": image_processor.image_mean, "std": image_processor.image_std}
     transforms = {
         "train": SegmentationTransform(data_args.crop_size, train=True, reduce_labels=data_args.do_reduce_labels,
-                                       size_divisor=patch, seed=training_args.seed),
-        "validation": SegmentationTransform(data_args.crop_size, train=False, reduce_labels=data_args.do_reduce_labels, size_divisor=patch),
+                                       size_divisor=patch, seed=training_args.seed, **normalisation),
+        # Evaluation is the image processor saved with the checkpoints (what pipeline() runs), labels at full size.
+        "validation": SegmentationTransform(data_args.crop_size, train=False, reduce_labels=data_args.do_reduce_labels,
+                                            image_processor=image_processor, **normalisation),
     }  # fmt: skip
 
     def preprocess(split):
@@ -268,10 +358,10 @@ def main() -> None:
 
         return apply
 
+    raw = {split: ds[split] for split in ds}  # untransformed, for predictions.png
     for split in ds:
         # Each pair's augmentation is seeded by (seed, epoch, its index): reproducible, also when resuming.
-        ds[split] = with_sample_index(ds[split])
-        ds[split].set_transform(preprocess(split))
+        ds[split] = with_sample_index(ds[split]).with_transform(preprocess(split))
 
     groups = layer_decay_parameter_groups(model, training_args.learning_rate, training_args.weight_decay, training_args.layer_decay)
     optimizer = torch.optim.AdamW(groups, betas=(training_args.adam_beta1, training_args.adam_beta2), eps=training_args.adam_epsilon)
@@ -284,9 +374,9 @@ def main() -> None:
         args=training_args,
         train_dataset=ds["train"],
         eval_dataset=ds["validation"],
+        processing_class=image_processor,  # saved in every checkpoint: AutoImageProcessor and pipeline() load it
         data_collator=segmentation_collate,
         compute_metrics=SegmentationEvaluator(len(id2label), ignore_index=255, id2label=id2label),
-        preprocess_logits_for_metrics=logits_to_predictions,
         optimizers=(optimizer, None),
         callbacks=[augmentation_epoch_callback(transforms["train"])],
         emissions_country=training_args.emissions_country,
@@ -314,15 +404,16 @@ def main() -> None:
     trainer.create_model_card()  # now that all_results.json and emissions.csv are final
 
     if trainer.is_world_process_zero():
-        examples = [ds["validation"][i] for i in range(min(data_args.num_visualized, len(ds["validation"])))]
-        batch = segmentation_collate(examples)
+        shown = range(min(data_args.num_visualized, len(ds["validation"])))
+        batch = segmentation_collate([ds["validation"][i] for i in shown])
         model.eval()
-        with torch.no_grad():
-            logits = model(pixel_values=batch["pixel_values"].to(model.device)).logits
-        predictions = logits_to_predictions(logits, batch["labels"]).cpu()
+        predictions, _ = predict_batch(model, image_processor, batch["pixel_values"].to(model.device), batch["target_sizes"])
+        sizes = batch["target_sizes"].tolist()
         plot_segmentation_examples(
-            batch["pixel_values"], batch["labels"], predictions, os.path.join(training_args.output_dir, "predictions.png"),
-            num_labels=len(id2label), id2label=id2label,
+            [to_rgb(raw["validation"][i][data_args.image_column_name]) for i in shown],
+            [label[:h, :w] for label, (h, w) in zip(batch["labels"], sizes, strict=True)],
+            [p[:h, :w].cpu() for p, (h, w) in zip(predictions, sizes, strict=True)],
+            os.path.join(training_args.output_dir, "predictions.png"), num_labels=len(id2label), id2label=id2label,
         )  # fmt: skip
         logger.info(
             "Done: %d steps in %.1f s. mean IoU %.4f, mean accuracy %.4f, overall accuracy %.4f on %d validation "

@@ -8,7 +8,7 @@ Importing the package registers the model type ``vit_mae_dbp`` with ``AutoConfig
 ``AutoModelForPreTraining``, and teaches transformers to load older (4.x) ViTMAE checkpoints into the DBP classes.
 """
 
-from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForPreTraining, ViTMAEConfig
+from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForPreTraining, ViTMAEConfig
 from transformers.models.auto import modeling_auto
 
 from .core.config import DecorrelationConfig
@@ -47,6 +47,7 @@ from .models.vit_mae_dbp.modeling_vit_mae_dbp_backbone import (
     upernet_around_encoder,
     upernet_from_pretraining_checkpoint,
 )
+from .tasks.segmentation.image_processing import DBPSegmentationImageProcessor
 from .training.trainer import DBPTrainer
 
 __version__ = "0.1.0"
@@ -73,8 +74,12 @@ AutoConfig.register(ViTMAEDBPBackboneConfig.model_type, ViTMAEDBPBackboneConfig,
 AutoBackbone.register(ViTMAEDBPBackboneConfig, ViTMAEDBPBackbone, exist_ok=True)
 AutoBackbone.register(ViTMAEDBPConfig, ViTMAEDBPBackboneFromPreTraining, exist_ok=True)
 AutoBackbone.register(ViTMAEConfig, ViTMAEBackboneFromPreTraining, exist_ok=True)
+# The image processor of UperNet checkpoints fine-tuned on this backbone (their preprocessor_config.json names it).
+# AutoImageProcessor finds a registered class by that name; the config class it is filed under is only the key.
+AutoImageProcessor.register(ViTMAEDBPBackboneConfig, image_processor_classes={"pil": DBPSegmentationImageProcessor}, exist_ok=True)
 
 __all__ = [
+    "DBPSegmentationImageProcessor",
     "DBPTrainer",
     "DECORRELATION_LAYER_KINDS",
     "DecorrelatedConv1D",

@@ -9,8 +9,9 @@ import sys
 
 
 def merge(checkpoint: str, output: str) -> str:
-    """Fold every R of a decorrelated checkpoint (DBP-MAE, or any model saved after `hf_dbp.decorrelate`) into its
-    weights and save the plain transformers checkpoint, with its processor or tokenizer and its card."""
+    """Fold every R of a decorrelated checkpoint (DBP-MAE, an UperNet fine-tuned with R kept, or any model saved
+    after `hf_dbp.decorrelate`) into its weights and save the plain checkpoint, with its processor or tokenizer and
+    its card."""
     from transformers import AutoConfig
 
     from . import ViTMAEDBPForPreTraining
@@ -43,6 +44,8 @@ def merge(checkpoint: str, output: str) -> str:
         merged = merge_decorrelation(load_decorrelated(auto, checkpoint), inplace=True)
     elif config.model_type == "vit_mae_dbp":
         merged = ViTMAEDBPForPreTraining.from_pretrained(checkpoint).merge_decorrelation()
+    elif config.model_type == "upernet" and getattr(config.backbone_config, "decorrelation_layers", None):
+        merged = _merge_upernet(checkpoint, config)
     else:
         raise ValueError(f"{checkpoint} is a plain {config.model_type!r} checkpoint: it has no R to fold (`hf-dbp merge` "
                          "takes a 'vit_mae_dbp' checkpoint or one saved by a model decorrelated with hf_dbp.decorrelate)")  # fmt: skip
@@ -56,10 +59,29 @@ def merge(checkpoint: str, output: str) -> str:
     write_model_card(
         output, merged.config, results=read_results(checkpoint), emissions=read_emissions_csv(checkpoint),
         merged_from=checkpoint, base_model=None if os.path.isdir(checkpoint) else checkpoint,
-        trained_with=_dbp_settings(config) if config.model_type == "vit_mae_dbp" else None,
+        trained_with=_dbp_settings(config) if config.model_type in ("vit_mae_dbp", "upernet") else None,
         **(card_training_facts(checkpoint) if os.path.isdir(checkpoint) else {}),
     )  # fmt: skip
     return output
+
+
+def _merge_upernet(checkpoint: str, config):
+    """An UperNet fine-tuned with R kept (`run_segmentation.py --keep_decorrelation`), R folded into its encoder: the
+    same backbone class with no decorrelated layers (it still needs `import hf_dbp`, as every UperNet of ours)."""
+    import copy
+
+    from transformers import UperNetForSemanticSegmentation
+
+    from .core.decorrelation import fold_decorrelation
+
+    model = UperNetForSemanticSegmentation.from_pretrained(checkpoint)
+    plain_config = copy.deepcopy(config)
+    plain_config.backbone_config.decorrelation_layers = []
+    merged = UperNetForSemanticSegmentation(plain_config)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.vit.")}
+    state |= {f"backbone.vit.{k}": v for k, v in fold_decorrelation(model.backbone.vit).items()}
+    merged.load_state_dict(state, strict=True)
+    return merged.eval()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "ViTMAEForPreTraining, ViTModel (the encoder), or as the segmentation backbone; any other with its own "
         "class (e.g. AutoModelForCausalLM); without hf_dbp.",
     )  # fmt: skip
-    merge_parser.add_argument("checkpoint", help="a vit_mae_dbp checkpoint, or one of a model decorrelated with hf_dbp.decorrelate (folder or Hub id)")
+    merge_parser.add_argument("checkpoint", help="a vit_mae_dbp checkpoint, an UperNet fine-tuned with --keep_decorrelation, or one of a model decorrelated with hf_dbp.decorrelate (folder or Hub id)")
     merge_parser.add_argument("output", help="folder for the plain checkpoint")
     push_parser = commands.add_parser(
         "push", help="upload a finished output folder to the Hub",

@@ -25,10 +25,25 @@ import torch
 from conftest import REPO_ROOT, SEGMENTATION_SCRIPT, TINY_ENCODER, Run, offline_env, read_json, training_records
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
-from transformers import AutoModelForSemanticSegmentation, BertConfig, BertModel, ViTMAEConfig, ViTMAEForPreTraining
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForSemanticSegmentation,
+    BertConfig,
+    BertModel,
+    ViTImageProcessor,
+    ViTMAEConfig,
+    ViTMAEForPreTraining,
+    pipeline,
+)
 
 import hf_dbp
-from hf_dbp.tasks.segmentation.data import make_demo_ade20k
+from hf_dbp.tasks.segmentation.data import (
+    SegmentationTransform,
+    load_ade20k_folder,
+    make_demo_ade20k,
+    segmentation_collate,
+)
+from hf_dbp.tasks.segmentation.evaluation import predict_batch
 
 SCRIPT = SEGMENTATION_SCRIPT
 
@@ -127,9 +142,10 @@ class Inputs:
     dbp_checkpoint: Path
     plain_checkpoint: Path
     bert_checkpoint: Path
-    parquet_dir: Path  # train/validation parquet with columns "pixels", "segmentation", "name"
+    parquet_dir: Path  # train.parquet only (12 pairs), with columns "pixels", "segmentation", "name"
     no_annotation_dir: Path  # train/validation parquet with columns "image", "caption"
     frozen_dbp_checkpoint: Path  # the DBP checkpoint's weights and R, with decorrelation_lr 0
+    vit_processor: Path  # a ViTImageProcessor with a normalisation of its own
 
 
 PLAIN_CLS_TOKEN = 0.5  # a class-token value no initialisation gives
@@ -159,19 +175,19 @@ def load_image(path: Path) -> PILImage.Image:
 
 
 def make_parquet(data_dir: Path, out: Path) -> None:
-    """The pairs of `data_dir` as train.parquet / validation.parquet, under non-default column names."""
+    """All 12 pairs of `data_dir` as one train.parquet (no validation split), under non-default column names."""
     out.mkdir()
     features = Features({"pixels": Image(), "segmentation": Image(), "name": Value("string")})
-    for split, folder in (("train", "training"), ("validation", "validation")):
-        images = sorted((data_dir / "images" / folder).glob("*.jpg"))
-        Dataset.from_dict(
-            {
-                "pixels": [load_image(p) for p in images],
-                "segmentation": [load_image(data_dir / "annotations" / folder / f"{p.stem}.png") for p in images],
-                "name": [p.stem for p in images],
-            },
-            features=features,
-        ).to_parquet(str(out / f"{split}.parquet"))
+    pairs = [(p, data_dir / "annotations" / folder / f"{p.stem}.png") for folder in ("training", "validation")
+             for p in sorted((data_dir / "images" / folder).glob("*.jpg"))]  # fmt: skip
+    Dataset.from_dict(
+        {
+            "pixels": [load_image(image) for image, _ in pairs],
+            "segmentation": [load_image(annotation) for _, annotation in pairs],
+            "name": [image.stem for image, _ in pairs],
+        },
+        features=features,
+    ).to_parquet(str(out / "train.parquet"))
 
 
 # The bad pairs of the messy set, by file stem.
@@ -224,6 +240,8 @@ def inputs(tmp_path_factory) -> Inputs:
         BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     ).save_pretrained(root / "bert")
     make_parquet(data_dir, root / "parquet")
+    # transformers' --image_processor_name: its normalisation is the one the run must use and save.
+    ViTImageProcessor(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3]).save_pretrained(root / "vit_processor")
     (root / "no_annotation").mkdir()
     for split, seed in (("train", 0), ("validation", 1)):
         rng = np.random.default_rng(seed)
@@ -233,7 +251,7 @@ def inputs(tmp_path_factory) -> Inputs:
             features=Features({"image": Image(), "caption": Value("string")}),
         ).to_parquet(str(root / "no_annotation" / f"{split}.parquet"))
     return Inputs(data_dir, root / "messy", root / "dbp", root / "plain", root / "bert", root / "parquet",
-                  root / "no_annotation", root / "frozen_dbp")  # fmt: skip
+                  root / "no_annotation", root / "frozen_dbp", root / "vit_processor")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -255,12 +273,12 @@ def runs(inputs, tmp_path_factory) -> dict[str, Run]:
     root = tmp_path_factory.mktemp("runs")
     futures: dict[str, Future] = {}
 
-    def job(name: str, *args, after: str | None = None, cwd: Path | None = None) -> Callable[[], Run]:
-        def call() -> Run:
+    def job(name: str, *args, after: str | None = None, cwd: Path | None = None, last: tuple = ()) -> Callable[[], Run]:
+        def call() -> Run:  # `last`: flags after TINY_FLAGS, which they override
             if after is not None:
                 futures[after].result()
             output_dir = root / name / "out"
-            result = run_script(*args, "--output_dir", output_dir, *TINY_FLAGS, hf_home=root / name / "hf_home",
+            result = run_script(*args, "--output_dir", output_dir, *TINY_FLAGS, *last, hf_home=root / name / "hf_home",
                                 cwd=cwd or REPO_ROOT)  # fmt: skip
             return Run(result, output_dir)
 
@@ -271,16 +289,24 @@ def runs(inputs, tmp_path_factory) -> dict[str, Run]:
     jobs = {  # "dbp" first: "continued" waits for it
         "dbp": job("dbp", *data, *dbp),
         "keep": job("keep", *data, *dbp, "--keep_decorrelation"),
-        "keep_frozen": job("keep_frozen", *data, "--model_name_or_path", inputs.frozen_dbp_checkpoint,
+        # The weights of the DBP checkpoint, the configuration (decorrelation_lr 0) of the frozen one: --config_name.
+        "keep_frozen": job("keep_frozen", *data, *dbp, "--config_name", inputs.frozen_dbp_checkpoint,
                            "--keep_decorrelation", "--learning_rate", 0.1, "--weight_decay", 0.5),
         "messy": job("messy", "--data_dir", inputs.messy_dir, *dbp),
         "parquet": job("parquet", "--dataset_name", inputs.parquet_dir, "--image_column_name", "pixels",
-                       "--label_column_name", "segmentation", "--max_train_samples", 6, "--max_eval_samples", 3, *dbp),
-        "plain": job("plain", *data, "--model_name_or_path", inputs.plain_checkpoint, "--train_fraction", 0.5),
+                       "--label_column_name", "segmentation", "--train_val_split", 0.25, "--max_train_samples", 6,
+                       "--max_eval_samples", 3, *dbp),
+        # transformers' flags of run_semantic_segmentation.py, as a command line written for it passes them.
+        "plain": job("plain", *data, "--model_name_or_path", inputs.plain_checkpoint, "--train_fraction", 0.5,
+                     "--image_processor_name", inputs.vit_processor, "--cache_dir", root / "plain" / "cache",
+                     "--model_revision", "main", "--token", "hf_not_a_token", "--trust_remote_code"),
         "bert": job("bert", *data, "--model_name_or_path", inputs.bert_checkpoint),
         "no_annotation": job("no_annotation", "--dataset_name", inputs.no_annotation_dir, *dbp),
         "fresh": job("fresh", *data, cwd=root / "fresh_cwd"),
-        "continued": job("continued", *data, "--model_name_or_path", root / "dbp" / "out", after="dbp"),
+        # Sliding-window evaluation, drop path, a checkpoint per step.
+        "continued": job("continued", *data, "--model_name_or_path", root / "dbp" / "out", after="dbp",
+                         last=("--eval_window_size", 16, "--eval_window_stride", 8, "--drop_path_rate", 0.1,
+                               "--save_strategy", "steps", "--save_steps", 1)),
     }  # fmt: skip
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
         for name, call in jobs.items():
@@ -303,6 +329,46 @@ def test_data_dir_run_writes_results_and_predictions(runs):
         assert image.format == "PNG"
         assert image.width > 100 and image.height > 100
         image.verify()
+
+
+def assert_pipeline_gives_the_scored_masks(run: Run, data_dir: Path) -> None:
+    """pipeline("image-segmentation", model=the saved folder) gives, for each validation image, the masks the run's
+    evaluation scored: the same class at every pixel of the image's own size as `predict_batch` (what the script's
+    evaluation runs) with the saved image processor, whose loss is the eval_loss the run reported."""
+    segmenter = pipeline("image-segmentation", model=str(run.output_dir))
+    assert type(segmenter.image_processor) is hf_dbp.DBPSegmentationImageProcessor
+    validation = load_ade20k_folder(str(data_dir))["validation"]
+    transform = SegmentationTransform(32, train=False, image_processor=segmenter.image_processor)
+    batch = segmentation_collate([transform(row["image"], row["annotation"]) for row in validation])
+    predictions, loss = predict_batch(segmenter.model, segmenter.image_processor, batch["pixel_values"],
+                                      batch["target_sizes"], batch["labels"])  # fmt: skip
+    assert float(loss) == pytest.approx(read_json(run.output_dir / "all_results.json")["eval_loss"], rel=1e-5)
+    class_id = {name: i for i, name in segmenter.model.config.id2label.items()}
+    sizes = set()
+    for row, prediction in zip(validation, predictions, strict=True):
+        width, height = row["image"].size
+        sizes.add((height, width))
+        segmented = np.full((height, width), -1)
+        for segment in segmenter(row["image"]):
+            mask = np.asarray(segment["mask"]) > 0
+            assert (segmented[mask] == -1).all()  # the masks do not overlap
+            segmented[mask] = class_id[segment["label"]]
+        np.testing.assert_array_equal(segmented, prediction[:height, :width].numpy())
+        assert (prediction[height:, :] == 255).all() and (prediction[:, width:] == 255).all()
+    assert len(sizes) > 1  # images of several sizes, scored each at its own
+
+
+def test_checkpoint_carries_its_image_processor_and_pipeline_gives_the_scored_masks(runs, inputs):
+    """The UperNet folder holds preprocessor_config.json: AutoImageProcessor loads the evaluation transform (short
+    side 32, the encoder's patch 4 as the divisor, ADE20K's label reduction) and pipeline() reproduces the
+    evaluation, whole images at the annotations' resolution."""
+    run = runs["dbp"]
+    assert_succeeded(run)
+    processor = AutoImageProcessor.from_pretrained(run.output_dir)
+    assert type(processor) is hf_dbp.DBPSegmentationImageProcessor and processor.window_size is None
+    assert processor.size["shortest_edge"] == 32 and processor.size_divisor == 4 and processor.do_reduce_labels
+    assert "whole images" in run.output
+    assert_pipeline_gives_the_scored_masks(run, inputs.data_dir)
 
 
 def test_data_dir_run_saves_upernet_with_folded_backbone(runs, inputs):
@@ -349,10 +415,12 @@ def test_folded_run_logs_no_decorrelation_loss(runs):
 
 
 def test_parquet_dataset_with_custom_column_names(runs):
-    """A local folder of train/validation parquet files loads through --dataset_name, with the image and annotation
-    columns named by --image_column_name and --label_column_name, cut by --max_train/eval_samples."""
+    """A local folder of parquet files loads through --dataset_name, with the image and annotation columns named by
+    --image_column_name and --label_column_name; with no validation split, --train_val_split 0.25 holds out 3 of its
+    12 pairs; --max_train/eval_samples cut the rest."""
     run = runs["parquet"]
     assert_succeeded(run)
+    assert "No validation split: holding out 3 of the 12 training pairs (--train_val_split 0.25)" in run.output
     assert pair_counts(run.output) == (6, 3)
     assert_results(run.output_dir)
     assert (run.output_dir / "predictions.png").is_file()
@@ -387,15 +455,35 @@ def test_keep_decorrelation_continues_dbp(runs, inputs):
     assert_results(run.output_dir)
 
 
+def test_merging_an_upernet_with_r_kept_folds_it_and_keeps_the_processor(runs, tmp_path):
+    """`hf-dbp merge` of the --keep_decorrelation UperNet: R folded into the encoder (no R left, the same logits),
+    preprocessor_config.json carried over, so pipeline() runs on the merged folder too."""
+    from hf_dbp.cli import main as hf_dbp_main
+
+    run = runs["keep"]
+    assert_succeeded(run)
+    merged_dir = tmp_path / "merged"
+    assert hf_dbp_main(["merge", str(run.output_dir), str(merged_dir)]) == 0
+    merged, kept = load_upernet(merged_dir).eval(), load_upernet(run.output_dir).eval()
+    assert not r_matrices(merged) and merged.backbone.config.decorrelation_layers == []
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(pixel_values).logits, kept(pixel_values).logits, atol=1e-4, rtol=1e-4)
+    assert type(AutoImageProcessor.from_pretrained(merged_dir)) is hf_dbp.DBPSegmentationImageProcessor
+    masks = pipeline("image-segmentation", model=str(merged_dir))(PILImage.new("RGB", (40, 32), (90, 120, 60)))
+    assert masks and all(m["mask"].size == (40, 32) for m in masks)
+
+
 def test_keep_decorrelation_with_lr_zero_leaves_R_exactly(runs, inputs):
-    """R is updated by the decorrelation rule only: with decorrelation_lr 0 in the checkpoint, fine-tuning (a large
-    learning rate and weight decay, layer-wise lr decay) moves the encoder's weights and leaves every R bitwise."""
+    """R is updated by the decorrelation rule only: with decorrelation_lr 0 in the configuration (from --config_name;
+    the weights from --model_name_or_path, whose own config says 1e-3), fine-tuning (a large learning rate and weight
+    decay, layer-wise lr decay) moves the encoder's weights and leaves every R bitwise."""
     run = runs["keep_frozen"]
     assert_succeeded(run)
     model = load_upernet(run.output_dir)
     assert model.backbone.config.decorrelation_lr == 0
     saved = r_matrices(model, prefix="backbone.")
-    original_model = hf_dbp.ViTMAEDBPForPreTraining.from_pretrained(inputs.frozen_dbp_checkpoint)
+    original_model = hf_dbp.ViTMAEDBPForPreTraining.from_pretrained(inputs.dbp_checkpoint)  # the weights' source
     original = r_matrices(original_model)
     assert len(original) == NUM_R and sorted(saved) == sorted(original)
     assert all(torch.equal(saved[name], original[name]) for name in original)
@@ -424,6 +512,25 @@ def test_continues_from_saved_upernet(runs):
         assert torch.allclose(after[name], before[name], atol=1e-3), name  # a fresh head would differ by far more
 
 
+def test_sliding_window_evaluation_drop_path_and_a_processor_in_every_checkpoint(runs, inputs):
+    """--eval_window_size 16 --eval_window_stride 8: the saved image processor slides 16 px windows (what the run
+    scored, and what pipeline() runs); --drop_path_rate 0.1 is in the backbone's config and its blocks; each
+    checkpoint-N folder carries the processor too."""
+    run = runs["continued"]
+    assert_succeeded(run)
+    assert "sliding windows of 16 px, stride 8" in run.output
+    for folder in (run.output_dir, run.output_dir / "checkpoint-1", run.output_dir / "checkpoint-2"):
+        processor = AutoImageProcessor.from_pretrained(folder)
+        assert type(processor) is hf_dbp.DBPSegmentationImageProcessor, folder
+        assert (processor.window_size, processor.window_stride, processor.size_divisor) == (16, 8, 4), folder
+        assert processor.size["shortest_edge"] == 32 and processor.do_reduce_labels, folder
+    model = load_upernet(run.output_dir)
+    assert model.config.backbone_config.drop_path_rate == 0.1
+    rates = [block.dropout[1].drop_prob for block in model.backbone.vit.layers]
+    assert rates == pytest.approx([0.0, 0.1 / 3, 0.2 / 3, 0.1])  # BEiT's linear schedule over the 4 blocks
+    assert_pipeline_gives_the_scored_masks(run, inputs.data_dir)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 5. A plain transformers ViTMAE checkpoint
 
@@ -440,6 +547,17 @@ def test_plain_vit_mae_checkpoint(runs):
     assert not r_matrices(model)
     cls_token = model.backbone.vit.embeddings.cls_token
     assert torch.allclose(cls_token, torch.full_like(cls_token, PLAIN_CLS_TOKEN), atol=1e-3)
+
+
+def test_transformers_flags_run_unchanged_and_the_named_processor_normalises(runs, inputs):
+    """The command line of transformers' run_semantic_segmentation.py (--image_processor_name, --cache_dir,
+    --model_revision, --token, --trust_remote_code) runs; the normalisation of --image_processor_name is the one
+    saved (and used: the saved processor is the evaluation transform)."""
+    run = runs["plain"]
+    assert_succeeded(run)
+    processor = AutoImageProcessor.from_pretrained(run.output_dir)
+    assert list(processor.image_mean) == [0.5, 0.4, 0.3] and list(processor.image_std) == [0.2, 0.25, 0.3]
+    assert f"normalisation of {inputs.vit_processor}'s ViTImageProcessor" in run.output
 
 
 # ----------------------------------------------------------------------------------------------------------------------

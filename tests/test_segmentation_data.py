@@ -278,20 +278,21 @@ def test_train_augmentation_is_random_and_evaluation_is_not():
     # Evaluation is resize + normalisation only: a uniform grey image stays exactly its normalised colour.
     pixels = evaluation(grey, annotation)["pixel_values"]
     expected = (128 / 255 - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
-    np.testing.assert_allclose(pixels[:, 0, 0], expected, rtol=1e-5)
+    np.testing.assert_allclose(pixels[0, :, 0, 0], expected, rtol=1e-5)
 
 
-def test_evaluation_keeps_the_aspect_ratio_and_pads_to_the_divisor():
+def test_evaluation_keeps_the_aspect_ratio_pads_to_the_divisor_and_labels_at_their_own_size():
     transform = SegmentationTransform(crop_size=(48, 32), train=False, size_divisor=16)  # short side 32
     image, annotation = rgb(50, 70), label_map(50, 70, (4,))
     out = transform(image, annotation)
-    # 50x70 (h x w) -> short side 32: 32 x 44.8 -> 32 x 45, padded to 32 x 48. No crop.
-    assert out["pixel_values"].shape == (3, 32, 48) and out["labels"].shape == (32, 48)
-    assert (out["labels"][:, :45] == 3).all() and (out["labels"][:, 45:] == 255).all()
-    assert (out["pixel_values"][:, :, 45:] == 0).all() and (out["pixel_values"][:, :, :45] != 0).any()
+    # 50x70 (h x w) -> short side 32: 32 x 44.8 -> 32 x 45, padded to 32 x 48. No crop. The labels are not resized:
+    # predictions are scored at the annotation's resolution.
+    assert out["pixel_values"].shape == (1, 3, 32, 48) and out["labels"].shape == (50, 70)
+    assert (out["labels"] == 3).all() and tuple(out["target_size"]) == (50, 70)
+    assert (out["pixel_values"][..., 45:] == 0).all() and (out["pixel_values"][..., :45] != 0).any()
     # Portrait: 90x40 -> 72x32, already multiples of 8.
     out = SegmentationTransform(crop_size=32, train=False, size_divisor=8)(rgb(90, 40), label_map(90, 40, (4,)))
-    assert out["labels"].shape == (72, 32) and (out["labels"] == 3).all()
+    assert out["pixel_values"].shape == (1, 3, 72, 32) and out["labels"].shape == (90, 40)
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -9,6 +9,8 @@ import os
 import numpy as np
 from datasets import Dataset, DatasetDict, Image
 
+from .image_modes import UnconvertibleImageError, to_rgb
+
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -199,38 +201,52 @@ def _describe(value: dict) -> str:
 def _check_images(batch: dict, column: str) -> dict:
     from PIL import Image as PILImage
 
-    errors = []
+    errors, unconvertible = [], []
     for value in batch[column]:
+        error, refused = "", False
         try:
             source = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
             with PILImage.open(source) as image:
                 image.load()  # decodes every pixel: truncated files fail here, not an hour into training
-            errors.append("")
-        except Exception as error:  # noqa: BLE001 - PIL raises many types for a bad file; we report and skip it
-            errors.append(f"{type(error).__name__}: {error}")
-    return {"_image_error": errors}
+                to_rgb(image)  # what MAEImageTransform does with it: a mode it refuses is dropped now, by name
+        except UnconvertibleImageError as refusal:
+            error, refused = str(refusal), True
+        except Exception as failure:  # noqa: BLE001 - PIL raises many types for a bad file; we report and skip it
+            error = f"{type(failure).__name__}: {failure}"
+        errors.append(error)
+        unconvertible.append(refused)
+    return {"_image_error": errors, "_image_unconvertible": unconvertible}
 
 
 def drop_unreadable_images(dataset: Dataset, column: str, num_proc: int | None = None) -> tuple[Dataset, list[str]]:
-    """Remove the rows whose image cannot be decoded, warning with each file's name.
+    """Remove the rows whose image cannot be decoded, or cannot be converted to RGB, warning with each file's name.
 
-    Every image is decoded once, before training (the result is cached by `datasets`). Returns the clean dataset
-    and the names of the files that were dropped.
+    Every image is decoded once, before training (the result is cached by `datasets`), and converted as
+    `MAEImageTransform` will convert it (`hf_dbp.tasks.image_modes.to_rgb`): images of a mode without a faithful
+    8-bit RGB rendering (e.g. float images outside [0, 1]) are dropped too, with the reason. Returns the clean
+    dataset and the names of the files that were dropped (both kinds, in dataset order).
     """
     feature = dataset.features[column]
     if not isinstance(feature, Image):
         raise ValueError(f"column {column!r} holds {feature}, not images")
     raw = dataset.cast_column(column, Image(decode=False))
     checked = raw.map(_check_images, fn_kwargs={"column": column}, batched=True, num_proc=num_proc,
-                      desc="Checking images")  # fmt: skip
-    errors = checked["_image_error"]
+                      remove_columns=raw.column_names, desc="Checking images")  # fmt: skip
+    errors, unconvertible = checked["_image_error"], checked["_image_unconvertible"]
     bad = [i for i, error in enumerate(errors) if error]
     names = []
     for i in bad:
         names.append(_describe(raw[i][column]))
-        logger.warning("skipping unreadable image %s (%s)", names[-1], errors[i])
+        if unconvertible[i]:
+            logger.warning("skipping image %s: %s", names[-1], errors[i])
+        else:
+            logger.warning("skipping unreadable image %s (%s)", names[-1], errors[i])
     if bad:
-        logger.warning("skipped %d unreadable image(s) of %d", len(bad), len(dataset))
+        refused = sum(unconvertible[i] for i in bad)
+        if len(bad) > refused:
+            logger.warning("skipped %d unreadable image(s) of %d", len(bad) - refused, len(dataset))
+        if refused:
+            logger.warning("skipped %d image(s) of %d that cannot be converted to RGB", refused, len(dataset))
         keep = sorted(set(range(len(dataset))) - set(bad))
         dataset = dataset.select(keep)
     return dataset, names
@@ -300,7 +316,8 @@ class MAEImageTransform(EpochSeededAugmentation):
     """MAE augmentation without torchvision, built on albumentations.
 
     Training: random resized crop (scale 0.2 to 1, bicubic), horizontal flip, normalisation. Evaluation: resize the
-    short side, centre crop, normalisation. Grayscale, RGBA and palette images are converted to RGB first. Returns
+    short side, centre crop, normalisation. Images of any mode are first converted to 8-bit RGB by
+    `hf_dbp.tasks.image_modes.to_rgb` (EXIF orientation applied, 16-bit gray scaled, transparency on white). Returns
     a `(3, size, size)` float32 array. `seed` and the sample's `index` make the augmentation reproducible (see
     `EpochSeededAugmentation`).
     """
@@ -328,5 +345,5 @@ class MAEImageTransform(EpochSeededAugmentation):
 
     def __call__(self, image, index: int | None = None) -> np.ndarray:
         self._seed(self.transform, index)
-        array = np.asarray(image.convert("RGB"))
+        array = to_rgb(image)
         return self.transform(image=array)["image"].transpose(2, 0, 1).astype(np.float32)

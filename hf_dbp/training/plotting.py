@@ -53,7 +53,9 @@ IGNORED_LABEL_NAME = "ignored (not scored)"
 def legend_entries(labels, predictions, id2label: dict, colors: np.ndarray, num_labels: int) -> list[tuple[str, tuple]]:
     """(name, RGB in [0, 1]) of every class drawn in `labels` or `predictions`, and the black of the ignored label 255
     (padding, ADE20K's "other") where the labels hold it."""
-    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    # One array per image, of any size (evaluation scores each image at its annotation's resolution).
+    labels = np.concatenate([np.asarray(a).ravel() for a in labels]) if len(labels) else np.zeros(0, np.int64)
+    predictions = np.concatenate([np.asarray(a).ravel() for a in predictions]) if len(predictions) else labels
     shown = sorted({int(c) for c in np.unique(labels) if c != 255} | {int(c) for c in np.unique(predictions) if c < num_labels})
     entries = [(id2label.get(c, str(c)).strip(), tuple(colors[c] / 255)) for c in shown]
     if (labels == 255).any():
@@ -67,8 +69,9 @@ def plot_segmentation_examples(
     """Write a PNG with one row per image: the image, its true mask and the predicted mask, side by side.
 
     Args:
-        pixel_values: normalised images, (batch, 3, H, W).
-        labels, predictions: class ids, (batch, H, W); 255 in `labels` (ignored) is drawn black.
+        pixel_values: the images: normalised (3, H, W) arrays (a batch), or (H, W, 3) uint8 RGB ones; of any sizes.
+        labels, predictions: class ids, (H, W) per image, the sizes of the images; 255 in `labels` (ignored) is
+            drawn black.
         path: where to write the PNG.
         num_labels: number of classes.
         id2label: class names, for a legend of the classes shown.
@@ -87,7 +90,11 @@ def plot_segmentation_examples(
     rows = len(pixel_values)
     fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows), squeeze=False)
     for row in range(rows):
-        image = np.clip(np.asarray(pixel_values[row], dtype=np.float32) * std + mean, 0, 1).transpose(1, 2, 0)
+        image = np.asarray(pixel_values[row])
+        if image.dtype == np.uint8:
+            image = image.astype(np.float32) / 255
+        else:
+            image = np.clip(image.astype(np.float32) * std + mean, 0, 1).transpose(1, 2, 0)
         label = np.asarray(labels[row]).astype(np.int64)
         prediction = np.asarray(predictions[row]).astype(np.int64)
         prediction = np.where(label == 255, 255, prediction)  # padding and "other" are not judged: show them black

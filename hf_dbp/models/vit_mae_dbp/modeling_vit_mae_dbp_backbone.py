@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoConfig, UperNetConfig, UperNetForSemanticSegmentation, ViTMAEConfig
 from transformers.backbone_utils import BackboneConfigMixin, BackboneMixin, filter_output_hidden_states
 from transformers.modeling_outputs import BackboneOutput
-from transformers.models.beit.modeling_beit import BeitFPNNeck
+from transformers.models.beit.modeling_beit import BeitDropPath, BeitFPNNeck
 from transformers.utils.generic import can_return_tuple
 
 from ...core.decorrelation import decorrelation_matrices
@@ -50,6 +50,9 @@ class ViTMAEDBPBackboneConfig(BackboneConfigMixin, ViTMAEDBPConfig):
             The same by name (`"stem"`, `"stage1"`, ...).
         add_fpn (`bool`, *optional*, defaults to `True`):
             Rescale the four outputs by x4, x2, x1 and x0.5 with BEiT's neck (what UperNet on a plain ViT needs).
+        drop_path_rate (`float`, *optional*, defaults to 0.0):
+            Stochastic depth during training: block i of L drops its attention and MLP branches (per sample) with
+            probability `drop_path_rate * i / (L - 1)`, as BEiT and MAE fine-tune (0.1 for ViT-B on ADE20K).
         decorrelation_layers (`list[str]`):
             As in [`ViTMAEDBPConfig`]; an empty list gives a plain encoder (the usual case after folding R into W).
 
@@ -62,6 +65,7 @@ class ViTMAEDBPBackboneConfig(BackboneConfigMixin, ViTMAEDBPConfig):
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
     add_fpn: bool = True
+    drop_path_rate: float = 0.0
 
     def __post_init__(self, **kwargs):
         self.mask_ratio = 0.0
@@ -75,6 +79,8 @@ class ViTMAEDBPBackboneConfig(BackboneConfigMixin, ViTMAEDBPConfig):
         )
         if self.add_fpn and len(self._out_indices) != 4:
             raise ValueError(f"add_fpn needs exactly 4 out_indices, got {self._out_indices}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1); got {self.drop_path_rate}")
         super().__post_init__(**kwargs)
 
     @classmethod
@@ -107,6 +113,14 @@ class ViTMAEDBPBackbone(BackboneMixin, ViTMAEDBPPreTrainedModel):
         self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
         self.vit = ViTMAEDBPModel(config)
         self.fpn = BeitFPNNeck(config) if config.add_fpn else nn.Identity()
+        # Stochastic depth, BEiT's linear schedule over the blocks. ViTMAE's block applies its `dropout` to each
+        # branch (attention, MLP) just before adding it to the residual, which is where drop path acts; so each
+        # block's dropout is followed by transformers' BEiT drop path, drawn anew for each branch. No weights: the
+        # checkpoints are the same with or without it.
+        if config.drop_path_rate > 0:
+            last = max(1, config.num_hidden_layers - 1)
+            for i, layer in enumerate(self.vit.layers):
+                layer.dropout = nn.Sequential(layer.dropout, BeitDropPath(config.drop_path_rate * i / last))
         self.post_init()
 
     @classmethod
@@ -162,6 +176,10 @@ def upernet_from_pretraining_checkpoint(
     id2label: dict[int, str],
     keep_decorrelation: bool = False,
     out_indices: list[int] | None = None,
+    drop_path_rate: float | None = None,
+    config_name: str | None = None,
+    load_kwargs: dict | None = None,
+    trust_remote_code: bool = False,
     **upernet_kwargs,
 ) -> tuple[UperNetForSemanticSegmentation, str]:
     """UperNet around the encoder of a pre-training checkpoint (or a saved UperNet of this project, continued).
@@ -175,17 +193,28 @@ def upernet_from_pretraining_checkpoint(
         id2label: the segmentation classes.
         keep_decorrelation: keep R (and go on decorrelating) rather than fold it into W.
         out_indices: the encoder blocks that feed UperNet (default: see `default_out_indices`).
+        drop_path_rate: the encoder's stochastic depth in fine-tuning (see `ViTMAEDBPBackboneConfig`); `None` keeps
+            a continued UperNet's own and gives 0 for a new one.
+        config_name: read the configuration from here rather than from `checkpoint` (the weights still come from
+            `checkpoint`), as transformers' example scripts' `--config_name`.
+        load_kwargs: passed to every `from_pretrained` (`cache_dir`, `revision`, `token`).
+        trust_remote_code: passed to `AutoConfig.from_pretrained`, for a checkpoint whose config is its own code.
         upernet_kwargs: other `UperNetConfig` fields.
 
     Returns:
         The model and a one-paragraph report of what was loaded. Raises `ValueError` rather than start from random
         weights when the checkpoint is of another kind or lacks encoder weights.
     """
-    config = AutoConfig.from_pretrained(checkpoint)
+    load_kwargs = dict(load_kwargs or {})
+    config = AutoConfig.from_pretrained(config_name or checkpoint, trust_remote_code=trust_remote_code, **load_kwargs)
     if config.model_type == UperNetConfig.model_type:
         if not isinstance(config.backbone_config, ViTMAEDBPBackboneConfig):
             raise ValueError(f"{checkpoint} is an UperNet with a {config.backbone_config.model_type!r} backbone, not this project's")
-        model, info = UperNetForSemanticSegmentation.from_pretrained(checkpoint, output_loading_info=True)
+        if drop_path_rate is not None:
+            config.backbone_config.drop_path_rate = drop_path_rate
+        model, info = UperNetForSemanticSegmentation.from_pretrained(
+            checkpoint, config=config, output_loading_info=True, **load_kwargs
+        )
         if info["missing_keys"]:
             raise ValueError(f"{checkpoint} lacks weights for {sorted(info['missing_keys'])[:10]}")
         return model, f"Continued from the UperNet checkpoint {checkpoint} (all weights loaded)."
@@ -194,13 +223,17 @@ def upernet_from_pretraining_checkpoint(
             f"{checkpoint} holds a {config.model_type!r} model; give a 'vit_mae' or 'vit_mae_dbp' pre-training "
             "checkpoint, or an 'upernet' checkpoint saved by this project."
         )
-    pretrained, info = ViTMAEDBPForPreTraining.from_pretrained(checkpoint, output_loading_info=True)
+    pretrained, info = ViTMAEDBPForPreTraining.from_pretrained(
+        checkpoint, **({"config": ViTMAEDBPConfig.from_pretrained(config_name, **load_kwargs)} if config_name else {}),
+        output_loading_info=True, **load_kwargs,
+    )  # fmt: skip
     if missing := _missing_encoder_keys(info):
         raise ValueError(f"{checkpoint} lacks encoder weights {missing[:10]} (and {max(0, len(missing) - 10)} more)")
     kind = "DBP-MAE" if config.model_type == ViTMAEDBPConfig.model_type else "MAE"
     return upernet_around_encoder(
-        pretrained, id2label, keep_decorrelation, out_indices, source=f"the {kind} encoder of {checkpoint}", **upernet_kwargs
-    )
+        pretrained, id2label, keep_decorrelation, out_indices, source=f"the {kind} encoder of {checkpoint}",
+        drop_path_rate=drop_path_rate or 0.0, **upernet_kwargs,
+    )  # fmt: skip
 
 
 def upernet_around_encoder(
@@ -209,12 +242,14 @@ def upernet_around_encoder(
     keep_decorrelation: bool = False,
     out_indices: list[int] | None = None,
     source: str = "the given encoder",
+    drop_path_rate: float = 0.0,
     **upernet_kwargs,
 ) -> tuple[UperNetForSemanticSegmentation, str]:
     """UperNet whose backbone holds the encoder of `pretrained` (see `upernet_from_pretraining_checkpoint`)."""
     decorrelated = pretrained.config.decorrelation_layers if keep_decorrelation else []
     encoder = pretrained.vit if keep_decorrelation else pretrained.vit.merge_decorrelation()
     settings = {k: getattr(pretrained.config, k) for k in DBP_CONFIG_FIELDS} | {"decorrelation_layers": decorrelated}
+    settings["drop_path_rate"] = drop_path_rate
     if out_indices:
         settings["out_indices"] = out_indices
     backbone_config = ViTMAEDBPBackboneConfig.from_encoder_config(pretrained.config, **settings)

@@ -25,15 +25,15 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from albumentations.core.type_definitions import Targets  # noqa: E402
 from datasets import Dataset, DatasetDict, Features, Image  # noqa: E402
-from PIL import ExifTags, ImageDraw  # noqa: E402
+from PIL import ExifTags, ImageDraw, ImageOps  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
 from ..image_data import IMAGENET_MEAN, IMAGENET_STD, SAMPLE_INDEX_COLUMN, EpochSeededAugmentation, _photo  # noqa: E402
+from ..image_modes import UnconvertibleImageError, to_rgb  # noqa: E402
+from .image_processing import IGNORE_INDEX, DBPSegmentationImageProcessor  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
-"""Label value the loss ignores: padding, and raw 0 ("other") after label reduction."""
 
 ADE20K_SPLITS = {"train": "training", "validation": "validation"}
 """Our split name -> the ADEChallengeData2016 sub-folder name."""
@@ -43,6 +43,10 @@ ANNOTATION_SUFFIXES = (".png",)
 
 # EXIF orientations that make `datasets` (which calls ImageOps.exif_transpose on decoding) swap width and height.
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+# EXIF orientation rule for pairs: each file is oriented by its own tag, as `datasets` decodes it and as a viewer
+# shows it: the image by its tag (camera photographs), the annotation only if it carries a tag itself (label PNGs
+# rarely do). A pair whose sizes then disagree is dropped by `check_segmentation_pairs`, with a reason naming the
+# image's orientation; a tag that rotates the image but keeps the size (3: 180 degrees) misaligns the pair unseen.
 
 
 # --------------------------------------------------------------------------------------------------- folder loading
@@ -171,10 +175,12 @@ def _pair_error(
     """("", "") for a good pair, else (why it is bad, the name of the file at fault)."""
     try:
         with _open(image_value) as image:
-            if image.mode not in ("RGB", "L", "RGBA", "P", "CMYK", "LA", "PA", "1"):
-                image.convert("RGB")  # the transform does this; rare modes (I;16, F, ...) may not convert
-            image_size, orientation = _decoded_size(image)
+            _, orientation = _decoded_size(image)
             raw_image_size = image.size
+            pixels = to_rgb(image)  # as the transform converts it (EXIF orientation applied): refusals fail here
+            image_size = (pixels.shape[1], pixels.shape[0])
+    except UnconvertibleImageError as error:
+        return f"image cannot be converted to RGB ({error})", image_name
     except Exception as error:  # noqa: BLE001 - PIL raises many types for a bad file; we report and skip it
         return f"image cannot be decoded ({type(error).__name__}: {error})", image_name
     try:
@@ -244,8 +250,10 @@ def check_segmentation_pairs(
 
     A pair is dropped, with a warning naming both files and the reason (and a count at the end), when the image or
     the annotation cannot be decoded, the annotation is not single-channel (a colour-coded RGB/RGBA annotation),
-    its size differs from the image's (as `datasets` decodes them, i.e. after EXIF orientation), or it holds a label
-    value above the classes other than 255 (the values are named). Images of any mode PIL converts to RGB are fine.
+    its size differs from the image's (as `datasets` decodes them, i.e. each after its own EXIF orientation), or it
+    holds a label value above the classes other than 255 (the values are named). Images are converted as the
+    transform converts them (`hf_dbp.tasks.image_modes.to_rgb`); one it refuses (a float image outside [0, 1], a
+    32-bit integer image beyond 16-bit values) is dropped, naming the image and its mode.
     A missing column raises `ValueError` listing the dataset's columns.
     """
     for column in (image_column, label_column):
@@ -376,6 +384,10 @@ _REDUCE_LABELS[IGNORE_INDEX] = IGNORE_INDEX
 
 
 def _as_label_map(annotation: Any) -> np.ndarray:
+    if isinstance(annotation, PILImage.Image) and annotation.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        # The pair rule above: an annotation is oriented by its own tag only (a no-op after `datasets` decoded it).
+        # Transposition moves pixels without interpolating: label values are unchanged.
+        annotation = ImageOps.exif_transpose(annotation)
     array = np.asarray(annotation)  # a palette ("P") image gives its indices, which are the class ids
     if array.ndim != 2:
         mode = getattr(annotation, "mode", None)
@@ -392,9 +404,8 @@ def _as_label_map(annotation: Any) -> np.ndarray:
 
 
 def _as_rgb(image: Any) -> np.ndarray:
-    if not isinstance(image, PILImage.Image):
-        image = PILImage.fromarray(np.asarray(image))
-    return np.asarray(image.convert("RGB"))  # grayscale, RGBA, palette and CMYK images alike
+    # Any mode, EXIF orientation applied (see `hf_dbp.tasks.image_modes.to_rgb`; the pair rule above).
+    return to_rgb(image if isinstance(image, PILImage.Image) else np.asarray(image))
 
 
 class SegmentationTransform(EpochSeededAugmentation):
@@ -406,8 +417,10 @@ class SegmentationTransform(EpochSeededAugmentation):
         reduce_labels: map raw ids 0 -> 255 (ignored), k -> k - 1 (255 stays 255). True for ADE20K annotations.
         mean: per-channel mean for normalisation, of pixel values scaled to [0, 1].
         std: per-channel standard deviation for normalisation.
-        size_divisor: evaluation output height and width are padded up to a multiple of this (e.g. the patch size);
+        size_divisor: evaluation inputs are padded up to a multiple of this in height and width (the patch size);
             1 or None for no padding.
+        image_processor: the evaluation transform, a `DBPSegmentationImageProcessor` (e.g. with sliding windows);
+            by default one built from `crop_size`, `mean`, `std` and `size_divisor`, whole-image.
         cat_max_ratio: training crops are re-drawn (up to 10 times) while one class covers this fraction or more of
             the crop's labelled pixels; 1.0 disables it. 0.75 as in mmsegmentation.
 
@@ -418,14 +431,18 @@ class SegmentationTransform(EpochSeededAugmentation):
     that, as mmsegmentation's (2048, 512) scale), random crop of crop_size (one class at most `cat_max_ratio`), random
     horizontal flip, photometric distortion (each with probability 1/2: brightness +-32, contrast x[0.5, 1.5],
     saturation x[0.5, 1.5], hue +-18 of OpenCV's 180), normalisation, and padding of a crop smaller than crop_size at
-    the bottom/right. Evaluation: rescale so that the short side is min(crop_size) (the same long-side cap), no crop
-    (whole-image evaluation), normalisation, padding at the bottom/right to a multiple of `size_divisor`.
+    the bottom/right. Evaluation is the image processor's (the one saved with the checkpoint): rescale so that the short
+    side is min(crop_size) (the same long-side cap), normalisation, padding at the bottom/right to a multiple of
+    `size_divisor`, then the whole image or its sliding windows; the labels stay at the annotation's own resolution,
+    where the predictions are scored (as mmsegmentation does).
 
     Padding is 0 in `pixel_values` (i.e. the mean colour, after normalisation, as in mmsegmentation and
     `segmentation_collate`) and 255 in `labels`. Labels are resized with nearest neighbour only, so no new values appear.
 
-    Call it as `transform(image, annotation)` with PIL images (or arrays); it returns `pixel_values`, a float32
-    (3, H, W) array, and `labels`, an int64 (H, W) array. `transform.apply_to_batch` suits `Dataset.with_transform`.
+    Call it as `transform(image, annotation)` with PIL images (or arrays). Training returns `pixel_values`, a float32
+    (3, H, W) array, and `labels`, an int64 (H, W) array of the same size. Evaluation returns `pixel_values` of shape
+    (n, 3, H, W), the image's n model inputs (1 whole image, or its windows), `labels` at the annotation's size and
+    `target_size`, that size. `transform.apply_to_batch` suits `Dataset.with_transform`.
     """
 
     def __init__(
@@ -438,6 +455,7 @@ class SegmentationTransform(EpochSeededAugmentation):
         size_divisor: int | None = 16,
         cat_max_ratio: float = 0.75,
         seed: int = 0,
+        image_processor: DBPSegmentationImageProcessor | None = None,
     ) -> None:
         self.seed = seed
         crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
@@ -465,27 +483,28 @@ class SegmentationTransform(EpochSeededAugmentation):
                 A.PadIfNeeded(min_height=self.crop_size[0], min_width=self.crop_size[1], position="top_left",
                               border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX),
             ]  # fmt: skip
+            # mask_interpolation on Compose forces nearest neighbour on every step that resizes masks.
+            self.transform = A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST)
         else:
-            steps = [_RescaleCrop(short_side, 4 * short_side), normalize]
-            if size_divisor and size_divisor > 1:
-                steps.append(
-                    A.PadIfNeeded(min_height=None, min_width=None, pad_height_divisor=size_divisor,
-                                  pad_width_divisor=size_divisor, position="top_left",
-                                  border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX)
-                )  # fmt: skip
-        # mask_interpolation on Compose forces nearest neighbour on every step that resizes masks.
-        self.transform = A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST)
+            self.image_processor = image_processor or DBPSegmentationImageProcessor(
+                size={"shortest_edge": short_side, "longest_edge": 4 * short_side}, size_divisor=size_divisor or 1,
+                image_mean=list(mean), image_std=list(std),
+            )  # fmt: skip
 
     def __call__(self, image: Any, annotation: Any, index: int | None = None) -> dict[str, np.ndarray]:
         """Transform one pair.
 
         Args:
-            image: a PIL image of any mode (converted to RGB) or an (H, W[, C]) uint8 array.
-            annotation: a single-channel PIL image (mode L or P, raw label ids) or an (H, W) integer array.
+            image: a PIL image of any mode (converted by `hf_dbp.tasks.image_modes.to_rgb`: EXIF orientation applied,
+                16-bit gray scaled to 8 bits, transparency on white) or an (H, W[, C]) uint8 array.
+            annotation: a single-channel PIL image (mode L or P, raw label ids; EXIF-oriented only by its own tag)
+                or an (H, W) integer array.
             index: the pair's index in the dataset, for reproducible augmentation.
 
         Returns:
-            `pixel_values`: float32 (3, H, W); `labels`: int64 (H, W), values in 0..num_labels-1 or 255.
+            Training: `pixel_values`, float32 (3, H, W), and `labels`, int64 (H, W), values in 0..num_labels-1 or 255.
+            Evaluation: `pixel_values`, float32 (n, 3, H, W), the image's model inputs; `labels`, int64 at the
+            annotation's own size; `target_size`, that (height, width).
         """
         pixels = _as_rgb(image)
         labels = _as_label_map(annotation)
@@ -496,6 +515,10 @@ class SegmentationTransform(EpochSeededAugmentation):
             )
         if self.reduce_labels:
             labels = _REDUCE_LABELS[labels]  # the one place labels are reduced
+        if not self.train:
+            inputs = self.image_processor(pixels, do_convert_rgb=False, return_tensors="np")["pixel_values"]
+            return {"pixel_values": inputs.astype(np.float32, copy=False), "labels": labels.astype(np.int64),
+                    "target_size": np.asarray(labels.shape, dtype=np.int64)}  # fmt: skip
         self._seed(self.transform, index)
         out = self.transform(image=pixels, mask=labels)
         return {
@@ -514,39 +537,51 @@ class SegmentationTransform(EpochSeededAugmentation):
             label_column: the name of the annotation column.
 
         Returns:
-            `pixel_values` and `labels`: lists with one array per row.
+            `pixel_values` and `labels` (and `target_size` in evaluation): lists with one array per row.
         """
         indices = batch.get(SAMPLE_INDEX_COLUMN) or [None] * len(batch[image_column])
         outputs = [self(image, label, index) for image, label, index in
                    zip(batch[image_column], batch[label_column], indices, strict=True)]  # fmt: skip
-        return {"pixel_values": [o["pixel_values"] for o in outputs], "labels": [o["labels"] for o in outputs]}
+        return {key: [o[key] for o in outputs] for key in outputs[0]} if outputs else {"pixel_values": [], "labels": []}
 
 
 def segmentation_collate(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack examples into a batch, padding smaller ones at the bottom/right.
 
     Args:
-        examples: dicts with `pixel_values` (3, H, W) and `labels` (H, W), as arrays or tensors.
+        examples: training examples, dicts with `pixel_values` (3, H, W) and `labels` (H, W); or evaluation ones
+            (`SegmentationTransform(train=False)`), with `pixel_values` (n, 3, H, W), `labels` at the annotation's
+            size and `target_size`.
 
     Returns:
-        `pixel_values`: float32 tensor (B, 3, H, W); `labels`: int64 tensor (B, H, W). H and W are the largest in the
-        batch (whole-image evaluation gives images of different sizes); padding is 0 for pixels (the mean colour,
-        after normalisation) and 255 (ignored) for labels.
+        `pixel_values`: float32 tensor (N, 3, H, W), every example's inputs in order (N = B in training); `labels`:
+        int64 tensor (B, H', W'); in evaluation also `target_sizes`, int64 (B, 2). Heights and widths are the
+        largest in the batch (whole-image evaluation gives images of different sizes); padding is 0 for pixels (the
+        mean colour, after normalisation) and 255 (ignored) for labels.
     """
     import torch
 
+    evaluation = "target_size" in examples[0]
     pixels = [torch.as_tensor(example["pixel_values"], dtype=torch.float32) for example in examples]
     labels = [torch.as_tensor(example["labels"], dtype=torch.int64) for example in examples]
-    height = max(p.shape[-2] for p in pixels)
-    width = max(p.shape[-1] for p in pixels)
-    pixel_batch = pixels[0].new_zeros((len(pixels), pixels[0].shape[0], height, width))
-    label_batch = labels[0].new_full((len(labels), height, width), IGNORE_INDEX)
-    for i, (p, label) in enumerate(zip(pixels, labels, strict=True)):
-        if label.shape != p.shape[-2:]:
-            raise ValueError(f"example {i}: labels are {tuple(label.shape)} but pixel_values are {tuple(p.shape)}")
+    if not evaluation:
+        for i, (p, label) in enumerate(zip(pixels, labels, strict=True)):
+            if label.shape != p.shape[-2:]:
+                raise ValueError(f"example {i}: labels are {tuple(label.shape)} but pixel_values are {tuple(p.shape)}")
+        pixels = [p[None] for p in pixels]
+    inputs = [q for p in pixels for q in p]  # evaluation: each image's inputs (the whole image, or its windows)
+    height, width = max(p.shape[-2] for p in inputs), max(p.shape[-1] for p in inputs)
+    pixel_batch = inputs[0].new_zeros((len(inputs), inputs[0].shape[0], height, width))
+    for i, p in enumerate(inputs):
         pixel_batch[i, :, : p.shape[-2], : p.shape[-1]] = p
+    label_height, label_width = max(label.shape[0] for label in labels), max(label.shape[1] for label in labels)
+    label_batch = labels[0].new_full((len(labels), label_height, label_width), IGNORE_INDEX)
+    for i, label in enumerate(labels):
         label_batch[i, : label.shape[0], : label.shape[1]] = label
-    return {"pixel_values": pixel_batch, "labels": label_batch}
+    batch = {"pixel_values": pixel_batch, "labels": label_batch}
+    if evaluation:
+        batch["target_sizes"] = torch.stack([torch.as_tensor(example["target_size"], dtype=torch.int64) for example in examples])
+    return batch
 
 
 # --------------------------------------------------------------------------------------------------------- demo set
