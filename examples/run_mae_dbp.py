@@ -32,8 +32,6 @@ import hf_dbp
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
 from hf_dbp.tasks.image_data import (
     DEMO_SETS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     SAMPLE_INDEX_COLUMN,
     MAEImageTransform,
     augmentation_epoch_callback,
@@ -44,7 +42,7 @@ from hf_dbp.tasks.image_data import (
     fixed_mask_noise,
     with_sample_index,
 )
-from hf_dbp.tasks.scripts import parse_script_arguments, saved_files, setup_logging
+from hf_dbp.tasks.scripts import image_normalisation, parse_script_arguments, saved_files, setup_logging
 from hf_dbp.training.hub import ensure_hub_reachable
 from hf_dbp.training.plotting import plot_training_curves
 from hf_dbp.training.training_args import DBPTrainingArguments
@@ -105,10 +103,12 @@ class ModelArguments:
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "A ViTMAE or DBP-MAE checkpoint to start from; leave out to train from scratch."})
     config_name: str | None = field(default=None, metadata={"help": "A config to train from scratch (name or path), if not the model's."})
+    image_processor_name: str | None = field(default=None, metadata={"help": "An image processor (name or path) whose image_mean and image_std to normalise with. Default: the checkpoint's own, else ImageNet's."})
     config_overrides: str | None = field(default=None, metadata={"help": "Override config values from scratch, e.g. 'image_size=32,patch_size=8,hidden_size=48'."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where to store downloaded models and datasets."})
     model_revision: str = field(default="main", metadata={"help": "Model version (branch, tag or commit)."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private models or datasets."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow a checkpoint's own configuration and image-processor code from the Hub (only for repositories you trust; datasets 5 runs no loading scripts)."})
     mask_ratio: float = field(default=0.75, metadata={"help": "Fraction of patches masked."})
     norm_pix_loss: bool = field(default=True, metadata={"help": "Reconstruct per-patch normalised pixels."})
 
@@ -181,7 +181,7 @@ def build_model(model_args: ModelArguments, dbp_args: DBPArguments):
     if model_args.model_name_or_path is not None:
         if model_args.config_overrides is not None:
             logger.warning("--config_overrides is ignored: the architecture comes from --model_name_or_path")
-        model_type = AutoConfig.from_pretrained(model_args.model_name_or_path, **load).model_type
+        model_type = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **load).model_type
         if model_type not in (ViTMAEConfig.model_type, ViTMAEDBPConfig.model_type):
             raise ValueError(
                 f"--model_name_or_path {model_args.model_name_or_path} is a {model_type!r} model; this script "
@@ -239,11 +239,16 @@ def main() -> None:
             if len(ds[split]) == 0:
                 raise ValueError(f"no readable image left in the {split!r} split")
 
-    size = model.config.image_size
-    image_processor = ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+    size = model.config.image_size  # the model's: its position embeddings fix it
+    mean, std, source = image_normalisation(
+        model_args.image_processor_name, model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code,
+        cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
+    )  # fmt: skip
+    logger.info("Images: %d px, normalised with the mean and std of %s", size, source)
+    image_processor = ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=mean, image_std=std)
     transforms = {
-        "train": MAEImageTransform(size, train=True, seed=training_args.seed),
-        "validation": MAEImageTransform(size, train=False),
+        "train": MAEImageTransform(size, mean=mean, std=std, train=True, seed=training_args.seed),
+        "validation": MAEImageTransform(size, mean=mean, std=std, train=False),
     }
 
     num_patches = (size // model.config.patch_size) ** 2

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 from datasets import load_dataset
-from transformers import AutoImageProcessor, set_seed
+from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_dbp import (
@@ -34,9 +34,9 @@ from hf_dbp import (
     upernet_around_encoder,
     upernet_from_pretraining_checkpoint,
 )
-from hf_dbp.tasks.image_data import IMAGENET_MEAN, IMAGENET_STD, augmentation_epoch_callback, with_sample_index
+from hf_dbp.tasks.image_data import augmentation_epoch_callback, with_sample_index
 from hf_dbp.tasks.image_modes import to_rgb
-from hf_dbp.tasks.scripts import parse_script_arguments, saved_files, setup_logging
+from hf_dbp.tasks.scripts import image_normalisation, parse_script_arguments, saved_files, setup_logging
 from hf_dbp.tasks.segmentation.ade20k import ade20k_id2label
 from hf_dbp.tasks.segmentation.data import (
     SegmentationTransform,
@@ -290,18 +290,8 @@ def build_image_processor(model_args: ModelArguments, data_args: DataTrainingArg
     """The evaluation transform, saved with every checkpoint: rescaling to the crop size, the patch as the padding
     divisor, the sliding windows if asked for, and the normalisation of `--image_processor_name`, else of the
     checkpoint's own image processor (a pre-training checkpoint of run_mae_dbp.py carries one), else ImageNet's."""
-    mean, std, source = list(IMAGENET_MEAN), list(IMAGENET_STD), "ImageNet's (no image processor in the checkpoint)"
-    name = model_args.image_processor_name or checkpoint
-    if name is not None:
-        try:
-            found = AutoImageProcessor.from_pretrained(name, trust_remote_code=model_args.trust_remote_code, **load_kwargs(model_args))
-        except (OSError, ValueError) as error:
-            if model_args.image_processor_name is not None:  # asked for by name: its absence is the user's to fix
-                raise ValueError(f"--image_processor_name {name}: no image processor could be loaded ({error})") from error
-            found = None
-        if found is not None:
-            mean, std = list(found.image_mean), list(found.image_std)
-            source = f"{name}'s {type(found).__name__}"
+    mean, std, source = image_normalisation(model_args.image_processor_name, checkpoint, trust_remote_code=model_args.trust_remote_code,
+                                            **load_kwargs(model_args))  # fmt: skip
     crop = data_args.crop_size
     processor = DBPSegmentationImageProcessor(
         size={"shortest_edge": crop, "longest_edge": 4 * crop}, size_divisor=patch, image_mean=mean, image_std=std,

@@ -27,7 +27,7 @@ from conftest import offline_env, randomise_R, read_json, training_records
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 from safetensors import safe_open
-from transformers import BertConfig, BertModel, ViTMAEConfig, ViTMAEForPreTraining
+from transformers import BertConfig, BertModel, ViTImageProcessor, ViTMAEConfig, ViTMAEForPreTraining
 
 import hf_dbp
 from hf_dbp.tasks.image_data import fixed_mask_noise
@@ -443,12 +443,14 @@ def test_bad_dbp_settings_and_checkpoints_are_refused_before_the_data_is_read(ea
 
 def test_dbp_training_starts_from_a_plain_vit_mae_checkpoint(tmp_path):
     """A plain transformers ViTMAE checkpoint is loaded into the DBP model (its weights, not a fresh init) and
-    trained with DBP."""
+    trained with DBP; the normalisation of the checkpoint's own image processor (facebook/vit-mae-base carries one)
+    is the run's, and the processor saved with the result."""
     torch.manual_seed(0)
     plain = ViTMAEForPreTraining(ViTMAEConfig(**TINY_MODEL))
     with torch.no_grad():
         plain.vit.embeddings.cls_token.fill_(0.5)  # a value no initialisation gives
     plain.save_pretrained(tmp_path / "plain")
+    ViTImageProcessor(image_mean=[0.4, 0.4, 0.4], image_std=[0.3, 0.3, 0.3]).save_pretrained(tmp_path / "plain")
     write_images(tmp_path / "train", 12)
     output_dir = tmp_path / "out"
     # No --config_overrides: the architecture comes from the checkpoint.
@@ -456,6 +458,9 @@ def test_dbp_training_starts_from_a_plain_vit_mae_checkpoint(tmp_path):
                         "--output_dir", output_dir, *as_flags(TINY_RUN), hf_home=tmp_path / "hf_home")  # fmt: skip
     assert_succeeded(result)
     assert read_json(output_dir / "config.json")["model_type"] == "vit_mae_dbp"
+    assert f"normalised with the mean and std of {tmp_path / 'plain'}'s ViTImageProcessor" in result.stdout
+    processor = read_json(output_dir / "preprocessor_config.json")
+    assert processor["image_mean"] == [0.4, 0.4, 0.4] and processor["image_std"] == [0.3, 0.3, 0.3]
     model = hf_dbp.ViTMAEDBPForPreTraining.from_pretrained(output_dir)
     assert model.config.hidden_size == TINY_MODEL["hidden_size"]
     # 3 steps at lr 1.5e-4 * 4 / 256 move each weight by about 1e-5: the checkpoint's values are still there.
@@ -478,10 +483,14 @@ def test_dbp_checkpoint_trained_with_decorrelation_lr_zero_keeps_R_exactly(tmp_p
     original.save_pretrained(tmp_path / "dbp")
     write_images(tmp_path / "train", 12)
     output_dir = tmp_path / "out"
+    # With transformers' run_mae.py flags too: --image_processor_name (whose normalisation is used), --trust_remote_code.
+    ViTImageProcessor(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3]).save_pretrained(tmp_path / "processor")
     result = run_script("--train_dir", tmp_path / "train", "--model_name_or_path", tmp_path / "dbp",
                         "--decorrelation_lr", 0, "--weight_decay", 0.5, "--base_learning_rate", 0.1,
+                        "--image_processor_name", tmp_path / "processor", "--trust_remote_code",
                         "--output_dir", output_dir, *as_flags(TINY_RUN), hf_home=tmp_path / "hf_home")  # fmt: skip
     assert_succeeded(result)
+    assert read_json(output_dir / "preprocessor_config.json")["image_mean"] == [0.5, 0.4, 0.3]
     trained = hf_dbp.ViTMAEDBPForPreTraining.from_pretrained(output_dir)
     assert trained.config.decorrelation_lr == 0
     after, before = trained.state_dict(), original.state_dict()

@@ -49,3 +49,28 @@ def saved_files(folder: str) -> str:
     there (no emissions.csv without emissions tracking, no plot that was not drawn)."""
     names = sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name)))
     return ", ".join(names) if names else "nothing"
+
+
+def image_normalisation(
+    image_processor_name: str | None, checkpoint: str | None, **load_kwargs
+) -> tuple[list[float], list[float], str]:
+    """The (image_mean, image_std) a script normalises with, and where they come from: `--image_processor_name` (as
+    transformers' run_mae.py and run_semantic_segmentation.py), else the checkpoint's own image processor (one saved by
+    these scripts carries it), else ImageNet's. A processor named but not loadable is an error; a checkpoint without
+    one is not. `load_kwargs` go to `AutoImageProcessor.from_pretrained` (cache_dir, revision, token,
+    trust_remote_code)."""
+    from transformers import AutoImageProcessor
+
+    from .image_data import IMAGENET_MEAN, IMAGENET_STD
+
+    name = image_processor_name or checkpoint
+    if name is not None:
+        try:
+            found = AutoImageProcessor.from_pretrained(name, **load_kwargs)
+        except (OSError, ValueError) as error:
+            if image_processor_name is not None:  # asked for by name: its absence is the user's to fix
+                raise ValueError(f"--image_processor_name {name}: no image processor could be loaded ({error})") from None
+        else:
+            if getattr(found, "image_mean", None) is not None and getattr(found, "image_std", None) is not None:
+                return list(found.image_mean), list(found.image_std), f"{name}'s {type(found).__name__}"
+    return list(IMAGENET_MEAN), list(IMAGENET_STD), "ImageNet's"
