@@ -38,7 +38,7 @@ import hf_dbp
 from hf_dbp import DBPTrainer, DecorrelationConfig
 from hf_dbp.core.config import CONFIG_ATTRIBUTE
 from hf_dbp.core.decorrelation import VARIANCE_FORMS
-from hf_dbp.tasks.scripts import parse_script_arguments, saved_files, setup_logging
+from hf_dbp.tasks.scripts import parse_script_arguments, run_main, saved_files, setup_logging
 from hf_dbp.tasks.text_data import TEXT_SETS, demo_text_dataset
 from hf_dbp.training.hub import ensure_hub_reachable
 from hf_dbp.training.plotting import plot_training_curves
@@ -372,4 +372,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a mistake in the arguments prints as one line (hf_dbp.tasks.scripts.run_main)

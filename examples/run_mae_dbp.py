@@ -42,7 +42,7 @@ from hf_dbp.tasks.image_data import (
     fixed_mask_noise,
     with_sample_index,
 )
-from hf_dbp.tasks.scripts import image_normalisation, parse_script_arguments, saved_files, setup_logging
+from hf_dbp.tasks.scripts import image_normalisation, parse_script_arguments, run_main, saved_files, setup_logging
 from hf_dbp.training.hub import ensure_hub_reachable
 from hf_dbp.training.plotting import plot_training_curves
 from hf_dbp.training.training_args import DBPTrainingArguments
@@ -336,4 +336,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a mistake in the arguments prints as one line (hf_dbp.tasks.scripts.run_main)

@@ -36,7 +36,7 @@ from hf_dbp import (
 )
 from hf_dbp.tasks.image_data import augmentation_epoch_callback, with_sample_index
 from hf_dbp.tasks.image_modes import to_rgb
-from hf_dbp.tasks.scripts import image_normalisation, parse_script_arguments, saved_files, setup_logging
+from hf_dbp.tasks.scripts import image_normalisation, parse_script_arguments, run_main, saved_files, setup_logging
 from hf_dbp.tasks.segmentation.ade20k import ade20k_id2label
 from hf_dbp.tasks.segmentation.data import (
     SegmentationTransform,
@@ -419,4 +419,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a mistake in the arguments prints as one line (hf_dbp.tasks.scripts.run_main)

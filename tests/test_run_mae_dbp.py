@@ -71,13 +71,14 @@ TINY_FLAGS = as_flags({"config_overrides": TINY_OVERRIDES, **TINY_RUN})
 # Helpers
 
 
-def run_script(*args, hf_home: Path, accelerate: bool = False) -> subprocess.CompletedProcess:
-    """Run the script (optionally under `accelerate launch` on one CPU process); stdout and stderr merged."""
+def run_script(*args, hf_home: Path, accelerate: bool = False, quiet: bool = False) -> subprocess.CompletedProcess:
+    """Run the script (optionally under `accelerate launch` on one CPU process, `--quiet`: without the launcher's
+    own traceback when the script fails); stdout and stderr merged."""
     env = offline_env(hf_home)
     launcher = [sys.executable]
     if accelerate:
         launcher += ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1", "--cpu",
-                     "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+                     "--mixed_precision", "no", "--dynamo_backend", "no", *(["--quiet"] if quiet else [])]  # fmt: skip
     return subprocess.run(
         [*launcher, str(SCRIPT), *map(str, args)],
         cwd=REPO_ROOT,
@@ -94,11 +95,14 @@ def assert_succeeded(result: subprocess.CompletedProcess) -> None:
 
 
 def assert_failed_before_training(run: Run) -> str:
-    """The run exited non-zero without training; returns the error message (the traceback's last line)."""
-    assert run.result.returncode != 0, f"the script should have failed:\n{run.output[-3000:]}"
+    """The run exited non-zero without training, with one error line and no traceback; returns that line."""
+    assert run.result.returncode == 1, f"the script should have failed:\n{run.output[-3000:]}"
     assert not (run.output_dir / "trainer_state.json").exists()
     assert not (run.output_dir / "model.safetensors").exists()
-    return run.output.strip().splitlines()[-1]
+    assert "Traceback" not in run.output, run.output[-3000:]
+    last = run.output.strip().splitlines()[-1]
+    assert last.startswith("run_mae_dbp.py: error: "), run.output[-3000:]
+    return last
 
 
 def write_images(folder: Path, count: int, mode: str = "RGB", suffix: str = ".png", seed: int = 0) -> list[Path]:
@@ -214,7 +218,8 @@ def early_exits(tmp_path_factory) -> dict[str, Run]:
     - "no_image_column": a parquet dataset with only "text" and "label" columns;
     - "wrong_image_column_name": an image folder with `--image_column_name nope`;
     - "bert_before_data": `--model_name_or_path` a tiny BERT checkpoint (and a missing data folder: never read);
-    - "missing_train_dir", "empty_train_dir", "bad_decorrelation_lr": the data or a DBP flag wrong.
+    - "missing_train_dir", "empty_train_dir", "bad_decorrelation_lr": the data or a DBP flag wrong (the last under
+      `accelerate launch --quiet`, as a user would start it).
     """
     root = tmp_path_factory.mktemp("early_exits")
     text_data = root / "text_data"
@@ -237,8 +242,10 @@ def early_exits(tmp_path_factory) -> dict[str, Run]:
         "bad_decorrelation_lr": ["--train_dir", root / "no_such_images", "--decorrelation_lr", "-1"],
         "bert_before_data": ["--train_dir", root / "no_such_images", "--model_name_or_path", root / "bert"],
     }
+    launch = {"bad_decorrelation_lr": {"accelerate": True, "quiet": True}}
     results = run_concurrently({
-        name: partial(run_script, *name_args, "--output_dir", root / name / "out", *TINY_FLAGS, hf_home=root / name / "hf_home")
+        name: partial(run_script, *name_args, "--output_dir", root / name / "out", *TINY_FLAGS, hf_home=root / name / "hf_home",
+                      **launch.get(name, {}))
         for name, name_args in args.items()
     })  # fmt: skip
     return {name: Run(results[name], root / name / "out") for name in args}

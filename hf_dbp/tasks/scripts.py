@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import TracebackType
 
 import datasets
 import transformers
@@ -30,6 +31,42 @@ def parse_script_arguments(dataclass_types: Sequence[type], demo_args: dict) -> 
                      f"{files[0]}`), or give every setting as flags; a file plus flags is not read. Put "
                      f"{' '.join(sys.argv[2:])} into the file instead.")  # fmt: skip
     return parser.parse_args_into_dataclasses()
+
+
+FULL_TRACEBACK_VARIABLE = "HF_DBP_FULL_TRACEBACK"
+"""Set to 1 to see the traceback of an error `run_main` would print as one line."""
+
+# Frames of transformers' Trainer in which an error is the run's, not its arguments': it gets its whole traceback.
+_TRAINING_FRAMES = frozenset({"_inner_training_loop", "evaluation_loop", "prediction_loop", "training_step"})
+
+
+def _raised_while_training(tb: TracebackType | None) -> bool:
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name in _TRAINING_FRAMES:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a script's `main`, printing what the user can fix as one line rather than a traceback.
+
+    A bad flag value, a missing folder, a checkpoint of another kind, an unreachable Hub (ValueError, OSError and
+    hf_dbp's HubUnreachableError, raised before training starts) print `<script>: error: <message>` on stderr and
+    exit with status 1, as argparse does for a flag it does not know. Errors raised while the Trainer trains or
+    evaluates keep their traceback (they are the run's, not the arguments'), and `HF_DBP_FULL_TRACEBACK=1` keeps it
+    for every error. Under `accelerate launch` the launcher adds its own CalledProcessError after the line; `accelerate
+    launch --quiet` leaves it out."""
+    from ..training.hub import HubUnreachableError
+
+    try:
+        main()
+    except (ValueError, OSError, HubUnreachableError) as error:
+        if os.environ.get(FULL_TRACEBACK_VARIABLE, "") not in ("", "0") or _raised_while_training(error.__traceback__):
+            raise
+        sys.stdout.flush()
+        print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 def setup_logging(training_args: transformers.TrainingArguments, script_logger: str) -> None:
