@@ -316,15 +316,16 @@ def main() -> None:
 
     if trainer.is_world_process_zero():
         plot_path = os.path.join(training_args.output_dir, "training_curves.png")
-        plot_training_curves(trainer.state.log_history, plot_path, title=f"{method}: MAE pre-training")
+        too_few = (f"logged every {training_args.logging_steps:g} steps; the run took {trainer.state.global_step}"
+                   if trainer.state.global_step < training_args.logging_steps else None)  # fmt: skip
+        plot_training_curves(trainer.state.log_history, plot_path, title=f"{method}: MAE pre-training", empty_note=too_few)
         last = [r for r in trainer.state.log_history if "decorrelation_loss" in r]
         logger.info(
             "Done: %s, %d steps in %.1f s. Final train loss %.4f, eval loss %s, decorrelation loss %s. Outputs in %s "
             "(load with %s): %s.",
             method, trainer.state.global_step, train_result.metrics["train_runtime"], train_result.metrics["train_loss"],
             f"{metrics['eval_loss']:.4f}" if "validation" in ds else "n/a (no validation split)",
-            f"{last[-1]['decorrelation_loss']:.4f}" if last else
-            f"n/a (logged every {training_args.logging_steps:g} steps; the run took {trainer.state.global_step})",
+            f"{last[-1]['decorrelation_loss']:.4f}" if last else f"n/a ({too_few})" if too_few else "n/a",
             os.path.abspath(training_args.output_dir),
             "transformers.ViTMAEForPreTraining.from_pretrained" if dbp_args.bp_baseline
             else "`import hf_dbp` then hf_dbp.ViTMAEDBPForPreTraining.from_pretrained",

@@ -419,6 +419,18 @@ def test_meter_without_country_measures_at_the_world_average(tmp_path, monkeypat
     assert meter.read() is report  # stopped: the total stays
 
 
+def test_meter_logs_nothing_of_codecarbon_but_its_errors(tmp_path, monkeypatch, capfd):
+    """codecarbon's start-up lines (its "offline tracker init", "Multiple instances of codecarbon are allowed to run at
+    the same time.") are not in a run's log: only its errors would be."""
+    isolated_codecarbon(monkeypatch, tmp_path / "home")
+    capfd.readouterr()
+    meter = EmissionsMeter(str(tmp_path / "out"), "FRA", is_local_main_process=True)
+    meter.start()
+    meter.read(stop=True)
+    out, err = capfd.readouterr()
+    assert "codecarbon" not in out + err, out + err
+
+
 def test_meter_on_another_process_measures_nothing(tmp_path):
     """Only the local main process runs a tracker: elsewhere there is no csv and the report is zero."""
     meter = EmissionsMeter(str(tmp_path / "out"), "FRA", is_local_main_process=False)

@@ -183,7 +183,10 @@ class EmissionsMeter:
             if machine == 0:
                 self._set_aside_other_records(num_machines)
             kwargs = {"country_iso_code": country_iso_code} if country_iso_code else {}
-            # codecarbon's own csv output is off: the rows are written here, with the carried figures added.
+            # codecarbon's own csv output is off: the rows are written here, with the carried figures added. Its
+            # log_level applies only once the tracker is built; before that it logs its start and "Multiple instances
+            # of codecarbon are allowed" at its import-time level: raised here so a run's log shows errors only.
+            logging.getLogger("codecarbon").setLevel(logging.ERROR)
             self._tracker = OfflineEmissionsTracker(
                 output_methods=[], log_level="error", project_name="hf-dbp", allow_multiple_runs=True, **kwargs
             )
