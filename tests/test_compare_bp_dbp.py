@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -85,83 +86,120 @@ def test_runs_measure_the_cpu_other_processes_took(compare_module):
     assert busy["other_cpu_seconds"] > 0.5 and busy["busy"]
 
 
-def test_tiny_comparison_with_sweep_alternate_photos_and_finetuning_end_to_end(tmp_path):
-    """Two learning rates for each method on the alternate photographs, then UperNet fine-tuning of the chosen runs
-    (4 blocks: the fewest the segmentation neck takes)."""
-    env = offline_env(tmp_path / "hf")
-    tiny = ("image_size=16,patch_size=4,hidden_size=24,num_hidden_layers=4,num_attention_heads=2,intermediate_size=48,"
-            "decoder_hidden_size=16,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,decoder_intermediate_size=32")  # fmt: skip
+def test_comparison_from_a_dbp_checkpoint_with_finetuning_end_to_end(tmp_path):
+    """The real thing, small: BP and DBP from a DBP checkpoint (R far from I) with --decorrelation_lr 0 on the
+    alternate photographs, then UperNet fine-tuning of both. The DBP run trains the weights and keeps every R bitwise;
+    the BP run starts from the same model with R folded in; the comparison files come from the runs' own records."""
+    tiny = dict(image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=4, num_attention_heads=2,
+                intermediate_size=48, decoder_hidden_size=16, decoder_num_hidden_layers=1,
+                decoder_num_attention_heads=2, decoder_intermediate_size=32)  # 4 blocks: the fewest the neck takes
+    torch.manual_seed(0)
+    original = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny))
+    randomise_R(original, scale=0.1)
+    original.save_pretrained(tmp_path / "dbp")
     ade20k = make_demo_ade20k(str(tmp_path / "ade20k"), num_train=4, num_validation=2, size=32, seed=0)
     finetune = ("--upernet_hidden_size 16 --auxiliary_channels 8 --crop_size 32 --per_device_train_batch_size 2 "
                 "--per_device_eval_batch_size 2 --max_steps 2 --warmup_steps 0 --dataloader_num_workers 0")  # fmt: skip
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "compare_bp_dbp.py"), "--output_dir", str(tmp_path / "cmp"),
-         "--config_overrides", tiny, "--max_steps", "4", "--eval_steps", "2", "--per_device_train_batch_size", "8",
-         "--max_train_samples", "64", "--max_eval_samples", "16", "--emissions_country", "FRA", "--seeds", "0",
-         "--learning_rate_sweep", "1e-3", "1e-2", "--demo_photos", "alternate",
-         "--finetune_data_dir", ade20k, "--finetune_args", finetune],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.count("embedded alternate demo set") + result.stderr.count("embedded alternate demo set") == 4
-    comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
-    sweep = comparison["sweep"]
-    for method in ("bp", "dbp"):
-        losses = {lr: sweep["best_eval_loss"][method][lr]["mean"] for lr in ("0.001", "0.01")}
-        assert sweep["chosen"][method] == float(min(losses, key=losses.get))  # the best rate of each method
-        run = comparison["runs"][0][method]
-        assert run["base_learning_rate"] == sweep["chosen"][method]
-        assert run["best_eval_loss"] == pytest.approx(losses[f"{sweep['chosen'][method]:g}"])
-        assert [e["step"] for e in run["evals"]] == [2, 4]
-        assert comparison[method]["best_eval_loss"] > 0 and comparison[method]["emissions_g"] > 0
-        assert 0.0 <= run["mean_iou"] <= 1.0  # fine-tuned with UperNet
-        chosen_dir = tmp_path / "cmp" / "seed0" / f"{method}-lr{sweep['chosen'][method]:g}"
-        assert (chosen_dir.parent / f"{chosen_dir.name}-upernet" / "all_results.json").is_file()
-        for lr in ("0.001", "0.01"):
-            assert (tmp_path / "cmp" / "seed0" / f"{method}-lr{lr}" / "all_results.json").is_file()
-    assert set(comparison) >= {"time_saved_fraction", "emissions_saved_fraction", "dbp_seconds_to_bp_best", "summary"}
-    assert (tmp_path / "cmp" / "seed0" / "bp-lr0.001" / "config.json").read_text().count('"vit_mae"') == 1
-    markdown = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert "| seed |" in markdown and "Learning-rate sweep" in markdown and "(chosen)" in markdown
-    assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 10_000
-
-
-def test_comparison_from_a_dbp_checkpoint_leaves_R_to_the_decorrelation_rule(tmp_path):
-    """--model_name_or_path a DBP checkpoint (R far from I) with --decorrelation_lr 0: the DBP run trains the weights and
-    keeps every R bitwise; the BP run starts from the same model with R folded in."""
-    tiny = dict(image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
-                intermediate_size=48, decoder_hidden_size=16, decoder_num_hidden_layers=1,
-                decoder_num_attention_heads=2, decoder_intermediate_size=32)  # fmt: skip
-    torch.manual_seed(0)
-    original = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny))
-    randomise_R(original, scale=0.1)
-    original.save_pretrained(tmp_path / "dbp")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "compare_bp_dbp.py"), "--output_dir", str(tmp_path / "cmp"),
          "--model_name_or_path", str(tmp_path / "dbp"), "--decorrelation_lr", "0", "--max_steps", "2",
          "--eval_steps", "1", "--per_device_train_batch_size", "8", "--max_train_samples", "32",
-         "--max_eval_samples", "8", "--emissions_country", "FRA", "--seeds", "0", "--optimizers", "adamw", "muon"],
+         "--max_eval_samples", "8", "--emissions_country", "FRA", "--seeds", "0", "--demo_photos", "alternate",
+         "--finetune_data_dir", ade20k, "--finetune_args", finetune],
         cwd=ROOT, env=offline_env(tmp_path / "hf"), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (result.stdout + result.stderr).count("embedded alternate demo set") == 2
     matrices = [k for k in original.state_dict() if k.endswith("_decorrelation.R")]
-    assert len(matrices) == 9
-    for method in ("dbp", "dbp_muon"):  # with either optimizer, R is DBP's alone
-        trained = ViTMAEDBPForPreTraining.from_pretrained(tmp_path / "cmp" / "seed0" / method)
-        after, before = trained.state_dict(), original.state_dict()
-        assert all(torch.equal(after[k], before[k]) for k in matrices), method
-        assert not torch.equal(after["vit.layers.0.mlp.fc1.weight"], before["vit.layers.0.mlp.fc1.weight"]), method
-    for method in ("bp", "bp_muon"):
-        bp = ViTMAEForPreTraining.from_pretrained(tmp_path / "cmp" / "seed0" / method)
-        assert not any(k.endswith("_decorrelation.R") for k in bp.state_dict())
+    assert len(matrices) == 1 + 4 * 4
+    trained = ViTMAEDBPForPreTraining.from_pretrained(tmp_path / "cmp" / "seed0" / "dbp")
+    after, before = trained.state_dict(), original.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in matrices)  # R is DBP's alone
+    assert not torch.equal(after["vit.layers.0.mlp.fc1.weight"], before["vit.layers.0.mlp.fc1.weight"])
+    bp = ViTMAEForPreTraining.from_pretrained(tmp_path / "cmp" / "seed0" / "bp")
+    assert not any(k.endswith("_decorrelation.R") for k in bp.state_dict())
+    assert (tmp_path / "cmp" / "seed0" / "bp" / "config.json").read_text().count('"vit_mae"') == 1
+    comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert comparison["methods"] == ["bp", "dbp"]
+    for method in ("bp", "dbp"):
+        run = comparison["runs"][0][method]
+        assert [e["step"] for e in run["evals"]] == [1, 2] and run["best_eval_loss"] > 0
+        assert comparison[method]["emissions_g"] > 0
+        assert 0.0 <= run["mean_iou"] <= 1.0  # fine-tuned with UperNet
+        assert (tmp_path / "cmp" / "seed0" / f"{method}-upernet" / "all_results.json").is_file()
+    assert set(comparison) >= {"time_saved_fraction", "emissions_saved_fraction", "dbp_seconds_to_bp_best", "summary"}
+    assert "| seed |" in (tmp_path / "cmp" / "comparison.md").read_text()
+    assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 10_000
+
+
+def fake_runs(compare_module, monkeypatch, loss_of) -> list[list[str]]:
+    """Replace the comparison's runs by records written at once: `loss_of(method, base_lr, step)` is the eval loss of
+    the run `method` ("bp", "dbp", "bp_muon", ...) at that step; 4 steps, evaluated at 2 and 4. Returns the commands
+    the comparison gave, in order. The arithmetic and the files the comparison writes are its own."""
+    commands = []
+
+    def run_alone(command):
+        commands.append(command)
+        flag = {name: command[i + 1] for i, name in enumerate(command) if name.startswith("--") and i + 1 < len(command)}
+        method = ("bp" if "--bp_baseline" in command else "dbp") + ("" if flag["--matrix_optimizer"] == "adamw" else
+                                                                   "_" + flag["--matrix_optimizer"])  # fmt: skip
+        rate, output = float(flag["--base_learning_rate"]), flag["--output_dir"]
+        history = [{"step": step, "train_seconds": 1.0 * step, "eval_loss": loss_of(method, rate, step),
+                    "energy_kwh": 1e-6 * step, "emissions_g": 1e-3 * step} for step in (2, 4)]  # fmt: skip
+        history += [{"step": step, "train_seconds": 1.0 * step, "loss": 1.0, "decorrelation_loss": 0.1} for step in (2, 4)]
+        os.makedirs(output, exist_ok=True)
+        with open(os.path.join(output, "trainer_state.json"), "w") as file:
+            json.dump({"log_history": history}, file)
+        with open(os.path.join(output, "all_results.json"), "w") as file:
+            json.dump({"train_energy_kwh": 4e-6, "train_emissions_g": 4e-3}, file)
+        return {"wall_seconds": 4.0, "own_cpu_seconds": 4.0, "other_cpu_fraction": 0.0, "busy": False}
+
+    monkeypatch.setattr(compare_module, "run_alone", run_alone)
+    return commands
+
+
+def test_a_learning_rate_sweep_compares_each_method_at_its_own_best_rate(compare_module, monkeypatch, tmp_path):
+    """--learning_rate_sweep: every method runs at every rate; each is compared at the rate of its lowest best eval
+    loss (BP's best is 1e-2 here, DBP's 1e-3), and the comparison's records and files say so."""
+    best_rate = {"bp": 1e-2, "dbp": 1e-3}
+    commands = fake_runs(compare_module, monkeypatch,
+                         lambda method, rate, step: 1.0 / step + (0.0 if rate == best_rate[method] else 0.5))  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["compare_bp_dbp.py", "--output_dir", str(tmp_path / "cmp"), "--seeds", "0", "1",
+                                      "--learning_rate_sweep", "1e-3", "1e-2", "--max_steps", "4"])  # fmt: skip
+    compare_module.main()
+    assert len(commands) == 2 * 2 * 2  # seeds x rates x methods
+    comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    sweep = comparison["sweep"]
+    assert sweep["chosen"] == best_rate
+    assert sweep["best_eval_loss"]["bp"]["0.001"]["mean"] == pytest.approx(0.75)
+    for run in comparison["runs"]:
+        for method, rate in best_rate.items():
+            assert run[method]["base_learning_rate"] == rate and run[method]["best_eval_loss"] == pytest.approx(0.25)
+            assert (tmp_path / "cmp" / f"seed{run['seed']}" / f"{method}-lr{rate:g}" / "all_results.json").is_file()
+    markdown = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "Learning-rate sweep" in markdown and "(chosen)" in markdown
+
+
+def test_peer_optimizers_add_a_bp_and_a_dbp_run_each_compared_with_each_other(compare_module, monkeypatch, tmp_path):
+    """--optimizers adamw muon: four methods; each DBP against the BP of its own optimizer, every speed-up curve
+    against the first BP, and the markdown shows both pairs."""
+    fake_runs(compare_module, monkeypatch, lambda method, rate, step: 1.0 / step + (0.1 if method.startswith("bp") else -0.2))
+    monkeypatch.setattr(sys, "argv", ["compare_bp_dbp.py", "--output_dir", str(tmp_path / "cmp"), "--seeds", "0",
+                                      "--optimizers", "adamw", "muon", "--max_steps", "4"])  # fmt: skip
+    compare_module.main()
     comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert comparison["methods"] == ["bp", "dbp", "bp_muon", "dbp_muon"]
     run = comparison["runs"][0]
     fields = {"evals", "best_eval_loss", "step_of_best", "seconds_to_best", "optimizer", "machine"}
     for method in comparison["methods"]:
-        assert fields <= set(run[method]) and [e["step"] for e in run[method]["evals"]] == [1, 2], method
+        assert fields <= set(run[method]) and [e["step"] for e in run[method]["evals"]] == [2, 4], method
     assert run["bp_muon"]["optimizer"] == "muon" and run["dbp"]["optimizer"] == "adamw"
     assert set(run["comparisons"]) == {"dbp", "dbp_muon"} and set(run["speedup_curve"]) == {"dbp", "bp_muon", "dbp_muon"}
+    # BP's best is 0.35, at step 4; DBP is at 0.3 by step 2: half the steps and half the seconds, with each optimizer.
+    for dbp in ("dbp", "dbp_muon"):
+        assert run["comparisons"][dbp]["dbp_steps_to_bp_best"] == 2, dbp
+        assert run["comparisons"][dbp]["steps_saved_fraction"] == pytest.approx(0.5)
+        assert run["comparisons"][dbp]["time_saved_fraction"] == pytest.approx(0.5)
     markdown = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "**dbp_muon against bp_muon**" in markdown and "Speed-up curve" in markdown
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,12 +55,67 @@ def messy_text_files(tmp_path):
     return train, validation
 
 
-def test_dbp_on_a_users_text_files_then_load_merge_and_generate(tmp_path):
-    train, validation = messy_text_files(tmp_path)
-    out = tmp_path / "out"
-    run_clm(tmp_path, "--train_file", str(train), "--validation_file", str(validation), "--model_type", "gpt2",
+def users_text_run(root: Path) -> None:
+    train, validation = messy_text_files(root)
+    run_clm(root, "--train_file", str(train), "--validation_file", str(validation), "--model_type", "gpt2",
             "--config_overrides", TINY_GPT2, "--max_steps", "6", "--eval_strategy", "steps", "--eval_steps", "3",
-            "--output_dir", str(out), "--decorrelation_lr", "1e-2")  # fmt: skip
+            "--output_dir", str(root / "out"), "--decorrelation_lr", "1e-2")  # fmt: skip
+
+
+def bp_runs(root: Path) -> None:
+    """BP from scratch, then a DBP checkpoint made from it continued as BP (R folded in)."""
+    train, validation = messy_text_files(root)
+    common = ["--train_file", str(train), "--validation_file", str(validation), "--max_steps", "2",
+              "--eval_strategy", "no"]  # fmt: skip
+    run_clm(root, *common, "--model_type", "llama", "--config_overrides", TINY_LLAMA, "--bp_baseline",
+            "--output_dir", str(root / "bp"))  # fmt: skip
+    # A published DBP checkpoint continued: as BP (its R folded in), and as DBP with a new decorrelation lr.
+    model = hf_dbp.decorrelate(AutoModelForCausalLM.from_pretrained(root / "bp"))
+    model.save_pretrained(root / "dbp")
+    AutoTokenizer.from_pretrained(root / "bp").save_pretrained(root / "dbp")
+    run_clm(root, *common, "--model_name_or_path", str(root / "dbp"), "--bp_baseline",
+            "--output_dir", str(root / "dbp-then-bp"))  # fmt: skip
+
+
+RESUME_FLAGS = ["--model_type", "llama", "--config_overrides", TINY_LLAMA, "--max_steps", "4", "--eval_strategy", "no",
+                "--save_strategy", "steps", "--save_steps", "2", "--decorrelation_lr", "1e-2"]  # fmt: skip
+
+
+def resumed_runs(root: Path) -> subprocess.CompletedProcess:
+    """4 steps in one go, then the same from the first's checkpoint at step 2; returns the resumed run."""
+    train, validation = messy_text_files(root)
+    common = ["--train_file", str(train), "--validation_file", str(validation), *RESUME_FLAGS]
+    run_clm(root, *common, "--output_dir", str(root / "whole"))
+    return run_clm(root, *common, "--output_dir", str(root / "part"),
+                   "--resume_from_checkpoint", str(root / "whole" / "checkpoint-2"))  # fmt: skip
+
+
+def comparison_run(root: Path) -> subprocess.CompletedProcess:
+    train, validation = messy_text_files(root)
+    command = [sys.executable, str(REPO_ROOT / "examples" / "compare_bp_dbp_clm.py"), "--output_dir", str(root / "cmp"),
+               "--train_file", str(train), "--validation_file", str(validation), "--seeds", "0",
+               "--config_overrides", TINY_LLAMA, "--block_size", "32", "--tokenizer_vocab_size", "300", "--max_steps", "4",
+               "--eval_steps", "2", "--max_eval_samples", "8", "--per_device_train_batch_size", "4", "--warmup_steps", "1"]  # fmt: skip
+    return subprocess.run(command, cwd=REPO_ROOT, env=offline_env(root / "hf"), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[object, Path]]:
+    """The script's runs that the tests below inspect, started together, as many at a time as there are cores (each
+    runs on one; the comparison's own runs follow each other). name -> (what its function returned, its folder)."""
+    base = tmp_path_factory.mktemp("clm_runs")
+    jobs = {"comparison": comparison_run, "resumed": resumed_runs, "users_text": users_text_run, "bp": bp_runs}
+    for name in jobs:
+        (base / name).mkdir()
+    with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+        futures = {name: pool.submit(job, base / name) for name, job in jobs.items()}
+        return {name: (future.result(), base / name) for name, future in futures.items()}
+
+
+def test_dbp_on_a_users_text_files_then_load_merge_and_generate(runs, tmp_path):
+    _, root = runs["users_text"]
+    out = root / "out"
     results = json.loads((out / "all_results.json").read_text())
     assert results["perplexity"] == pytest.approx(2.718281828 ** results["eval_loss"], rel=1e-6)
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
@@ -87,26 +145,15 @@ def test_dbp_on_a_users_text_files_then_load_merge_and_generate(tmp_path):
     assert cli.main(["merge", str(tmp_path / "merged"), str(tmp_path / "again")]) == 1  # no R left to fold
 
 
-def test_bp_baseline_is_a_plain_checkpoint_and_a_dbp_checkpoint_continues_as_bp_merged(tmp_path):
-    train, validation = messy_text_files(tmp_path)
-    common = ["--train_file", str(train), "--validation_file", str(validation), "--max_steps", "2",
-              "--eval_strategy", "no"]  # fmt: skip
-    run_clm(tmp_path, *common, "--model_type", "llama", "--config_overrides", TINY_LLAMA, "--bp_baseline",
-            "--output_dir", str(tmp_path / "bp"))  # fmt: skip
-    config = json.loads((tmp_path / "bp" / "config.json").read_text())
+def test_bp_baseline_is_a_plain_checkpoint_and_a_dbp_checkpoint_continues_as_bp_merged(runs):
+    _, root = runs["bp"]
+    config = json.loads((root / "bp" / "config.json").read_text())
     assert "decorrelation" not in config
-    history = json.loads((tmp_path / "bp" / "trainer_state.json").read_text())["log_history"]
+    history = json.loads((root / "bp" / "trainer_state.json").read_text())["log_history"]
     assert any(r.get("decorrelation_loss", 0) > 0 for r in history)  # the BP run measures the same figure
-    AutoModelForCausalLM.from_pretrained(tmp_path / "bp")  # plain transformers
-
-    # A published DBP checkpoint continued: as BP (its R folded in), and as DBP with a new decorrelation lr.
-    dbp = tmp_path / "dbp"
-    model = hf_dbp.decorrelate(AutoModelForCausalLM.from_pretrained(tmp_path / "bp"))
-    model.save_pretrained(dbp)
-    AutoTokenizer.from_pretrained(tmp_path / "bp").save_pretrained(dbp)
-    run_clm(tmp_path, *common, "--model_name_or_path", str(dbp), "--bp_baseline",
-            "--output_dir", str(tmp_path / "dbp-then-bp"))  # fmt: skip
-    assert "decorrelation" not in json.loads((tmp_path / "dbp-then-bp" / "config.json").read_text())
+    AutoModelForCausalLM.from_pretrained(root / "bp")  # plain transformers
+    dbp = root / "dbp"
+    assert "decorrelation" not in json.loads((root / "dbp-then-bp" / "config.json").read_text())
     sys.path.insert(0, str(REPO_ROOT / "examples"))
     import run_clm_dbp
 
@@ -115,18 +162,12 @@ def test_bp_baseline_is_a_plain_checkpoint_and_a_dbp_checkpoint_continues_as_bp_
     assert continued.config.decorrelation["lr"] == 0.02 and decorrelation_modules(continued)
 
 
-def test_resumed_run_ends_with_the_uninterrupted_runs_R(tmp_path):
-    train, validation = messy_text_files(tmp_path)
-    common = ["--train_file", str(train), "--validation_file", str(validation), "--model_type", "llama",
-              "--config_overrides", TINY_LLAMA, "--max_steps", "4", "--eval_strategy", "no", "--save_strategy",
-              "steps", "--save_steps", "2", "--decorrelation_lr", "1e-2"]  # fmt: skip
-    run_clm(tmp_path, *common, "--output_dir", str(tmp_path / "whole"))
-    resumed = run_clm(tmp_path, *common, "--output_dir", str(tmp_path / "part"),
-                      "--resume_from_checkpoint", str(tmp_path / "whole" / "checkpoint-2"))  # fmt: skip
+def test_resumed_run_ends_with_the_uninterrupted_runs_R(runs):
+    resumed, root = runs["resumed"]
     # It went on from step 2: one training record (step 4, logging every 2), not two.
     assert (resumed.stdout + resumed.stderr).count("{'loss':") == 1
-    whole = hf_dbp.load_decorrelated(AutoModelForCausalLM, tmp_path / "whole")
-    part = hf_dbp.load_decorrelated(AutoModelForCausalLM, tmp_path / "part")
+    whole = hf_dbp.load_decorrelated(AutoModelForCausalLM, root / "whole")
+    part = hf_dbp.load_decorrelated(AutoModelForCausalLM, root / "part")
     for a, b in zip(decorrelation_modules(whole), decorrelation_modules(part), strict=True):
         torch.testing.assert_close(a.R, b.R, rtol=1e-6, atol=1e-7)
         assert not torch.equal(a.R, torch.eye(a.dim))
@@ -186,21 +227,15 @@ def test_embedded_text_sets_are_real_english_and_share_nothing():
     assert any("for" in t and "statement" in t for t in docs["train"]["text"])
 
 
-def test_text_comparison_end_to_end(tmp_path):
-    train, validation = messy_text_files(tmp_path)
-    command = [sys.executable, str(REPO_ROOT / "examples" / "compare_bp_dbp_clm.py"), "--output_dir", str(tmp_path / "cmp"),
-               "--train_file", str(train), "--validation_file", str(validation), "--seeds", "0",
-               "--config_overrides", TINY_LLAMA, "--block_size", "32", "--tokenizer_vocab_size", "300", "--max_steps", "4",
-               "--eval_steps", "2", "--max_eval_samples", "8", "--per_device_train_batch_size", "4", "--warmup_steps", "1"]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO_ROOT, env=offline_env(tmp_path / "hf"), capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+def test_text_comparison_end_to_end(runs):
+    result, root = runs["comparison"]
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    comparison = json.loads((root / "cmp" / "comparison.json").read_text())
     (run,) = comparison["runs"]
     assert [e["step"] for e in run["bp"]["evals"]] == [2, 4] == [e["step"] for e in run["dbp"]["evals"]]
     assert run["bp"]["train"][0]["decorrelation_loss"] == pytest.approx(run["dbp"]["train"][0]["decorrelation_loss"], rel=0.5)
-    assert "decorrelation" in json.loads((tmp_path / "cmp" / "seed0" / "dbp" / "config.json").read_text())
-    assert "decorrelation" not in json.loads((tmp_path / "cmp" / "seed0" / "bp" / "config.json").read_text())
-    assert (tmp_path / "cmp" / "comparison.md").is_file() and (tmp_path / "cmp" / "comparison.png").is_file()
-    card = (tmp_path / "cmp" / "seed0" / "dbp" / "README.md").read_text()  # emissions measured: on the card
+    assert "decorrelation" in json.loads((root / "cmp" / "seed0" / "dbp" / "config.json").read_text())
+    assert "decorrelation" not in json.loads((root / "cmp" / "seed0" / "bp" / "config.json").read_text())
+    assert (root / "cmp" / "comparison.md").is_file() and (root / "cmp" / "comparison.png").is_file()
+    card = (root / "cmp" / "seed0" / "dbp" / "README.md").read_text()  # emissions measured: on the card
     assert "co2_eq_emissions" in card and "| emissions |" in card and "decorrelated layers | 14, sharing 8 matrices R" in card

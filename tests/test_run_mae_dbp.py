@@ -171,6 +171,25 @@ def run_concurrently(
 
 
 @pytest.fixture(scope="module")
+def standalone(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """The runs that one test each inspects (see the `prepare_*` functions beside those tests), started together, as
+    many at a time as there are cores: each runs on one. name -> (the finished process, its folder)."""
+    base = tmp_path_factory.mktemp("standalone")
+    preparations = {
+        "parquet": prepare_parquet, "bp_baseline": prepare_bp_baseline, "plain_checkpoint": prepare_plain_checkpoint,
+        "lr_zero": prepare_lr_zero, "config_json": partial(prepare_config_file, file_format="json"),
+        "config_yaml": partial(prepare_config_file, file_format="yaml"),
+    }  # fmt: skip
+    calls = {}
+    for name, prepare in preparations.items():
+        (base / name).mkdir()
+        args, kwargs = prepare(base / name)
+        calls[name] = partial(run_script, *args, hf_home=base / name / "hf_home", **kwargs)
+    results = run_concurrently(calls)
+    return {name: (results[name], base / name) for name in preparations}
+
+
+@pytest.fixture(scope="module")
 def folder_runs(tmp_path_factory) -> dict[str, Run]:
     """Two DBP runs from scratch on a training and a validation image folder:
 
@@ -339,19 +358,22 @@ def test_image_folder_checkpoint_loads_with_updated_decorrelation(folder_runs):
 # 2. A `datasets` dataset
 
 
-def test_parquet_dataset_with_img_column_and_train_val_split(tmp_path):
-    """A folder of parquet files trains through --dataset_name: the 'img' column is found, and --train_val_split
-    holds out a quarter of the 12 rows for validation."""
-    data_dir = tmp_path / "data"
+def prepare_parquet(root: Path) -> tuple[list, dict]:
+    data_dir = root / "data"
     data_dir.mkdir()
     features = Features({"img": Image(), "caption": Value("string")})
     dataset = Dataset.from_dict(
         {"img": noise_images(12), "caption": [f"noise {i}" for i in range(12)]}, features=features
     )
     dataset.to_parquet(str(data_dir / "train.parquet"))
-    output_dir = tmp_path / "out"
-    result = run_script("--dataset_name", data_dir, "--train_val_split", 0.25, "--output_dir", output_dir,
-                        *TINY_FLAGS, hf_home=tmp_path / "hf_home")  # fmt: skip
+    return ["--dataset_name", data_dir, "--train_val_split", 0.25, "--output_dir", root / "out", *TINY_FLAGS], {}
+
+
+def test_parquet_dataset_with_img_column_and_train_val_split(standalone):
+    """A folder of parquet files trains through --dataset_name: the 'img' column is found, and --train_val_split
+    holds out a quarter of the 12 rows for validation."""
+    result, root = standalone["parquet"]
+    output_dir = root / "out"
     assert_succeeded(result)
     assert image_counts(result.stdout) == (9, 3)
     assert_finite_losses(output_dir)
@@ -362,12 +384,15 @@ def test_parquet_dataset_with_img_column_and_train_val_split(tmp_path):
 # 3. The BP baseline
 
 
-def test_bp_baseline_saves_a_plain_vit_mae(tmp_path):
+def prepare_bp_baseline(root: Path) -> tuple[list, dict]:
+    write_images(root / "train", 12)
+    return ["--train_dir", root / "train", "--bp_baseline", "--output_dir", root / "out", *TINY_FLAGS], {}
+
+
+def test_bp_baseline_saves_a_plain_vit_mae(standalone):
     """--bp_baseline trains and saves a plain transformers ViTMAE (no R), still logging the decorrelation loss."""
-    write_images(tmp_path / "train", 12)
-    output_dir = tmp_path / "out"
-    result = run_script("--train_dir", tmp_path / "train", "--bp_baseline", "--output_dir", output_dir,
-                        *TINY_FLAGS, hf_home=tmp_path / "hf_home")  # fmt: skip
+    result, root = standalone["bp_baseline"]
+    output_dir = root / "out"
     assert_succeeded(result)
     assert read_json(output_dir / "config.json")["model_type"] == "vit_mae"
     assert not [key for key in safetensors_keys(output_dir) if "decorrelation" in key]
@@ -448,24 +473,29 @@ def test_bad_dbp_settings_and_checkpoints_are_refused_before_the_data_is_read(ea
 # 5. Starting from a plain ViTMAE checkpoint
 
 
-def test_dbp_training_starts_from_a_plain_vit_mae_checkpoint(tmp_path):
-    """A plain transformers ViTMAE checkpoint is loaded into the DBP model (its weights, not a fresh init) and
-    trained with DBP; the normalisation of the checkpoint's own image processor (facebook/vit-mae-base carries one)
-    is the run's, and the processor saved with the result."""
+def prepare_plain_checkpoint(root: Path) -> tuple[list, dict]:
     torch.manual_seed(0)
     plain = ViTMAEForPreTraining(ViTMAEConfig(**TINY_MODEL))
     with torch.no_grad():
         plain.vit.embeddings.cls_token.fill_(0.5)  # a value no initialisation gives
-    plain.save_pretrained(tmp_path / "plain")
-    ViTImageProcessor(image_mean=[0.4, 0.4, 0.4], image_std=[0.3, 0.3, 0.3]).save_pretrained(tmp_path / "plain")
-    write_images(tmp_path / "train", 12)
-    output_dir = tmp_path / "out"
+    plain.save_pretrained(root / "plain")
+    ViTImageProcessor(image_mean=[0.4, 0.4, 0.4], image_std=[0.3, 0.3, 0.3]).save_pretrained(root / "plain")
+    write_images(root / "train", 12)
     # No --config_overrides: the architecture comes from the checkpoint.
-    result = run_script("--train_dir", tmp_path / "train", "--model_name_or_path", tmp_path / "plain",
-                        "--output_dir", output_dir, *as_flags(TINY_RUN), hf_home=tmp_path / "hf_home")  # fmt: skip
+    return ["--train_dir", root / "train", "--model_name_or_path", root / "plain", "--output_dir", root / "out",
+            *as_flags(TINY_RUN)], {}  # fmt: skip
+
+
+def test_dbp_training_starts_from_a_plain_vit_mae_checkpoint(standalone):
+    """A plain transformers ViTMAE checkpoint is loaded into the DBP model (its weights, not a fresh init) and
+    trained with DBP; the normalisation of the checkpoint's own image processor (facebook/vit-mae-base carries one)
+    is the run's, and the processor saved with the result."""
+    result, root = standalone["plain_checkpoint"]
+    output_dir = root / "out"
+    plain = ViTMAEForPreTraining.from_pretrained(root / "plain")
     assert_succeeded(result)
     assert read_json(output_dir / "config.json")["model_type"] == "vit_mae_dbp"
-    assert f"normalised with the mean and std of {tmp_path / 'plain'}'s ViTImageProcessor" in result.stdout
+    assert f"normalised with the mean and std of {root / 'plain'}'s ViTImageProcessor" in result.stdout
     processor = read_json(output_dir / "preprocessor_config.json")
     assert processor["image_mean"] == [0.4, 0.4, 0.4] and processor["image_std"] == [0.3, 0.3, 0.3]
     model = hf_dbp.ViTMAEDBPForPreTraining.from_pretrained(output_dir)
@@ -480,22 +510,26 @@ def test_dbp_training_starts_from_a_plain_vit_mae_checkpoint(tmp_path):
     assert all("decorrelation_loss" in r for r in training_records(output_dir))
 
 
-def test_dbp_checkpoint_trained_with_decorrelation_lr_zero_keeps_R_exactly(tmp_path):
-    """R is updated by the decorrelation rule only: continuing a DBP checkpoint (R far from I, loaded by
-    from_pretrained, which used to hand R back trainable) with --decorrelation_lr 0 trains the weights and leaves every
-    R bitwise as it was, also with a weight decay that would shrink any parameter in the optimizer."""
+def prepare_lr_zero(root: Path) -> tuple[list, dict]:
     torch.manual_seed(0)
     original = hf_dbp.ViTMAEDBPForPreTraining(hf_dbp.ViTMAEDBPConfig(**TINY_MODEL))
     randomise_R(original, scale=0.1)
-    original.save_pretrained(tmp_path / "dbp")
-    write_images(tmp_path / "train", 12)
-    output_dir = tmp_path / "out"
+    original.save_pretrained(root / "dbp")
+    write_images(root / "train", 12)
     # With transformers' run_mae.py flags too: --image_processor_name (whose normalisation is used), --trust_remote_code.
-    ViTImageProcessor(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3]).save_pretrained(tmp_path / "processor")
-    result = run_script("--train_dir", tmp_path / "train", "--model_name_or_path", tmp_path / "dbp",
-                        "--decorrelation_lr", 0, "--weight_decay", 0.5, "--base_learning_rate", 0.1,
-                        "--image_processor_name", tmp_path / "processor", "--trust_remote_code",
-                        "--output_dir", output_dir, *as_flags(TINY_RUN), hf_home=tmp_path / "hf_home")  # fmt: skip
+    ViTImageProcessor(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3]).save_pretrained(root / "processor")
+    return ["--train_dir", root / "train", "--model_name_or_path", root / "dbp", "--decorrelation_lr", 0,
+            "--weight_decay", 0.5, "--base_learning_rate", 0.1, "--image_processor_name", root / "processor",
+            "--trust_remote_code", "--output_dir", root / "out", *as_flags(TINY_RUN)], {}  # fmt: skip
+
+
+def test_dbp_checkpoint_trained_with_decorrelation_lr_zero_keeps_R_exactly(standalone):
+    """R is updated by the decorrelation rule only: continuing a DBP checkpoint (R far from I, loaded by
+    from_pretrained, which used to hand R back trainable) with --decorrelation_lr 0 trains the weights and leaves every
+    R bitwise as it was, also with a weight decay that would shrink any parameter in the optimizer."""
+    result, root = standalone["lr_zero"]
+    output_dir = root / "out"
+    original = hf_dbp.ViTMAEDBPForPreTraining.from_pretrained(root / "dbp")
     assert_succeeded(result)
     assert read_json(output_dir / "preprocessor_config.json")["image_mean"] == [0.5, 0.4, 0.3]
     trained = hf_dbp.ViTMAEDBPForPreTraining.from_pretrained(output_dir)
@@ -511,27 +545,27 @@ def test_dbp_checkpoint_trained_with_decorrelation_lr_zero_keeps_R_exactly(tmp_p
 # 6. A JSON or YAML file as the only argument (the YAML one under `accelerate launch`)
 
 
-@pytest.mark.parametrize("file_format", ["json", "yaml-under-accelerate-launch"])
-def test_config_file_as_only_argument(tmp_path, file_format):
-    """A JSON file (plain Python) or a YAML file (through `accelerate launch --num_processes 1 --cpu`) holding the
-    dataclass fields as keys configures the run, lists included."""
-    write_images(tmp_path / "train", 12)
-    output_dir = tmp_path / "out"
+def prepare_config_file(root: Path, file_format: str) -> tuple[list, dict]:
+    write_images(root / "train", 12)
     fields = {
-        "train_dir": str(tmp_path / "train"),
-        "output_dir": str(output_dir),
+        "train_dir": str(root / "train"),
+        "output_dir": str(root / "out"),
         "config_overrides": TINY_OVERRIDES,
         "decorrelation_lr": 0.002,
         "decorrelation_layers": ["qkv", "fc1"],
         **TINY_RUN,
     }
-    if file_format == "json":
-        config_file = tmp_path / "run.json"
-        config_file.write_text(json.dumps(fields))
-    else:
-        config_file = tmp_path / "run.yaml"
-        config_file.write_text(yaml.safe_dump(fields))
-    result = run_script(config_file, hf_home=tmp_path / "hf_home", accelerate=file_format != "json")
+    config_file = root / f"run.{file_format}"
+    config_file.write_text(json.dumps(fields) if file_format == "json" else yaml.safe_dump(fields))
+    return [config_file], {"accelerate": file_format != "json"}
+
+
+@pytest.mark.parametrize("file_format", ["json", "yaml-under-accelerate-launch"])
+def test_config_file_as_only_argument(standalone, file_format):
+    """A JSON file (plain Python) or a YAML file (through `accelerate launch --num_processes 1 --cpu`) holding the
+    dataclass fields as keys configures the run, lists included."""
+    result, root = standalone[f"config_{file_format.split('-')[0]}"]
+    output_dir = root / "out"
     assert_succeeded(result)
     config = read_json(output_dir / "config.json")
     assert config["decorrelation_lr"] == 0.002

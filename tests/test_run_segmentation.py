@@ -270,7 +270,8 @@ def runs(inputs, tmp_path_factory) -> dict[str, Run]:
     - "messy": the messy data set (bad and non-RGB pairs);
     - "bert": a BERT checkpoint (fails);
     - "no_annotation": a parquet dataset without an annotation column (fails);
-    - "fresh": no `--model_name_or_path`, cwd an empty folder (no pre-training demo output there).
+    - "fresh": no `--model_name_or_path`, cwd an empty folder (no pre-training demo output there);
+    - "huge_crop": `--crop_size 4096` and a missing data folder (fails).
     """
     root = tmp_path_factory.mktemp("runs")
     futures: dict[str, Future] = {}
@@ -304,6 +305,8 @@ def runs(inputs, tmp_path_factory) -> dict[str, Run]:
                      "--model_revision", "main", "--token", "hf_not_a_token", "--trust_remote_code"),
         "bert": job("bert", *data, "--model_name_or_path", inputs.bert_checkpoint),
         "no_annotation": job("no_annotation", "--dataset_name", inputs.no_annotation_dir, *dbp),
+        # A crop no memory holds (1,048,576 tokens at patch 4), with a data folder that does not exist: refused first.
+        "huge_crop": job("huge_crop", "--data_dir", root / "no_such_data", *dbp, last=("--crop_size", 4096)),
         "fresh": job("fresh", *data, cwd=root / "fresh_cwd"),
         # Sliding-window evaluation, drop path, a checkpoint per step.
         "continued": job("continued", *data, "--model_name_or_path", root / "dbp" / "out", after="dbp",
@@ -626,6 +629,15 @@ def test_checkpoint_of_another_model_type_is_refused(runs):
     """A BERT checkpoint stops the run before training, with a message naming its type 'bert'."""
     error = assert_failed_before_training(runs["bert"])
     assert "'bert'" in error, error
+
+
+def test_a_crop_that_cannot_fit_memory_is_refused_through_the_script_before_the_data(runs):
+    """The user's path of defect 1: `--crop_size 4096` around a patch-4 encoder stops at once with one line that
+    names the crop, the tokens, the GiB and the default, before the (here missing) data folder is looked at."""
+    error = assert_failed_before_training(runs["huge_crop"])
+    assert "--crop_size 4096" in error and "1,048,576 tokens" in error and "GiB" in error, error
+    assert "default is 32 patches, 128 px here" in error, error
+    assert "no_such_data" not in runs["huge_crop"].output
 
 
 def test_dataset_without_annotation_column_fails_with_its_columns(runs):

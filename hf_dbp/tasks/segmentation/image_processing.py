@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image as PILImage
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import ChannelDimension, ImageInput, PILImageResampling
@@ -29,6 +30,7 @@ from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType
 
 from ..image_data import IMAGENET_MEAN, IMAGENET_STD
+from ..image_modes import to_rgb
 
 IGNORE_INDEX = 255
 """Label value the loss and the metrics ignore: padding, and raw 0 ("other") after label reduction."""
@@ -145,6 +147,14 @@ class DBPSegmentationImageProcessor(PilBackend):
             their own resolution instead: see `post_process_semantic_segmentation`.)
         """
         return super().preprocess(images, segmentation_maps, **kwargs)
+
+    def convert_to_rgb(self, image: Any, input_data_format: Any = None) -> Any:
+        """A PIL image as the scripts' data path converts it (`hf_dbp.tasks.image_modes.to_rgb`: EXIF orientation,
+        16-bit grayscale scaled, transparency on white), so pipeline() sees what training and evaluation saw; other
+        inputs as transformers converts them."""
+        if isinstance(image, PILImage.Image):
+            return to_rgb(image)
+        return super().convert_to_rgb(image, input_data_format=input_data_format)
 
     # ---------------------------------------------------------------------------------------------- the geometry
     def _short_long(self, size: Any = None) -> tuple[int, int]:
