@@ -376,6 +376,27 @@ def test_checkpoint_carries_its_image_processor_and_pipeline_gives_the_scored_ma
     assert_pipeline_gives_the_scored_masks(run, inputs.data_dir)
 
 
+def test_a_pushed_segmentation_folder_carries_its_processor_and_pipeline_runs_from_the_hub_copy(runs, tmp_path):
+    """`hf-dbp push` of the result (push_folder, the Hub faked by a folder): the repo holds preprocessor_config.json
+    with the model, its card names the repo id, and pipeline() runs on what was uploaded."""
+    import shutil
+
+    from test_cli_and_hub import FakeHubApi
+
+    from hf_dbp.training.hub import push_folder
+
+    run = runs["dbp"]
+    assert_succeeded(run)
+    folder = shutil.copytree(run.output_dir, tmp_path / "to_push")  # push_folder rewrites the card it pushes
+    api = FakeHubApi(tmp_path / "hub")
+    push_folder(str(folder), "me/upernet-dbp", api=api)
+    uploaded = tmp_path / "hub" / "me" / "upernet-dbp"
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {p.name for p in uploaded.iterdir()}
+    assert 'from_pretrained("me/upernet-dbp")' in (uploaded / "README.md").read_text()
+    masks = pipeline("image-segmentation", model=str(uploaded))(PILImage.new("RGB", (40, 32), (90, 120, 60)))
+    assert masks and all(m["mask"].size == (40, 32) for m in masks)
+
+
 def test_data_dir_run_saves_upernet_with_folded_backbone(runs, inputs):
     """The saved UperNet loads with AutoModelForSemanticSegmentation; its backbone is a ViTMAEDBPBackbone without R
     whose weights are the checkpoint's W R (not W), and its config has the 150 ADE20K classes."""
