@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HFValidationError, LocalTokenNotFoundError
@@ -91,13 +92,15 @@ def push_folder(
 
         write_model_card(folder, AutoConfig.from_pretrained(folder), model_name=repo_id)
     else:
-        # hf-dbp's cards load from the folder's absolute path; on the Hub that is the repo id.
+        # hf-dbp's cards load from the folder's absolute path; on the Hub that is the repo id. Any local path in a
+        # loading call, not only this folder's: a folder moved or copied after its run names where it was written.
         with open(card, encoding="utf-8") as file:
             text = file.read()
-        local = f'"{os.path.abspath(folder)}"'
-        if local in text:
+        rewritten = re.sub(r'(from_pretrained\(\s*)"([^"]+)"',
+                           lambda m: m.group(0) if is_repo_id(m.group(2)) else f'{m.group(1)}"{repo_id}"', text)  # fmt: skip
+        if rewritten != text:
             with open(card, "w", encoding="utf-8") as file:
-                file.write(text.replace(local, f'"{repo_id}"'))
+                file.write(rewritten)
     api = api or HfApi()
     api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
     commit = api.upload_folder(
