@@ -292,7 +292,13 @@ def build_image_processor(model_args: ModelArguments, data_args: DataTrainingArg
     checkpoint's own image processor (a pre-training checkpoint of run_mae_dbp.py carries one), else ImageNet's."""
     mean, std, source = image_normalisation(model_args.image_processor_name, checkpoint, trust_remote_code=model_args.trust_remote_code,
                                             **load_kwargs(model_args))  # fmt: skip
-    crop = data_args.crop_size
+    crop, window, stride = data_args.crop_size, data_args.eval_window_size, data_args.eval_window_stride
+    if window is not None and (window < patch or window % patch):
+        raise ValueError(f"--eval_window_size {window} must be a positive multiple of the encoder's patch ({patch} px), "
+                         f"e.g. the crop size {crop}")  # fmt: skip
+    if stride is not None and (window is None or not 0 < stride <= window):
+        raise ValueError(f"--eval_window_stride {stride} needs --eval_window_size and must be in 1..{window or 'it'} "
+                         "(the recipe: 341 for windows of 512)")  # fmt: skip
     processor = DBPSegmentationImageProcessor(
         size={"shortest_edge": crop, "longest_edge": 4 * crop}, size_divisor=patch, image_mean=mean, image_std=std,
         window_size=data_args.eval_window_size, window_stride=data_args.eval_window_stride,

@@ -271,7 +271,8 @@ def runs(inputs, tmp_path_factory) -> dict[str, Run]:
     - "bert": a BERT checkpoint (fails);
     - "no_annotation": a parquet dataset without an annotation column (fails);
     - "fresh": no `--model_name_or_path`, cwd an empty folder (no pre-training demo output there);
-    - "huge_crop": `--crop_size 4096` and a missing data folder (fails).
+    - "huge_crop": `--crop_size 4096` and a missing data folder (fails);
+    - "bad_window": `--eval_window_size 30` (not a multiple of the patch) and a missing data folder (fails).
     """
     root = tmp_path_factory.mktemp("runs")
     futures: dict[str, Future] = {}
@@ -307,6 +308,8 @@ def runs(inputs, tmp_path_factory) -> dict[str, Run]:
         "no_annotation": job("no_annotation", "--dataset_name", inputs.no_annotation_dir, *dbp),
         # A crop no memory holds (1,048,576 tokens at patch 4), with a data folder that does not exist: refused first.
         "huge_crop": job("huge_crop", "--data_dir", root / "no_such_data", *dbp, last=("--crop_size", 4096)),
+        # A sliding window that is no multiple of the patch (4): refused, naming the flag, before the data.
+        "bad_window": job("bad_window", "--data_dir", root / "no_such_data", *dbp, "--eval_window_size", 30),
         "fresh": job("fresh", *data, cwd=root / "fresh_cwd"),
         # Sliding-window evaluation, drop path, a checkpoint per step.
         "continued": job("continued", *data, "--model_name_or_path", root / "dbp" / "out", after="dbp",
@@ -659,6 +662,12 @@ def test_a_crop_that_cannot_fit_memory_is_refused_through_the_script_before_the_
     assert "--crop_size 4096" in error and "1,048,576 tokens" in error and "GiB" in error, error
     assert "default is 32 patches, 128 px here" in error, error
     assert "no_such_data" not in runs["huge_crop"].output
+
+
+def test_a_sliding_window_off_the_patch_grid_is_refused_naming_the_flag(runs):
+    error = assert_failed_before_training(runs["bad_window"])
+    assert "--eval_window_size 30" in error and "patch (4 px)" in error, error
+    assert "no_such_data" not in runs["bad_window"].output
 
 
 def test_dataset_without_annotation_column_fails_with_its_columns(runs):
