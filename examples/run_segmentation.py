@@ -46,7 +46,7 @@ from hf_dbp.tasks.segmentation.data import (
     segmentation_collate,
 )
 from hf_dbp.tasks.segmentation.evaluation import predict_batch
-from hf_dbp.tasks.segmentation.image_processing import DBPSegmentationImageProcessor
+from hf_dbp.tasks.segmentation.image_processing import IGNORE_INDEX, DBPSegmentationImageProcessor
 from hf_dbp.tasks.segmentation.metrics import SegmentationEvaluator
 from hf_dbp.training.hub import ensure_hub_reachable
 from hf_dbp.training.plotting import plot_segmentation_examples
@@ -153,10 +153,18 @@ class SegmentationTrainer(DBPTrainer):
                 model, self.processing_class, inputs["pixel_values"], inputs["target_sizes"], inputs["labels"],
                 max_inputs=self.args.per_device_eval_batch_size,
             )  # fmt: skip
-        loss = loss.detach() if loss is not None else None
+        # A batch without one labelled pixel still gives every process a loss to gather (0: such batches are rare).
+        loss = loss.detach() if loss is not None else torch.zeros((), device=predictions.device)
         if prediction_loss_only:
             return loss, None, None
-        return loss, predictions, inputs["labels"]
+        labels = inputs["labels"]
+        if self.args.world_size > 1:
+            # Each process holds its images at their own sizes; the Trainer's gather pads dim 1 only, so both height
+            # and width are padded here to the largest of all processes (255: ignored by the metric).
+            for dim in (1, 2):
+                predictions = self.accelerator.pad_across_processes(predictions, dim=dim, pad_index=IGNORE_INDEX)
+                labels = self.accelerator.pad_across_processes(labels, dim=dim, pad_index=IGNORE_INDEX)
+        return loss, predictions, labels
 
     def get_train_dataloader(self):
         drop_last = self.args.dataloader_drop_last
@@ -312,6 +320,10 @@ def build_image_processor(model_args: ModelArguments, data_args: DataTrainingArg
 
 def main() -> None:
     model_args, data_args, training_args = parse_args()
+    if not training_args.batch_eval_metrics:
+        raise ValueError("--batch_eval_metrics false would gather every prediction of the evaluation: they are at each "
+                         "annotation's own size, so they neither stack nor fit in memory on ADE20K. Leave it on (each "
+                         "batch becomes a confusion matrix).")  # fmt: skip
     if training_args.push_to_hub:  # before anything slow: fail now rather than after training
         ensure_hub_reachable(training_args.hub_token)
     setup_logging(training_args, __name__)

@@ -492,3 +492,23 @@ def test_card_metadata_keeps_only_hub_dataset_ids(tmp_path):
     local = str(tmp_path / "imgs")
     assert hub_dataset_ids(["scene_parse_150", "me/photos", local, "scikit-image photographs (hf-dbp demo)",
                             "ADE20K layout: /data/ADE", "a/b/c"]) == ["scene_parse_150", "me/photos"]  # fmt: skip
+
+
+def test_push_rewrites_absolute_paths_in_loading_calls_only(tmp_path):
+    """The card's loading calls that name an absolute path (this folder's, or where it was written before it was
+    moved; `from_pretrained` or `load_decorrelated`) name the repo id once pushed; a relative path or a Hub id in the
+    user's own text stays."""
+    folder = make_run_folder(tmp_path / "run")
+    (folder / "README.md").write_text(
+        'model = hf_dbp.load_decorrelated(AutoModelForCausalLM, "/somewhere/else/out")\n'
+        'model = AutoModelForPreTraining.from_pretrained("/old/place", trust_remote_code=True)\n'
+        'tokenizer = AutoTokenizer.from_pretrained("./my_tokenizer")\n'
+        'base = ViTMAEModel.from_pretrained("facebook/vit-mae-base")\n'
+    )  # fmt: skip
+    push_folder(str(folder), "me/run", api=FakeHubApi(tmp_path / "hub"))
+    assert (tmp_path / "hub" / "me" / "run" / "README.md").read_text().splitlines() == [
+        'model = hf_dbp.load_decorrelated(AutoModelForCausalLM, "me/run")',
+        'model = AutoModelForPreTraining.from_pretrained("me/run", trust_remote_code=True)',
+        'tokenizer = AutoTokenizer.from_pretrained("./my_tokenizer")',
+        'base = ViTMAEModel.from_pretrained("facebook/vit-mae-base")',
+    ]

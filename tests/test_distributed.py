@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import offline_env
 
@@ -91,3 +92,50 @@ def test_distributed_step_benchmark_counts_what_dbp_sends(tmp_path):
     # 8 images x (1 + 16 visible) tokens x 0.1 = 14 rows per process on 96- and 384-wide R: rows, in gloo's slots.
     assert result["dbp_calls"][0] == "all_gather of 17 x 8 B"  # the row counts
     assert result["dbp_handed_ratio"] < 0.25 * result["dbp_before_ratio"]
+
+
+def test_segmentation_evaluates_on_two_processes_with_images_of_other_sizes_on_each(tmp_path):
+    """run_segmentation.py under accelerate with 2 processes, one validation image per process and step: the images
+    of the two processes differ in width (32 x 43 and 32 x 32), and the evaluation (at each annotation's size) gathers
+    them; its mean IoU and accuracy are those of the saved model evaluated on one process."""
+    import json
+
+    from conftest import TINY_ENCODER
+    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+    import hf_dbp
+    from hf_dbp.tasks.segmentation.ade20k import ade20k_id2label
+    from hf_dbp.tasks.segmentation.data import (
+        SegmentationTransform,
+        load_ade20k_folder,
+        make_demo_ade20k,
+        segmentation_collate,
+    )
+    from hf_dbp.tasks.segmentation.evaluation import predict_batch
+    from hf_dbp.tasks.segmentation.metrics import SegmentationEvaluator
+
+    torch.manual_seed(0)
+    hf_dbp.ViTMAEDBPForPreTraining(hf_dbp.ViTMAEDBPConfig(**TINY_ENCODER)).save_pretrained(tmp_path / "encoder")
+    data = make_demo_ade20k(str(tmp_path / "ade20k"), num_train=8, num_validation=4, size=32, seed=0)
+    validation = load_ade20k_folder(data)["validation"]
+    assert len({row["image"].size for row in validation}) > 1
+    out = tmp_path / "out"
+    run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(ROOT / "examples" / "accelerate_configs" / "cpu_2_processes.yaml"), "--main_process_port", str(free_port()),
+         str(ROOT / "examples" / "run_segmentation.py"), "--model_name_or_path", str(tmp_path / "encoder"),
+         "--data_dir", data, "--output_dir", str(out), "--upernet_hidden_size", "16", "--auxiliary_channels", "8",
+         "--crop_size", "32", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "1",
+         "--max_steps", "2", "--warmup_steps", "0", "--report_to", "none", "--save_strategy", "no",
+         "--dataloader_num_workers", "0", "--track_emissions", "false"], tmp_path)  # fmt: skip
+    results = json.loads((out / "all_results.json").read_text())
+    model = AutoModelForSemanticSegmentation.from_pretrained(out).eval()
+    processor = AutoImageProcessor.from_pretrained(out)
+    transform = SegmentationTransform(32, train=False, image_processor=processor)
+    batch = segmentation_collate([transform(row["image"], row["annotation"]) for row in validation])
+    predictions, _ = predict_batch(model, processor, batch["pixel_values"], batch["target_sizes"], batch["labels"])
+    evaluator = SegmentationEvaluator(150, ignore_index=255, id2label=ade20k_id2label())
+    from transformers import EvalPrediction
+
+    alone = evaluator(EvalPrediction(predictions=predictions, label_ids=batch["labels"]), compute_result=True)
+    for key in ("mean_iou", "mean_accuracy", "overall_accuracy"):
+        assert results[f"eval_{key}"] == pytest.approx(alone[key], abs=1e-6), key

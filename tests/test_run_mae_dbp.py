@@ -598,3 +598,28 @@ def test_a_settings_file_plus_flags_says_the_file_must_be_the_only_argument(tmp_
     assert "run.yaml is a settings file" in error and "only argument" in error and "--max_steps 2" in error, error
     monkeypatch.setattr(sys, "argv", ["run_mae_dbp.py", str(tmp_path / "run.yaml")])
     assert parse_script_arguments([Settings], {})[0].output_dir == "out"
+
+
+def test_run_main_prints_the_users_mistakes_as_one_line_and_keeps_the_runs_errors_traceback(monkeypatch, capsys):
+    """Before any training a ValueError is one line `<script>: error: ...` and exit status 1; once a DBPTrainer began
+    to train (saving, the card, the push come after) the same error keeps its traceback, as with
+    HF_DBP_FULL_TRACEBACK=1."""
+    from hf_dbp.tasks.scripts import run_main
+    from hf_dbp.training.trainer import DBPTrainer
+
+    def mistake():
+        raise ValueError("--decorrelation_lr -1: must be >= 0")
+
+    monkeypatch.setattr(sys, "argv", ["run_mae_dbp.py"])
+    monkeypatch.setattr(DBPTrainer, "train_began", False)
+    with pytest.raises(SystemExit) as exited:
+        run_main(mistake)
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == "run_mae_dbp.py: error: --decorrelation_lr -1: must be >= 0\n"
+    monkeypatch.setenv("HF_DBP_FULL_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="must be >= 0"):
+        run_main(mistake)
+    monkeypatch.delenv("HF_DBP_FULL_TRACEBACK")
+    monkeypatch.setattr(DBPTrainer, "train_began", True)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        run_main(mistake)

@@ -103,3 +103,34 @@ def test_bad_settings_and_mismatched_outputs_are_refused():
         processor().post_process_semantic_segmentation(torch.zeros(1, 2, 32, 32))
     with pytest.raises(ValueError, match="3 logits for 1 images that make 4 inputs"):
         processor(window_size=32, window_stride=16).post_process_semantic_segmentation(torch.zeros(3, 2, 32, 32), [(40, 100)])
+
+
+def test_low_resolution_logits_of_a_mixed_size_batch_map_each_image_onto_its_own_part():
+    """Logits at a quarter of the input size for a batch of a wide and a square image (padded to the wide one):
+    each image's map comes from its own top-left part of the batch's canvas, not from the canvas squeezed."""
+    p = processor()
+    sizes = [(40, 100), (40, 40)]  # inputs 32 x 80 and 32 x 32, batched to 32 x 80
+    logits = torch.zeros(2, 2, 8, 20)
+    logits[:, 1, :, :4] = 5  # class 1 on the first 16 input columns of each, everything else class 0
+    maps = p.post_process_semantic_segmentation(logits, target_sizes=sizes)
+    # The square image's 32 input columns: class 1 on about half of them (16 of 32, give or take the bilinear edge),
+    # not on a fifth (16 of the canvas' 80 squeezed into its 32).
+    assert maps[1].eq(1).float().mean().item() == pytest.approx(0.5, abs=0.1)
+    assert maps[0].eq(1).float().mean().item() == pytest.approx(0.2, abs=0.05)
+
+
+def test_the_geometry_cannot_change_per_call():
+    with pytest.raises(ValueError, match="size: the geometry is set on the processor"):
+        processor()(PILImage.new("RGB", (40, 40)), size={"shortest_edge": 64, "longest_edge": 256})
+    with pytest.raises(ValueError, match="window_size"):
+        processor()(PILImage.new("RGB", (40, 40)), window_size=16)
+
+
+def test_windows_stay_on_the_image_grid_not_the_divisor_padded_one():
+    """An ADE20K image rescaled to 512 x 683 slides two windows at columns 0 and 171, as mmsegmentation does: the
+    last one ends at the image's border, with no padding in it."""
+    p = DBPSegmentationImageProcessor(size={"shortest_edge": 512, "longest_edge": 2048}, window_size=512)
+    pixels = p(PILImage.new("RGB", (683, 512), (255, 255, 255)), return_tensors="np")["pixel_values"]
+    assert pixels.shape == (2, 3, 512, 512) and p.window_stride == 341
+    white = (1.0 - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
+    np.testing.assert_allclose(pixels[1, :, :, -1], np.broadcast_to(white[:, None], (3, 512)), rtol=1e-5)

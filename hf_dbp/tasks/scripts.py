@@ -53,16 +53,18 @@ def run_main(main: Callable[[], None]) -> None:
 
     A bad flag value, a missing folder, a checkpoint of another kind, an unreachable Hub (ValueError, OSError and
     hf_dbp's HubUnreachableError, raised before training starts) print `<script>: error: <message>` on stderr and
-    exit with status 1, as argparse does for a flag it does not know. Errors raised while the Trainer trains or
-    evaluates keep their traceback (they are the run's, not the arguments'), and `HF_DBP_FULL_TRACEBACK=1` keeps it
-    for every error. Under `accelerate launch` the launcher adds its own CalledProcessError after the line; `accelerate
+    exit with status 1, as argparse does for a flag it does not know. Errors raised once a DBPTrainer began to train
+    (in training, evaluation, saving, the card, the push) keep their traceback: they are the run's, not the
+    arguments'. `HF_DBP_FULL_TRACEBACK=1` keeps it for every error. Under `accelerate launch` the launcher adds its own CalledProcessError after the line; `accelerate
     launch --quiet` leaves it out."""
     from ..training.hub import HubUnreachableError
+    from ..training.trainer import DBPTrainer
 
     try:
         main()
     except (ValueError, OSError, HubUnreachableError) as error:
-        if os.environ.get(FULL_TRACEBACK_VARIABLE, "") not in ("", "0") or _raised_while_training(error.__traceback__):
+        if (os.environ.get(FULL_TRACEBACK_VARIABLE, "") not in ("", "0") or getattr(DBPTrainer, "train_began", False)
+                or _raised_while_training(error.__traceback__)):  # fmt: skip
             raise
         sys.stdout.flush()
         print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
@@ -107,6 +109,9 @@ def image_normalisation(
         except (OSError, ValueError) as error:
             if image_processor_name is not None:  # asked for by name: its absence is the user's to fix
                 raise ValueError(f"--image_processor_name {name}: no image processor could be loaded ({error})") from None
+            logging.getLogger(__name__).warning(
+                "No image processor loaded from %s (%s): normalising with ImageNet's mean and std; give "
+                "--image_processor_name to choose", name, str(error).splitlines()[0])  # fmt: skip
         else:
             if getattr(found, "image_mean", None) is not None and getattr(found, "image_std", None) is not None:
                 return list(found.image_mean), list(found.image_std), f"{name}'s {type(found).__name__}"

@@ -92,12 +92,14 @@ def push_folder(
 
         write_model_card(folder, AutoConfig.from_pretrained(folder), model_name=repo_id)
     else:
-        # hf-dbp's cards load from the folder's absolute path; on the Hub that is the repo id. Any local path in a
-        # loading call, not only this folder's: a folder moved or copied after its run names where it was written.
+        # hf-dbp's cards load from the folder's absolute path (`from_pretrained("/...")`, `load_decorrelated(Auto...,
+        # "/...")`); on the Hub that is the repo id. Any absolute path in such a call, not only this folder's: a
+        # folder moved or copied after its run names where it was written. Relative paths (a user's own card, say
+        # `from_pretrained("./my_tokenizer")`) are left alone.
         with open(card, encoding="utf-8") as file:
             text = file.read()
-        rewritten = re.sub(r'(from_pretrained\(\s*)"([^"]+)"',
-                           lambda m: m.group(0) if is_repo_id(m.group(2)) else f'{m.group(1)}"{repo_id}"', text)  # fmt: skip
+        rewritten = re.sub(r'((?:from_pretrained\(|load_decorrelated\(\s*\w+\s*,)\s*)"([^"]+)"',
+                           lambda m: f'{m.group(1)}"{repo_id}"' if os.path.isabs(m.group(2)) else m.group(0), text)  # fmt: skip
         if rewritten != text:
             with open(card, "w", encoding="utf-8") as file:
                 file.write(rewritten)

@@ -113,6 +113,9 @@ class DBPTrainer(Trainer):
         *args, **kwargs: passed to [`~transformers.Trainer`].
     """
 
+    train_began: bool = False
+    """Whether any DBPTrainer of this process has begun `train` (see `hf_dbp.tasks.scripts.run_main`)."""
+
     def __init__(
         self,
         *args,
@@ -229,6 +232,9 @@ class DBPTrainer(Trainer):
         return [item] if self.accelerator.num_processes == 1 else gather_object([item])
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        # In this process a run has begun: from now on an error is the run's, and the example scripts' one-line
+        # report of the user's mistakes (hf_dbp.tasks.scripts.run_main) keeps its traceback.
+        DBPTrainer.train_began = True
         checkpoint = resume_from_checkpoint
         if checkpoint is True and os.path.isdir(self.args.output_dir):  # as Trainer resolves it (and fails without)
             checkpoint = get_last_checkpoint(self.args.output_dir)

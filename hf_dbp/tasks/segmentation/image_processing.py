@@ -63,6 +63,10 @@ def window_boxes(height: int, width: int, window: int, stride: int) -> list[tupl
     return [(min(r * stride, height - window), min(c * stride, width - window)) for r in range(rows) for c in range(cols)]
 
 
+GEOMETRY_KEYS = ("size", "do_resize", "size_divisor", "window_size", "window_stride")
+"""Settings that `preprocess` takes from the processor only: post-processing recomputes the geometry from them."""
+
+
 class DBPSegmentationImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
     do_reduce_labels (`bool`, *optional*, defaults to `self.do_reduce_labels`):
@@ -145,13 +149,21 @@ class DBPSegmentationImageProcessor(PilBackend):
             Annotations to transform with the images, for training-style inputs: rescaled the same way (nearest
             neighbour) and padded with 255; they are returned as `labels`. (The script's evaluation keeps labels at
             their own resolution instead: see `post_process_semantic_segmentation`.)
+
+        The geometry (`size`, `do_resize`, `size_divisor`, `window_size`, `window_stride`) is the processor's own:
+        post-processing works it out again from the original sizes, so it cannot differ per call (make another
+        processor instead).
         """
+        if overridden := sorted(k for k in GEOMETRY_KEYS if k in kwargs):
+            raise ValueError(f"{', '.join(overridden)}: the geometry is set on the processor, not per call (post-"
+                             "processing must know it); build a DBPSegmentationImageProcessor with these values")  # fmt: skip
         return super().preprocess(images, segmentation_maps, **kwargs)
 
     def convert_to_rgb(self, image: Any, input_data_format: Any = None) -> Any:
         """A PIL image as the scripts' data path converts it (`hf_dbp.tasks.image_modes.to_rgb`: EXIF orientation,
-        16-bit grayscale scaled, transparency on white), so pipeline() sees what training and evaluation saw; other
-        inputs as transformers converts them."""
+        16-bit grayscale scaled, transparency on white), when the processor is called on it; other inputs as
+        transformers converts them. (pipeline() converts its inputs to RGB with Pillow before the processor sees
+        them: give it `to_rgb(image)` as a PIL image for 16-bit or transparent files.)"""
         if isinstance(image, PILImage.Image):
             return to_rgb(image)
         return super().convert_to_rgb(image, input_data_format=input_data_format)
@@ -170,11 +182,10 @@ class DBPSegmentationImageProcessor(PilBackend):
         return rescaled_size(height, width, *self._short_long())
 
     def _padded_size(self, height: int, width: int, window_size: int | None, size_divisor: int | None) -> tuple[int, int]:
+        if window_size is not None:  # windows (multiples of the divisor) on the image itself, as mmsegmentation's grid
+            return max(height, window_size), max(width, window_size)
         divisor = size_divisor or 1
-        height, width = math.ceil(height / divisor) * divisor, math.ceil(width / divisor) * divisor
-        if window_size is not None:
-            height, width = max(height, window_size), max(width, window_size)
-        return height, width
+        return math.ceil(height / divisor) * divisor, math.ceil(width / divisor) * divisor
 
     def input_shape(self, height: int, width: int) -> tuple[int, int]:
         """The (height, width) of each model input for an image of this original size, before a batch pads it to its
@@ -281,27 +292,37 @@ class DBPSegmentationImageProcessor(PilBackend):
                 f"{len(logits)} logits for {len(target_sizes)} images that make {sum(counts)} inputs"
                 + (f" (windows of {self.window_size}, stride {self.window_stride})" if self.window_size else "")
             )
+        # The batch's inputs were padded to its largest: logits below the input resolution are brought to that canvas.
+        canvas = None
+        if self.window_size is None:
+            own = [self.input_shape(int(h), int(w)) for h, w in target_sizes]
+            canvas = (max(h for h, _ in own), max(w for _, w in own))
         results, start = [], 0
         for (height, width), count in zip(target_sizes, counts, strict=True):
-            scores = self.image_scores(logits[start : start + count], (int(height), int(width)))
+            scores = self.image_scores(logits[start : start + count], (int(height), int(width)), canvas)
             start += count
             segmentation = scores.argmax(dim=0)
             results.append({"segmentation": segmentation, "segmentation_scores": scores} if return_segmentation_scores else segmentation)
         return results
 
-    def image_scores(self, logits: torch.Tensor, target_size: tuple[int, int]) -> torch.Tensor:
+    def image_scores(
+        self, logits: torch.Tensor, target_size: tuple[int, int], canvas: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """One image's (C, height, width) class scores at its original size, from the logits of its inputs (one
-        whole-image input, or all its windows: averaged where they overlap)."""
+        whole-image input, or all its windows: averaged where they overlap). `canvas`: the (height, width) its
+        whole-image input was padded to in its batch (default: its own padded size, as for a batch of one); only
+        needed for logits below the input resolution."""
         height, width = target_size
         new_height, new_width = self.input_size(height, width)
         logits = logits.float()
         if self.window_size is None:
             # Inputs of a batch are padded to its largest; padding is at the bottom/right, so this image's part is the
-            # top-left corner, whatever the batch. Logits below the input's resolution are brought to this image's
-            # own padded size (exact for a batch of one, as the pipeline runs).
+            # top-left corner, whatever the batch. Logits below the input's resolution are first brought to the
+            # input's size: the batch's canvas, or this image's own padded size (a batch of one, as the pipeline runs).
             full = logits[0]
             own = self._padded_size(new_height, new_width, None, self.size_divisor)
-            padded = tuple(full.shape[-2:]) if min(full.shape[-2] - own[0], full.shape[-1] - own[1]) >= 0 else own
+            at_input = full.shape[-2] >= own[0] and full.shape[-1] >= own[1]
+            padded = tuple(full.shape[-2:]) if at_input else (canvas or own)
         else:
             window, padded = self.window_size, self._padded_size(new_height, new_width, self.window_size, self.size_divisor)
             boxes = window_boxes(*padded, window, self.window_stride)
