@@ -43,7 +43,7 @@ from hf_dbp.tasks.image_data import (
     with_sample_index,
 )
 from hf_dbp.tasks.scripts import image_normalisation, parse_script_arguments, run_main, saved_files, setup_logging
-from hf_dbp.training.hub import ensure_hub_reachable
+from hf_dbp.training.hub import checkpoint_not_found, ensure_hub_reachable
 from hf_dbp.training.plotting import plot_training_curves
 from hf_dbp.training.training_args import DBPTrainingArguments
 
@@ -181,7 +181,10 @@ def build_model(model_args: ModelArguments, dbp_args: DBPArguments):
     if model_args.model_name_or_path is not None:
         if model_args.config_overrides is not None:
             logger.warning("--config_overrides is ignored: the architecture comes from --model_name_or_path")
-        model_type = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **load).model_type
+        try:
+            model_type = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **load).model_type
+        except OSError as error:  # named here: transformers' message names neither the flag nor the checkpoint
+            raise checkpoint_not_found(model_args.model_name_or_path, "--model_name_or_path", error) from None
         if model_type not in (ViTMAEConfig.model_type, ViTMAEDBPConfig.model_type):
             raise ValueError(
                 f"--model_name_or_path {model_args.model_name_or_path} is a {model_type!r} model; this script "

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 from datasets import load_dataset
-from transformers import set_seed
+from transformers import AutoConfig, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_dbp import (
@@ -48,7 +48,7 @@ from hf_dbp.tasks.segmentation.data import (
 from hf_dbp.tasks.segmentation.evaluation import predict_batch
 from hf_dbp.tasks.segmentation.image_processing import IGNORE_INDEX, DBPSegmentationImageProcessor
 from hf_dbp.tasks.segmentation.metrics import SegmentationEvaluator
-from hf_dbp.training.hub import ensure_hub_reachable
+from hf_dbp.training.hub import checkpoint_not_found, ensure_hub_reachable
 from hf_dbp.training.plotting import plot_segmentation_examples
 from hf_dbp.training.training_args import DBPTrainingArguments
 
@@ -269,6 +269,12 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]):
     if checkpoint is not None and model_args.model_name_or_path is None:
         logger.info("No --model_name_or_path: using the pre-training demo's checkpoint %s", checkpoint)
     if checkpoint is not None:
+        try:
+            AutoConfig.from_pretrained(model_args.config_name or checkpoint, trust_remote_code=model_args.trust_remote_code,
+                                       **load_kwargs(model_args))  # fmt: skip
+        except OSError as error:  # named here: transformers' message names neither the flag nor the checkpoint
+            flag = "--config_name" if model_args.config_name else "--model_name_or_path"
+            raise checkpoint_not_found(model_args.config_name or checkpoint, flag, error) from None
         return upernet_from_pretraining_checkpoint(
             checkpoint, id2label, model_args.keep_decorrelation, model_args.out_indices,
             drop_path_rate=model_args.drop_path_rate, config_name=model_args.config_name,

@@ -17,7 +17,7 @@ def merge(checkpoint: str, output: str) -> str:
     from . import ViTMAEDBPForPreTraining
     from .core.config import CONFIG_ATTRIBUTE
     from .core.model import load_decorrelated, merge_decorrelation
-    from .training.hub import check_model_folder
+    from .training.hub import check_model_folder, checkpoint_not_found
     from .training.model_card import (
         _auto_class,
         _dbp_settings,
@@ -33,10 +33,7 @@ def merge(checkpoint: str, output: str) -> str:
     try:
         config = AutoConfig.from_pretrained(checkpoint)
     except OSError as error:
-        if os.path.isdir(checkpoint):
-            raise
-        raise FileNotFoundError(f"checkpoint {checkpoint}: no such folder here (from {os.getcwd()}), and the Hub gave "
-                                f"no model of that id: {str(error).splitlines()[0]}") from None  # fmt: skip
+        raise checkpoint_not_found(checkpoint, "checkpoint", error) from None
     if getattr(config, CONFIG_ATTRIBUTE, None):  # any model decorrelated with hf_dbp.decorrelate
         import transformers
 
@@ -48,7 +45,8 @@ def merge(checkpoint: str, output: str) -> str:
         merged = _merge_upernet(checkpoint, config)
     else:
         raise ValueError(f"{checkpoint} is a plain {config.model_type!r} checkpoint: it has no R to fold (`hf-dbp merge` "
-                         "takes a 'vit_mae_dbp' checkpoint or one saved by a model decorrelated with hf_dbp.decorrelate)")  # fmt: skip
+                         "takes a 'vit_mae_dbp' checkpoint, an UperNet fine-tuned with R kept, or one saved by a model "
+                         "decorrelated with hf_dbp.decorrelate)")  # fmt: skip
     merged.save_pretrained(output)
     # What a user needs with the weights: the processor or tokenizer, and the results.
     for name in ("preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -260,6 +260,8 @@ def early_exits(tmp_path_factory) -> dict[str, Run]:
         # A bad DBP flag (or checkpoint) with data that would fail too: the flag's error comes first, before the data.
         "bad_decorrelation_lr": ["--train_dir", root / "no_such_images", "--decorrelation_lr", "-1"],
         "bert_before_data": ["--train_dir", root / "no_such_images", "--model_name_or_path", root / "bert"],
+        # Offline, a name that is neither a folder here nor a cached Hub model: one line naming the flag and the name.
+        "unknown_checkpoint": ["--train_dir", root / "no_such_images", "--model_name_or_path", "someone/no-such-mae"],
     }
     launch = {"bad_decorrelation_lr": {"accelerate": True, "quiet": True}}
     results = run_concurrently({
@@ -462,6 +464,7 @@ def test_a_missing_or_imageless_train_dir_is_named_with_what_was_looked_for(earl
 
 @pytest.mark.parametrize("name, words", [
     ("bad_decorrelation_lr", ("decorrelation_lr", "-1")), ("bert_before_data", ("'bert'",)),
+    ("unknown_checkpoint", ("--model_name_or_path someone/no-such-mae", "no such folder here", "the Hub")),
 ])  # fmt: skip
 def test_bad_dbp_settings_and_checkpoints_are_refused_before_the_data_is_read(early_exits, name, words):
     error = assert_failed_before_training(early_exits[name])

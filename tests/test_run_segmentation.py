@@ -272,7 +272,8 @@ def runs(inputs, tmp_path_factory) -> dict[str, Run]:
     - "no_annotation": a parquet dataset without an annotation column (fails);
     - "fresh": no `--model_name_or_path`, cwd an empty folder (no pre-training demo output there);
     - "huge_crop": `--crop_size 4096` and a missing data folder (fails);
-    - "bad_window": `--eval_window_size 30` (not a multiple of the patch) and a missing data folder (fails).
+    - "bad_window": `--eval_window_size 30` (not a multiple of the patch) and a missing data folder (fails);
+    - "unknown_checkpoint": a Hub name not in the (offline) cache (fails).
     """
     root = tmp_path_factory.mktemp("runs")
     futures: dict[str, Future] = {}
@@ -310,6 +311,9 @@ def runs(inputs, tmp_path_factory) -> dict[str, Run]:
         "huge_crop": job("huge_crop", "--data_dir", root / "no_such_data", *dbp, last=("--crop_size", 4096)),
         # A sliding window that is no multiple of the patch (4): refused, naming the flag, before the data.
         "bad_window": job("bad_window", "--data_dir", root / "no_such_data", *dbp, "--eval_window_size", 30),
+        # Offline, a Hub name that is not cached (as `bert-base-uncased` was for a user): refused naming the flag.
+        "unknown_checkpoint": job("unknown_checkpoint", "--data_dir", root / "no_such_data", "--model_name_or_path",
+                                  "someone/no-such-mae"),
         "fresh": job("fresh", *data, cwd=root / "fresh_cwd"),
         # Sliding-window evaluation, drop path, a checkpoint per step.
         "continued": job("continued", *data, "--model_name_or_path", root / "dbp" / "out", after="dbp",
@@ -668,6 +672,11 @@ def test_a_sliding_window_off_the_patch_grid_is_refused_naming_the_flag(runs):
     error = assert_failed_before_training(runs["bad_window"])
     assert "--eval_window_size 30" in error and "patch (4 px)" in error, error
     assert "no_such_data" not in runs["bad_window"].output
+
+
+def test_a_checkpoint_neither_here_nor_on_the_hub_is_named_with_its_flag(runs):
+    error = assert_failed_before_training(runs["unknown_checkpoint"])
+    assert "--model_name_or_path someone/no-such-mae: no such folder here" in error and "the Hub" in error, error
 
 
 def test_dataset_without_annotation_column_fails_with_its_columns(runs):

@@ -110,3 +110,13 @@ def push_folder(
         ignore_patterns=["checkpoint-*", "checkpoint-*/**", "*.lock"],
     )  # fmt: skip
     return getattr(commit, "commit_url", str(commit))
+
+
+def checkpoint_not_found(name: str, flag: str, error: OSError) -> OSError:
+    """The error to raise when `from_pretrained(name)` failed: what is missing locally, and the Hub's answer in one
+    line (transformers' own message does not name the checkpoint)."""
+    if os.path.exists(name):
+        return error  # a local folder that does not load: transformers' message is about its files
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return OSError(f"{flag} {name}: no such folder here (from {os.getcwd()}), and the Hub gave no model of that id: "
+                   f"{first}")
