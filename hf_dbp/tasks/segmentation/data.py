@@ -30,7 +30,7 @@ from PIL import Image as PILImage  # noqa: E402
 
 from ..image_data import IMAGENET_MEAN, IMAGENET_STD, SAMPLE_INDEX_COLUMN, EpochSeededAugmentation, _photo  # noqa: E402
 from ..image_modes import UnconvertibleImageError, to_rgb  # noqa: E402
-from .image_processing import IGNORE_INDEX, DBPSegmentationImageProcessor  # noqa: E402
+from .image_processing import IGNORE_INDEX, REDUCE_LABELS, DBPSegmentationImageProcessor, rescaled_size  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -346,8 +346,7 @@ class _RescaleCrop(A.DualTransform):
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         height, width = params["shape"][:2]
         ratio = self.py_random.uniform(*self.ratio_range)
-        factor = min(self.short_side * ratio / min(height, width), self.long_side * ratio / max(height, width))
-        new_height, new_width = max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
+        new_height, new_width = rescaled_size(height, width, self.short_side * ratio, self.long_side * ratio)
         box = (0, 0, new_height, new_width)
         if self.crop_size is not None:
             crop_height, crop_width = min(self.crop_size[0], new_height), min(self.crop_size[1], new_width)
@@ -378,9 +377,6 @@ class _RescaleCrop(A.DualTransform):
         return self._resize_crop(mask, new_size, box, cv2.INTER_NEAREST)  # never anything else: labels are ids
 
 
-# raw ADE20K id -> training label: 0 ("other") -> 255 (ignored), k -> k - 1, 255 stays 255.
-_REDUCE_LABELS = np.arange(256, dtype=np.uint8) - np.uint8(1)
-_REDUCE_LABELS[IGNORE_INDEX] = IGNORE_INDEX
 
 
 def _as_label_map(annotation: Any) -> np.ndarray:
@@ -514,7 +510,7 @@ class SegmentationTransform(EpochSeededAugmentation):
                 f"{pixels.shape[0]} (width x height); check_segmentation_pairs drops such pairs"
             )
         if self.reduce_labels:
-            labels = _REDUCE_LABELS[labels]  # the one place labels are reduced
+            labels = REDUCE_LABELS[labels]  # the one place labels are reduced (the processor's for segmentation_maps)
         if not self.train:
             inputs = self.image_processor(pixels, do_convert_rgb=False, return_tensors="np")["pixel_values"]
             return {"pixel_values": inputs.astype(np.float32, copy=False), "labels": labels.astype(np.int64),

@@ -35,6 +35,10 @@ from ..image_modes import to_rgb
 IGNORE_INDEX = 255
 """Label value the loss and the metrics ignore: padding, and raw 0 ("other") after label reduction."""
 
+REDUCE_LABELS = np.arange(256, dtype=np.uint8) - np.uint8(1)
+"""Raw ADE20K id -> training label, as a lookup table: 0 ("other") -> 255 (ignored), k -> k - 1, 255 stays 255."""
+REDUCE_LABELS[IGNORE_INDEX] = IGNORE_INDEX
+
 
 def _cv2():
     # Rescaled with OpenCV, as the training transform (albumentations) does, so evaluation inputs look like training
@@ -169,8 +173,8 @@ class DBPSegmentationImageProcessor(PilBackend):
         return super().convert_to_rgb(image, input_data_format=input_data_format)
 
     # ---------------------------------------------------------------------------------------------- the geometry
-    def _short_long(self, size: Any = None) -> tuple[int, int]:
-        size = self.size if size is None else size
+    def _short_long(self) -> tuple[int, int]:
+        size = self.size  # a SizeDict once set, a dict as a class default
         short = size["shortest_edge"] if isinstance(size, dict) else size.shortest_edge
         long = (size.get("longest_edge") if isinstance(size, dict) else size.longest_edge) or 4 * short
         return short, long
@@ -211,19 +215,19 @@ class DBPSegmentationImageProcessor(PilBackend):
         return_tensors: str | TensorType | None,
         **kwargs: Any,
     ) -> BatchFeature:
+        # The geometry is the processor's own (`preprocess` refuses it per call): the same methods place the inputs
+        # here and map the logits back in `image_scores`.
+        if segmentation_maps is not None and self.window_size is not None:
+            raise ValueError("segmentation_maps go with whole-image inputs; set window_size=None for them")
         images = self._prepare_image_like_inputs(images=images, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format)
-        window, stride, divisor = kwargs.get("window_size"), kwargs.get("window_stride"), kwargs.get("size_divisor")
-        if window is not None and stride is None:
-            stride = int(window * 2 / 3)
-        short, long = self._short_long(kwargs["size"])
+        window = self.window_size
         cv2 = _cv2()
         inputs = []
         for image in images:
             array = np.moveaxis(image, 0, -1)  # channels-first from the backend; OpenCV works on (H, W, C)
-            if kwargs["do_resize"]:
-                new_height, new_width = rescaled_size(*array.shape[:2], short, long)
-                if (new_height, new_width) != array.shape[:2]:
-                    array = cv2.resize(array, (new_width, new_height), interpolation=cv2.INTER_LINEAR)
+            new_height, new_width = self.input_size(*array.shape[:2])
+            if (new_height, new_width) != array.shape[:2]:
+                array = cv2.resize(array, (new_width, new_height), interpolation=cv2.INTER_LINEAR)
             array = array.astype(np.float32)
             if kwargs["do_rescale"]:
                 array = array * np.float32(kwargs["rescale_factor"])
@@ -232,13 +236,13 @@ class DBPSegmentationImageProcessor(PilBackend):
                 std = np.asarray(kwargs["image_std"], dtype=np.float32)
                 array = (array - mean) / std
             array = np.moveaxis(array, -1, 0)
-            padded = self._padded_size(*array.shape[1:], window, divisor)
+            padded = self._padded_size(*array.shape[1:], window, self.size_divisor)
             array = np.pad(array, ((0, 0), (0, padded[0] - array.shape[1]), (0, padded[1] - array.shape[2])))
             if window is None:
                 inputs.append(array)
             else:
                 inputs.extend(array[:, top : top + window, left : left + window]
-                              for top, left in window_boxes(*padded, window, stride))  # fmt: skip
+                              for top, left in window_boxes(*padded, window, self.window_stride))  # fmt: skip
         # One batch: pad every input to the largest at the bottom/right (windows are all the same size already).
         height, width = max(a.shape[1] for a in inputs), max(a.shape[2] for a in inputs)
         pixel_values = [np.pad(a, ((0, 0), (0, height - a.shape[1]), (0, width - a.shape[2]))) for a in inputs]
@@ -250,16 +254,13 @@ class DBPSegmentationImageProcessor(PilBackend):
             for label_map, array in zip(maps, pixel_values, strict=True):
                 label_map = label_map[0].astype(np.uint8)
                 if kwargs.get("do_reduce_labels"):
-                    label_map = np.where(label_map == 0, IGNORE_INDEX, label_map - 1).astype(np.uint8)
-                    label_map[label_map == IGNORE_INDEX - 1] = IGNORE_INDEX  # 255 stays 255
-                if kwargs["do_resize"]:
-                    new_height, new_width = rescaled_size(*label_map.shape, short, long)
+                    label_map = REDUCE_LABELS[label_map]
+                new_height, new_width = self.input_size(*label_map.shape)
+                if (new_height, new_width) != label_map.shape:
                     label_map = cv2.resize(label_map, (new_width, new_height), interpolation=cv2.INTER_NEAREST)
                 out = np.full(array.shape[1:], IGNORE_INDEX, dtype=np.int64)
                 out[: label_map.shape[0], : label_map.shape[1]] = label_map
                 labels.append(out)
-            if window is not None:
-                raise ValueError("segmentation_maps go with whole-image inputs; set window_size=None for them")
             data["labels"] = np.stack(labels) if return_tensors else labels
         return BatchFeature(data=data, tensor_type=return_tensors)
 
