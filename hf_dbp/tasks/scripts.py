@@ -6,7 +6,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from types import TracebackType
 
 import datasets
 import transformers
@@ -36,18 +35,6 @@ def parse_script_arguments(dataclass_types: Sequence[type], demo_args: dict) -> 
 FULL_TRACEBACK_VARIABLE = "HF_DBP_FULL_TRACEBACK"
 """Set to 1 to see the traceback of an error `run_main` would print as one line."""
 
-# Frames of transformers' Trainer in which an error is the run's, not its arguments': it gets its whole traceback.
-_TRAINING_FRAMES = frozenset({"_inner_training_loop", "evaluation_loop", "prediction_loop", "training_step"})
-
-
-def _raised_while_training(tb: TracebackType | None) -> bool:
-    while tb is not None:
-        if tb.tb_frame.f_code.co_name in _TRAINING_FRAMES:
-            return True
-        tb = tb.tb_next
-    return False
-
-
 def run_main(main: Callable[[], None]) -> None:
     """Run a script's `main`, printing what the user can fix as one line rather than a traceback.
 
@@ -55,16 +42,15 @@ def run_main(main: Callable[[], None]) -> None:
     hf_dbp's HubUnreachableError, raised before training starts) print `<script>: error: <message>` on stderr and
     exit with status 1, as argparse does for a flag it does not know. Errors raised once a DBPTrainer began to train
     (in training, evaluation, saving, the card, the push) keep their traceback: they are the run's, not the
-    arguments'. `HF_DBP_FULL_TRACEBACK=1` keeps it for every error. Under `accelerate launch` the launcher adds its own CalledProcessError after the line; `accelerate
-    launch --quiet` leaves it out."""
+    arguments'. `HF_DBP_FULL_TRACEBACK=1` keeps it for every error. Under `accelerate launch` the launcher adds its
+    own CalledProcessError after the line; `accelerate launch --quiet` leaves it out."""
     from ..training.hub import HubUnreachableError
     from ..training.trainer import DBPTrainer
 
     try:
         main()
     except (ValueError, OSError, HubUnreachableError) as error:
-        if (os.environ.get(FULL_TRACEBACK_VARIABLE, "") not in ("", "0") or getattr(DBPTrainer, "train_began", False)
-                or _raised_while_training(error.__traceback__)):  # fmt: skip
+        if os.environ.get(FULL_TRACEBACK_VARIABLE, "") not in ("", "0") or DBPTrainer.train_began:
             raise
         sys.stdout.flush()
         print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
