@@ -270,15 +270,15 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]):
         logger.info("No --model_name_or_path: using the pre-training demo's checkpoint %s", checkpoint)
     if checkpoint is not None:
         try:
-            AutoConfig.from_pretrained(model_args.config_name or checkpoint, trust_remote_code=model_args.trust_remote_code,
-                                       **load_kwargs(model_args))  # fmt: skip
+            config = AutoConfig.from_pretrained(model_args.config_name or checkpoint, trust_remote_code=model_args.trust_remote_code,
+                                                **load_kwargs(model_args))  # fmt: skip
         except OSError as error:  # named here: transformers' message names neither the flag nor the checkpoint
             flag = "--config_name" if model_args.config_name else "--model_name_or_path"
             raise checkpoint_not_found(model_args.config_name or checkpoint, flag, error) from None
         return upernet_from_pretraining_checkpoint(
             checkpoint, id2label, model_args.keep_decorrelation, model_args.out_indices,
             drop_path_rate=model_args.drop_path_rate, config_name=model_args.config_name,
-            load_kwargs=load_kwargs(model_args), trust_remote_code=model_args.trust_remote_code, **upernet,
+            load_kwargs=load_kwargs(model_args), trust_remote_code=model_args.trust_remote_code, config=config, **upernet,
         )  # fmt: skip
     logger.warning(
         "No --model_name_or_path and no pre-training demo output in %s (run `accelerate launch "

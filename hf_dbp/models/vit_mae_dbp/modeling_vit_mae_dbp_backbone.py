@@ -12,7 +12,7 @@ import logging
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import AutoConfig, UperNetConfig, UperNetForSemanticSegmentation, ViTMAEConfig
+from transformers import AutoConfig, PreTrainedConfig, UperNetConfig, UperNetForSemanticSegmentation, ViTMAEConfig
 from transformers.backbone_utils import BackboneConfigMixin, BackboneMixin, filter_output_hidden_states
 from transformers.modeling_outputs import BackboneOutput
 from transformers.models.beit.modeling_beit import BeitDropPath, BeitFPNNeck
@@ -180,6 +180,7 @@ def upernet_from_pretraining_checkpoint(
     config_name: str | None = None,
     load_kwargs: dict | None = None,
     trust_remote_code: bool = False,
+    config: PreTrainedConfig | None = None,
     **upernet_kwargs,
 ) -> tuple[UperNetForSemanticSegmentation, str]:
     """UperNet around the encoder of a pre-training checkpoint (or a saved UperNet of this project, continued).
@@ -199,6 +200,8 @@ def upernet_from_pretraining_checkpoint(
             `checkpoint`), as transformers' example scripts' `--config_name`.
         load_kwargs: passed to every `from_pretrained` (`cache_dir`, `revision`, `token`).
         trust_remote_code: passed to `AutoConfig.from_pretrained`, for a checkpoint whose config is its own code.
+        config: the configuration of `config_name or checkpoint`, where the caller has loaded it already (read
+            here otherwise).
         upernet_kwargs: other `UperNetConfig` fields.
 
     Returns:
@@ -206,7 +209,8 @@ def upernet_from_pretraining_checkpoint(
         weights when the checkpoint is of another kind or lacks encoder weights.
     """
     load_kwargs = dict(load_kwargs or {})
-    config = AutoConfig.from_pretrained(config_name or checkpoint, trust_remote_code=trust_remote_code, **load_kwargs)
+    if config is None:
+        config = AutoConfig.from_pretrained(config_name or checkpoint, trust_remote_code=trust_remote_code, **load_kwargs)
     if config.model_type == UperNetConfig.model_type:
         if not isinstance(config.backbone_config, ViTMAEDBPBackboneConfig):
             raise ValueError(f"{checkpoint} is an UperNet with a {config.backbone_config.model_type!r} backbone, not this project's")
