@@ -55,7 +55,9 @@ def predict_batch(
                 logits[j] = one
     height, width = (labels.shape[-2:] if labels is not None else (max(h for h, _ in sizes), max(w for _, w in sizes)))
     predictions = torch.full((len(sizes), height, width), IGNORE_INDEX, dtype=torch.int64, device=pixel_values.device)
-    loss_sum, labelled = pixel_values.new_zeros((), dtype=torch.float32), 0
+    # Summed on the device: one read of the pixel count per batch, not one per image.
+    loss_sum = pixel_values.new_zeros((), dtype=torch.float32)
+    labelled = torch.zeros((), dtype=torch.int64, device=pixel_values.device)
     start = 0
     for i, (size, count) in enumerate(zip(sizes, counts, strict=True)):
         scores = image_processor.image_scores(torch.stack(logits[start : start + count]), size)  # (C, h, w), float32
@@ -64,8 +66,8 @@ def predict_batch(
         if labels is not None:
             target = labels[i, : size[0], : size[1]].to(scores.device)
             loss_sum += F.cross_entropy(scores[None], target[None], ignore_index=IGNORE_INDEX, reduction="sum")
-            labelled += int((target != IGNORE_INDEX).sum())
-    loss = loss_sum / labelled if labels is not None and labelled else None
+            labelled += (target != IGNORE_INDEX).sum()
+    loss = loss_sum / labelled if labels is not None and int(labelled) else None
     return predictions, loss
 
 
