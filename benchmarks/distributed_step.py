@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hf_dbp import ViTMAEDBPConfig, ViTMAEDBPForPreTraining
 from hf_dbp.core import collectives
-from hf_dbp.core.decorrelation import begin_decorrelation_step
+from hf_dbp.core.step import begin_decorrelation_step
 
 MODELS = {
     "demo": dict(image_size=32, patch_size=4, hidden_size=96, num_hidden_layers=4, num_attention_heads=4,

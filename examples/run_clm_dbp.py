@@ -32,13 +32,11 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 import hf_dbp
 from hf_dbp import DBPTrainer, DecorrelationConfig
-from hf_dbp.core.config import CONFIG_ATTRIBUTE
-from hf_dbp.core.decorrelation import VARIANCE_FORMS
-from hf_dbp.tasks.scripts import parse_script_arguments, run_main, saved_files, setup_logging
+from hf_dbp.core.config import CONFIG_ATTRIBUTE, VARIANCE_FORMS
+from hf_dbp.tasks.scripts import TrainingBegan, parse_script_arguments, run_main, saved_files, setup_logging
 from hf_dbp.tasks.text_data import TEXT_SETS, demo_text_dataset
 from hf_dbp.training.hub import ensure_hub_reachable
 from hf_dbp.training.plotting import plot_training_curves
@@ -296,9 +294,6 @@ def main() -> None:
     setup_logging(training_args, __name__)
     method = "BP (plain backpropagation)" if dbp_args.bp_baseline else "DBP (decorrelated backpropagation)"
 
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.do_train and training_args.resume_from_checkpoint is None:
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
 
     set_seed(training_args.seed)
     raw = load_text(data_args, model_args)
@@ -331,13 +326,13 @@ def main() -> None:
         eval_dataset=lm.get("validation"),
         processing_class=tokenizer,
         data_collator=default_data_collator,
+        callbacks=[TrainingBegan()],
         decorrelation_config=settings if dbp_args.bp_baseline else None,
-        emissions_country=training_args.emissions_country,
-        track_emissions=training_args.track_emissions,
         model_card_kwargs={"datasets": [data_args.dataset_name or data_args.train_file or f"hf-dbp embedded text ({data_args.demo_text})"],
                            "base_model": model_args.model_name_or_path},  # fmt: skip
     )
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+    # A path is checked; otherwise the newest whole checkpoint in output_dir, if any (hf_dbp.training.checkpoints).
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or True)
     trainer.save_model()
     metrics = dict(train_result.metrics)
     trainer.log_metrics("train", metrics)

@@ -26,7 +26,6 @@ from transformers import (
     ViTMAEConfig,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 import hf_dbp
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
@@ -42,7 +41,14 @@ from hf_dbp.tasks.image_data import (
     fixed_mask_noise,
     with_sample_index,
 )
-from hf_dbp.tasks.scripts import image_normalisation, parse_script_arguments, run_main, saved_files, setup_logging
+from hf_dbp.tasks.scripts import (
+    TrainingBegan,
+    image_normalisation,
+    parse_script_arguments,
+    run_main,
+    saved_files,
+    setup_logging,
+)
 from hf_dbp.training.hub import checkpoint_not_found, ensure_hub_reachable
 from hf_dbp.training.plotting import plot_training_curves
 from hf_dbp.training.training_args import DBPTrainingArguments
@@ -224,9 +230,6 @@ def main() -> None:
     )  # fmt: skip
     method = "BP (plain backpropagation)" if dbp_args.bp_baseline else "DBP (decorrelated backpropagation)"
 
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.do_train and training_args.resume_from_checkpoint is None:
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
 
     set_seed(training_args.seed)
     # The model first: its settings (the DBP flags, the checkpoint's type) are checked before any data is read.
@@ -296,15 +299,13 @@ def main() -> None:
         eval_dataset=ds.get("validation"),
         processing_class=image_processor,
         data_collator=collate_fn,
-        callbacks=[augmentation_epoch_callback(transforms["train"])],
+        callbacks=[augmentation_epoch_callback(transforms["train"]), TrainingBegan()],
         decorrelation_config=ViTMAEDBPConfig(**dbp_args.config_values()) if dbp_args.bp_baseline else None,
-        emissions_country=training_args.emissions_country,
-        track_emissions=training_args.track_emissions,
         model_card_kwargs={"datasets": [data_args.dataset_name or data_args.train_dir or "scikit-image photographs (hf-dbp demo)"],
                            "base_model": model_args.model_name_or_path},  # fmt: skip
     )
-    checkpoint = training_args.resume_from_checkpoint or last_checkpoint
-    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    # A path is checked; otherwise the newest whole checkpoint in output_dir, if any (hf_dbp.training.checkpoints).
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or True)
     trainer.save_model()
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)

@@ -24,7 +24,6 @@ import datasets
 import torch
 from datasets import load_dataset
 from transformers import AutoConfig, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from hf_dbp import (
     DBPTrainer,
@@ -36,7 +35,14 @@ from hf_dbp import (
 )
 from hf_dbp.tasks.image_data import augmentation_epoch_callback, with_sample_index
 from hf_dbp.tasks.image_modes import to_rgb
-from hf_dbp.tasks.scripts import image_normalisation, parse_script_arguments, run_main, saved_files, setup_logging
+from hf_dbp.tasks.scripts import (
+    TrainingBegan,
+    image_normalisation,
+    parse_script_arguments,
+    run_main,
+    saved_files,
+    setup_logging,
+)
 from hf_dbp.tasks.segmentation.ade20k import ade20k_id2label
 from hf_dbp.tasks.segmentation.data import (
     SegmentationTransform,
@@ -392,9 +398,7 @@ def main() -> None:
         data_collator=segmentation_collate,
         compute_metrics=SegmentationEvaluator(len(id2label), ignore_index=255, id2label=id2label),
         optimizers=(optimizer, None),
-        callbacks=[augmentation_epoch_callback(transforms["train"])],
-        emissions_country=training_args.emissions_country,
-        track_emissions=training_args.track_emissions,
+        callbacks=[augmentation_epoch_callback(transforms["train"]), TrainingBegan()],
         model_card_kwargs={
             "datasets": [data_args.data_dir and f"ADE20K layout: {data_args.data_dir}" or data_args.dataset_name],
             # The encoder it was fine-tuned from, also when the demo's default was used (a Hub id goes into the
@@ -403,10 +407,8 @@ def main() -> None:
                 os.path.join(PRETRAINING_DEMO_OUTPUT, "config.json")) else None),
         },
     )
-    checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is None and os.path.isdir(training_args.output_dir):
-        checkpoint = get_last_checkpoint(training_args.output_dir)
-    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    # A path is checked; otherwise the newest whole checkpoint in output_dir, if any (hf_dbp.training.checkpoints).
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or True)
     trainer.save_model()
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)

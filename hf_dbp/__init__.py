@@ -1,8 +1,9 @@
-"""hf-dbp: decorrelated backpropagation (DBP) for transformers models in the Hugging Face stack.
+"""hf-dbp: decorrelated backpropagation (DBP) for any PyTorch model, in the Hugging Face stack and any training loop.
 
-Any model: ``hf_dbp.decorrelate(model, hf_dbp.DecorrelationConfig(...))``, trained by ``hf_dbp.DBPTrainer`` (or your
-loop with ``hf_dbp.decorrelation_step(model)`` after each optimizer step), loaded back with
-``hf_dbp.load_decorrelated`` and folded into a plain model with ``hf_dbp.merge_decorrelation``.
+Any model: `hf_dbp.decorrelate(model, hf_dbp.DecorrelationConfig(...))` (a transformers model, timm's, a plain
+module); any loop: `hf_dbp.attach_decorrelation(optimizer, model)` (the decorrelation step after every optimizer
+step), `hf_dbp.DecorrelationCallback` for any `transformers.Trainer`, or `hf_dbp.DBPTrainer`; then
+`hf_dbp.load_decorrelated` to load it back and `hf_dbp.merge_decorrelation` to fold R into a plain model.
 
 Importing the package registers the model type ``vit_mae_dbp`` with ``AutoConfig``, ``AutoModel`` and
 ``AutoModelForPreTraining``, and teaches transformers to load older (4.x) ViTMAE checkpoints into the DBP classes.
@@ -12,15 +13,9 @@ from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel
 from transformers.models.auto import modeling_auto
 
 from .core.config import DecorrelationConfig
-from .core.decorrelation import (
-    DecorrelatedConv1D,
-    DecorrelatedConv2d,
-    DecorrelatedLinear,
-    Decorrelation,
-    DecorrelationMonitor,
-    fold_decorrelation,
-    inject_decorrelation,
-)
+from .core.decorrelation import Decorrelation
+from .core.inject import DecorrelationMonitor, fold_decorrelation, inject_decorrelation
+from .core.layers import DecorrelatedConv1D, DecorrelatedConv2d, DecorrelatedLinear
 from .core.model import (
     begin_decorrelation_step,
     decorrelate,
@@ -28,9 +23,9 @@ from .core.model import (
     decorrelation_step,
     load_decorrelated,
     merge_decorrelation,
-    plan_decorrelation,
 )
-from .models.mapping import TARGET_MODULES
+from .core.optimizer_hook import DecorrelationHook, attach_decorrelation
+from .core.plan import plan_decorrelation
 from .models.vit_mae_dbp.configuration_vit_mae_dbp import DECORRELATION_LAYER_KINDS, ViTMAEDBPConfig
 from .models.vit_mae_dbp.modeling_vit_mae_dbp import (
     ViTMAEDBPForPreTraining,
@@ -47,8 +42,11 @@ from .models.vit_mae_dbp.modeling_vit_mae_dbp_backbone import (
     upernet_around_encoder,
     upernet_from_pretraining_checkpoint,
 )
+from .target_modules import TARGET_MODULES
 from .tasks.segmentation.image_processing import DBPSegmentationImageProcessor
+from .training.callbacks import DecorrelationCallback, EmissionsCallback, TrainingClockCallback
 from .training.trainer import DBPTrainer
+from .training.training_args import DBPTrainingArguments
 
 __version__ = "0.1.0"
 
@@ -81,6 +79,12 @@ AutoImageProcessor.register(ViTMAEDBPBackboneConfig, image_processor_classes={"p
 __all__ = [
     "DBPSegmentationImageProcessor",
     "DBPTrainer",
+    "DBPTrainingArguments",
+    "DecorrelationCallback",
+    "DecorrelationHook",
+    "EmissionsCallback",
+    "TrainingClockCallback",
+    "attach_decorrelation",
     "DECORRELATION_LAYER_KINDS",
     "DecorrelatedConv1D",
     "DecorrelatedConv2d",

@@ -9,19 +9,19 @@ import sys
 
 
 def merge(checkpoint: str, output: str) -> str:
-    """Fold every R of a decorrelated checkpoint (DBP-MAE, an UperNet fine-tuned with R kept, or any model saved
-    after `hf_dbp.decorrelate`) into its weights and save the plain checkpoint, with its processor or tokenizer and
-    its card."""
+    """Fold every R of a decorrelated checkpoint (any model saved after `hf_dbp.decorrelate`, a DBP-MAE, an UperNet
+    fine-tuned with R kept) into its weights and save the plain checkpoint, with its processor or tokenizer and its
+    card."""
+    import transformers
     from transformers import AutoConfig
 
-    from . import ViTMAEDBPForPreTraining
-    from .core.config import CONFIG_ATTRIBUTE
-    from .core.model import load_decorrelated, merge_decorrelation
+    from . import load_decorrelated, merge_decorrelation
+    from .core.model import is_decorrelated_config
+    from .models.card_profiles import auto_class
     from .training.hub import check_model_folder, checkpoint_not_found
     from .training.model_card import (
-        _auto_class,
-        _dbp_settings,
-        card_training_facts,
+        decorrelation_of,
+        read_card_facts,
         read_emissions_csv,
         read_results,
         write_model_card,
@@ -34,19 +34,14 @@ def merge(checkpoint: str, output: str) -> str:
         config = AutoConfig.from_pretrained(checkpoint)
     except OSError as error:
         raise checkpoint_not_found(checkpoint, "checkpoint", error) from None
-    if getattr(config, CONFIG_ATTRIBUTE, None):  # any model decorrelated with hf_dbp.decorrelate
-        import transformers
-
-        auto = getattr(transformers, _auto_class(config)[0])
-        merged = merge_decorrelation(load_decorrelated(auto, checkpoint), inplace=True)
-    elif config.model_type == "vit_mae_dbp":
-        merged = ViTMAEDBPForPreTraining.from_pretrained(checkpoint).merge_decorrelation()
-    elif config.model_type == "upernet" and getattr(config.backbone_config, "decorrelation_layers", None):
-        merged = _merge_upernet(checkpoint, config)
-    else:
-        raise ValueError(f"{checkpoint} is a plain {config.model_type!r} checkpoint: it has no R to fold (`hf-dbp merge` "
-                         "takes a 'vit_mae_dbp' checkpoint, an UperNet fine-tuned with R kept, or one saved by a model "
-                         "decorrelated with hf_dbp.decorrelate)")  # fmt: skip
+    if not is_decorrelated_config(config):
+        raise ValueError(
+            f"{checkpoint} is a plain {config.model_type!r} checkpoint: it has no R to fold (`hf-dbp merge` takes a "
+            "checkpoint of a model decorrelated with hf_dbp.decorrelate, a 'vit_mae_dbp' one, or an UperNet "
+            "fine-tuned with R kept)"
+        )
+    auto = getattr(transformers, auto_class(config)[0])
+    merged = merge_decorrelation(load_decorrelated(auto, checkpoint), inplace=True)
     merged.save_pretrained(output)
     # What a user needs with the weights: the processor or tokenizer, and the results.
     for name in ("preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -54,32 +49,13 @@ def merge(checkpoint: str, output: str) -> str:
         if os.path.isfile(os.path.join(checkpoint, name)):
             shutil.copy(os.path.join(checkpoint, name), os.path.join(output, name))
     # The merged card keeps what the source's card said about the training: data, steps, time, DBP settings.
+    facts = read_card_facts(checkpoint) if os.path.isdir(checkpoint) else {}
     write_model_card(
         output, merged.config, results=read_results(checkpoint), emissions=read_emissions_csv(checkpoint),
         merged_from=checkpoint, base_model=None if os.path.isdir(checkpoint) else checkpoint,
-        trained_with=_dbp_settings(config) if config.model_type in ("vit_mae_dbp", "upernet") else None,
-        **(card_training_facts(checkpoint) if os.path.isdir(checkpoint) else {}),
+        trained_with=facts.pop("decorrelation", None) or decorrelation_of(config), **facts,
     )  # fmt: skip
     return output
-
-
-def _merge_upernet(checkpoint: str, config):
-    """An UperNet fine-tuned with R kept (`run_segmentation.py --keep_decorrelation`), R folded into its encoder: the
-    same backbone class with no decorrelated layers (it still needs `import hf_dbp`, as every UperNet of ours)."""
-    import copy
-
-    from transformers import UperNetForSemanticSegmentation
-
-    from .core.decorrelation import fold_decorrelation
-
-    model = UperNetForSemanticSegmentation.from_pretrained(checkpoint)
-    plain_config = copy.deepcopy(config)
-    plain_config.backbone_config.decorrelation_layers = []
-    merged = UperNetForSemanticSegmentation(plain_config)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.vit.")}
-    state |= {f"backbone.vit.{k}": v for k, v in fold_decorrelation(model.backbone.vit).items()}
-    merged.load_state_dict(state, strict=True)
-    return merged.eval()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,10 +11,10 @@ import sys
 
 import torch
 from datasets import Dataset
-from transformers import TrainingArguments
 
 import hf_dbp.training.trainer
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
+from hf_dbp.training.training_args import DBPTrainingArguments
 
 logging.basicConfig(level=logging.WARNING)
 logging.getLogger("hf_dbp").setLevel(logging.INFO)  # the end-of-training check of R across processes reports here
@@ -39,15 +39,15 @@ def record(module, args):
 layer.register_forward_pre_hook(record)
 # The exchange of each step's statistics starts after its last micro-batch's forward (DBPTrainer's overlap).
 begun = []
-_begin = hf_dbp.training.trainer.begin_decorrelation_step
-hf_dbp.training.trainer.begin_decorrelation_step = lambda modules, **kwargs: begun.append(trainer.state.global_step) or _begin(modules, **kwargs)
+_begin = hf_dbp.core.optimizer_hook.begin_decorrelation_step
+hf_dbp.core.optimizer_hook.begin_decorrelation_step = lambda modules, *args, **kwargs: begun.append(trainer.state.global_step) or _begin(modules, *args, **kwargs)
 data = Dataset.from_dict({"pixel_values": torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1)).numpy()})
-args = TrainingArguments(
-    output_dir=output_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
+args = DBPTrainingArguments(
+    output_dir=output_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, track_emissions=False,
     logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
     ddp_backend="gloo", dataloader_num_workers=0,
 )
-trainer = DBPTrainer(model=model, args=args, train_dataset=data.with_format("torch"), track_emissions=False)
+trainer = DBPTrainer(model=model, args=args, train_dataset=data.with_format("torch"))
 trainer.train()
 torch.save({"rows": rows, "begun": begun, "R": model.vit.layers[0].attention.qkv_decorrelation.R.clone(),
             "losses": [r["decorrelation_loss"] for r in trainer.state.log_history if "decorrelation_loss" in r]},

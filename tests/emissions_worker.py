@@ -13,9 +13,10 @@ import sys
 import fake_tracker
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
+from hf_dbp.training.training_args import DBPTrainingArguments
 
 logging.basicConfig(level=logging.WARNING)
 fake_tracker.install(rate=1.0 + int(os.environ["GROUP_RANK"]))
@@ -35,13 +36,12 @@ def train(output_dir: str, resume=None, callbacks=()) -> DBPTrainer:
         decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32,
     )  # fmt: skip
     data = Dataset.from_dict({"pixel_values": torch.randn(16, 3, 16, 16).numpy()}).with_format("torch")
-    args = TrainingArguments(
-        output_dir=output_dir, per_device_train_batch_size=2, max_steps=4, logging_steps=1, save_strategy="steps",
+    args = DBPTrainingArguments(
+        emissions_country="FRA", output_dir=output_dir, per_device_train_batch_size=2, max_steps=4, logging_steps=1, save_strategy="steps",
         save_steps=2, report_to="none", disable_tqdm=True, use_cpu=True, seed=0, ddp_backend="gloo",
         dataloader_num_workers=0,
     )  # fmt: skip
-    trainer = DBPTrainer(model=ViTMAEDBPForPreTraining(config), args=args, train_dataset=data, emissions_country="FRA",
-                         callbacks=list(callbacks))  # fmt: skip
+    trainer = DBPTrainer(model=ViTMAEDBPForPreTraining(config), args=args, train_dataset=data, callbacks=list(callbacks))  # fmt: skip
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     return trainer

@@ -17,7 +17,6 @@ from transformers import (
     AutoModel,
     AutoModelForPreTraining,
     AutoModelForSemanticSegmentation,
-    TrainingArguments,
     UperNetForSemanticSegmentation,
     ViTMAEConfig,
     ViTMAEForPreTraining,
@@ -34,7 +33,8 @@ from hf_dbp import (
     layer_decay_parameter_groups,
     upernet_from_pretraining_checkpoint,
 )
-from hf_dbp.core.decorrelation import decorrelation_matrices
+from hf_dbp.core.inject import decorrelation_matrices
+from hf_dbp.training.training_args import DBPTrainingArguments
 
 LABELS = {i: f"class{i}" for i in range(3)}
 UPERNET = dict(hidden_size=16, auxiliary_channels=8)
@@ -127,8 +127,8 @@ def test_every_R_is_frozen_float32_and_exactly_the_checkpoints(loaded):
 def test_trainer_and_layer_decay_leave_R_out_of_the_optimizer(loaded, tmp_path):
     model, _, _ = loaded
     model.requires_grad_(True)  # what a user unfreezing everything does; the trainer must still leave R out
-    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-    optimizer = DBPTrainer(model=model, args=args, track_emissions=False).create_optimizer()
+    args = DBPTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, track_emissions=False)
+    optimizer = DBPTrainer(model=model, args=args).create_optimizer()
     matrices = {id(R) for R in decorrelation_matrices(model)}
     held = [p for group in optimizer.param_groups for p in group["params"]]
     assert held and not matrices & {id(p) for p in held}

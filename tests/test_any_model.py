@@ -18,7 +18,7 @@ from transformers import TrainingArguments
 
 import hf_dbp
 from hf_dbp import DBPTrainer, DecorrelationConfig
-from hf_dbp.core.decorrelation import DecorrelatedConv1D, DecorrelatedConv2d, DecorrelatedLinear
+from hf_dbp.core.layers import DecorrelatedConv1D, DecorrelatedConv2d, DecorrelatedLinear
 from hf_dbp.core.model import decorrelation_modules
 from hf_dbp.core.plan import example_inputs, plan_decorrelation
 from hf_dbp.models.vit_mae_dbp.modeling_vit_mae_dbp import vit_mae_decorrelation_groups

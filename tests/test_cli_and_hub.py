@@ -23,7 +23,7 @@ import pytest
 import torch
 from conftest import MAE_SCRIPT, REPO_ROOT, SEGMENTATION_SCRIPT, TINY_ENCODER, offline_env
 from huggingface_hub import ModelCard
-from transformers import TrainingArguments, ViTMAEConfig, ViTMAEForPreTraining
+from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
 import hf_dbp
 from hf_dbp.cli import main as cli_main
@@ -384,8 +384,9 @@ def test_trainer_card_for_push_to_hub_names_the_repo(tmp_path):
     (output_dir / "emissions.csv").write_text(EMISSIONS_CSV)
     (output_dir / "all_results.json").write_text(json.dumps(RESULTS))
     model = hf_dbp.ViTMAEDBPForPreTraining(hf_dbp.ViTMAEDBPConfig(**TINY_MODEL))
-    args = TrainingArguments(output_dir=str(output_dir), report_to="none", use_cpu=True, hub_model_id="me/x")
-    trainer = hf_dbp.DBPTrainer(model=model, args=args, emissions_country="FRA")
+    args = hf_dbp.DBPTrainingArguments(output_dir=str(output_dir), report_to="none", use_cpu=True, hub_model_id="me/x",
+                                       emissions_country="FRA")  # fmt: skip
+    trainer = hf_dbp.DBPTrainer(model=model, args=args)
     trainer.create_model_card(model_name="x", tags=["dbp", "mae", "vision-transformer", "image-pretraining", "new"])
     card = load_card(output_dir)
     assert 'from_pretrained("me/x")' in card.text, card.text

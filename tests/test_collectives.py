@@ -17,7 +17,9 @@ import torch.multiprocessing as mp
 
 from hf_dbp.core import collectives
 from hf_dbp.core.collectives import symmetric_from_upper_triangle, upper_triangle
-from hf_dbp.core.decorrelation import Decorrelation, begin_decorrelation_step, decorrelation_step
+from hf_dbp.core.decorrelation import Decorrelation
+from hf_dbp.core.model import decorrelation_step
+from hf_dbp.core.step import begin_decorrelation_step
 
 WIDTHS = {"wide": 64, "middle": 24, "narrow": 6, "idle_on_one": 40, "idle": 8}
 LR, KAPPA = 0.1, 0.2
@@ -197,7 +199,7 @@ def test_the_step_reads_the_device_once(two_processes, transport):
     """One read for every layer's loss and guard decision together; the counts are read from the CPU group."""
     for rank in (0, 1):
         for callers in two_processes[rank][transport]["reads"]:
-            assert sorted(callers) == ["_gather_counts", "decorrelation_step"], callers
+            assert sorted(callers) == ["_gather_counts", "update_decorrelations"], callers
 
 
 @pytest.mark.parametrize("begun, plain", [("begun", "all_reduce"), ("begun32", "plain32")])
@@ -256,7 +258,7 @@ def test_one_process_reads_once_for_any_number_of_layers():
     modules[2].R.data.fill_(float("nan"))  # a diverged R: the guard refuses its update, on the device
     with Reads() as counter:
         loss = decorrelation_step(modules, lr=0.1, kappa=0.1)
-    assert counter.callers == ["decorrelation_step"]
+    assert counter.callers == ["update_decorrelations"]
     assert [m.skipped_updates for m in modules] == [0, 0, 1, 0, 0] and loss is not None
     assert torch.isnan(modules[2].R).all() and all(torch.isfinite(m.R).all() for i, m in enumerate(modules) if i != 2)
 
@@ -282,32 +284,31 @@ def tiny_mae():
 
 def test_dbp_trainer_reads_the_device_once_per_optimizer_step(tmp_path, monkeypatch):
     from datasets import Dataset
-    from transformers import TrainingArguments
 
-    from hf_dbp import DBPTrainer
+    from hf_dbp import DBPTrainer, DBPTrainingArguments, DecorrelationHook
 
     model = tiny_mae()
     data = Dataset.from_dict({"pixel_values": torch.randn(16, 3, 16, 16).numpy()}).with_format("torch")
-    args = TrainingArguments(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3,
-                             logging_steps=100, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True,
-                             dataloader_num_workers=0)  # fmt: skip
-    trainer = DBPTrainer(model=model, args=args, train_dataset=data, track_emissions=False)
-    update, reads = trainer._decorrelation_update, []
+    args = DBPTrainingArguments(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3,
+                                logging_steps=100, report_to="none", save_strategy="no", disable_tqdm=True,
+                                use_cpu=True, dataloader_num_workers=0, track_emissions=False)  # fmt: skip
+    trainer = DBPTrainer(model=model, args=args, train_dataset=data)
+    update, reads = DecorrelationHook.step, []
 
-    def counted():
+    def counted(hook):
         with Reads() as counter:
-            update()
+            update(hook)
         reads.append(counter.callers)
 
-    monkeypatch.setattr(trainer, "_decorrelation_update", counted)
+    monkeypatch.setattr(DecorrelationHook, "step", counted)
     trainer.train()
-    assert reads == [["decorrelation_step"]] * 3
+    assert reads == [["update_decorrelations"]] * 3
 
 
-def test_dbp_trainer_updates_R_every_k_steps_and_reforms_the_folds_at_every_step(tmp_path):
+def test_dbp_trainer_updates_R_every_k_steps_and_reforms_the_folds_at_every_step(tmp_path, monkeypatch):
     from datasets import Dataset
 
-    from hf_dbp import DBPTrainer
+    from hf_dbp import DBPTrainer, DecorrelationHook
     from hf_dbp.core.model import decorrelation_modules
     from hf_dbp.training.training_args import DBPTrainingArguments
 
@@ -315,23 +316,23 @@ def test_dbp_trainer_updates_R_every_k_steps_and_reforms_the_folds_at_every_step
     data = Dataset.from_dict({"pixel_values": torch.randn(24, 3, 16, 16).numpy()}).with_format("torch")
     args = DBPTrainingArguments(tmp_path, per_device_train_batch_size=4, max_steps=6, decorrelation_update_every=3,
                                 logging_steps=100, report_to="none", save_strategy="no", disable_tqdm=True,
-                                use_cpu=True, dataloader_num_workers=0)  # fmt: skip
-    trainer = DBPTrainer(model=model, args=args, train_dataset=data, track_emissions=False)
+                                use_cpu=True, dataloader_num_workers=0, track_emissions=False)  # fmt: skip
+    trainer = DBPTrainer(model=model, args=args, train_dataset=data)
     modules = decorrelation_modules(model)
     history = []
-    update = trainer._decorrelation_update
+    update = DecorrelationHook.step
 
-    def recorded():
-        update()
+    def recorded(hook):
+        update(hook)
         history.append([m.R.clone() for m in modules])
 
-    trainer._decorrelation_update = recorded
+    monkeypatch.setattr(DecorrelationHook, "step", recorded)
     trainer.train()
     previous = [[torch.eye(m.dim) for m in modules]] + history[:-1]
     moved = [not all(map(torch.equal, before, after)) for before, after in zip(previous, history, strict=True)]
     assert moved == [False, False, True, False, False, True]
     assert all(m.steps == 6 for m in modules)
-    assert len(trainer._decorrelation_losses) == 2  # a loss per update, not per step
+    assert len(trainer.decorrelation_callback.hook.losses) == 2  # a loss per update, not per step
 
 
 @pytest.mark.parametrize("flag, value", [("decorrelation_update_every", 0), ("decorrelation_transfer_dtype", "fp8")])
@@ -345,7 +346,7 @@ def test_bad_exchange_settings_are_refused_with_their_name(tmp_path, flag, value
 def test_rows_drawn_on_the_device_come_from_the_samplers_state_reproducibly():
     """On an accelerator the row indices are drawn there (no copy from the host in the forward); the sampler's CPU
     state still decides them, so checkpoints and resuming work as on the CPU. Run here on the CPU's device."""
-    from hf_dbp.core.decorrelation import RowSampler, _sample_rows_on_device
+    from hf_dbp.core.sampling import RowSampler, _sample_rows_on_device
 
     sampler = RowSampler(3)
     start = sampler.get_state()
@@ -363,7 +364,7 @@ def test_rows_drawn_on_the_device_come_from_the_samplers_state_reproducibly():
 def test_batched_updates_of_equal_shaped_R_equal_the_one_by_one_updates(variance_form):
     """Stacks of equal-shaped R (both forms of the statistics), one R refused by the guard inside a stack, a group
     split by the byte bound; the device still read once."""
-    import hf_dbp.core.decorrelation as core
+    import hf_dbp.core.step as core
 
     torch.manual_seed(0)
 
@@ -393,7 +394,7 @@ def test_batched_updates_of_equal_shaped_R_equal_the_one_by_one_updates(variance
     finally:
         core._BATCH_BYTES, core.update_rule = original, rule
     assert sorted(stacks) == [(2, 16, 16), (2, 16, 16), (3, 12, 12), (8, 8)]  # the 8-wide R alone, unstacked
-    assert counter.callers == ["decorrelation_step"]
+    assert counter.callers == ["update_decorrelations"]
     assert batched_loss == pytest.approx(loss, rel=1e-6)
     assert [m.skipped_updates for m in batched] == [m.skipped_updates for m in one_by_one] == [0, 0, 0, 0, 1, 0, 0, 0]
     for a, b in zip(one_by_one, batched, strict=True):

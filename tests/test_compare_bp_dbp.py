@@ -265,8 +265,8 @@ def test_settings_sweep_tunes_bp_and_measures_every_variant_against_the_best_bp(
             reached = [e["step"] for e in runs[seed]["evals"] if e["eval_loss"] <= target]
             assert steps == (reached[0] if reached else None)
     assert sweep["variants"][sweep["baseline"]]["min_steps_saved_fraction"] == 0.0
-    config = json.loads((tmp_path / "sweep" / "variant01" / "seed0" / "config.json").read_text())
-    assert config["decorrelation_layers"] == ["qkv", "fc1"] and config["decorrelation_kappa"] == 0.1
+    config = ViTMAEDBPConfig.from_pretrained(tmp_path / "sweep" / "variant01" / "seed0")
+    assert config.decorrelation_layers == ["qkv", "fc1"] and config.decorrelation_kappa == 0.1
     dbp_arguments, bp = run_mae_arguments(sweep["variants"][variants[0]]["commands"]["0"])
     assert bp.weight_decay == 0.0 and bp.base_learning_rate == 1e-2 and dbp_arguments.bp_baseline
     assert "(baseline)" in (tmp_path / "sweep" / "sweep.md").read_text()

@@ -9,16 +9,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from hf_dbp.core.decorrelation import (
-    DecorrelatedConv2d,
-    DecorrelatedLinear,
-    Decorrelation,
-    DecorrelationMonitor,
-    RowSampler,
-    decorrelation_step,
-    fold_decorrelation,
-    inject_decorrelation,
-)
+from hf_dbp.core.decorrelation import Decorrelation
+from hf_dbp.core.inject import DecorrelationMonitor, fold_decorrelation, inject_decorrelation
+from hf_dbp.core.layers import DecorrelatedConv2d, DecorrelatedLinear
+from hf_dbp.core.model import decorrelation_step
+from hf_dbp.core.sampling import RowSampler
 
 
 def reference_update(R, rows, lr, kappa, variance_form="rows"):
@@ -149,7 +144,7 @@ def test_patch_conv_statistics_are_image_patches():
     # 3 images x (2 x 3) patches of 2 channels x 2 x 2 pixels, flattened like the conv's weight (c, i, j)
     patches = image.reshape(3, 2, 2, 2, 3, 2).permute(0, 2, 4, 1, 3, 5).reshape(-1, 8)
     assert d.num_rows == 18
-    torch.testing.assert_close(d.moment_sum(), patches.T @ patches)
+    torch.testing.assert_close(d.second_moment_sum(), patches.T @ patches)
 
 
 def test_folding_gives_the_same_outputs():
@@ -173,7 +168,7 @@ def test_sample_fraction(fraction, expected):
     d.observe(rows)
     assert d.num_rows == expected
     if fraction == 1.0:  # every row exactly once
-        torch.testing.assert_close(d.moment_sum(), rows.T @ rows)
+        torch.testing.assert_close(d.second_moment_sum(), rows.T @ rows)
 
 
 def test_subsample_is_without_replacement_and_leaves_global_rng_alone():
@@ -183,7 +178,7 @@ def test_subsample_is_without_replacement_and_leaves_global_rng_alone():
     for _ in range(20):
         d.reset_statistics()
         d.observe(rows)
-        z = d.moment_sum().item()
+        z = d.second_moment_sum().item()
         # 50 distinct values drawn from 1..100: the sum of squares lies between that of 1..50 and that of 51..100.
         assert sum(i * i for i in range(1, 51)) <= z <= sum(i * i for i in range(51, 101))
     assert torch.equal(state, torch.random.get_rng_state())
@@ -352,7 +347,7 @@ def test_compiled_training_step_matches_eager():
             states.append(
                 (
                     model.abc_decorrelation.num_rows,
-                    model.abc_decorrelation.moment_sum().clone(),
+                    model.abc_decorrelation.second_moment_sum().clone(),
                     model.a.weight.grad.clone(),
                 )
             )
@@ -545,7 +540,7 @@ def test_modules_built_from_one_torch_generator_share_its_sequence():
     rows = torch.arange(1.0, 101.0)[:, None]
     first.observe(rows)
     second.observe(rows)
-    assert not torch.equal(first.moment_sum(), second.moment_sum())  # different rows, not one stream copied twice
+    assert not torch.equal(first.second_moment_sum(), second.second_moment_sum())  # different rows, not one stream copied twice
 
 
 def test_an_unknown_layer_kind_is_refused_with_its_name_and_the_choices():

@@ -16,6 +16,7 @@ files of one run with each other (card, emissions.csv, all_results.json, trainer
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import torch
 from conftest import MAE_SCRIPT, REPO_ROOT, SEGMENTATION_SCRIPT, TINY, Run, offline_env, read_json
 from huggingface_hub import ModelCard
 from PIL import Image as PILImage
-from transformers import AutoConfig, TrainingArguments
+from transformers import AutoConfig
 
 import hf_dbp
 from hf_dbp.tasks.segmentation.data import make_demo_ade20k
@@ -463,15 +464,15 @@ def test_trainer_refuses_an_unknown_country_before_training(tmp_path, monkeypatc
     country is not looked at."""
     isolated_codecarbon(monkeypatch, tmp_path / "home")
     model = hf_dbp.ViTMAEDBPForPreTraining(hf_dbp.ViTMAEDBPConfig(**TINY_MAE))
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, max_steps=1)
+    args = hf_dbp.DBPTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, max_steps=1)
     with pytest.raises(ValueError, match="XYZ"):
-        hf_dbp.DBPTrainer(model=model, args=args, emissions_country="XYZ")
+        hf_dbp.DBPTrainer(model=model, args=dataclasses.replace(args, emissions_country="XYZ"))
     assert not (tmp_path / "out").exists()
     monkeypatch.setenv("CODECARBON_COUNTRY_ISO_CODE", "XYZ")
     with pytest.raises(ValueError, match="XYZ.*CODECARBON_COUNTRY_ISO_CODE"):
         hf_dbp.DBPTrainer(model=model, args=args)
-    trainer = hf_dbp.DBPTrainer(model=model, args=args, track_emissions=False)
-    assert trainer._country is None
+    trainer = hf_dbp.DBPTrainer(model=model, args=dataclasses.replace(args, track_emissions=False))
+    assert trainer.emissions_callback is None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

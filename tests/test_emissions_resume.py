@@ -23,11 +23,12 @@ from conftest import REPO_ROOT, TINY, offline_env, read_json
 from datasets import Dataset
 from fake_tracker import FakeTracker
 from huggingface_hub import ModelCard
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
 from hf_dbp.training.emissions import RUN_TOTALS, EmissionsMeter, carried_for_machine
 from hf_dbp.training.model_card import read_emissions_csv
+from hf_dbp.training.training_args import DBPTrainingArguments
 
 WORKER = REPO_ROOT / "tests" / "emissions_worker.py"
 CARD_FIGURES = ("| energy |", "| emissions |", "| location |", "| hardware |")
@@ -58,12 +59,12 @@ def train(output_dir: Path, resume=None, callbacks=()) -> tuple[DBPTrainer, dict
     torch.manual_seed(0)
     model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**TINY))
     data = Dataset.from_dict({"pixel_values": torch.randn(32, 3, 16, 16).numpy()}).with_format("torch")
-    args = TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=8, max_steps=4, logging_steps=1,
+    args = DBPTrainingArguments(
+        emissions_country="FRA", output_dir=str(output_dir), per_device_train_batch_size=8, max_steps=4, logging_steps=1,
         save_strategy="steps", save_steps=2, report_to="none", disable_tqdm=True, use_cpu=True, seed=0,
         dataloader_num_workers=0,
     )  # fmt: skip
-    trainer = DBPTrainer(model=model, args=args, train_dataset=data, emissions_country="FRA", callbacks=list(callbacks))
+    trainer = DBPTrainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks))
     metrics = trainer.train(resume_from_checkpoint=resume).metrics
     trainer.save_model()
     return trainer, metrics

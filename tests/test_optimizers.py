@@ -6,9 +6,10 @@ import pytest
 import torch
 from datasets import Dataset
 
-import hf_dbp.training.trainer
+import hf_dbp.core.optimizer_hook
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
-from hf_dbp.core.decorrelation import decorrelation_matrices, decorrelation_step
+from hf_dbp.core.inject import decorrelation_matrices
+from hf_dbp.core.step import update_decorrelations as decorrelation_step
 from hf_dbp.training.optimizers import CombinedOptimizer, muon_matrices, muon_with_adamw
 from hf_dbp.training.training_args import DBPTrainingArguments
 
@@ -86,7 +87,7 @@ def test_dbp_trainer_with_muon_trains_the_weights_and_leaves_R_to_dbp(tmp_path, 
         save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, track_emissions=False, use_cpu=True,
         matrix_optimizer="muon", muon_lr_multiplier=4.0, learning_rate=1e-3, lr_scheduler_type="cosine",
     )  # fmt: skip
-    trainer = DBPTrainer(model=model, args=args, train_dataset=noise_images(), track_emissions=False)
+    trainer = DBPTrainer(model=model, args=args, train_dataset=noise_images())
     trainer.train()
     assert isinstance(trainer.optimizer.optimizer, CombinedOptimizer)  # accelerate wraps it
     after = model.state_dict()
@@ -111,7 +112,7 @@ def _train(tmp_path, tiny_kwargs, max_steps=3, **overrides):
         learning_rate=1e-3,
     )  # fmt: skip
     trainer = DBPTrainer(model=model, args=DBPTrainingArguments(**settings | overrides), train_dataset=noise_images(),
-                         eval_dataset=noise_images(8), track_emissions=False)  # fmt: skip
+                         eval_dataset=noise_images(8))  # fmt: skip
     return trainer, before
 
 
@@ -160,7 +161,7 @@ def test_tied_decorrelation_lr_follows_the_weights_schedule(tmp_path, tiny_kwarg
             _lrs.append(_trainer.optimizer.param_groups[0]["lr"])  # the lr the optimizer step just used
             return decorrelation_step(modules, lr, *args, **kwargs)
 
-        monkeypatch.setattr(hf_dbp.training.trainer, "decorrelation_step", recording)
+        monkeypatch.setattr(hf_dbp.core.optimizer_hook, "update_decorrelations", recording)
         trainer.train()
         scales[schedule] = (seen, lrs)
     assert scales["constant"][0] == [1.0] * 6

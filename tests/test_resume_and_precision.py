@@ -1,17 +1,21 @@
 """Exact resuming, mixed precision, and the guard against diverging decorrelation updates."""
 
+import dataclasses
+
 import pytest
 import torch
-from transformers import TrainingArguments
 
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
-from hf_dbp.core.decorrelation import Decorrelation, DecorrelationDiverged, decorrelation_step
+from hf_dbp.core.decorrelation import Decorrelation
+from hf_dbp.core.model import decorrelation_step
+from hf_dbp.core.step import DecorrelationDiverged
 from hf_dbp.tasks.image_data import (
     MAEImageTransform,
     augmentation_epoch_callback,
     demo_image_dataset,
     with_sample_index,
 )
+from hf_dbp.training.training_args import DBPTrainingArguments
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +38,7 @@ def train(tmp_path, tiny_kwargs, dataset, max_steps=6, resume=None, **overrides)
                   dataloader_num_workers=0, remove_unused_columns=False, learning_rate=1e-3)  # fmt: skip
     values.update(overrides)
     callbacks = [augmentation_epoch_callback(dataset.augmentation)] if hasattr(dataset, "augmentation") else []
-    trainer = DBPTrainer(model=model, args=TrainingArguments(**values), train_dataset=dataset, track_emissions=False,
+    trainer = DBPTrainer(model=model, args=DBPTrainingArguments(**values, track_emissions=False), train_dataset=dataset,
                          callbacks=callbacks)  # fmt: skip
     trainer.train(resume_from_checkpoint=resume)
     history = {r["step"]: (r["loss"], r["decorrelation_loss"]) for r in trainer.state.log_history if "loss" in r}
@@ -74,7 +78,7 @@ def test_bf16_autocast_on_cpu_keeps_R_and_statistics_in_float32(tmp_path, tiny_k
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16
-    assert layer.decorrelation.moment_sum().dtype == torch.float32
+    assert layer.decorrelation.second_moment_sum().dtype == torch.float32
 
 
 def test_guard_skips_or_stops_on_diverging_updates():
@@ -99,16 +103,17 @@ def test_trainer_counts_skipped_updates_or_stops(tmp_path, tiny_kwargs, photos, 
     assert history  # healthy run: nothing skipped
     torch.manual_seed(0)
     model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs))
-    args = TrainingArguments(output_dir=str(tmp_path / "x"), per_device_train_batch_size=8, max_steps=2, logging_steps=1,
-                             report_to="none", disable_tqdm=True, remove_unused_columns=False, save_strategy="no")  # fmt: skip
-    trainer = DBPTrainer(model=model, args=args, train_dataset=photos, track_emissions=False, decorrelation_max_loss=0.0)
+    args = DBPTrainingArguments(output_dir=str(tmp_path / "x"), per_device_train_batch_size=8, max_steps=2,
+                                logging_steps=1, report_to="none", disable_tqdm=True, remove_unused_columns=False,
+                                save_strategy="no", track_emissions=False, decorrelation_max_loss=0.0)  # fmt: skip
+    trainer = DBPTrainer(model=model, args=args, train_dataset=photos)
     trainer.train()  # every update "explodes" with a bound of 0: all skipped, R untouched, counted, warned
     records = [r for r in trainer.state.log_history if "loss" in r]
     assert records[-1]["decorrelation_skipped_updates"] == 2 * len(model.decorrelation_modules())
     assert all(torch.equal(d.R, torch.eye(d.dim)) for d in model.decorrelation_modules())
     assert "skipped by the guard" in caplog.text
     model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs))
-    trainer = DBPTrainer(model=model, args=args, train_dataset=photos, track_emissions=False, decorrelation_max_loss=0.0,
-                         decorrelation_guard="stop")  # fmt: skip
+    args = dataclasses.replace(args, decorrelation_guard="stop")
+    trainer = DBPTrainer(model=model, args=args, train_dataset=photos)
     with pytest.raises(DecorrelationDiverged):
         trainer.train()

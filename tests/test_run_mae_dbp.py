@@ -570,10 +570,10 @@ def test_config_file_as_only_argument(standalone, file_format):
     result, root = standalone[f"config_{file_format.split('-')[0]}"]
     output_dir = root / "out"
     assert_succeeded(result)
-    config = read_json(output_dir / "config.json")
-    assert config["decorrelation_lr"] == 0.002
-    assert config["decorrelation_layers"] == ["qkv", "fc1"]
-    assert config["hidden_size"] == TINY_MODEL["hidden_size"]
+    config = hf_dbp.ViTMAEDBPConfig.from_pretrained(output_dir)
+    assert config.decorrelation_lr == 0.002
+    assert config.decorrelation_layers == ["qkv", "fc1"]
+    assert config.hidden_size == TINY_MODEL["hidden_size"]
     model = hf_dbp.ViTMAEDBPForPreTraining.from_pretrained(output_dir)
     r_names = sorted(name for name, _ in model.named_parameters() if name.endswith("_decorrelation.R"))
     assert r_names == [
@@ -607,14 +607,13 @@ def test_run_main_prints_the_users_mistakes_as_one_line_and_keeps_the_runs_error
     """Before any training a ValueError is one line `<script>: error: ...` and exit status 1; once a DBPTrainer began
     to train (saving, the card, the push come after) the same error keeps its traceback, as with
     HF_DBP_FULL_TRACEBACK=1."""
-    from hf_dbp.tasks.scripts import run_main
-    from hf_dbp.training.trainer import DBPTrainer
+    from hf_dbp.tasks.scripts import TrainingBegan, run_main
 
     def mistake():
         raise ValueError("--decorrelation_lr -1: must be >= 0")
 
     monkeypatch.setattr(sys, "argv", ["run_mae_dbp.py"])
-    monkeypatch.setattr(DBPTrainer, "train_began", False)
+    monkeypatch.setattr(TrainingBegan, "began", False)
     with pytest.raises(SystemExit) as exited:
         run_main(mistake)
     assert exited.value.code == 1
@@ -623,6 +622,6 @@ def test_run_main_prints_the_users_mistakes_as_one_line_and_keeps_the_runs_error
     with pytest.raises(ValueError, match="must be >= 0"):
         run_main(mistake)
     monkeypatch.delenv("HF_DBP_FULL_TRACEBACK")
-    monkeypatch.setattr(DBPTrainer, "train_began", True)
+    monkeypatch.setattr(TrainingBegan, "began", True)
     with pytest.raises(ValueError, match="must be >= 0"):
         run_main(mistake)

@@ -5,9 +5,9 @@ import torch
 from datasets import Dataset
 from transformers import DistilBertConfig, DistilBertModel, TrainingArguments, ViTMAEConfig, ViTMAEForPreTraining
 
-import hf_dbp.training.trainer
+import hf_dbp.core.optimizer_hook
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
-from hf_dbp.core.decorrelation import decorrelation_step
+from hf_dbp.core.step import update_decorrelations as decorrelation_step
 from hf_dbp.tasks.image_data import MAEImageTransform, demo_image_dataset
 
 
@@ -32,7 +32,7 @@ def test_one_decorrelation_step_per_optimizer_step_with_gradient_accumulation(tm
         calls.append(model.vit.layers[0].attention.qkv_decorrelation.num_rows)
         return decorrelation_step(modules, *args, **kwargs)
 
-    monkeypatch.setattr(hf_dbp.training.trainer, "decorrelation_step", counting_step)
+    monkeypatch.setattr(hf_dbp.core.optimizer_hook, "update_decorrelations", counting_step)
     args = training_args(tmp_path, max_steps=3, gradient_accumulation_steps=2, per_device_train_batch_size=4)
     trainer = DBPTrainer(model=model, args=args, train_dataset=noise_images())
     # The micro-batches of a step share one folded W R.
@@ -76,7 +76,7 @@ def test_plain_model_is_measured_but_not_changed(tmp_path, tiny_kwargs):
                          decorrelation_config=ViTMAEDBPConfig(decorrelation_layers=["fc1"]))  # fmt: skip
     trainer.train()
     assert set(model.state_dict()) == keys  # no R was added
-    assert list(trainer._monitor.decorrelations) == ["layers.0.mlp.fc1", "layers.1.mlp.fc1"]
+    assert list(trainer.decorrelation_callback.decorrelation_config.groups) == ["vit.layers.0.mlp.fc1", "vit.layers.1.mlp.fc1"]
     assert all(r["decorrelation_loss"] > 0 for r in trainer.state.log_history if "loss" in r)
 
 
@@ -88,7 +88,7 @@ def test_a_model_without_default_targets_is_refused_with_the_way_out(tmp_path):
         DBPTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=noise_images())
     trainer = DBPTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=noise_images(),
                          decorrelation_config=hf_dbp.DecorrelationConfig(target_modules=["q_lin", "k_lin", "v_lin"]))  # fmt: skip
-    assert list(trainer._monitor.decorrelations) == ["transformer.layer.0.attention.qkv"]
+    assert list(trainer.decorrelation_callback.decorrelation_config.groups) == ["transformer.layer.0.attention.qkv"]
 
 
 def _train_on_natural_images(tmp_path, model, dataset):
@@ -131,7 +131,7 @@ def test_no_pinned_memory_is_asked_for_without_an_accelerator(tmp_path):
 
     from hf_dbp.training.training_args import DBPTrainingArguments
 
-    args = DBPTrainingArguments(tmp_path, report_to="none", use_cpu=True)
+    args = DBPTrainingArguments(tmp_path, report_to="none", use_cpu=True, track_emissions=False)
     assert args.dataloader_pin_memory is False
     loader_warnings = []
     with warnings.catch_warnings(record=True) as caught:
@@ -145,7 +145,7 @@ def test_no_pinned_memory_is_asked_for_without_an_accelerator(tmp_path):
                                                         decoder_hidden_size=16, decoder_num_hidden_layers=1,
                                                         decoder_num_attention_heads=2, decoder_intermediate_size=32))  # fmt: skip
         data = Dataset.from_dict({"pixel_values": torch.randn(8, 3, 16, 16).numpy()}).with_format("torch")
-        trainer = DBPTrainer(model=model, args=args, train_dataset=data, track_emissions=False)
+        trainer = DBPTrainer(model=model, args=args, train_dataset=data)
         next(iter(trainer.get_train_dataloader()))
         loader_warnings = [w for w in caught if "pin_memory" in str(w.message)]
     assert loader_warnings == []

@@ -7,14 +7,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .decorrelation import VARIANCE_FORMS
+VARIANCE_FORMS = ("rows", "columns")
+"""Where the update puts the variance term ``kappa * v``: ``"rows"``, ``diag(v) R`` (the method's rule, which
+normalises the variance of each output ``z_i``), or ``"columns"``, ``R diag(v)`` (what the reference code
+artcogsys/decorbp computes with ``v * R``, for reproducing it exactly)."""
 
 CONFIG_ATTRIBUTE = "decorrelation"
 """The attribute of a transformers config (and key of its ``config.json``) that holds a decorrelated model's
 :class:`DecorrelationConfig`, so that every ``save_pretrained``, checkpoint and ``push_to_hub`` carries it."""
 
 ALL_LINEAR = "all-linear"
-
 
 
 def check_step_settings(lr: float, kappa: float, sample_fraction: float, variance_form: str, prefix: str = "") -> None:
@@ -48,12 +50,12 @@ class DecorrelationConfig:
             matching a module whose dotted name equals it or ends with `.<name>`; a string, matched as a regular
             expression against the whole name; or `"all-linear"`, every `nn.Linear` and transformers `Conv1D` except
             the output layer (LM head) and, in an encoder-decoder model, the decoder. `None` (default): the defaults
-            for the model's architecture (`hf_dbp.models.mapping.TARGET_MODULES`), an error for an architecture without them.
+            for the model's architecture (`hf_dbp.target_modules.TARGET_MODULES`), an error for an architecture without them.
             Only `nn.Linear`, transformers' `Conv1D` and patchifying `nn.Conv2d` can be decorrelated.
         exclude_modules (`list[str]` or `str`, *optional*): layers never to decorrelate, in the same forms. `None`
             (default): the architecture's default exclusions (e.g. ViTMAE's and Whisper's decoders), if any.
         variance_form (`str`, defaults to `"rows"`): `"rows"` (`diag(v) R`, the method's rule) or `"columns"`
-            (`R diag(v)`, what the reference code computes); see `hf_dbp.core.decorrelation.VARIANCE_FORMS`.
+            (`R diag(v)`, what the reference code computes); see `VARIANCE_FORMS`.
         seed (`int`, defaults to 0): seed of the generator that draws the rows for the statistics. It is separate from
             torch's global RNG, so a DBP run and a BP run with one seed draw the same dropout and masks.
         groups (`dict[str, list[str]]`, *optional*): the resolved plan, filled in by `hf_dbp.decorrelate`: for each R,
@@ -113,4 +115,4 @@ class DecorrelationConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["ALL_LINEAR", "CONFIG_ATTRIBUTE", "DecorrelationConfig"]
+__all__ = ["ALL_LINEAR", "CONFIG_ATTRIBUTE", "VARIANCE_FORMS", "DecorrelationConfig"]

@@ -1,19 +1,18 @@
-"""DBP for any transformers model: decorrelate it, step it, save and load it, merge it back (PEFT's shape).
+"""DBP for any PyTorch model: decorrelate it, step it, save and load it, merge it back (PEFT's shape).
 
 ```python
 import hf_dbp
-model = AutoModelForCausalLM.from_config(config)
-model = hf_dbp.decorrelate(model, hf_dbp.DecorrelationConfig(lr=1e-3))
+
+model = hf_dbp.decorrelate(model, hf_dbp.DecorrelationConfig(lr=1e-3))  # a transformers model, timm's, any module
 ...  # loss.backward(); optimizer.step(); hf_dbp.decorrelation_step(model)
-model.save_pretrained("out")  # weights, every R, and the DecorrelationConfig in config.json
-model = hf_dbp.load_decorrelated(AutoModelForCausalLM, "out")
-plain = hf_dbp.merge_decorrelation(model)  # the original class, R folded in
+plain = hf_dbp.merge_decorrelation(model)  # the original model, R folded in
 ```
 
 The model stays an instance of its own class, with the parameter names it had: each target layer becomes its
-decorrelated twin (`hf_dbp.core.decorrelation`), and each R is registered beside the layers that read it, as
-`<parent>.<name>_decorrelation.R`. The model's config carries the `DecorrelationConfig` (with its resolved `groups`) as
-`config.decorrelation`, so every `save_pretrained`, Trainer checkpoint and `push_to_hub` carries it.
+decorrelated twin ([`hf_dbp.core.layers`]), and each R is registered beside the layers that read it, as
+`<parent>.<name>_decorrelation.R`. The [`DecorrelationConfig`] (with its resolved `groups`) is kept where the model
+keeps its settings: a transformers model's config (`config.decorrelation`, so that every `save_pretrained`, Trainer
+checkpoint and `push_to_hub` carries it), or the module itself (`model.decorrelation_config`) for any other module.
 """
 
 from __future__ import annotations
@@ -25,21 +24,23 @@ from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 
 from .config import CONFIG_ATTRIBUTE, DecorrelationConfig
-from .decorrelation import (
-    DECORRELATED_LAYERS,
-    PLAIN_LAYERS,
-    Decorrelation,
-    PendingStatistics,
-    RowSampler,
-    decorrelation_module_name,
-    inject_decorrelation,
-)
-from .decorrelation import begin_decorrelation_step as _begin_update
-from .decorrelation import decorrelation_step as _update_decorrelations
-from .plan import plan_decorrelation
+from .decorrelation import Decorrelation
+from .inject import decorrelation_module_name, inject_decorrelation
+from .layers import DECORRELATED_LAYERS, PLAIN_LAYERS
+from .plan import ExampleInputs, plan_decorrelation
+from .sampling import RowSampler
+from .step import PendingStatistics, update_decorrelations
+from .step import begin_decorrelation_step as _begin_exchange
+
+MODULE_ATTRIBUTE = "decorrelation_config"
+"""The attribute of a module without a transformers config that holds its [`DecorrelationConfig`]."""
+
+
+def _has_transformers_config(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "config", None), PreTrainedConfig)
 
 
 def _inject(model: nn.Module, config: DecorrelationConfig) -> None:
@@ -56,25 +57,50 @@ def _inject(model: nn.Module, config: DecorrelationConfig) -> None:
         # parts, so these name exactly the R of this plan).
         keep = set(model._keep_in_fp32_modules_strict or [])
         model._keep_in_fp32_modules_strict = keep | {decorrelation_module_name(g) for g in config.groups}
-    if getattr(model, "config", None) is not None:
-        setattr(model.config, CONFIG_ATTRIBUTE, config.to_dict())
+    set_decorrelation_config(model, config)
+
+
+def set_decorrelation_config(model: nn.Module, config: DecorrelationConfig | None) -> None:
+    """Keep `config` where `model` keeps its settings (see the module's docstring); None removes it. A config class
+    that declares the field itself (ViTMAE-DBP's) keeps it, with an empty plan: it would otherwise take its default."""
+    if _has_transformers_config(model):
+        if config is None:
+            if CONFIG_ATTRIBUTE in getattr(type(model.config), "__dataclass_fields__", {}):
+                empty = DecorrelationConfig.from_dict(getattr(model.config, CONFIG_ATTRIBUTE) or {})
+                setattr(model.config, CONFIG_ATTRIBUTE, empty.replace(target_modules=[], groups={}).to_dict())
+            elif hasattr(model.config, CONFIG_ATTRIBUTE):
+                delattr(model.config, CONFIG_ATTRIBUTE)
+        else:
+            setattr(model.config, CONFIG_ATTRIBUTE, config.to_dict())
+    elif config is None:
+        model.__dict__.pop(MODULE_ATTRIBUTE, None)
+    else:
+        setattr(model, MODULE_ATTRIBUTE, config)
 
 
 def decorrelate(
-    model: nn.Module,
-    config: DecorrelationConfig | None = None,
-    example_inputs: Mapping[str, torch.Tensor] | None = None,
+    model: nn.Module, config: DecorrelationConfig | None = None, example_inputs: ExampleInputs | None = None
 ) -> nn.Module:
     """Decorrelate the inputs of `model`'s target layers, in place, and return it.
 
     Every R starts at the identity, so the model's outputs are unchanged; `config.groups` is filled in with the plan
-    (see `plan_decorrelation`) and stored as `model.config.decorrelation`. Unlike PEFT, nothing is frozen: DBP trains
-    the whole model, and R is updated by `decorrelation_step`, never by an optimizer (R has no gradient).
+    (see `plan_decorrelation`) and kept with the model. Unlike PEFT, nothing is frozen: DBP trains the whole model,
+    and R is updated by the decorrelation step, never by an optimizer (R has no gradient).
 
     Args:
-        model: a transformers model (or any `nn.Module` with `config.groups` or `target_modules` given).
-        config: which layers and the step's settings; defaults to `DecorrelationConfig()`.
-        example_inputs: an input for the tracing forward, where `example_inputs(model)` cannot build one.
+        model (`nn.Module`):
+            A transformers model, a timm model, or any module (with `config.target_modules` or `config.groups` where
+            hf_dbp has no defaults for it).
+        config ([`DecorrelationConfig`], *optional*):
+            Which layers, and the step's settings; defaults to `DecorrelationConfig()`.
+        example_inputs (`dict`, `tuple` or `torch.Tensor`, *optional*):
+            An input for one forward (keyword arguments, positional ones, or one tensor), to find which layers read
+            the same input and share one R. Built for transformers and timm models; without one, every target of a
+            plain module gets an R of its own.
+
+    Raises:
+        ValueError: the model is already decorrelated, no layer matches the targets, or a target is not an
+            `nn.Linear`, transformers `Conv1D` or patchifying `nn.Conv2d`.
     """
     config = copy.deepcopy(config) if config is not None else DecorrelationConfig()
     if any(isinstance(m, Decorrelation) for m in model.modules()):
@@ -86,28 +112,44 @@ def decorrelate(
 
 
 def decorrelation_config_of(model: nn.Module) -> DecorrelationConfig | None:
-    """The `DecorrelationConfig` of a decorrelated model (or of the first model inside it that has one), else None.
-
-    A `ViTMAEDBP` model's config holds the same settings under its own field names (`decorrelation_lr`, ...).
-    """
+    """The [`DecorrelationConfig`] of a decorrelated model (or of the first module inside it that has one), else
+    None."""
     for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is None:
-            continue
-        values = getattr(config, CONFIG_ATTRIBUTE, None)
+        own = module.__dict__.get(MODULE_ATTRIBUTE)
+        if isinstance(own, DecorrelationConfig):
+            return own
+        values = getattr(getattr(module, "config", None), CONFIG_ATTRIBUTE, None)
         if isinstance(values, Mapping):
             return DecorrelationConfig.from_dict(dict(values))
-        if hasattr(config, "decorrelation_lr") and hasattr(config, "decorrelation_kappa"):
-            return DecorrelationConfig(
-                lr=config.decorrelation_lr, kappa=config.decorrelation_kappa,
-                sample_fraction=config.decorrelation_sample_fraction, variance_form=config.decorrelation_variance_form,
-            )  # fmt: skip
     return None
 
 
+def is_decorrelated(model: nn.Module) -> bool:
+    """Whether `model` holds an R or a [`DecorrelationConfig`] (a model decorrelated with an empty plan counts: a
+    backbone whose R were folded in, say)."""
+    return bool(decorrelation_modules(model)) or decorrelation_config_of(model) is not None
+
+
 def decorrelation_modules(model: nn.Module) -> list[Decorrelation]:
-    """Every `Decorrelation` (one R each) of `model`, in module order."""
+    """Every [`~hf_dbp.core.decorrelation.Decorrelation`] (one R each) of `model`, in module order."""
     return [m for m in model.modules() if isinstance(m, Decorrelation)]
+
+
+def _modules_and_settings(model, lr, kappa, kwargs) -> tuple[list[Decorrelation], float, float]:
+    if not isinstance(model, nn.Module):
+        modules = list(model)
+        if lr is None or kappa is None:
+            raise ValueError("the decorrelation step of Decorrelation modules needs lr and kappa")
+        return modules, lr, kappa
+    config = decorrelation_config_of(model)
+    if config is None and (lr is None or kappa is None):
+        raise ValueError(
+            f"{type(model).__name__} is not decorrelated (no DecorrelationConfig): call hf_dbp.decorrelate(model, "
+            "config) first"
+        )
+    if config is not None:
+        kwargs.setdefault("variance_form", config.variance_form)
+    return decorrelation_modules(model), config.lr if lr is None else lr, config.kappa if kappa is None else kappa
 
 
 @torch.no_grad()
@@ -120,32 +162,30 @@ def decorrelation_step(
     **kwargs,
 ) -> float | None:
     """Update every R of `model` from the statistics of its training forwards since the last call; call it after
-    each optimizer step.
+    each optimizer step (or let `hf_dbp.attach_decorrelation` call it for you).
 
-    Given a model, `lr`, `kappa` and the variance form come from its `DecorrelationConfig` unless passed; `lr_scale`
-    multiplies the lr (e.g. the weights' schedule factor). Given the `Decorrelation` modules themselves, `lr` and
-    `kappa` are required. Other keyword arguments (`max_loss`, `on_divergence`, `process_group`, `pending` from
-    `begin_decorrelation_step`, `transfer_dtype`, `update`) are those of
-    `hf_dbp.core.decorrelation.decorrelation_step`. Returns the mean decorrelation loss, or None if no forward ran.
+    Args:
+        model (`nn.Module` or an iterable of `Decorrelation`):
+            A decorrelated model (its [`DecorrelationConfig`] gives `lr`, `kappa` and the variance form unless
+            passed), or the `Decorrelation` modules themselves (`lr` and `kappa` then required).
+        lr (`float`, *optional*), kappa (`float`, *optional*):
+            Override the config's.
+        lr_scale (`float`, defaults to 1.0):
+            Multiplies the lr (e.g. the weights' schedule factor).
+        kwargs:
+            `max_loss`, `on_divergence`, `process_group`, `pending` (from `begin_decorrelation_step`),
+            `transfer_dtype`, `update`, `batch_updates`: see `hf_dbp.core.step.update_decorrelations`.
+
+    Returns:
+        The mean decorrelation loss over the layers that saw rows, or None if no training forward ran.
     """
-    if isinstance(model, nn.Module):
-        modules = decorrelation_modules(model)
-        config = decorrelation_config_of(model)
-        if config is None and (lr is None or kappa is None):
-            raise ValueError(f"{type(model).__name__} is not decorrelated (no DecorrelationConfig): call "
-                             "hf_dbp.decorrelate(model, config) first")  # fmt: skip
-        lr = config.lr if lr is None else lr
-        kappa = config.kappa if kappa is None else kappa
-        if config is not None:
-            kwargs.setdefault("variance_form", config.variance_form)
-    else:
-        modules = list(model)
-        if lr is None or kappa is None:
-            raise ValueError("decorrelation_step of Decorrelation modules needs lr and kappa")
-    return _update_decorrelations(modules, lr * lr_scale, kappa, **kwargs)
+    modules, lr, kappa = _modules_and_settings(model, lr, kappa, kwargs)
+    return update_decorrelations(modules, lr * lr_scale, kappa, **kwargs)
 
 
-def begin_decorrelation_step(model: nn.Module | Iterable[Decorrelation], process_group=None) -> PendingStatistics:
+def begin_decorrelation_step(
+    model: nn.Module | Iterable[Decorrelation], process_group=None, transfer_dtype: torch.dtype | str | None = None
+) -> PendingStatistics:
     """Start the next `decorrelation_step` of `model` early: after the forward of an optimizer step's last
     micro-batch, so that over several processes the statistics travel while the backward runs. Pass the result as
     `decorrelation_step(model, pending=...)`:
@@ -158,7 +198,7 @@ def begin_decorrelation_step(model: nn.Module | Iterable[Decorrelation], process
     ```
     """
     modules = decorrelation_modules(model) if isinstance(model, nn.Module) else list(model)
-    return _begin_update(modules, process_group)
+    return _begin_exchange(modules, process_group, transfer_dtype)
 
 
 @contextlib.contextmanager
@@ -192,12 +232,17 @@ def _resolve_class(model_class, config) -> type:
     return _get_model_class(config, mapping)
 
 
+def _sub_configs(config: PreTrainedConfig) -> list[PreTrainedConfig]:
+    return [value for value in vars(config).values() if isinstance(value, PreTrainedConfig)]
+
+
 def load_decorrelated(model_class, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> PreTrainedModel:
-    """Load a model saved by a decorrelated model's `save_pretrained`: the same model back, every R exact.
+    """Load a model saved by a decorrelated transformers model's `save_pretrained`: the same model back, every R exact.
 
     Args:
         model_class: an Auto class (`AutoModelForCausalLM`, ...) or a model class.
-        pretrained_model_name_or_path: a folder or Hub repo whose config.json has a `decorrelation` entry.
+        pretrained_model_name_or_path: a folder or Hub repo whose config.json has a `decorrelation` entry (or one of
+            its sub-configs has, as a backbone's).
         **kwargs: passed to `from_pretrained` (`dtype`, `device_map`, `revision`, `token`, ...). R stays float32.
     """
     from transformers import AutoConfig
@@ -207,34 +252,51 @@ def load_decorrelated(model_class, pretrained_model_name_or_path: str | os.PathL
         hub_keys = ("cache_dir", "revision", "token", "local_files_only", "trust_remote_code", "subfolder")
         config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **{k: kwargs[k] for k in hub_keys if k in kwargs})
     values = getattr(config, CONFIG_ATTRIBUTE, None)
+    model_class = _resolve_class(model_class, config)
+    # Classes that put their R in place themselves, from their config (ViTMAE-DBP, a model with such a backbone):
+    # their own from_pretrained loads every R.
+    nested = any(isinstance(getattr(sub, CONFIG_ATTRIBUTE, None), Mapping) for sub in _sub_configs(config))
+    if getattr(model_class, "decorrelates_on_init", False) or (values is None and nested):
+        return model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
     if not isinstance(values, Mapping) or not values.get("groups"):
         raise ValueError(
             f"{pretrained_model_name_or_path} is not a decorrelated checkpoint (its config has no '{CONFIG_ATTRIBUTE}' "
             "entry with groups); load it with from_pretrained and call hf_dbp.decorrelate"
         )
     decorrelation = DecorrelationConfig.from_dict(dict(values))
-    model_class = _resolve_class(model_class, config)
     with _decorrelate_on_construction(model_class, decorrelation):
         model, info = model_class.from_pretrained(
             pretrained_model_name_or_path, config=config, output_loading_info=True, **kwargs
         )
     missing = [key for key in info["missing_keys"] if key.endswith("_decorrelation.R")]
     if missing:
-        raise ValueError(f"{pretrained_model_name_or_path} lacks the decorrelation matrices {missing[:3]}"
-                         f"{' ...' if len(missing) > 3 else ''}: the checkpoint does not match its config")  # fmt: skip
+        raise ValueError(
+            f"{pretrained_model_name_or_path} lacks the decorrelation matrices {missing[:3]}"
+            f"{' ...' if len(missing) > 3 else ''}: the checkpoint does not match its config"
+        )
     return model
+
+
+def is_decorrelated_config(config: PreTrainedConfig) -> bool:
+    """Whether a transformers config (or one of its sub-configs, as a backbone's) holds a decorrelation plan with at
+    least one R: what `hf-dbp merge` folds."""
+    return any(
+        isinstance(values := getattr(c, CONFIG_ATTRIBUTE, None), Mapping) and bool(values.get("groups"))
+        for c in [config, *_sub_configs(config)]
+    )
 
 
 @torch.no_grad()
 def merge_decorrelation(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """`model` as its original class with every R folded into its layers' weights (`W <- W R`) and no R left.
+    """`model` with every R folded into its layers' weights (`W <- W R`), plain layers again and no R left.
 
-    The result gives the same outputs, has no overhead, and saves and loads with transformers alone. By default
-    `model` is left unchanged (the merge works on a copy); `inplace=True` saves the copy's memory (like PEFT's
-    `merge_and_unload`). A `ViTMAEDBP` model returns its plain transformers ViTMAE class.
+    The result gives the same outputs and has no overhead: a transformers model saves and loads with transformers
+    alone, any other module with its own code. By default `model` is left unchanged (the merge works on a copy);
+    `inplace=True` saves the copy's memory (like PEFT's `merge_and_unload`). A model class that knows a plain twin of
+    its own (`model.merge_decorrelation()`, e.g. ViTMAE-DBP's transformers ViTMAE) returns that.
     """
     own = getattr(model, "merge_decorrelation", None)
-    if callable(own):  # ViTMAEDBP: a class of its own, whose plain twin is a transformers class
+    if callable(own):
         return own()
     model = model if inplace else copy.deepcopy(model)
     for name, module in list(model.named_modules()):
@@ -242,7 +304,9 @@ def merge_decorrelation(model: nn.Module, inplace: bool = False) -> nn.Module:
             plain_class = PLAIN_LAYERS[type(module)]
             plain = plain_class.__new__(plain_class)
             ours = ("record_statistics", "_folded_cache", "decorrelation")
-            plain.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in module.__dict__.items() if k not in ours})
+            plain.__dict__.update(
+                {k: v.copy() if isinstance(v, dict) else v for k, v in module.__dict__.items() if k not in ours}
+            )
             plain.weight = nn.Parameter(module.folded_weight().detach().clone(), module.weight.requires_grad)
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, plain)
@@ -250,20 +314,22 @@ def merge_decorrelation(model: nn.Module, inplace: bool = False) -> nn.Module:
         if isinstance(module, Decorrelation):
             parent, _, leaf = name.rpartition(".")
             delattr(model.get_submodule(parent), leaf)
-    if isinstance(model, PreTrainedModel):
-        model._keep_in_fp32_modules_strict = {n for n in model._keep_in_fp32_modules_strict or [] if not n.endswith("_decorrelation")}
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, CONFIG_ATTRIBUTE):
-        delattr(config, CONFIG_ATTRIBUTE)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            kept = module._keep_in_fp32_modules_strict or []
+            module._keep_in_fp32_modules_strict = {n for n in kept if not n.endswith("_decorrelation")}
+        set_decorrelation_config(module, None)
     return model
 
 
 __all__ = [
     "begin_decorrelation_step",
+    "is_decorrelated_config",
     "decorrelate",
     "decorrelation_config_of",
     "decorrelation_modules",
     "decorrelation_step",
+    "is_decorrelated",
     "load_decorrelated",
     "merge_decorrelation",
 ]

@@ -1,24 +1,30 @@
 """Which layers of a model DBP decorrelates, and which of them share one R (found by tracing one forward).
 
 `plan_decorrelation(model, config)` returns the plan `{group name: [layer paths]}` that `hf_dbp.decorrelate` injects
-and that `config.json` stores. Targets come from `DecorrelationConfig.target_modules` or, where it is not given, the
-per-architecture defaults of `hf_dbp.models.mapping`.
+and that the model's config stores. Targets come from `DecorrelationConfig.target_modules` or, where it is not given,
+the per-architecture defaults of `hf_dbp.target_modules`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..models.mapping import EXCLUDE_MODULES, TARGET_MODULES
+from ..target_modules import EXCLUDE_MODULES, TARGET_MODULES
 from .config import ALL_LINEAR, DecorrelationConfig
-from .decorrelation import DECORRELATED_LAYERS, _input_width, is_patchifying
+from .layers import DECORRELATED_LAYERS, input_width, is_patchifying
+
+logger = logging.getLogger(__name__)
+
+ExampleInputs = Mapping[str, torch.Tensor] | Sequence[torch.Tensor] | torch.Tensor
+"""An input for one forward of a model: keyword arguments (a dict), positional ones (a tuple), or one tensor."""
 
 _DECORRELATABLE = (nn.Linear, Conv1D, nn.Conv2d)
 
@@ -31,9 +37,14 @@ def _matches(name: str, pattern: list[str] | str | None) -> bool:
     return any(name == p or name.endswith(f".{p}") for p in pattern)
 
 
-def _model_type(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "model_type", None)
+def architecture_of(model: nn.Module) -> str:
+    """The key of `model`'s defaults in `hf_dbp.target_modules`: a transformers model's `config.model_type`, else
+    the module's class qualified by its library (`timm.VisionTransformer`, `__main__.MLP`)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if isinstance(model_type, str):
+        return model_type
+    cls = type(model)
+    return f"{cls.__module__.partition('.')[0]}.{cls.__name__}"
 
 
 def _output_layer_names(model: nn.Module) -> set[str]:
@@ -58,17 +69,18 @@ def _decoder_prefixes(model: nn.Module) -> list[str]:
 def target_layer_names(model: nn.Module, config: DecorrelationConfig) -> list[str]:
     """The dotted names of the layers `config` selects in `model`, in module order (see `DecorrelationConfig`)."""
     targets, excludes = config.target_modules, config.exclude_modules
-    model_type = _model_type(model)
+    architecture = architecture_of(model)
     if targets is None:
-        if model_type not in TARGET_MODULES:
+        if architecture not in TARGET_MODULES:
+            kind = "model type " if architecture == getattr(getattr(model, "config", None), "model_type", None) else ""
             raise ValueError(
-                f"hf_dbp has no default target modules for model type {model_type!r} ({type(model).__name__}); pass "
+                f"hf_dbp has no default target modules for {kind}{architecture!r} ({type(model).__name__}); pass "
                 f"DecorrelationConfig(target_modules=[...]) (names, a regular expression or '{ALL_LINEAR}'). "
                 f"Defaults exist for: {sorted(TARGET_MODULES)}"
             )
-        targets = TARGET_MODULES[model_type]
+        targets = TARGET_MODULES[architecture]
         if excludes is None:
-            excludes = EXCLUDE_MODULES.get(model_type)
+            excludes = EXCLUDE_MODULES.get(architecture)
     skipped = set()
     if targets == ALL_LINEAR:
         skipped = _output_layer_names(model)
@@ -86,25 +98,43 @@ def target_layer_names(model: nn.Module, config: DecorrelationConfig) -> list[st
         if not isinstance(module, _DECORRELATABLE):
             if targets == ALL_LINEAR:
                 continue
-            raise ValueError(f"target module {name!r} ({type(module).__name__}) cannot be decorrelated: hf_dbp "
-                             "decorrelates nn.Linear, transformers' Conv1D and patchifying nn.Conv2d")  # fmt: skip
+            raise ValueError(
+                f"target module {name!r} ({type(module).__name__}) cannot be decorrelated: hf_dbp decorrelates "
+                "nn.Linear, transformers' Conv1D and patchifying nn.Conv2d"
+            )
         if isinstance(module, nn.Conv2d) and not is_patchifying(module):
-            raise ValueError(f"target module {name!r} is an nn.Conv2d that is not patchifying (kernel == stride, no "
-                             "padding or dilation, groups=1): its input rows overlap, and R cannot be folded into it")  # fmt: skip
+            raise ValueError(
+                f"target module {name!r} is an nn.Conv2d that is not patchifying (kernel == stride, no padding or "
+                "dilation, groups=1): its input rows overlap, and R cannot be folded into it"
+            )
         names.append(name)
     if not names:
-        raise ValueError(f"no layer of {type(model).__name__} matches target_modules={targets!r} "
-                         f"(exclude_modules={excludes!r})")  # fmt: skip
+        raise ValueError(
+            f"no layer of {type(model).__name__} matches target_modules={targets!r} (exclude_modules={excludes!r})"
+        )
     return names
 
 
-def example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A tiny input for `model` (from its `main_input_name` and config), to trace which layers read the same input."""
-    config = model.config
-    parameter = next(model.parameters())
+def example_inputs(model: nn.Module) -> ExampleInputs | None:
+    """A tiny input for one forward of `model`, to trace which layers read the same input; None where nothing says
+    what the model takes (a plain module: pass `example_inputs` to `decorrelate`).
+
+    A transformers model gets one from its `main_input_name` and config; a timm model one image of its
+    `pretrained_cfg["input_size"]`.
+    """
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        return None
     device, dtype = parameter.device, parameter.dtype if parameter.is_floating_point() else torch.float32
-    name = getattr(model, "main_input_name", "input_ids")
     generator = torch.Generator().manual_seed(0)
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "main_input_name"):
+        timm_config = getattr(model, "pretrained_cfg", None)
+        if isinstance(timm_config, Mapping) and timm_config.get("input_size"):
+            image = torch.randn(1, *timm_config["input_size"], generator=generator)
+            return (image.to(device=device, dtype=dtype),)
+        return None
+    name = model.main_input_name
     inputs: dict[str, torch.Tensor] = {}
     if name == "input_ids":
         vocab = getattr(config, "vocab_size", None) or 2
@@ -127,6 +157,15 @@ def example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
 
 
+def _run(model: nn.Module, inputs: ExampleInputs) -> None:
+    if isinstance(inputs, Mapping):
+        model(**inputs)
+    elif isinstance(inputs, torch.Tensor):
+        model(inputs)
+    else:
+        model(*inputs)
+
+
 def _group_name(paths: list[str]) -> str:
     """The name of the R that `paths` share: beside the first layer, named after all of them.
 
@@ -146,28 +185,38 @@ def _group_name(paths: list[str]) -> str:
 
 
 def plan_decorrelation(
-    model: nn.Module, config: DecorrelationConfig, inputs: Mapping[str, torch.Tensor] | None = None
+    model: nn.Module, config: DecorrelationConfig, inputs: ExampleInputs | None = None
 ) -> dict[str, list[str]]:
     """The groups `hf_dbp.decorrelate` would inject: each R's name and the target layers that read it.
 
-    Which targets share one R is found from the model, not from a list: one forward of `inputs` (default:
-    `example_inputs(model)`) in eval mode records the input tensor of every target, and targets that read the very
-    same tensor (q, k and v; gate and up of a gated MLP) share one R. A target the forward does not reach gets an R
-    of its own.
+    Which targets share one R is found from the model, not from a list: one forward of `inputs` (a dict of keyword
+    arguments, a tuple of positional ones, or one tensor; default: `example_inputs(model)`) in eval mode records the
+    input tensor of every target, and targets that read the very same tensor (q, k and v; gate and up of a gated MLP)
+    share one R. A target the forward does not reach gets an R of its own, and so does every target of a plain module
+    for which no input is given or can be built (logged: R is then not shared where it could be).
     """
     names = target_layer_names(model, config)
+    inputs = example_inputs(model) if inputs is None else inputs
+    if inputs is None:
+        logger.info(
+            "No example input for %s: each of its %d target layers gets an R of its own (pass example_inputs to "
+            "decorrelate to let layers that read the same input share one)", type(model).__name__, len(names)
+        )
+        return {_group_name([name]): [name] for name in names}
     seen: dict[str, torch.Tensor] = {}
     handles = []
     for name in names:
+
         def hook(module, args, name=name):
             if name not in seen and args and isinstance(args[0], torch.Tensor):
                 seen[name] = args[0]  # the tensor itself, kept alive so that its identity stays unique
+
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     was_training = model.training
     try:
         model.eval()
         with torch.no_grad():
-            model(**(dict(inputs) if inputs is not None else example_inputs(model)))
+            _run(model, inputs)
     except Exception as error:
         raise ValueError(
             f"could not run {type(model).__name__} on an example input to find which layers share an input "
@@ -181,10 +230,10 @@ def plan_decorrelation(
     for name in names:
         key = id(seen[name]) if name in seen else id(name)
         members.setdefault(key, []).append(name)
-    widths_differ = [m for m in members.values() if len({_input_width(model.get_submodule(p)) for p in m}) > 1]
+    widths_differ = [m for m in members.values() if len({input_width(model.get_submodule(p)) for p in m}) > 1]
     if widths_differ:
         raise ValueError(f"layers {widths_differ[0]} read the same input but have different input widths")
     return {_group_name(paths): paths for paths in members.values()}
 
 
-__all__ = ["example_inputs", "plan_decorrelation", "target_layer_names"]
+__all__ = ["architecture_of", "example_inputs", "plan_decorrelation", "target_layer_names"]

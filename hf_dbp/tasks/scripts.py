@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import datasets
 import transformers
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainerCallback
 
 
 def parse_script_arguments(dataclass_types: Sequence[type], demo_args: dict) -> tuple:
@@ -35,22 +35,33 @@ def parse_script_arguments(dataclass_types: Sequence[type], demo_args: dict) -> 
 FULL_TRACEBACK_VARIABLE = "HF_DBP_FULL_TRACEBACK"
 """Set to 1 to see the traceback of an error `run_main` would print as one line."""
 
+
+class TrainingBegan(TrainerCallback):
+    """Marks that this process's training began (`began`): from then on an error is the run's, not the arguments'
+    (see `run_main`). Every example script gives its trainer one."""
+
+    began = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        TrainingBegan.began = True
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Run a script's `main`, printing what the user can fix as one line rather than a traceback.
 
     A bad flag value, a missing folder, a checkpoint of another kind, an unreachable Hub (ValueError, OSError and
     hf_dbp's HubUnreachableError, raised before training starts) print `<script>: error: <message>` on stderr and
-    exit with status 1, as argparse does for a flag it does not know. Errors raised once a DBPTrainer began to train
-    (in training, evaluation, saving, the card, the push) keep their traceback: they are the run's, not the
-    arguments'. `HF_DBP_FULL_TRACEBACK=1` keeps it for every error. Under `accelerate launch` the launcher adds its
-    own CalledProcessError after the line; `accelerate launch --quiet` leaves it out."""
+    exit with status 1, as argparse does for a flag it does not know; so do those of a checkpoint found broken before
+    training. Errors raised once training began ([`TrainingBegan`]: in training, evaluation, saving, the card, the
+    push) keep their traceback: they are the run's, not the arguments'. `HF_DBP_FULL_TRACEBACK=1` keeps it for every
+    error. Under `accelerate launch` the launcher adds its own CalledProcessError after the line; `accelerate launch
+    --quiet` leaves it out."""
     from ..training.hub import HubUnreachableError
-    from ..training.trainer import DBPTrainer
 
     try:
         main()
     except (ValueError, OSError, HubUnreachableError) as error:
-        if os.environ.get(FULL_TRACEBACK_VARIABLE, "") not in ("", "0") or DBPTrainer.train_began:
+        if os.environ.get(FULL_TRACEBACK_VARIABLE, "") not in ("", "0") or TrainingBegan.began:
             raise
         sys.stdout.flush()
         print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)

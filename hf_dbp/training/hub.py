@@ -6,8 +6,9 @@ import os
 import re
 
 from huggingface_hub import HfApi, constants
-from huggingface_hub.errors import HFValidationError, LocalTokenNotFoundError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.errors import LocalTokenNotFoundError
+
+from .model_card import is_repo_id, write_model_card
 
 
 class HubUnreachableError(RuntimeError):
@@ -40,18 +41,6 @@ def ensure_hub_reachable(
         raise HubUnreachableError(
             f"{what} needs the Hugging Face Hub, which cannot be reached ({type(error).__name__}: {error}). {hint}"
         ) from error
-
-
-def is_repo_id(name: str) -> bool:
-    """Whether `name` can be a Hub repo id here: not a path on this machine, and of the Hub's form (`name` or
-    `owner/name`, as huggingface_hub's own validator says: no absolute or dotted path, no second `/`)."""
-    if os.path.exists(name):
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
 
 
 def check_model_folder(path: str, role: str, repo_id_allowed: bool = True) -> None:
@@ -88,7 +77,6 @@ def push_folder(
 
         import hf_dbp  # noqa: F401 - registers the config types the folder may hold
 
-        from .model_card import write_model_card
 
         write_model_card(folder, AutoConfig.from_pretrained(folder), model_name=repo_id)
     else:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import TrainingArguments
 
 from ..core.collectives import TRANSFER_DTYPES
+from ..core.optimizer_hook import GUARDS, LR_SCHEDULES
 from .optimizers import MATRIX_OPTIMIZERS
 
-DECORRELATION_LR_SCHEDULES = ("constant", "tied")
+DECORRELATION_LR_SCHEDULES = LR_SCHEDULES
 """`DBPTrainingArguments.decorrelation_lr_schedule`: R's learning rate constant, or following the weights' schedule."""
 
 
@@ -24,8 +25,10 @@ def _has_other_accelerator() -> bool:
 
 @dataclass
 class DBPTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus how to measure the run's emissions (see `hf_dbp.training.emissions`) and the optimizer of the
-    hidden matrices (see `hf_dbp.training.optimizers`)."""
+    """`TrainingArguments` plus every setting `DBPTrainer` adds: how the decorrelation step runs (see
+    `hf_dbp.DecorrelationHook`), how to measure the run's emissions (see `hf_dbp.training.emissions`), a time budget,
+    and the optimizer of the hidden matrices (see `hf_dbp.training.optimizers`). `DBPTrainer` given plain
+    `TrainingArguments` uses these fields' defaults."""
 
     emissions_country: str | None = field(
         default=None,
@@ -76,6 +79,16 @@ class DBPTrainingArguments(TrainingArguments):
                   "choices": list(TRANSFER_DTYPES)},
     )  # fmt: skip
 
+    decorrelation_guard: str = field(
+        default="skip",
+        metadata={"help": "An update of R that would make it non-finite or comes from exploding statistics (loss above "
+                  "--decorrelation_max_loss): 'skip' it (R stays, a warning, decorrelation_skipped_updates counts it) or "
+                  "'stop' the run with an error.", "choices": list(GUARDS)},
+    )  # fmt: skip
+    decorrelation_max_loss: float = field(
+        default=1e6, metadata={"help": "The decorrelation loss taken as exploded (see --decorrelation_guard)."}
+    )
+
     def __post_init__(self):
         # Launched as several processes (accelerate, torchrun) on a machine without GPUs, accelerate treats every
         # process as a separate single-process run unless told to use the CPU; with use_cpu they form one DDP group
@@ -96,6 +109,18 @@ class DBPTrainingArguments(TrainingArguments):
         if self.decorrelation_transfer_dtype not in TRANSFER_DTYPES:
             raise ValueError(f"decorrelation_transfer_dtype must be one of {list(TRANSFER_DTYPES)}, got "
                              f"{self.decorrelation_transfer_dtype!r}")  # fmt: skip
+        if self.decorrelation_guard not in GUARDS:
+            raise ValueError(f"decorrelation_guard must be one of {list(GUARDS)}, got {self.decorrelation_guard!r}")
+        if not self.decorrelation_max_loss >= 0:
+            raise ValueError(f"decorrelation_max_loss must be >= 0, got {self.decorrelation_max_loss}")
         if not self.muon_lr_multiplier > 0:
             raise ValueError(f"muon_lr_multiplier must be > 0, got {self.muon_lr_multiplier}")
         super().__post_init__()
+
+
+_DEFAULTS = {f.name: f.default for f in fields(DBPTrainingArguments) if f.name not in {g.name for g in fields(TrainingArguments)}}
+
+
+def dbp_argument(args: TrainingArguments, name: str):
+    """`args.<name>`, one of the fields `DBPTrainingArguments` adds; its default for plain `TrainingArguments`."""
+    return getattr(args, name) if isinstance(args, DBPTrainingArguments) else _DEFAULTS[name]

@@ -1,9 +1,9 @@
 """ViTMAE with a decorrelated encoder (DBP-MAE).
 
-The model classes are transformers' ViTMAE classes with the encoder layers named by
-``config.decorrelation_layers`` wrapped by :func:`hf_dbp.core.decorrelation.inject_decorrelation`. Parameter names are
-unchanged, so any plain ViTMAE checkpoint (5.x key layout or the older 4.x one) loads with R = identity and gives
-the plain model's outputs; the only new keys are the ``*_decorrelation.R`` matrices.
+The model classes are transformers' ViTMAE classes with the encoder layers that `config.decorrelation` (a
+`DecorrelationConfig`) targets wrapped by `hf_dbp.core.inject.inject_decorrelation`, as `hf_dbp.decorrelate` would
+wrap them. Parameter names are unchanged, so any plain ViTMAE checkpoint (5.x key layout or the older 4.x one) loads
+with R = identity and gives the plain model's outputs; the only new keys are the `*_decorrelation.R` matrices.
 """
 
 from __future__ import annotations
@@ -14,27 +14,22 @@ from transformers import initialization as init
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoder, ViTMAEPreTrainedModel
 
-from ...core.decorrelation import (
-    Decorrelation,
-    RowSampler,
-    decorrelation_module_name,
-    decorrelation_step,
-    fold_decorrelation,
-    inject_decorrelation,
-)
-from .configuration_vit_mae_dbp import DBP_CONFIG_FIELDS, DECORRELATION_LAYER_KINDS, ViTMAEDBPConfig
+from ...core.config import DecorrelationConfig
+from ...core.decorrelation import Decorrelation
+from ...core.inject import decorrelation_module_name, fold_decorrelation, inject_decorrelation
+from ...core.sampling import RowSampler
+from ...core.step import update_decorrelations
+from .configuration_vit_mae_dbp import DECORRELATION_LAYER_KINDS, LEGACY_FIELDS, ViTMAEDBPConfig
 from .remote_code import save_pretrained_with_remote_code
-
-# Seed of the generator that draws the rows used for R's statistics. It is separate from torch's global RNG so that
-# a DBP run and a BP run with the same seed draw the same masks.
-STATISTICS_SEED = 0
 
 
 def vit_mae_decorrelation_groups(num_hidden_layers: int, kinds=DECORRELATION_LAYER_KINDS) -> dict[str, list[str]]:
-    """The plan for :func:`~hf_dbp.core.decorrelation.inject_decorrelation` on a ViTMAE encoder (a ``ViTMAEModel``).
+    """The plan of the layer `kinds` of a ViTMAE encoder (a `ViTMAEModel`): each R's name and the layers that read
+    its output. q, k and v read the same input and share one R.
 
-    Maps each R's name to the layers that read its output; q, k and v read the same input and share one R.
-    Paths follow transformers 5.x module names (``layers.N.attention.q_proj``, ``layers.N.mlp.fc1``, ...).
+    It is the plan `hf_dbp.plan_decorrelation` traces for the same targets (tested), built without a forward so that
+    a model built on the meta device (`from_pretrained`) has it. Paths follow transformers 5.x module names
+    (`layers.N.attention.q_proj`, `layers.N.mlp.fc1`, ...).
     """
     groups = {}
     if "patch_embeddings" in kinds:
@@ -54,7 +49,7 @@ def vit_mae_decorrelation_groups(num_hidden_layers: int, kinds=DECORRELATION_LAY
 def plain_vit_mae_config(config: ViTMAEDBPConfig, architecture: str) -> ViTMAEConfig:
     """The ViTMAE configuration of a DBP configuration, without the DBP fields."""
     # No auto_map either: a plain checkpoint carries no hf_dbp code for trust_remote_code to point to.
-    values = {k: v for k, v in config.to_dict().items() if k not in (*DBP_CONFIG_FIELDS, "auto_map")}
+    values = {k: v for k, v in config.to_dict().items() if k not in ("decorrelation", *LEGACY_FIELDS, "auto_map")}
     values.update(model_type=ViTMAEConfig.model_type, architectures=[architecture])
     return ViTMAEConfig.from_dict(values)
 
@@ -80,40 +75,21 @@ class ViTMAEDBPPreTrainedModel(ViTMAEPreTrainedModel):
             # R starts at the identity: a fresh DBP model, or one loaded from a plain checkpoint, is the plain model.
             init.eye_(module.R)
 
+    # hf_dbp.load_decorrelated: these classes put their R in place themselves, from their config.
+    decorrelates_on_init = True
+
     def decorrelation_modules(self) -> list[Decorrelation]:
-        """Every :class:`~hf_dbp.core.decorrelation.Decorrelation` (one R each) of the encoder, in module order."""
+        """Every [`~hf_dbp.core.decorrelation.Decorrelation`] (one R each) of the encoder, in module order."""
         return [m for m in self.modules() if isinstance(m, Decorrelation)]
 
-    def decorrelation_step(
-        self,
-        max_loss: float = 1e6,
-        on_divergence: str = "skip",
-        lr_scale: float = 1.0,
-        pending=None,
-        transfer_dtype: torch.dtype | str | None = None,
-        update: bool = True,
-    ) -> float | None:
-        """Update every R from the statistics of the training-mode forwards since the last call, then clear them.
-
-        Uses `config.decorrelation_lr` (times `lr_scale`, e.g. the MAE schedule's current factor), `config.decorrelation_kappa`
-        and `config.decorrelation_variance_form`. Under `torch.distributed` the statistics of
-        all processes are combined (hf_dbp.core.collectives), so every process ends with the same R. Call it after each
-        optimizer step ([`DBPTrainer`] does). An update that would make R non-finite, or whose loss exceeds
-        `max_loss`, is skipped (`on_divergence="skip"`, counted per module in `skipped_updates`) or raises
-        `hf_dbp.core.decorrelation.DecorrelationDiverged` (`"raise"`). `pending`: what
-        `hf_dbp.core.decorrelation.begin_decorrelation_step(self.decorrelation_modules())` returned after the step's
-        last forward (the exchange between processes then ran during the backward). `transfer_dtype` ("bfloat16",
-        "float16") sends the statistics between processes in 16 bits; `update=False` keeps them for a later update
-        (R updated every k steps): see `hf_dbp.core.decorrelation.decorrelation_step`.
-
-        Returns:
-            The decorrelation loss averaged over the decorrelated layers, or `None` if no training forward ran.
-        """
-        return decorrelation_step(
-            self.decorrelation_modules(), self.config.decorrelation_lr * lr_scale, self.config.decorrelation_kappa,
-            max_loss=max_loss, on_divergence=on_divergence, variance_form=self.config.decorrelation_variance_form,
-            pending=pending, transfer_dtype=transfer_dtype, update=update,
-        )  # fmt: skip
+    def decorrelation_step(self, lr_scale: float = 1.0, **kwargs) -> float | None:
+        """`hf_dbp.decorrelation_step(self, ...)`: update every R after an optimizer step, with the settings of
+        `config.decorrelation` (the lr times `lr_scale`). Returns the mean decorrelation loss, or None if no training
+        forward ran."""
+        # As hf_dbp.decorrelation_step does it; called here directly so that the code a checkpoint carries stays small.
+        settings = DecorrelationConfig.from_dict(self.config.decorrelation)
+        kwargs.setdefault("variance_form", settings.variance_form)
+        return update_decorrelations(self.decorrelation_modules(), settings.lr * lr_scale, settings.kappa, **kwargs)
 
     @torch.no_grad()
     def merge_decorrelation(self) -> ViTMAEPreTrainedModel:
@@ -130,7 +106,7 @@ class ViTMAEDBPPreTrainedModel(ViTMAEPreTrainedModel):
 
 class ViTMAEDBPModel(ViTMAEDBPPreTrainedModel, ViTMAEModel):
     """
-    The ViTMAE encoder with the layers named by `config.decorrelation_layers` decorrelated. `forward` takes the same
+    The ViTMAE encoder with the layers `config.decorrelation` targets decorrelated. `forward` takes the same
     arguments and returns the same [`~transformers.models.vit_mae.modeling_vit_mae.ViTMAEModelOutput`] as
     [`~transformers.ViTMAEModel`].
 
@@ -144,9 +120,9 @@ class ViTMAEDBPModel(ViTMAEDBPPreTrainedModel, ViTMAEModel):
     def __init__(self, config: ViTMAEDBPConfig):
         super().__init__(config)
         groups = vit_mae_decorrelation_groups(config.num_hidden_layers, config.decorrelation_layers)
-        inject_decorrelation(
-            self, groups, sample_fraction=config.decorrelation_sample_fraction, generator=RowSampler(STATISTICS_SEED)
-        )
+        settings = DecorrelationConfig.from_dict(config.decorrelation).replace(groups=groups)
+        inject_decorrelation(self, groups, sample_fraction=settings.sample_fraction, generator=RowSampler(settings.seed))
+        config.decorrelation = settings.to_dict()  # the plan, saved with the model as every decorrelated model's
         # R and its statistics stay in float32 when the rest of the model is loaded in half precision. transformers
         # matches these entries as whole dotted name parts (`qkv_decorrelation` of `layers.0.attention.
         # qkv_decorrelation.R`), so they name exactly the R this config has; models holding this one (pre-training,

@@ -18,8 +18,8 @@ from transformers.modeling_outputs import BackboneOutput
 from transformers.models.beit.modeling_beit import BeitDropPath, BeitFPNNeck
 from transformers.utils.generic import can_return_tuple
 
-from ...core.decorrelation import decorrelation_matrices
-from .configuration_vit_mae_dbp import DBP_CONFIG_FIELDS, ViTMAEDBPConfig
+from ...core.inject import decorrelation_matrices
+from .configuration_vit_mae_dbp import ViTMAEDBPConfig
 from .modeling_vit_mae_dbp import ViTMAEDBPForPreTraining, ViTMAEDBPModel, ViTMAEDBPPreTrainedModel
 
 logger = logging.getLogger(__name__)
@@ -252,8 +252,7 @@ def upernet_around_encoder(
     """UperNet whose backbone holds the encoder of `pretrained` (see `upernet_from_pretraining_checkpoint`)."""
     decorrelated = pretrained.config.decorrelation_layers if keep_decorrelation else []
     encoder = pretrained.vit if keep_decorrelation else pretrained.vit.merge_decorrelation()
-    settings = {k: getattr(pretrained.config, k) for k in DBP_CONFIG_FIELDS} | {"decorrelation_layers": decorrelated}
-    settings["drop_path_rate"] = drop_path_rate
+    settings = {"decorrelation_layers": decorrelated, "drop_path_rate": drop_path_rate}
     if out_indices:
         settings["out_indices"] = out_indices
     backbone_config = ViTMAEDBPBackboneConfig.from_encoder_config(pretrained.config, **settings)

@@ -1,0 +1,286 @@
+"""DBP in any training loop, in one line: the decorrelation step after every real optimizer step.
+
+```python
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+hook = hf_dbp.attach_decorrelation(optimizer, model)  # then train as usual: loss.backward(); optimizer.step()
+```
+
+Why an optimizer hook: torch's `Optimizer.register_step_post_hook` fires after every `optimizer.step()` that really
+runs, whoever calls it (a plain loop, Accelerate, Lightning, transformers' Trainer, timm's train script), and only
+then: inside `accelerator.accumulate` the wrapped optimizer skips its step until the gradients sync, and fp16's
+`GradScaler.step` does not call `step()` when it skips one, so R is updated once per real step, with the statistics
+of every forward since the last one (every gradient-accumulation micro-batch), on every process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .collectives import resolve_transfer_dtype
+from .decorrelation import Decorrelation
+from .inject import DecorrelationMonitor, decorrelation_matrices, drop_decorrelation_matrices
+from .model import decorrelation_config_of, decorrelation_modules
+from .plan import plan_decorrelation
+from .sampling import RowSampler
+from .step import PendingStatistics, begin_decorrelation_step, update_decorrelations
+
+logger = logging.getLogger(__name__)
+
+LR_SCHEDULES = ("constant", "tied")
+"""R's learning rate over training: `"constant"` (the config's `lr` at every step) or `"tied"` (times the weights'
+schedule factor: the same warm-up and decay as the optimizer's learning rate)."""
+GUARDS = ("skip", "stop")
+"""What to do with an update of R that would make it non-finite or comes from exploding statistics: `"skip"` it (R
+stays, a warning) or `"stop"` the run with `hf_dbp.core.step.DecorrelationDiverged`."""
+
+
+_WRAPPERS = ("AcceleratedOptimizer", "LightningOptimizer")
+"""Optimizer wrappers whose `step()` calls the torch optimizer's only for real steps."""
+
+
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside Accelerate's `AcceleratedOptimizer` or Lightning's `LightningOptimizer`."""
+    while type(optimizer).__name__ in _WRAPPERS:
+        optimizer = getattr(optimizer, "optimizer", None) or optimizer._optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"attach_decorrelation needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return optimizer
+
+
+def _parameter_ids(optimizer: torch.optim.Optimizer) -> set[int]:
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+class DecorrelationHook:
+    """Takes the decorrelation step of a model's R after every real optimizer step (see `attach_decorrelation`).
+
+    Also usable without an optimizer: call `step()` after each optimizer step yourself.
+
+    Args:
+        model (`nn.Module`):
+            A decorrelated model (`hf_dbp.decorrelate`, a ViTMAE-DBP model, or a model holding one), or with
+            `measure_only` a plain model.
+        lr_scheduler (`torch.optim.lr_scheduler.LRScheduler`, *optional*):
+            The weights' scheduler, for `lr_schedule="tied"`.
+        lr_schedule (`str`, defaults to `"constant"`):
+            One of `LR_SCHEDULES`.
+        update_every (`int`, defaults to 1):
+            Update R every this many optimizer steps, from the statistics of all of them (a k-th of the traffic
+            between processes); the folded weights are reformed at every step.
+        transfer_dtype (`str`, *optional*):
+            `"bfloat16"` or `"float16"`: the statistics travel between processes in 16 bits.
+        guard (`str`, defaults to `"skip"`):
+            One of `GUARDS`.
+        max_loss (`float`, defaults to 1e6):
+            The decorrelation loss taken as exploded.
+        gradient_accumulation_steps (`int`, defaults to 1):
+            Micro-batches per optimizer step: above 1, every micro-batch of a step shares one folded `W R`.
+        measure_only ([`DecorrelationConfig`], *optional*):
+            For a plain model (the BP baseline): measure the decorrelation loss of the layers this config selects,
+            without changing the model (R stays the identity, `lr = 0`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lr_scheduler=None,
+        lr_schedule: str = "constant",
+        update_every: int = 1,
+        transfer_dtype: str | None = None,
+        guard: str = "skip",
+        max_loss: float = 1e6,
+        gradient_accumulation_steps: int = 1,
+        measure_only=None,
+    ) -> None:
+        self.check_options(lr_schedule, update_every, transfer_dtype, guard, max_loss)
+        self.model = model
+        self.monitor: DecorrelationMonitor | None = None
+        config = decorrelation_config_of(model)
+        has_matrices = bool(decorrelation_matrices(model))
+        if measure_only is not None:
+            if has_matrices or config is not None:
+                raise ValueError(f"{type(model).__name__} is decorrelated: measure_only is for plain models")
+            groups = measure_only.groups or plan_decorrelation(model, measure_only)
+            self.monitor = DecorrelationMonitor(model, groups, measure_only.sample_fraction, RowSampler(measure_only.seed))
+            self._measure_kappa = measure_only.kappa
+        elif config is None:
+            what = "holds decorrelation matrices but no DecorrelationConfig" if has_matrices else "has no R"
+            raise ValueError(
+                f"{type(model).__name__} {what}: decorrelate it first (hf_dbp.decorrelate(model, config)), or pass "
+                "measure_only=DecorrelationConfig(...) to measure a plain model"
+            )
+        self.lr_scheduler = lr_scheduler
+        self.lr_schedule = lr_schedule
+        self.update_every = update_every
+        self.transfer_dtype = transfer_dtype
+        self.guard = {"on_divergence": "raise" if guard == "stop" else "skip", "max_loss": max_loss}
+        self.optimizer_steps = 0
+        self.losses: list[float] = []
+        self.pending: PendingStatistics | None = None
+        self._skipped_reported = 0
+        self._handle = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        for R in decorrelation_matrices(model):
+            R.requires_grad_(False)  # a user's model.requires_grad_(True) may have set it again
+        for d in self.modules():
+            d.reuse_fold_in_training = gradient_accumulation_steps > 1
+
+    @staticmethod
+    def check_options(
+        lr_schedule: str = "constant", update_every: int = 1, transfer_dtype=None, guard: str = "skip", max_loss=1e6
+    ) -> None:
+        """Raise a `ValueError` naming the first option whose value cannot work."""
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {lr_schedule!r}")
+        if not (isinstance(update_every, int) and not isinstance(update_every, bool) and update_every >= 1):
+            raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
+        if guard not in GUARDS:
+            raise ValueError(f"guard must be one of {list(GUARDS)}, got {guard!r}")
+        if not (isinstance(max_loss, (int, float)) and max_loss >= 0):
+            raise ValueError(f"max_loss must be a number >= 0, got {max_loss!r}")
+        resolve_transfer_dtype(transfer_dtype)
+
+    def modules(self) -> list[Decorrelation]:
+        """The `Decorrelation` modules this hook steps (the monitor's for a plain model)."""
+        if self.monitor is not None:
+            return list(self.monitor.decorrelations.values())
+        return decorrelation_modules(self.model)
+
+    def attach(self, optimizer) -> DecorrelationHook:
+        """Step after every real `step()` of `optimizer` (the torch optimizer inside any wrapper)."""
+        if self._handle is not None:
+            raise ValueError("this DecorrelationHook is attached already; remove() it first")
+        inner = _torch_optimizer(optimizer)
+        if getattr(inner, "_hf_dbp_hook", None) is not None:
+            raise ValueError(f"DBP is attached to this {type(inner).__name__} already: attach it once per optimizer")
+        held = _parameter_ids(inner)
+        weights = [p for p in self.model.parameters() if p.requires_grad]
+        if weights and not any(id(p) in held for p in weights):
+            raise ValueError(
+                f"the {type(inner).__name__} holds none of {type(self.model).__name__}'s trainable parameters: "
+                "attach DBP to the optimizer that trains this model"
+            )
+        if dropped := drop_decorrelation_matrices(inner, self.model):
+            logger.warning(
+                "Removed %d decorrelation matrices R from the optimizer: R is updated by the decorrelation step, "
+                "never by an optimizer.", dropped
+            )
+        self._handle = inner.register_step_post_hook(lambda *_: self.step())
+        self._optimizer = inner
+        inner._hf_dbp_hook = self
+        return self
+
+    def remove(self) -> None:
+        """Detach from the optimizer: its steps no longer update R."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._optimizer._hf_dbp_hook = None
+            self._handle = self._optimizer = None
+        if self.monitor is not None:
+            self.monitor.remove()
+
+    def updates_now(self) -> bool:
+        """Whether the next optimizer step is followed by an update of R (every `update_every`-th)."""
+        return (self.optimizer_steps + 1) % self.update_every == 0
+
+    def begin(self, process_group=None) -> None:
+        """Start exchanging this step's statistics now, after the forward of its last micro-batch, so that over
+        several processes they travel during the backward; the step after the optimizer's waits for them."""
+        if self.pending is None and self.updates_now():
+            self.pending = begin_decorrelation_step(self.modules(), process_group, self.transfer_dtype)
+
+    def lr_scale(self) -> float:
+        """1, or with `lr_schedule="tied"` the factor the weights' scheduler applied at the step just taken (the
+        scheduler steps after the optimizer)."""
+        if self.lr_schedule != "tied" or self.lr_scheduler is None:
+            return 1.0
+        base, last = self.lr_scheduler.base_lrs[0], self.lr_scheduler.get_last_lr()[0]
+        return last / base if base else 1.0
+
+    @torch.no_grad()
+    def step(self) -> float | None:
+        """The decorrelation step after one optimizer step; returns its mean decorrelation loss (None if nothing
+        was measured)."""
+        update, pending, self.pending = self.updates_now(), self.pending, None
+        self.optimizer_steps += 1
+        common = dict(pending=pending, transfer_dtype=self.transfer_dtype, update=update)
+        if self.monitor is not None:
+            loss = update_decorrelations(self.modules(), lr=0.0, kappa=self._measure_kappa, **common)
+        else:
+            config = decorrelation_config_of(self.model)  # read at every step: a change of the config applies at once
+            lr = config.lr * self.lr_scale()
+            loss = update_decorrelations(
+                self.modules(), lr, config.kappa, variance_form=config.variance_form, **common, **self.guard
+            )
+        if loss is not None and math.isfinite(loss):
+            self.losses.append(loss)
+        skipped = self.skipped_updates()
+        if skipped > self._skipped_reported:
+            logger.warning(
+                "optimizer step %d: %d decorrelation update(s) skipped by the guard (R non-finite or loss above %g); "
+                "R left unchanged", self.optimizer_steps, skipped - self._skipped_reported, self.guard["max_loss"]
+            )
+            self._skipped_reported = skipped
+        return loss
+
+    def skipped_updates(self) -> int:
+        """Updates refused by the guard so far, over every R."""
+        return sum(d.skipped_updates for d in self.modules())
+
+    def mean_loss(self) -> float | None:
+        """The mean decorrelation loss of the steps since the last call (for a log record), or None."""
+        losses, self.losses = self.losses, []
+        return sum(losses) / len(losses) if losses else None
+
+    def row_samplers(self) -> list[RowSampler]:
+        samplers = {id(d.generator): d.generator for d in self.modules() if d.generator is not None}
+        return list(samplers.values())
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to go on as an uninterrupted one: the optimizer steps taken and the state of the
+        generators that draw the statistics' rows (save it with your checkpoint, or
+        `accelerator.register_for_checkpointing(hook)`)."""
+        return {"optimizer_steps": self.optimizer_steps, "row_samplers": [s.get_state() for s in self.row_samplers()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        samplers = self.row_samplers()
+        if len(state["row_samplers"]) != len(samplers):
+            raise ValueError(
+                f"the saved DBP state has {len(state['row_samplers'])} row generators, this model {len(samplers)}: it "
+                "was saved from another model"
+            )
+        for sampler, saved in zip(samplers, state["row_samplers"], strict=True):
+            sampler.set_state(saved)
+        self.optimizer_steps = int(state["optimizer_steps"])
+
+
+def attach_decorrelation(optimizer, model: nn.Module, **options) -> DecorrelationHook:
+    """Take the decorrelation step of `model`'s R after every real `optimizer.step()`, in any training loop.
+
+    Args:
+        optimizer (`torch.optim.Optimizer`):
+            The optimizer that trains `model` (or a wrapper of it: Accelerate's, Lightning's). R is removed from its
+            parameter groups if it holds it.
+        model (`nn.Module`):
+            The decorrelated model (see [`DecorrelationHook`]).
+        options:
+            The keyword arguments of [`DecorrelationHook`] (`lr_scheduler`, `lr_schedule`, `update_every`, ...).
+
+    Returns:
+        The [`DecorrelationHook`]: `remove()` detaches it; `state_dict()` / `load_state_dict()` save and restore its
+        state with your checkpoints; `mean_loss()` gives the decorrelation loss to log.
+
+    Raises:
+        ValueError: the model has no R (and no `measure_only`), the optimizer holds none of the model's weights, or DBP
+            is attached to this optimizer already.
+    """
+    return DecorrelationHook(model, **options).attach(optimizer)
+
+
+__all__ = ["GUARDS", "LR_SCHEDULES", "DecorrelationHook", "attach_decorrelation"]
