@@ -4,6 +4,7 @@ import importlib
 import itertools
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -406,3 +407,24 @@ def test_the_same_seed_gives_a_dbp_model_the_plain_model_s_initial_weights(tiny_
     torch.manual_seed(0)
     plain = ViTMAEForPreTraining(ViTMAEConfig(**tiny_kwargs))
     assert all(torch.equal(value, plain.state_dict()[name]) for name, value in dbp.state_dict().items())
+
+
+def test_a_checkpoint_of_hf_dbp_0_1_loads_with_every_R_exact_and_saves_in_todays_layout(tmp_path):
+    """config.json of hf-dbp 0.1 held the DBP settings as fields of their own; they load into config.decorrelation,
+    and every R and the outputs are those the old code saved (tests/fixtures/vit_mae_dbp_hf_dbp_0.1/README.md)."""
+    folder = Path(__file__).parent / "fixtures" / "vit_mae_dbp_hf_dbp_0.1"
+    expected = torch.load(folder / "expected.pt")
+    for path in (folder, tmp_path / "resaved"):
+        model = ViTMAEDBPForPreTraining.from_pretrained(path).eval()
+        config = model.config
+        assert (config.decorrelation_lr, config.decorrelation_kappa, config.decorrelation_sample_fraction) == (2e-3, 0.05, 0.5)
+        assert config.decorrelation_layers == ["patch_embeddings", "qkv", "fc2"]
+        R = {n: p for n, p in model.named_parameters() if n.endswith("_decorrelation.R")}
+        assert R.keys() == expected["R"].keys()
+        assert all(torch.equal(R[n], expected["R"][n]) for n in R)
+        with torch.no_grad():
+            logits = model(pixel_values=expected["pixel_values"], noise=expected["noise"]).logits
+        torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-6)
+        model.save_pretrained(tmp_path / "resaved")
+    saved = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert "decorrelation_lr" not in saved and saved["decorrelation"]["lr"] == 2e-3
