@@ -36,8 +36,10 @@ from transformers import (
 import hf_dbp
 from hf_dbp import DBPTrainer, DecorrelationConfig
 from hf_dbp.core.config import CONFIG_ATTRIBUTE, VARIANCE_FORMS
+from hf_dbp.core.model import from_pretrained_checked
 from hf_dbp.tasks.scripts import TrainingBegan, parse_script_arguments, run_main, saved_files, setup_logging
 from hf_dbp.tasks.text_data import TEXT_SETS, demo_text_dataset
+from hf_dbp.training.checkpoints import check_pretrained
 from hf_dbp.training.hub import ensure_hub_reachable
 from hf_dbp.training.plotting import plot_training_curves
 from hf_dbp.training.training_args import DBPTrainingArguments
@@ -244,7 +246,7 @@ def build_model(model_args: ModelArguments, dbp_args: DBPArguments, tokenizer):
             stored = getattr(model.config, CONFIG_ATTRIBUTE)
             stored.update(lr=settings.lr, kappa=settings.kappa, variance_form=settings.variance_form)
             return model
-        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **load)
+        model = from_pretrained_checked(AutoModelForCausalLM, model_args.model_name_or_path, **load)
     else:
         if model_args.config_name is not None:
             config = AutoConfig.from_pretrained(model_args.config_name, **load)
@@ -287,6 +289,8 @@ def tokenize_and_group(raw, tokenizer, column: str, block_size: int, data_args, 
 def main() -> None:
     model_args, data_args, dbp_args, training_args = parse_args()
     settings = dbp_args.decorrelation_config()  # checked before anything is read
+    if model_args.model_name_or_path is not None:
+        check_pretrained(model_args.model_name_or_path)  # a damaged local checkpoint: its file and what is wrong
     check_architecture(model_args, dbp_args)
     if training_args.push_to_hub:  # before anything slow: fail now rather than after training
         ensure_hub_reachable(training_args.hub_token)
@@ -351,9 +355,8 @@ def main() -> None:
         plot_training_curves(trainer.state.log_history, os.path.join(training_args.output_dir, "training_curves.png"),
                              title=f"{method}: causal language modelling")  # fmt: skip
         logger.info(
-            "Done: %s, %d steps in %.1f s. Eval loss %s (perplexity %s). Outputs in %s (model + tokenizer, load with "
-            "%s): %s.",
-            method, trainer.state.global_step, train_result.metrics["train_runtime"],
+            "Done: %s, %s. Eval loss %s (perplexity %s). Outputs in %s (model + tokenizer, load with %s): %s.",
+            method, trainer.training_summary(),
             f"{metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "n/a",
             f"{metrics['perplexity']:.2f}" if "perplexity" in metrics else "n/a",
             os.path.abspath(training_args.output_dir),

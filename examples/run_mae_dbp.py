@@ -49,6 +49,8 @@ from hf_dbp.tasks.scripts import (
     saved_files,
     setup_logging,
 )
+from hf_dbp.core.model import from_pretrained_checked
+from hf_dbp.training.checkpoints import check_pretrained
 from hf_dbp.training.hub import checkpoint_not_found, ensure_hub_reachable
 from hf_dbp.training.plotting import plot_training_curves
 from hf_dbp.training.training_args import DBPTrainingArguments
@@ -187,6 +189,7 @@ def build_model(model_args: ModelArguments, dbp_args: DBPArguments):
     if model_args.model_name_or_path is not None:
         if model_args.config_overrides is not None:
             logger.warning("--config_overrides is ignored: the architecture comes from --model_name_or_path")
+        check_pretrained(model_args.model_name_or_path)  # a damaged local checkpoint: its file and what is wrong
         try:
             model_type = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **load).model_type
         except OSError as error:  # named here: transformers' message names neither the flag nor the checkpoint
@@ -196,9 +199,10 @@ def build_model(model_args: ModelArguments, dbp_args: DBPArguments):
                 f"--model_name_or_path {model_args.model_name_or_path} is a {model_type!r} model; this script "
                 "pre-trains ViTMAE ('vit_mae', e.g. facebook/vit-mae-base) or DBP-MAE ('vit_mae_dbp') checkpoints."
             )
-        model = ViTMAEDBPForPreTraining.from_pretrained(
-            model_args.model_name_or_path, **load, **common, **({} if dbp_args.bp_baseline else dbp_args.config_values())
-        )
+        model = from_pretrained_checked(
+            ViTMAEDBPForPreTraining, model_args.model_name_or_path, **load, **common,
+            **({} if dbp_args.bp_baseline else dbp_args.config_values()),
+        )  # fmt: skip
         # A DBP checkpoint continued as BP is its plain equivalent: R folded into the weights.
         return model.merge_decorrelation() if dbp_args.bp_baseline else model
 
@@ -325,11 +329,11 @@ def main() -> None:
         plot_training_curves(trainer.state.log_history, plot_path, title=f"{method}: MAE pre-training", empty_note=too_few)
         last = [r for r in trainer.state.log_history if "decorrelation_loss" in r]
         logger.info(
-            "Done: %s, %d steps in %.1f s. Final train loss %.4f, eval loss %s, decorrelation loss %s. Outputs in %s "
-            "(load with %s): %s.",
-            method, trainer.state.global_step, train_result.metrics["train_runtime"], train_result.metrics["train_loss"],
+            "Done: %s, %s. Eval loss %s, decorrelation loss %s. Outputs in %s (load with %s): %s.",
+            method, trainer.training_summary(),
             f"{metrics['eval_loss']:.4f}" if "validation" in ds else "n/a (no validation split)",
-            f"{last[-1]['decorrelation_loss']:.4f}" if last else f"n/a ({too_few})" if too_few else "n/a",
+            f"{last[-1]['decorrelation_loss']:.4f}{trainer.carried_note(last[-1]['step'])}" if last
+            else f"n/a ({too_few})" if too_few else "n/a",
             os.path.abspath(training_args.output_dir),
             "transformers.ViTMAEForPreTraining.from_pretrained" if dbp_args.bp_baseline
             else "`import hf_dbp` then hf_dbp.ViTMAEDBPForPreTraining.from_pretrained",

@@ -54,6 +54,7 @@ from hf_dbp.tasks.segmentation.data import (
 from hf_dbp.tasks.segmentation.evaluation import predict_batch
 from hf_dbp.tasks.segmentation.image_processing import IGNORE_INDEX, DBPSegmentationImageProcessor
 from hf_dbp.tasks.segmentation.metrics import SegmentationEvaluator
+from hf_dbp.training.checkpoints import check_pretrained
 from hf_dbp.training.hub import checkpoint_not_found, ensure_hub_reachable
 from hf_dbp.training.plotting import plot_segmentation_examples
 from hf_dbp.training.training_args import DBPTrainingArguments
@@ -132,7 +133,7 @@ class SegmentationTrainingArguments(DBPTrainingArguments):
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of the heads."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
     lr_scheduler_type: str = field(default="polynomial", metadata={"help": "Schedule after warm-up."})
-    warmup_steps: float = field(default=1500, metadata={"help": "Warm-up steps (or a fraction below 1)."})
+    warmup_steps: float = field(default=0.1, metadata={"help": "Warm-up steps, or a fraction of the run below 1 (the default: a tenth of the optimizer steps, whatever their number). The MAE/BEiT recipe's 1,500 steps of its 160k (examples/configs/upernet_mae_vit_b16_ade20k_160k.yaml sets them) would be the whole of a short run."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the raw columns for the transform."})
     batch_eval_metrics: bool = field(default=True, metadata={"help": "Reduce each evaluation batch to confusion counts (bounded memory)."})
 
@@ -275,6 +276,9 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]):
     if checkpoint is not None and model_args.model_name_or_path is None:
         logger.info("No --model_name_or_path: using the pre-training demo's checkpoint %s", checkpoint)
     if checkpoint is not None:
+        for path in (checkpoint, model_args.config_name):
+            if path is not None:
+                check_pretrained(path)  # a damaged local checkpoint: its file and what is wrong
         try:
             config = AutoConfig.from_pretrained(model_args.config_name or checkpoint, trust_remote_code=model_args.trust_remote_code,
                                                 **load_kwargs(model_args))  # fmt: skip
@@ -432,10 +436,10 @@ def main() -> None:
             os.path.join(training_args.output_dir, "predictions.png"), num_labels=len(id2label), id2label=id2label,
         )  # fmt: skip
         logger.info(
-            "Done: %d steps in %.1f s. mean IoU %.4f, mean accuracy %.4f, overall accuracy %.4f on %d validation "
-            "images. Outputs in %s: the UperNet checkpoint (load with `import hf_dbp` then "
-            "AutoModelForSemanticSegmentation.from_pretrained): %s.",
-            trainer.state.global_step, train_result.metrics["train_runtime"], metrics["eval_mean_iou"],
+            "Done: %s. mean IoU %.4f, mean accuracy %.4f, overall accuracy %.4f on %d validation images. Outputs in "
+            "%s: the UperNet checkpoint (load with `import hf_dbp` then AutoModelForSemanticSegmentation"
+            ".from_pretrained): %s.",
+            trainer.training_summary(), metrics["eval_mean_iou"],
             metrics["eval_mean_accuracy"], metrics["eval_overall_accuracy"], len(ds["validation"]),
             os.path.abspath(training_args.output_dir), saved_files(training_args.output_dir),
         )  # fmt: skip

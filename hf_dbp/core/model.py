@@ -236,6 +236,32 @@ def _sub_configs(config: PreTrainedConfig) -> list[PreTrainedConfig]:
     return [value for value in vars(config).values() if isinstance(value, PreTrainedConfig)]
 
 
+def from_pretrained_checked(model_class, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+    """`model_class.from_pretrained(pretrained_model_name_or_path, **kwargs)`, raising a `ValueError` that names the
+    weights file, the tensor and both shapes when a tensor of the checkpoint (an R, a weight) does not have the shape
+    of the model its config builds (transformers raises a `RuntimeError` pointing at a table in its log instead).
+    With `output_loading_info=True` returns `(model, info)` as `from_pretrained` does; an explicit
+    `ignore_mismatched_sizes=True` keeps transformers' behaviour (such tensors are initialised afresh)."""
+    if kwargs.get("ignore_mismatched_sizes"):
+        return model_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    with_info = kwargs.pop("output_loading_info", False)
+    model, info = model_class.from_pretrained(
+        pretrained_model_name_or_path, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
+    )
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda entry: entry[0])
+    if mismatched:
+        key, found, expected = mismatched[0]
+        weights = os.path.join(pretrained_model_name_or_path, "model.safetensors")
+        where = weights if os.path.isfile(weights) else str(pretrained_model_name_or_path)
+        what = "R is square, its side the width of the input it decorrelates: " if key.endswith(".R") else ""
+        raise ValueError(
+            f"{where}: {key} has shape {tuple(found)}, the model its config describes needs {tuple(expected)} "
+            f"({what}the checkpoint does not match its config.json or the model asked for)"
+            + (f"; {len(mismatched) - 1} more tensors differ" if len(mismatched) > 1 else "")
+        )
+    return (model, info) if with_info else model
+
+
 def load_decorrelated(model_class, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> PreTrainedModel:
     """Load a model saved by a decorrelated transformers model's `save_pretrained`: the same model back, every R exact.
 
@@ -257,7 +283,7 @@ def load_decorrelated(model_class, pretrained_model_name_or_path: str | os.PathL
     # their own from_pretrained loads every R.
     nested = any(isinstance(getattr(sub, CONFIG_ATTRIBUTE, None), Mapping) for sub in _sub_configs(config))
     if getattr(model_class, "decorrelates_on_init", False) or (values is None and nested):
-        return model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+        return from_pretrained_checked(model_class, pretrained_model_name_or_path, config=config, **kwargs)
     if not isinstance(values, Mapping) or not values.get("groups"):
         raise ValueError(
             f"{pretrained_model_name_or_path} is not a decorrelated checkpoint (its config has no '{CONFIG_ATTRIBUTE}' "
@@ -265,8 +291,8 @@ def load_decorrelated(model_class, pretrained_model_name_or_path: str | os.PathL
         )
     decorrelation = DecorrelationConfig.from_dict(dict(values))
     with _decorrelate_on_construction(model_class, decorrelation):
-        model, info = model_class.from_pretrained(
-            pretrained_model_name_or_path, config=config, output_loading_info=True, **kwargs
+        model, info = from_pretrained_checked(
+            model_class, pretrained_model_name_or_path, config=config, output_loading_info=True, **kwargs
         )
     missing = [key for key in info["missing_keys"] if key.endswith("_decorrelation.R")]
     if missing:
@@ -323,6 +349,7 @@ def merge_decorrelation(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 
 __all__ = [
+    "from_pretrained_checked",
     "begin_decorrelation_step",
     "is_decorrelated_config",
     "decorrelate",

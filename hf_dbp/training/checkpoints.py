@@ -17,21 +17,33 @@ import re
 import shutil
 import struct
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
+
+from ..core.config import CONFIG_ATTRIBUTE, DecorrelationConfig, check_step_settings
 
 logger = logging.getLogger(__name__)
 
 STAGING_PREFIX = "tmp-"
 """A checkpoint is written to `<output_dir>/tmp-checkpoint-N/checkpoint-N` before it becomes `checkpoint-N`."""
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_SAFETENSORS = "model.safetensors"
+_WEIGHTS = (_SAFETENSORS, _SAFETENSORS + ".index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 class IncompleteCheckpointError(ValueError):
     """A checkpoint folder that cannot be resumed from; the message names the file and what is wrong with it."""
 
 
-def _safetensors_problem(path: str) -> str | None:
+MANIFEST = "checkpoint_files.json"
+"""Written last into every checkpoint DBPTrainer saves (once every process's files are in): each file's name and size,
+so that a checkpoint missing or shortening any file afterwards is recognised as not whole."""
+
+_LEGACY_SETTINGS = {"lr": "decorrelation_lr", "kappa": "decorrelation_kappa",
+                    "sample_fraction": "decorrelation_sample_fraction", "variance_form": "decorrelation_variance_form"}  # fmt: skip
+"""The DBP step's settings as fields of their own, as config.json files of ViTMAE-DBP written by hf-dbp 0.1 hold them."""
+
+
+def safetensors_problem(path: str) -> str | None:
     """What is wrong with a safetensors file (truncated, or not one), or None; reads its header only."""
     size = os.path.getsize(path)
     try:
@@ -40,33 +52,122 @@ def _safetensors_problem(path: str) -> str | None:
             if 8 + header_size > size:
                 return f"is truncated ({size:,} bytes, shorter than its {header_size:,}-byte header)"
             header = json.loads(file.read(header_size))
-    except (struct.error, ValueError, UnicodeDecodeError):
+        end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError):
         return f"is not a safetensors file ({size:,} bytes)"
-    end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
     if 8 + header_size + end > size:
         return f"is truncated ({size:,} bytes of {8 + header_size + end:,})"
     return None
 
 
+def config_problem(path: str) -> str | None:
+    """What is wrong with a model's `config.json` (not JSON, or decorrelation settings that cannot work, its own or a
+    sub-config's such as a backbone's), as `<path>: <what>`; None when it is fine."""
+    try:
+        with open(path) as file:
+            values = json.load(file)
+    except (ValueError, UnicodeDecodeError) as error:
+        return f"{path} is not valid JSON ({error})"
+    if not isinstance(values, dict):
+        return f"{path} does not hold a config (a JSON object)"
+
+    def problems(entry: dict, where: str):
+        settings = entry.get(CONFIG_ATTRIBUTE)
+        if settings is not None:
+            if not isinstance(settings, dict):
+                yield f"{where}{CONFIG_ATTRIBUTE} must be a JSON object, got {type(settings).__name__}"
+            else:
+                try:
+                    DecorrelationConfig.from_dict(dict(settings))
+                except (TypeError, ValueError) as error:
+                    yield f"{where}{CONFIG_ATTRIBUTE}: {error}"
+        legacy = {name: entry[field] for name, field in _LEGACY_SETTINGS.items() if field in entry}
+        if legacy:
+            defaults = DecorrelationConfig()
+            values = {name: legacy.get(name, getattr(defaults, name)) for name in _LEGACY_SETTINGS}
+            try:
+                check_step_settings(**values, prefix=f"{where}decorrelation_")
+            except ValueError as error:
+                yield str(error)
+        for key, value in entry.items():
+            if isinstance(value, dict) and key != CONFIG_ATTRIBUTE:
+                yield from problems(value, f"{where}{key}.")
+
+    found = next(problems(values, ""), None)
+    return None if found is None else f"{path}: {found}"
+
+
+def weights_problem(folder: str) -> str | None:
+    """What is wrong with the safetensors weights of a model folder (each shard an index lists), as `<file> <what>`."""
+    names = [_SAFETENSORS] if os.path.isfile(os.path.join(folder, _SAFETENSORS)) else []
+    index = os.path.join(folder, _SAFETENSORS + ".index.json")
+    if not names and os.path.isfile(index):
+        try:
+            with open(index) as file:
+                names = sorted(set(json.load(file)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            return f"{index} is not a valid index of safetensors shards ({error})"
+    for name in names:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{path} is missing (listed in {index})"
+        if problem := safetensors_problem(path):
+            return f"{path} {problem}"
+    return None
+
+
+def check_pretrained(path: str) -> None:
+    """Before a model is loaded from the local folder `path` (`--model_name_or_path`, a checkpoint): raise a
+    `ValueError` naming the file and what is wrong, for a `config.json` that is not JSON or whose decorrelation
+    settings cannot work, and for a truncated or damaged `model.safetensors`. Hub ids and other paths are left to
+    `from_pretrained`."""
+    if not os.path.isdir(path):
+        return
+    config = os.path.join(path, "config.json")
+    problem = (config_problem(config) if os.path.isfile(config) else None) or weights_problem(path)
+    if problem is not None:
+        raise ValueError(problem)
+
+
 def checkpoint_problem(folder: str, needs_optimizer: bool = True) -> str | None:
-    """Why `folder` cannot be resumed from (one line naming the file), or None for a whole checkpoint."""
+    """Why `folder` cannot be resumed from (one line naming the file and what is wrong), or None for a whole one.
+
+    A checkpoint DBPTrainer saved lists its files with their sizes (`checkpoint_files.json`): each must be there,
+    whole. Any checkpoint must have its trainer state, config and weights (the weights' header checked, the config's
+    decorrelation settings valid), and its optimizer state unless `needs_optimizer` is False (`save_only_model`)."""
     if not os.path.isdir(folder):
         return f"{folder} is not a folder"
     names = set(os.listdir(folder))
+    if MANIFEST in names:
+        path = os.path.join(folder, MANIFEST)
+        try:
+            with open(path) as file:
+                listed = json.load(file)["files"]
+        except (ValueError, KeyError, TypeError) as error:
+            return f"{path} is not a valid list of the checkpoint's files ({error})"
+        for name, size in sorted(listed.items()):
+            file = os.path.join(folder, name)
+            if not os.path.isfile(file):
+                return f"{file} is missing"
+            if os.path.getsize(file) != size:
+                return f"{file} is damaged: {os.path.getsize(file):,} bytes, {size:,} when it was saved"
     for required in ("trainer_state.json", "config.json"):
         if required not in names:
-            return f"{folder} has no {required}"
-    weights = [name for name in _WEIGHTS if name in names]
-    if not weights:
-        return f"{folder} has no model weights (model.safetensors)"
-    if "model.safetensors" in names and (problem := _safetensors_problem(os.path.join(folder, "model.safetensors"))):
-        return f"{os.path.join(folder, 'model.safetensors')} {problem}"
-    if needs_optimizer and not names & {"optimizer.pt", "optimizer.bin"} and not any(n.startswith("global_step") for n in names):
-        return f"{folder} has no optimizer state (optimizer.pt): it was saved with save_only_model, or damaged"
+            return f"{os.path.join(folder, required)} is missing"
+    if not any(name in names for name in _WEIGHTS):
+        return f"{os.path.join(folder, _SAFETENSORS)} is missing (no model weights)"
+    if problem := weights_problem(folder):
+        return problem
+    if problem := config_problem(os.path.join(folder, "config.json")):
+        return problem
+    optimizer = names & {"optimizer.pt", "optimizer.bin"} or any(name.startswith("global_step") for name in names)
+    if needs_optimizer and not optimizer:
+        return (f"{os.path.join(folder, 'optimizer.pt')} is missing: the checkpoint was saved without its optimizer "
+                "state (save_only_model) or damaged, so training cannot go on from it as it was")  # fmt: skip
     try:
         with open(os.path.join(folder, "trainer_state.json")) as file:
             json.load(file)
-    except ValueError as error:
+    except (ValueError, UnicodeDecodeError) as error:
         return f"{os.path.join(folder, 'trainer_state.json')} is not valid JSON ({error})"
     return None
 
@@ -89,7 +190,12 @@ def remove_staging_folders(output_dir: str) -> list[str]:
             if name.startswith(STAGING_PREFIX + PREFIX_CHECKPOINT_DIR) and os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
-                logger.warning("Removed %s: a checkpoint a run was killed while saving (it was never complete)", path)
+                if name.endswith("-removed"):
+                    logger.warning("Removed %s: an old checkpoint a run was killed while deleting (save_total_limit)",
+                                   path)  # fmt: skip
+                else:
+                    logger.warning("Removed %s: a checkpoint a run was killed while saving (it was never complete)",
+                                   path)  # fmt: skip
     return removed
 
 
@@ -103,18 +209,29 @@ def last_whole_checkpoint(output_dir: str, needs_optimizer: bool = True) -> str 
     return None
 
 
-def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str | bool | None, needs_optimizer: bool = True):
+def resolve_checkpoint(
+    output_dir: str, resume_from_checkpoint: str | bool | None, needs_optimizer: bool = True, clean_up: bool = True
+) -> str | None:
     """The checkpoint a run resumes from: `resume_from_checkpoint` itself (a path, refused with the reason when it
     is not whole), or with `True` the newest whole one in `output_dir` (None when there is none, said). Staging folders
-    of killed saves are removed first."""
+    of killed saves are removed first, where `clean_up` (on the processes that save: the others only skip them)."""
     if not resume_from_checkpoint:
         return None
     if isinstance(resume_from_checkpoint, str):
         problem = checkpoint_problem(resume_from_checkpoint, needs_optimizer)
         if problem is not None:
             raise IncompleteCheckpointError(f"cannot resume from {resume_from_checkpoint}: {problem}")
+        match = _CHECKPOINT.match(os.path.basename(os.path.normpath(resume_from_checkpoint)))
+        same_folder = os.path.abspath(os.path.dirname(os.path.normpath(resume_from_checkpoint))) == os.path.abspath(output_dir)
+        newer = [path for step, path in _checkpoints(output_dir) if match and same_folder and step > int(match.group(1))]
+        if newer:
+            # Trainer numbers checkpoints by step: the resumed run overwrites them one by one, and until then a later
+            # automatic resume would pick the newest, a checkpoint of the run abandoned here.
+            logger.warning("Resuming from %s while %s holds newer checkpoints (%s) of the run it abandons: they are "
+                           "replaced as this run reaches their steps", resume_from_checkpoint, output_dir,
+                           ", ".join(os.path.basename(p) for p in newer))  # fmt: skip
         return resume_from_checkpoint
-    removed = remove_staging_folders(output_dir)
+    removed = remove_staging_folders(output_dir) if clean_up else []
     checkpoint = last_whole_checkpoint(output_dir, needs_optimizer)
     if checkpoint is None:
         if removed or _checkpoints(output_dir):
@@ -134,12 +251,55 @@ def _fsync_tree(folder: str) -> None:
         _fsync_dir(root)
 
 
+def _write_manifest(folder: str, step: int, processes: int) -> None:
+    """List every file of the checkpoint `folder` with its size (see `MANIFEST`); the last file written."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            files[os.path.relpath(path, folder)] = os.path.getsize(path)
+    with open(os.path.join(folder, MANIFEST), "w") as file:
+        json.dump({"step": step, "processes": processes, "files": dict(sorted(files.items()))}, file, indent=1)
+
+
 def _fsync_dir(folder: str) -> None:
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def rotate_whole_checkpoints(run_dir: str, save_total_limit: int | None, newest: str, best: str | None = None) -> None:
+    """Keep at most `save_total_limit` checkpoints in `run_dir`, never `newest` (the one just saved, whole) nor `best`.
+
+    Unlike Trainer's rotation, by step rather than modification time (a filesystem with coarse times can order two
+    checkpoints wrongly, and then the newest was the one deleted); checkpoints of later steps than `newest`, left by a
+    run this one abandoned by resuming from an earlier checkpoint, go first. Each goes by a rename first
+    (`tmp-checkpoint-N-removed`, cleaned up by the next run if this one is killed meanwhile), so that a checkpoint is
+    whole or gone, never half deleted."""
+    if not save_total_limit or save_total_limit <= 0:
+        return
+    found = _checkpoints(run_dir)  # newest step first
+    if len(found) <= save_total_limit:
+        return
+    match = _CHECKPOINT.match(os.path.basename(newest))
+    current = int(match.group(1)) if match else max(step for step, _ in found)
+    protected = {os.path.abspath(newest)} | ({os.path.abspath(best)} if best else set())
+    abandoned = [path for step, path in found if step > current]
+    order = abandoned + [path for step, path in reversed(found) if step <= current]
+    remaining = len(found)
+    for path in order:
+        if remaining <= max(save_total_limit, len(protected)):
+            break
+        if os.path.abspath(path) in protected:
+            continue
+        doomed = os.path.join(run_dir, f"{STAGING_PREFIX}{os.path.basename(path)}-removed")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        logger.info("Deleted %s (save_total_limit %d)", path, save_total_limit)
+        remaining -= 1
 
 
 def save_whole_checkpoint(trainer, model, trial, save, write_extra) -> str:
@@ -170,23 +330,29 @@ def save_whole_checkpoint(trainer, model, trial, save, write_extra) -> str:
         trainer._staging_output_dir = None
     trainer.accelerator.wait_for_everyone()  # every process's files are in the staging folder
     if args.should_save:
+        _write_manifest(staging, state.global_step, args.world_size)
         _fsync_tree(staging)
         if os.path.exists(final):  # the same step saved again: the new one is whole, the old one goes
             os.replace(final, os.path.join(staging_root, "replaced"))
         os.replace(staging, final)
         _fsync_dir(run_dir)
         shutil.rmtree(staging_root, ignore_errors=True)
-        rotate_checkpoints(output_dir=run_dir, save_total_limit=args.save_total_limit,
-                           best_model_checkpoint=state.best_model_checkpoint, use_mtime=True)  # fmt: skip
+        rotate_whole_checkpoints(run_dir, args.save_total_limit, final, state.best_model_checkpoint)
     trainer.accelerator.wait_for_everyone()
     return final
 
 
 __all__ = [
+    "MANIFEST",
     "IncompleteCheckpointError",
+    "check_pretrained",
     "checkpoint_problem",
+    "config_problem",
     "last_whole_checkpoint",
     "remove_staging_folders",
     "resolve_checkpoint",
+    "rotate_whole_checkpoints",
+    "safetensors_problem",
     "save_whole_checkpoint",
+    "weights_problem",
 ]

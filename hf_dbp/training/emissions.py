@@ -87,12 +87,15 @@ def combine_reports(reports: list[EmissionsReport]) -> EmissionsReport:
     )  # fmt: skip
 
 
-def write_run_totals(folder: str, machines: list[dict], train_seconds: float | None) -> None:
-    """Write `run_totals.json` into a checkpoint: each machine's cumulative columns (codecarbon's names and units) and
-    the training seconds so far."""
+def write_run_totals(
+    folder: str, machines: list[dict], train_seconds: float | None, train_loss_sum: float | None = None
+) -> None:
+    """Write `run_totals.json` into a checkpoint: each machine's cumulative columns (codecarbon's names and units), the
+    training seconds so far, and the sum of the train losses of the steps so far (None where not known)."""
     os.makedirs(folder, exist_ok=True)
+    totals = {"train_seconds": train_seconds, "train_loss_sum": train_loss_sum, "machines": machines}
     with open(os.path.join(folder, RUN_TOTALS), "w") as file:
-        json.dump({"train_seconds": train_seconds, "machines": machines}, file, indent=2)
+        json.dump(totals, file, indent=2)
 
 
 def read_run_totals(folder: str | None) -> dict | None:

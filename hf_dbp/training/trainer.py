@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 
-from transformers import Trainer, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers.trainer_pt_utils import nested_gather
+from transformers.trainer_utils import TrainOutput
 
 from ..core.config import DecorrelationConfig
-from ..core.model import decorrelation_config_of, is_decorrelated, load_decorrelated
+from ..core.model import decorrelation_config_of, from_pretrained_checked, is_decorrelated, load_decorrelated
 from .callbacks import DecorrelationCallback, EmissionsCallback, TrainingClockCallback
-from .checkpoints import resolve_checkpoint, save_whole_checkpoint
+from .checkpoints import resolve_checkpoint, rotate_whole_checkpoints, save_whole_checkpoint
 from .emissions import read_run_totals, write_run_totals
 from .model_card import write_model_card
 from .optimizers import matrices_with_adamw
-from .training_args import dbp_argument
+from .training_args import dbp_argument, schedule_warnings
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +75,12 @@ class DBPTrainer(Trainer):
         ours = [self.decorrelation_callback, self.clock] + ([self.emissions_callback] if self.emissions_callback else [])
         self.callback_handler.callbacks[:0] = ours
         self.emissions = None  # the run's total once training ended
+        self.resumed_from: str | None = None  # the checkpoint the last train() resumed from
+        self.resumed_at_step = 0  # its step (0 for a fresh run)
+        self.steps_trained = 0  # the optimizer steps the last train() ran
+        self.train_runtime: float | None = None
+        self._carried_loss_sum: float | None = 0.0
+        self.callback_handler.add_callback(_CarryTrainLoss(self))
         self._staging_output_dir: str | None = None  # where a checkpoint is written before it is whole
         # ViTMAE returns its loss without labels; this is Trainer's switch for such models (eval_loss is computed).
         if "labels" not in inspect.signature(self.accelerator.unwrap_model(self.model).forward).parameters:
@@ -91,8 +100,35 @@ class DBPTrainer(Trainer):
         return super().create_optimizer(model)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        checkpoint = resolve_checkpoint(self.args.output_dir, resume_from_checkpoint, not self.args.save_only_model)
+        """`Trainer.train`, resuming from a whole checkpoint only (see `hf_dbp.training.checkpoints`):
+        `resume_from_checkpoint` a path (refused with the reason when it is not whole) or `True` (the newest whole
+        checkpoint in `output_dir`, if any). Before training it warns of settings that do not fit the run's length
+        (`schedule_warnings`) and says when there is nothing left to train. The train metrics' `train_loss` is the
+        mean over all the run's steps, as an uninterrupted run reports it, also when resumed (the checkpoint carries
+        the sum); `resumed_from`, `resumed_at_step` and `steps_trained` say what this call did."""
+        checkpoint = resolve_checkpoint(self.args.output_dir, resume_from_checkpoint, not self.args.save_only_model,
+                                        clean_up=self.args.should_save)  # fmt: skip
+        if checkpoint and resume_from_checkpoint is True and self.args.should_save:
+            # A run killed after saving its newest checkpoint and before deleting the oldest (save_total_limit)
+            # deletes it now: a resumed run keeps the checkpoints an uninterrupted one would.
+            best = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json")).best_model_checkpoint
+            rotate_whole_checkpoints(self.args.output_dir, self.args.save_total_limit, checkpoint, best)
         totals = read_run_totals(checkpoint) if checkpoint else None
+        start = _global_step(checkpoint) if checkpoint else 0
+        planned = self.planned_steps()
+        if self.is_world_process_zero():
+            for warning in schedule_warnings(self.args, planned):
+                logger.warning(warning)
+        if checkpoint and planned is not None and start >= planned:
+            logger.warning("Nothing to train: %s is already at %s %d; the run saves the model, evaluates and writes "
+                           "its card only", os.path.basename(checkpoint),
+                           "max_steps" if self.args.max_steps > 0 else "the end of its epochs, step", planned)  # fmt: skip
+        self.resumed_from, self.resumed_at_step, self.steps_trained = checkpoint, start, 0
+        # The train loss of the steps before the checkpoint: carried, so that train_loss covers the whole run.
+        self._carried_loss_sum = 0.0 if not checkpoint else (totals or {}).get("train_loss_sum")
+        if checkpoint and self._carried_loss_sum is None:
+            logger.warning("%s holds no train loss total (saved by an older hf-dbp or another Trainer): train_loss "
+                           "covers the steps after it only", checkpoint)  # fmt: skip
         if checkpoint and totals is None:
             logger.warning("%s has no run_totals.json: energy, emissions and train_seconds count from this resume on "
                            "only", checkpoint)  # fmt: skip
@@ -108,10 +144,71 @@ class DBPTrainer(Trainer):
             self.emissions_callback.carried_machines = (totals or {}).get("machines") or []
         self.decorrelation_callback.resume_from = checkpoint
         result = super().train(checkpoint or None, *args, **kwargs)
+        self.steps_trained = self.state.global_step - start
+        self.train_runtime = result.metrics.get("train_runtime")
         if self.emissions_callback is not None and self.emissions_callback.total is not None:
             self.emissions = self.emissions_callback.total
             result.metrics.update(train_energy_kwh=self.emissions.energy_kwh, train_emissions_g=self.emissions.emissions_g)
-        return result
+        return TrainOutput(result.global_step, result.metrics.get("train_loss", float("nan")), result.metrics)
+
+    def _run_epoch(self, *args, **kwargs):
+        # Overridden (private): Trainer's epoch runs one optimizer step before it checks max_steps, so a run resumed
+        # from a checkpoint at max_steps (one killed after its last save) would train a step beyond it, when the
+        # steps do not fill whole epochs. Such a run has nothing to train.
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "train_loss" in logs and "train_runtime" in logs:
+            # The end-of-training record (the train metrics themselves: fixed in place): Trainer divides the loss of
+            # this call's steps by their number; with the checkpoint's sum carried in, the run's mean is over all.
+            if self._carried_loss_sum is not None and self.state.global_step > 0:
+                logs["train_loss"] = self._total_loss_scalar / self.state.global_step
+            elif self.state.global_step == self.resumed_at_step:
+                del logs["train_loss"]  # no step trained and no total carried: there is no train loss to report
+        super().log(logs, *args, **kwargs)
+
+    def planned_steps(self) -> int | None:
+        """The optimizer steps of the whole run: `max_steps`, else the epochs' (None for a dataset without length)."""
+        args = self.args
+        if args.max_steps > 0:
+            return args.max_steps
+        try:
+            examples = len(self.train_dataset)
+        except TypeError:
+            return None
+        per_batch = self._train_batch_size * args.world_size
+        batches = examples // per_batch if args.dataloader_drop_last else math.ceil(examples / per_batch)
+        accumulation = args.gradient_accumulation_steps
+        per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
+        return math.ceil(args.num_train_epochs * per_epoch)
+
+    def training_summary(self) -> str:
+        """What the last `train()` did, for a run's last log line: its steps and train loss, saying which steps were
+        carried from a checkpoint, or that there was nothing to train."""
+        step, start = self.state.global_step, self.resumed_at_step
+        name = os.path.basename(self.resumed_from) if self.resumed_from else None
+        loss = next((r["train_loss"] for r in reversed(self.state.log_history) if "train_loss" in r), None)
+        if name is not None and self.steps_trained == 0:
+            return (f"nothing to train: {name} is already at max_steps {self.state.max_steps}"
+                    if start == self.state.max_steps else
+                    f"nothing to train: {name} is at step {start}, past max_steps {self.state.max_steps}")  # fmt: skip
+        runtime = f" in {self.train_runtime:.1f} s" if self.train_runtime is not None else ""
+        if name is None:
+            return f"{step} steps{runtime}, train loss {loss:.4f}" if loss is not None else f"{step} steps{runtime}"
+        text = f"{step} steps, {self.steps_trained} of them in this run (steps {start + 1}-{step}{runtime}, resumed from {name})"
+        if loss is None:
+            return text
+        if self._carried_loss_sum is not None:
+            return f"{text}; train loss {loss:.4f} over all {step} (that of steps 1-{start} carried from {name})"
+        return f"{text}; train loss {loss:.4f} over steps {start + 1}-{step} only ({name} holds no earlier total)"
+
+    def carried_note(self, step: int) -> str:
+        """`" (step N, carried from checkpoint-M)"` for a figure logged at `step` before this run resumed, else ""."""
+        if self.resumed_from and step <= self.resumed_at_step:
+            return f" (logged at step {step}, carried from {os.path.basename(self.resumed_from)})"
+        return ""
 
     def _save_checkpoint(self, model, trial) -> None:
         # Overridden (private) for whole checkpoints: Trainer writes a checkpoint folder in place, so a run killed
@@ -119,12 +216,24 @@ class DBPTrainer(Trainer):
         # run_totals.json, the DBP state, the card) goes into a staging folder first, renamed once complete.
         machines = self.emissions_callback.machines() if self.emissions_callback is not None else []
 
+        loss_sum = self._train_loss_sum()
+
         def write_ours(folder: str) -> None:
             self.decorrelation_callback.save_state(folder)
             if self.args.should_save:
-                write_run_totals(folder, machines, self.clock.train_seconds())
+                write_run_totals(folder, machines, self.clock.train_seconds(), loss_sum)
 
         save_whole_checkpoint(self, model, trial, super()._save_checkpoint, write_ours)
+
+    def _train_loss_sum(self) -> float | None:
+        """The sum of the train losses of the run's steps so far (Trainer's total plus what was not logged yet, the
+        mean over processes as Trainer logs it); None when it is not known (resumed without a carried total)."""
+        if self._carried_loss_sum is None or not hasattr(self, "_total_loss_scalar"):
+            return None
+        unlogged = 0.0
+        if self.state.global_step > self._globalstep_last_logged:  # the same on every process: all gather or none
+            unlogged = nested_gather(self._tr_loss, self.args.parallel_mode).mean().item()
+        return self._total_loss_scalar + unlogged
 
     def _get_output_dir(self, trial) -> str:
         # Overridden (private): while a checkpoint is saved, Trainer writes it into the staging folder.
@@ -150,7 +259,7 @@ class DBPTrainer(Trainer):
         if decorrelation_config_of(model) is not None:
             loaded = load_decorrelated(type(model), folder, config=model.config)  # rebuilds every R
         else:
-            loaded = type(model).from_pretrained(folder, config=model.config)
+            loaded = from_pretrained_checked(type(model), folder, config=model.config)
         model.load_state_dict(loaded.state_dict(), strict=True)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -206,6 +315,18 @@ class DBPTrainer(Trainer):
             self._card_kwargs["extra_tags"] = [tags] if isinstance(tags, str) else list(tags)
         if self.is_world_process_zero():
             self._write_card(self.args.output_dir)
+
+
+class _CarryTrainLoss(TrainerCallback):
+    """Starts Trainer's train-loss total (reset just before `on_train_begin`) at the sum a resumed checkpoint carries,
+    so that the run's totals add up in the same order as an uninterrupted run's."""
+
+    def __init__(self, trainer: DBPTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer._carried_loss_sum:
+            self.trainer._total_loss_scalar = self.trainer._carried_loss_sum
 
 
 def _global_step(checkpoint: str) -> int:

@@ -118,6 +118,45 @@ class DBPTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
+def schedule_warnings(args: TrainingArguments, total_steps: int | None) -> list[str]:
+    """What in `args` does not fit a run of `total_steps` optimizer steps, one message per setting, naming the numbers
+    and the flag to change: a warm-up as long as the run (the learning rate never reaches its peak) or longer than
+    half of it (a recipe's warm-up for a longer run), logging, evaluation or checkpoint intervals longer than the run,
+    and R updated less often than once in the run. Empty when all fit (or the length is unknown)."""
+    if not total_steps:
+        return []
+    found = []
+    warmup = args.get_warmup_steps(total_steps)
+    given = f"--warmup_steps {args.warmup_steps:g}" + (f" ({warmup} steps)" if args.warmup_steps < 1 else "")
+    if warmup >= total_steps:
+        found.append(
+            f"{given} is at least the whole run ({total_steps} optimizer steps): the learning rate never leaves warm-up "
+            f"and never reaches --learning_rate {args.learning_rate:g} (at most {args.learning_rate * total_steps / warmup:.3g}). "
+            f"Give --warmup_steps fewer steps, or a fraction of the run such as 0.1."
+        )
+    elif warmup > total_steps / 2:
+        found.append(
+            f"{given} takes {warmup} of the run's {total_steps} optimizer steps: most of the run warms up (a recipe's "
+            f"warm-up meant for a longer run?). Give --warmup_steps fewer steps, or a fraction of the run such as 0.1."
+        )
+    intervals = (
+        ("logging_steps", args.logging_strategy, "no train loss is logged before the end"),
+        ("eval_steps", args.eval_strategy, "the model is not evaluated during training"),
+        ("save_steps", args.save_strategy, "no checkpoint is saved before the end, so a run stopped early starts "
+         "again from the beginning"),
+    )  # fmt: skip
+    for name, strategy, consequence in intervals:
+        value = getattr(args, name) or (args.logging_steps if name == "eval_steps" else None)
+        if getattr(strategy, "value", strategy) == "steps" and value is not None and value >= 1 and value > total_steps:
+            found.append(f"--{name} {value:g} is longer than the run ({total_steps} optimizer steps): {consequence}. "
+                         f"Give --{name} at most {total_steps}, or a fraction of the run below 1.")  # fmt: skip
+    every = dbp_argument(args, "decorrelation_update_every")
+    if every > total_steps:
+        found.append(f"--decorrelation_update_every {every} is longer than the run ({total_steps} optimizer steps): R "
+                     f"is never updated. Give it at most {total_steps} (1, the method's, updates R at every step).")  # fmt: skip
+    return found
+
+
 _DEFAULTS = {f.name: f.default for f in fields(DBPTrainingArguments) if f.name not in {g.name for g in fields(TrainingArguments)}}
 
 

@@ -8,6 +8,7 @@ with no masking and no token shuffle, at any input size (position embeddings int
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -217,8 +218,9 @@ def upernet_from_pretraining_checkpoint(
         if drop_path_rate is not None:
             config.backbone_config.drop_path_rate = drop_path_rate
         model, info = UperNetForSemanticSegmentation.from_pretrained(
-            checkpoint, config=config, output_loading_info=True, **load_kwargs
+            checkpoint, config=config, output_loading_info=True, ignore_mismatched_sizes=True, **load_kwargs
         )
+        _refuse_mismatched(checkpoint, info)
         if info["missing_keys"]:
             raise ValueError(f"{checkpoint} lacks weights for {sorted(info['missing_keys'])[:10]}")
         return model, f"Continued from the UperNet checkpoint {checkpoint} (all weights loaded)."
@@ -229,8 +231,9 @@ def upernet_from_pretraining_checkpoint(
         )
     pretrained, info = ViTMAEDBPForPreTraining.from_pretrained(
         checkpoint, **({"config": ViTMAEDBPConfig.from_pretrained(config_name, **load_kwargs)} if config_name else {}),
-        output_loading_info=True, **load_kwargs,
+        output_loading_info=True, ignore_mismatched_sizes=True, **load_kwargs,
     )  # fmt: skip
+    _refuse_mismatched(checkpoint, info)
     if missing := _missing_encoder_keys(info):
         raise ValueError(f"{checkpoint} lacks encoder weights {missing[:10]} (and {max(0, len(missing) - 10)} more)")
     kind = "DBP-MAE" if config.model_type == ViTMAEDBPConfig.model_type else "MAE"
@@ -238,6 +241,20 @@ def upernet_from_pretraining_checkpoint(
         pretrained, id2label, keep_decorrelation, out_indices, source=f"the {kind} encoder of {checkpoint}",
         drop_path_rate=drop_path_rate or 0.0, **upernet_kwargs,
     )  # fmt: skip
+
+
+def _refuse_mismatched(checkpoint: str, info: dict) -> None:
+    """A `ValueError` naming the weights file and the first tensor whose shape is not the model's (as
+    `hf_dbp.core.model.from_pretrained_checked`; this module's code travels with checkpoints, so it imports no more)."""
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda entry: entry[0])
+    if mismatched:
+        key, found, expected = mismatched[0]
+        weights = os.path.join(checkpoint, "model.safetensors")
+        raise ValueError(
+            f"{weights if os.path.isfile(weights) else checkpoint}: {key} has shape {tuple(found)}, the model its "
+            f"config describes needs {tuple(expected)} (the checkpoint does not match its config.json)"
+            + (f"; {len(mismatched) - 1} more tensors differ" if len(mismatched) > 1 else "")
+        )
 
 
 def upernet_around_encoder(
