@@ -29,6 +29,7 @@ from transformers import (
 
 import hf_dbp
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
+from hf_dbp.core.model import from_pretrained_checked
 from hf_dbp.tasks.image_data import (
     DEMO_SETS,
     SAMPLE_INDEX_COLUMN,
@@ -49,7 +50,6 @@ from hf_dbp.tasks.scripts import (
     saved_files,
     setup_logging,
 )
-from hf_dbp.core.model import from_pretrained_checked
 from hf_dbp.training.checkpoints import check_pretrained
 from hf_dbp.training.hub import checkpoint_not_found, ensure_hub_reachable
 from hf_dbp.training.plotting import plot_training_curves

@@ -40,11 +40,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import fake_tracker  # noqa: E402
 import torch  # noqa: E402, F401
 import transformers  # noqa: E402, F401
 from transformers import TrainerCallback  # noqa: E402
 
-import fake_tracker  # noqa: E402
 import hf_dbp  # noqa: E402, F401
 from hf_dbp.tasks.scripts import run_main  # noqa: E402
 from hf_dbp.training import trainer as trainer_module  # noqa: E402
@@ -212,7 +212,9 @@ def read_phases(path: Path) -> list[tuple[float, str, int]]:
     if not path.exists():
         return []
     lines = path.read_text().splitlines()
-    return [(float(t), phase, int(step)) for t, phase, step in (line.split() for line in lines if line.count(" ") == 2)]
+    return [
+        (float(t), phase, int(step)) for t, phase, step in (line.split() for line in lines if line.count(" ") == 2)
+    ]
 
 
 def occurrences(timeline: list[tuple[float, str, int]]) -> dict[str, list[tuple[int, float]]]:
@@ -253,7 +255,7 @@ def on_disk(output_dir: Path) -> dict:
             "final_model": (output_dir / "model.safetensors").exists()}  # fmt: skip
 
 
-RESUME_LINES = ("Resuming from", "Removed ", "Not resuming", "Nothing to train", "nothing to train", "No whole checkpoint")
+RESUME_LINES = ("Resuming from", "Removed ", "Not resuming", "Nothing to train", "No whole checkpoint", "Done: ")
 
 
 def wait_stopped(process: dict, others: list[dict], deadline: float) -> bool:
@@ -304,7 +306,9 @@ def kill_and_resume(job: dict, point: dict, output_dir: Path, timeout: float) ->
     wait_all(resumed, timeout)
     result["resumed_codes"] = [p["code"] for p in resumed]
     log = resumed[0]["log"].read_text(errors="replace")
-    result["resumed_said"] = [line.split(" - ", 3)[-1] for line in log.splitlines() if any(s in line for s in RESUME_LINES)]
+    result["resumed_said"] = [
+        line.split(" - ", 3)[-1] for line in log.splitlines() if any(s in line for s in RESUME_LINES)
+    ]
     if any(p["code"] != 0 for p in resumed):
         result["resumed_log_tail"] = log[-4000:]
     result["output_dir"] = str(output_dir)
@@ -323,7 +327,9 @@ def run_job(job: dict, root: Path, seed: int, timeout: float) -> dict:
     found = occurrences(read_phases(reference[0]["phases"]))
     report["phase_counts"] = {phase: len(items) for phase, items in found.items()}
     rng = random.Random(f"{seed}-{job['name']}")
-    for i, point in enumerate(choose_kill_points(rng, found, job["kills"], job.get("world_size", 1), job.get("phases"))):
+    for i, point in enumerate(
+        choose_kill_points(rng, found, job["kills"], job.get("world_size", 1), job.get("phases"))
+    ):
         began, tries = time.monotonic(), []
         while True:  # a delay the run outlasted this time (the machine was faster than for the reference) is halved
             output_dir = folder / f"kill{i:02d}" / "out"

@@ -26,6 +26,7 @@ from huggingface_hub import ModelCard
 from transformers import TrainerCallback
 
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
+from hf_dbp.training.checkpoints import MANIFEST
 from hf_dbp.training.emissions import RUN_TOTALS, EmissionsMeter, carried_for_machine
 from hf_dbp.training.model_card import read_emissions_csv
 from hf_dbp.training.training_args import DBPTrainingArguments
@@ -122,6 +123,7 @@ def test_resume_without_run_totals_counts_from_the_resume_and_says_so(tmp_path, 
         train(tmp_path / "run", callbacks=[CrashAfterSave(2)])
     carried = read_json(tmp_path / "run" / "checkpoint-2" / RUN_TOTALS)["machines"][0]
     (tmp_path / "run" / "checkpoint-2" / RUN_TOTALS).unlink()
+    (tmp_path / "run" / "checkpoint-2" / MANIFEST).unlink()  # older checkpoints list their files nowhere either
     resumed, _ = train(tmp_path / "run", resume=str(tmp_path / "run" / "checkpoint-2"))
     assert "has no run_totals.json" in caplog.text
     with open(tmp_path / "run" / "emissions.csv", newline="") as file:

@@ -87,7 +87,9 @@ def killed_runs(tmp_path_factory):
         # Two workers side by side (a core each where there are two): MAE on 1 and 2 processes, and language modelling.
         env = {**offline_env(base / "hf"), "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")])}
         workers = []
-        for k, (share, script) in enumerate(((jobs[:2], "examples/run_mae_dbp.py"), (jobs[2:], "examples/run_clm_dbp.py"))):
+        for k, (share, script) in enumerate(
+            ((jobs[:2], "examples/run_mae_dbp.py"), (jobs[2:], "examples/run_clm_dbp.py"))
+        ):
             plan = {"root": str(root), "seed": SEED, "timeout": 120, "preload": [script], "jobs": share}
             (root / f"plan{k}.json").write_text(json.dumps(plan))
             workers.append(subprocess.Popen([sys.executable, str(WORKER), str(root / f"plan{k}.json"),
@@ -145,6 +147,15 @@ def test_killed_and_resumed_runs_end_as_the_uninterrupted_run(killed_runs, job):
             assert any(f"Resuming from {kill['output_dir']}/{newest}," in line for line in kill["resumed_said"]), kill
         for staging in kill["on_disk"]["staging"]:
             assert any(line.startswith(f"Removed {kill['output_dir']}/{staging}") for line in kill["resumed_said"])
+        [done] = [line for line in kill["resumed_said"] if line.startswith("Done: ")]
+        if newest == "checkpoint-8":  # killed after training: says so, and prints no train loss
+            assert "nothing to train: checkpoint-8 is already at max_steps 8. " in done and "train loss" not in done
+        elif newest is not None:  # which steps it trained, and that the train loss of the others is carried
+            step = int(newest.split("-")[1])
+            assert f"8 steps, {8 - step} of them in this run (steps {step + 1}-8 in " in done, done
+            assert f"(that of steps 1-{step} carried from {newest})" in done, done
+        else:
+            assert "8 steps in " in done and "carried" not in done, done
         assert_same_run(Path(kill["output_dir"]), reference)
 
 

@@ -15,6 +15,7 @@ from hf_dbp.tasks.image_data import (
     demo_image_dataset,
     with_sample_index,
 )
+from hf_dbp.training.checkpoints import MANIFEST
 from hf_dbp.training.training_args import DBPTrainingArguments
 
 
@@ -61,6 +62,7 @@ def test_resume_restores_the_row_sampling(tmp_path, tiny_kwargs, photos):
     """Without the saved generator state the resumed run samples other rows: the saved state is what makes it exact."""
     _, full = train(tmp_path / "full", tiny_kwargs, photos)
     (tmp_path / "full" / "checkpoint-2" / "decorrelation_rng_state_0.pth").unlink()
+    (tmp_path / "full" / "checkpoint-2" / MANIFEST).unlink()  # a checkpoint of hf-dbp 0.1, which had neither
     _, resumed = train(tmp_path / "resumed", tiny_kwargs, photos, resume=str(tmp_path / "full" / "checkpoint-2"))
     assert resumed[3][0] == pytest.approx(full[3][0], rel=1e-6)  # same weights and data up to the R update...
     assert resumed[4][1] != pytest.approx(full[4][1], rel=1e-6)  # ...but other rows were sampled for R

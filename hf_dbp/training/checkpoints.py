@@ -222,8 +222,12 @@ def resolve_checkpoint(
         if problem is not None:
             raise IncompleteCheckpointError(f"cannot resume from {resume_from_checkpoint}: {problem}")
         match = _CHECKPOINT.match(os.path.basename(os.path.normpath(resume_from_checkpoint)))
-        same_folder = os.path.abspath(os.path.dirname(os.path.normpath(resume_from_checkpoint))) == os.path.abspath(output_dir)
-        newer = [path for step, path in _checkpoints(output_dir) if match and same_folder and step > int(match.group(1))]
+        same_folder = os.path.abspath(os.path.dirname(os.path.normpath(resume_from_checkpoint))) == os.path.abspath(
+            output_dir
+        )
+        newer = [
+            path for step, path in _checkpoints(output_dir) if match and same_folder and step > int(match.group(1))
+        ]
         if newer:
             # Trainer numbers checkpoints by step: the resumed run overwrites them one by one, and until then a later
             # automatic resume would pick the newest, a checkpoint of the run abandoned here.

@@ -121,8 +121,8 @@ class DBPTrainingArguments(TrainingArguments):
 def schedule_warnings(args: TrainingArguments, total_steps: int | None) -> list[str]:
     """What in `args` does not fit a run of `total_steps` optimizer steps, one message per setting, naming the numbers
     and the flag to change: a warm-up as long as the run (the learning rate never reaches its peak) or longer than
-    half of it (a recipe's warm-up for a longer run), logging, evaluation or checkpoint intervals longer than the run,
-    and R updated less often than once in the run. Empty when all fit (or the length is unknown)."""
+    half of it (a recipe's warm-up for a longer run), logging or evaluation intervals longer than the run, and R
+    updated less often than once in the run. Empty when all fit (or the length is unknown)."""
     if not total_steps:
         return []
     found = []
@@ -142,12 +142,11 @@ def schedule_warnings(args: TrainingArguments, total_steps: int | None) -> list[
     intervals = (
         ("logging_steps", args.logging_strategy, "no train loss is logged before the end"),
         ("eval_steps", args.eval_strategy, "the model is not evaluated during training"),
-        ("save_steps", args.save_strategy, "no checkpoint is saved before the end, so a run stopped early starts "
-         "again from the beginning"),
-    )  # fmt: skip
+    )
     for name, strategy, consequence in intervals:
         value = getattr(args, name) or (args.logging_steps if name == "eval_steps" else None)
-        if getattr(strategy, "value", strategy) == "steps" and value is not None and value >= 1 and value > total_steps:
+        steps = getattr(strategy, "value", strategy) == "steps"
+        if steps and value is not None and 1 <= value and value > total_steps:
             found.append(f"--{name} {value:g} is longer than the run ({total_steps} optimizer steps): {consequence}. "
                          f"Give --{name} at most {total_steps}, or a fraction of the run below 1.")  # fmt: skip
     every = dbp_argument(args, "decorrelation_update_every")
