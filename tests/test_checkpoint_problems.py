@@ -12,7 +12,9 @@ import json
 import os
 import shutil
 import sys
+from concurrent import futures
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -263,3 +265,86 @@ def test_a_warm_up_longer_than_the_run_is_said_before_training(tmp_path, tiny_kw
     ]
     assert "(2 optimizer steps)" in warning
     assert trainer.training_summary().startswith("2 steps in ") and "train loss" in trainer.training_summary()
+
+
+class RecordingHub:
+    """Stands in for `huggingface_hub.HfApi` in transformers.trainer: each upload copies its folder at once (as it is
+    when the upload is asked for) into `hub/<path_in_repo>` and returns a finished future."""
+
+    def __init__(self, hub: Path) -> None:
+        self.hub, self.uploads = hub, []
+
+    def create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, *, folder_path, path_in_repo=None, ignore_patterns=None, **kwargs):
+        self.uploads.append((folder_path, path_in_repo))
+        target = self.hub / (path_in_repo or "root")
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(folder_path, target, ignore=shutil.ignore_patterns(*(ignore_patterns or [])))
+        done = futures.Future()
+        done.set_result(None)
+        return done
+
+
+def test_pushed_checkpoints_are_whole(tmp_path, tiny_kwargs, monkeypatch):
+    """With --push_to_hub and hub_strategy "checkpoint", Trainer would push from inside its save: from the staging
+    folder, before DBP's files are in it. The push comes from the whole checkpoint, and no staging folder goes up."""
+    import transformers.trainer
+    from datasets import Dataset
+
+    from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
+
+    hub = RecordingHub(tmp_path / "hub")
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    data = Dataset.from_dict({"pixel_values": torch.randn(8, 3, 16, 16).numpy()}).with_format("torch")
+    args = DBPTrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2,
+                                save_steps=1, logging_steps=1, report_to="none", track_emissions=False,
+                                disable_tqdm=True, push_to_hub=True, hub_model_id="me/x", hub_strategy="checkpoint")  # fmt: skip
+    trainer = DBPTrainer(model=ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs)), args=args, train_dataset=data)
+    trainer.train()
+    checkpoint_uploads = [folder for folder, where in hub.uploads if where == "last-checkpoint"]
+    assert checkpoint_uploads == [str(tmp_path / "out" / f"checkpoint-{step}") for step in (1, 2)]
+    pushed = tmp_path / "hub" / "last-checkpoint"
+    for name in (MANIFEST, "run_totals.json", "decorrelation_rng_state_0.pth", "optimizer.pt", "model.safetensors"):
+        assert (pushed / name).is_file(), name
+    assert checkpoint_problem(str(pushed)) is None
+    assert not list((tmp_path / "hub" / "root").glob("tmp-*"))
+
+
+def test_a_run_resumed_between_two_logging_steps_logs_and_reports_what_an_uninterrupted_run_does(
+    tmp_path, tiny_kwargs
+):
+    """Saved at step 3 but logged every 2 steps: the checkpoint carries the loss of step 3, not logged yet, so the
+    resumed run's log at step 4 is the mean of steps 3 and 4, and its train_loss the mean of all 4, bitwise."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
+
+    class StopAfter3(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 3
+
+    data = Dataset.from_dict({"pixel_values": torch.randn(16, 3, 16, 16).numpy()}).with_format("torch")
+
+    def train(output_dir, callbacks=(), resume=None):
+        torch.manual_seed(0)
+        args = DBPTrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=4,
+                                    save_steps=1, logging_steps=2, report_to="none", track_emissions=False,
+                                    disable_tqdm=True, seed=0)  # fmt: skip
+        model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs))
+        trainer = DBPTrainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks))
+        return trainer, trainer.train(resume_from_checkpoint=resume)
+
+    def losses(trainer):
+        return [(r["step"], r["loss"], r["decorrelation_loss"]) for r in trainer.state.log_history if "loss" in r]
+
+    full_trainer, full = train(tmp_path / "full")
+    train(tmp_path / "resumed", callbacks=[StopAfter3()])
+    carried = json.loads((tmp_path / "resumed" / "checkpoint-3" / "run_totals.json").read_text())
+    assert carried["train_loss_logged_step"] == 2 and len(carried["train_loss_unlogged"]) == 1
+    trainer, resumed = train(tmp_path / "resumed", resume=True)
+    assert trainer.resumed_at_step == 3 and trainer.steps_trained == 1
+    assert losses(trainer) == losses(full_trainer) and [step for step, _, _ in losses(trainer)] == [2, 4]
+    assert resumed.training_loss == full.training_loss == resumed.metrics["train_loss"]

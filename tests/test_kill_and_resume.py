@@ -38,7 +38,8 @@ TINY_VIT = ("image_size=16,patch_size=4,hidden_size=32,num_hidden_layers=2,num_a
             "decoder_hidden_size=16,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,decoder_intermediate_size=32")  # fmt: skip
 TINY_LLAMA = ("hidden_size=32,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=2,intermediate_size=48,"
               "max_position_embeddings=64")  # fmt: skip
-# Saved at every step (the last 3 kept), logged at every step, evaluated every 3 steps: 8 steps of a tiny model.
+# Saved at every step (the last 3 kept), logged at every step (language modelling and the 2 processes: every 2, so
+# that checkpoints fall between two logs too), evaluated every 3 steps: 8 steps of a tiny model.
 COMMON = ["--output_dir", "{output_dir}", "--max_steps", "8", "--save_steps", "1", "--save_total_limit", "3",
           "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "3", "--report_to", "none",
           "--dataloader_num_workers", "0", "--emissions_country", "FRA", "--seed", "0", "--disable_tqdm", "true"]  # fmt: skip
@@ -80,9 +81,10 @@ def killed_runs(tmp_path_factory):
         jobs = [
             {"name": "mae", "script": "examples/run_mae_dbp.py", "args": mae, "kills": 10},
             # One of 2 processes killed while saving, once while training; the other stopped as torchrun does.
-            {"name": "mae_2_processes", "script": "examples/run_mae_dbp.py", "args": mae, "kills": 2, "world_size": 2,
+            {"name": "mae_2_processes", "script": "examples/run_mae_dbp.py", "args": [*mae, "--logging_steps", "2"],
+             "kills": 2, "world_size": 2,
              "phases": ["saving", "training"]},
-            {"name": "clm", "script": "examples/run_clm_dbp.py", "args": clm, "kills": 10},
+            {"name": "clm", "script": "examples/run_clm_dbp.py", "args": [*clm, "--logging_steps", "2"], "kills": 10},
         ]  # fmt: skip
         # Two workers side by side (a core each where there are two): MAE on 1 and 2 processes, and language modelling.
         env = {**offline_env(base / "hf"), "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")])}

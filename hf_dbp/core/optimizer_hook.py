@@ -243,10 +243,16 @@ class DecorrelationHook:
         return list(samplers.values())
 
     def state_dict(self) -> dict:
-        """What a resumed run needs to go on as an uninterrupted one: the optimizer steps taken and the state of the
-        generators that draw the statistics' rows (save it with your checkpoint, or
+        """What a resumed run needs to go on as an uninterrupted one: the optimizer steps taken, the state of the
+        generators that draw the statistics' rows, the decorrelation losses not yet reported by `mean_loss` and the
+        guard's count of skipped updates of each R (save it with your checkpoint, or
         `accelerator.register_for_checkpointing(hook)`)."""
-        return {"optimizer_steps": self.optimizer_steps, "row_samplers": [s.get_state() for s in self.row_samplers()]}
+        return {
+            "optimizer_steps": self.optimizer_steps,
+            "row_samplers": [s.get_state() for s in self.row_samplers()],
+            "pending_losses": list(self.losses),
+            "skipped_updates": [d.skipped_updates for d in self.modules()],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         samplers = self.row_samplers()
@@ -258,6 +264,13 @@ class DecorrelationHook:
         for sampler, saved in zip(samplers, state["row_samplers"], strict=True):
             sampler.set_state(saved)
         self.optimizer_steps = int(state["optimizer_steps"])
+        # Saved by hf-dbp since 0.2 (a state without them resumes with none pending and the counts from 0).
+        self.losses = [float(loss) for loss in state.get("pending_losses", [])]
+        skipped = state.get("skipped_updates")
+        if skipped is not None and len(skipped) == len(self.modules()):
+            for module, count in zip(self.modules(), skipped, strict=True):
+                module.skipped_updates = int(count)
+            self._skipped_reported = self.skipped_updates()
 
 
 def attach_decorrelation(optimizer, model: nn.Module, **options) -> DecorrelationHook:

@@ -234,7 +234,9 @@ class DecorrelationCallback(TrainerCallback):
         """Write this process's DBP state (`DecorrelationHook.state_dict`) into the checkpoint `folder`, unless there."""
         path = os.path.join(folder, self.STATE_FILE.format(_process_index()))
         if not os.path.isfile(path):
-            torch.save(self.hook.state_dict()["row_samplers"], path)
+            state = self.hook.state_dict()
+            del state["optimizer_steps"]  # the trainer state's global_step
+            torch.save(state, path)
 
     def load_state(self, folder: str) -> None:
         path = os.path.join(folder, self.STATE_FILE.format(_process_index()))
@@ -244,7 +246,13 @@ class DecorrelationCallback(TrainerCallback):
                 "from an uninterrupted one in them", folder, os.path.basename(path)
             )
             return
-        self.hook.load_state_dict({"row_samplers": torch.load(path), "optimizer_steps": self.hook.optimizer_steps})
+        saved = torch.load(path)
+        if isinstance(saved, list):  # hf-dbp 0.1 saved the row samplers' states alone
+            saved = {"row_samplers": saved}
+        try:
+            self.hook.load_state_dict({**saved, "optimizer_steps": self.hook.optimizer_steps})
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
 
 def check_same_on_every_process(modules) -> None:

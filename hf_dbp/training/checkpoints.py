@@ -342,6 +342,8 @@ def save_whole_checkpoint(trainer, model, trial, save, write_extra) -> str:
         _fsync_dir(run_dir)
         shutil.rmtree(staging_root, ignore_errors=True)
         rotate_whole_checkpoints(run_dir, args.save_total_limit, final, state.best_model_checkpoint)
+    if args.push_to_hub:  # from the whole checkpoint (Trainer's own push, from the staging folder, was held back)
+        trainer._push_from_checkpoint(final)
     trainer.accelerator.wait_for_everyone()
     return final
 

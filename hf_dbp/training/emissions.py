@@ -88,12 +88,12 @@ def combine_reports(reports: list[EmissionsReport]) -> EmissionsReport:
 
 
 def write_run_totals(
-    folder: str, machines: list[dict], train_seconds: float | None, train_loss_sum: float | None = None
+    folder: str, machines: list[dict], train_seconds: float | None, train_loss: dict | None = None
 ) -> None:
     """Write `run_totals.json` into a checkpoint: each machine's cumulative columns (codecarbon's names and units), the
-    training seconds so far, and the sum of the train losses of the steps so far (None where not known)."""
+    training seconds so far, and `train_loss`'s entries (the train losses so far, see `DBPTrainer`)."""
     os.makedirs(folder, exist_ok=True)
-    totals = {"train_seconds": train_seconds, "train_loss_sum": train_loss_sum, "machines": machines}
+    totals = {"train_seconds": train_seconds, **(train_loss or {}), "machines": machines}
     with open(os.path.join(folder, RUN_TOTALS), "w") as file:
         json.dump(totals, file, indent=2)
 

@@ -7,8 +7,8 @@ import logging
 import math
 import os
 
+import torch
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
-from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import TrainOutput
 
 from ..core.config import DecorrelationConfig
@@ -80,6 +80,7 @@ class DBPTrainer(Trainer):
         self.steps_trained = 0  # the optimizer steps the last train() ran
         self.train_runtime: float | None = None
         self._carried_loss_sum: float | None = 0.0
+        self._carried_loss: dict = {}
         self.callback_handler.add_callback(_CarryTrainLoss(self))
         self._staging_output_dir: str | None = None  # where a checkpoint is written before it is whole
         # ViTMAE returns its loss without labels; this is Trainer's switch for such models (eval_loss is computed).
@@ -125,7 +126,8 @@ class DBPTrainer(Trainer):
                            "max_steps" if self.args.max_steps > 0 else "the end of its epochs, step", planned)  # fmt: skip
         self.resumed_from, self.resumed_at_step, self.steps_trained = checkpoint, start, 0
         # The train loss of the steps before the checkpoint: carried, so that train_loss covers the whole run.
-        self._carried_loss_sum = 0.0 if not checkpoint else (totals or {}).get("train_loss_sum")
+        self._carried_loss = {} if not checkpoint else {k: v for k, v in (totals or {}).items() if k.startswith("train_loss")}
+        self._carried_loss_sum = 0.0 if not checkpoint else self._carried_loss.get("train_loss_sum")
         if checkpoint and self._carried_loss_sum is None:
             logger.warning("%s holds no train loss total (saved by an older hf-dbp or another Trainer): train_loss "
                            "covers the steps after it only", checkpoint)  # fmt: skip
@@ -216,24 +218,34 @@ class DBPTrainer(Trainer):
         # run_totals.json, the DBP state, the card) goes into a staging folder first, renamed once complete.
         machines = self.emissions_callback.machines() if self.emissions_callback is not None else []
 
-        loss_sum = self._train_loss_sum()
+        loss = self._train_loss_state()
 
         def write_ours(folder: str) -> None:
             self.decorrelation_callback.save_state(folder)
             if self.args.should_save:
-                write_run_totals(folder, machines, self.clock.train_seconds(), loss_sum)
+                write_run_totals(folder, machines, self.clock.train_seconds(), loss)
 
         save_whole_checkpoint(self, model, trial, super()._save_checkpoint, write_ours)
 
-    def _train_loss_sum(self) -> float | None:
-        """The sum of the train losses of the run's steps so far (Trainer's total plus what was not logged yet, the
-        mean over processes as Trainer logs it); None when it is not known (resumed without a carried total)."""
+    def _train_loss_state(self) -> dict | None:
+        """Trainer's train-loss accounting now, for `run_totals.json`: the total of the logged losses
+        (`train_loss_sum`), each process's sum of the losses not logged yet (`train_loss_unlogged`, float32 as Trainer
+        keeps it) and the step last logged. A run resumed from it logs and reports exactly what an uninterrupted run
+        does. None when the total is not known (resumed from a checkpoint without it)."""
         if self._carried_loss_sum is None or not hasattr(self, "_total_loss_scalar"):
             return None
-        unlogged = 0.0
+        unlogged = []
         if self.state.global_step > self._globalstep_last_logged:  # the same on every process: all gather or none
-            unlogged = nested_gather(self._tr_loss, self.args.parallel_mode).mean().item()
-        return self._total_loss_scalar + unlogged
+            unlogged = self.accelerator.gather(self._tr_loss.detach().reshape(1)).tolist()
+        return {"train_loss_sum": self._total_loss_scalar, "train_loss_unlogged": unlogged,
+                "train_loss_logged_step": self._globalstep_last_logged}  # fmt: skip
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # Overridden (private): Trainer pushes from inside its save, here the staging folder, which lacks DBP's files
+        # yet and is renamed a moment later (the upload runs in the background). The push waits for the whole
+        # checkpoint: save_whole_checkpoint calls this again with the final folder.
+        if self._staging_output_dir is None:
+            super()._push_from_checkpoint(checkpoint_folder)
 
     def _get_output_dir(self, trial) -> str:
         # Overridden (private): while a checkpoint is saved, Trainer writes it into the staging folder.
@@ -325,8 +337,18 @@ class _CarryTrainLoss(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.trainer._carried_loss_sum:
-            self.trainer._total_loss_scalar = self.trainer._carried_loss_sum
+        trainer, carried = self.trainer, self.trainer._carried_loss
+        if trainer._carried_loss_sum:
+            trainer._total_loss_scalar = trainer._carried_loss_sum
+        unlogged = carried.get("train_loss_unlogged") or []
+        if unlogged and len(unlogged) == args.world_size:
+            # The steps since the last log, trained before the checkpoint: the next log covers them too, as it would
+            # have without the interruption.
+            value = torch.tensor(unlogged[args.process_index], dtype=trainer._tr_loss.dtype, device=trainer._tr_loss.device)
+            trainer._tr_loss += value
+            trainer._globalstep_last_logged = carried.get("train_loss_logged_step", state.global_step)
+        elif unlogged:  # saved on another number of processes: their mean joins the total, the next log is new steps'
+            trainer._total_loss_scalar += sum(unlogged) / len(unlogged)
 
 
 def _global_step(checkpoint: str) -> int:
