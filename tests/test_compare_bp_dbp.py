@@ -13,7 +13,7 @@ from conftest import offline_env, randomise_R
 from transformers import HfArgumentParser, TrainingArguments, ViTMAEForPreTraining
 
 from hf_dbp import ViTMAEDBPConfig, ViTMAEDBPForPreTraining
-from hf_dbp.tasks.segmentation.data import make_demo_ade20k
+from hf_dbp.tasks.segmentation.demo import make_demo_ade20k
 
 ROOT = Path(__file__).resolve().parents[1]
 
