@@ -502,7 +502,7 @@ def main() -> None:
     first_bp, first_dbp = pairs[0]
     result = {"settings": {k: v for k, v in vars(args).items()}, "methods": methods, "runs": runs, "summary": summary,
               "sweep": sweep_result,
-              # the first seed's figures at the top level, as the format asks
+              # the first seed's figures also at the top level, where a reader of a one-seed comparison looks first
               "bp": runs[0][first_bp] | {"evals": None, "train": None},
               "dbp": runs[0][first_dbp] | {"evals": None, "train": None},
               **runs[0]["comparison"]}  # fmt: skip

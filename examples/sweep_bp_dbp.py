@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Tune BP and DBP alike: a sweep of their settings on one data set, each variant against the best-tuned BP.
 
-    python examples/sweep_bp_dbp.py                                   # the sweep the README reports (default set)
+    python examples/sweep_bp_dbp.py                                   # the sweep of docs/results.md (default set)
     python examples/sweep_bp_dbp.py --variant_set peers --output_dir outputs/sweep-peers   # the peers' learning rates
     python examples/sweep_bp_dbp.py --seeds 0 1 2 --variants "bp:base_learning_rate=3e-3,weight_decay=0.15" \\
         "dbp:decorrelation_kappa=0.1" "dbp_muon:decorrelation_lr=3e-3"
@@ -72,7 +72,7 @@ PEER_VARIANTS = (
       {"muon": ("7.5e-4", "1.5e-3", "3e-3"), "soap": ("7.5e-4", "1.5e-3", "3e-3"),
        "schedulefree": ("1.5e-3", "3e-3", "6e-3")}.items() for rate in rates),
 )  # fmt: skip
-"""`--variants` of the peers' learning-rate sweep (the README's second sweep)."""
+"""`--variants` of the peers' learning-rate sweep (docs/results.md, the peers' learning rates)."""
 
 
 @dataclasses.dataclass

@@ -1,1 +1,2 @@
-"""Semantic segmentation: ADE20K-layout data (`data`, `ade20k`) and the mIoU metric (`metrics`, `segmentation_iou`)."""
+"""Semantic segmentation: ADE20K-layout data (`data`, `ade20k`), the mIoU metric (`metrics`, `segmentation_iou`) and
+the figure of predictions (`plotting`)."""
