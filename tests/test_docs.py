@@ -433,8 +433,28 @@ for block in json.load(open(sys.argv[1])):
 def environment(tmp_path: Path, python_path: Path) -> dict[str, str]:
     env = offline_env(tmp_path / "hf_home")
     env["PYTHONPATH"] = os.pathsep.join([str(python_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # The commands of bash blocks (accelerate, ruff, lint-imports) are those of this interpreter's environment.
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     env["MPLBACKEND"] = "Agg"
     return env
+
+
+def run_python_blocks(page: str, tmp_path: Path, root: Path = ROOT) -> subprocess.CompletedProcess:
+    blocks = [b for b in read_page(page, root)[0] if b.language == "python"]
+    folder = tmp_path / "page"
+    folder.mkdir(parents=True)
+    for item in (root / page).parent.iterdir():  # the page's folder, its files
+        if item.is_file() and not item.name.startswith("."):
+            shutil.copy(item, folder / item.name)
+    (tmp_path / "blocks.json").write_text(json.dumps([b.__dict__ for b in blocks]))
+    return subprocess.run(
+        [sys.executable, "-c", RUNNER, str(tmp_path / "blocks.json")],
+        cwd=folder,
+        env=environment(tmp_path, ROOT),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_the_pages_are_found():
@@ -444,22 +464,20 @@ def test_the_pages_are_found():
 
 @pytest.mark.parametrize("page", [p for p in PAGES if any(b.language == "python" for b in read_page(p)[0])])
 def test_python_blocks_run(page, tmp_path):
-    blocks = [b for b in read_page(page)[0] if b.language == "python"]
-    folder = tmp_path / "page"
-    folder.mkdir()
-    for item in (ROOT / page).parent.iterdir():  # the page's folder, its files
-        if item.is_file() and not item.name.startswith("."):
-            shutil.copy(item, folder / item.name)
-    (tmp_path / "blocks.json").write_text(json.dumps([b.__dict__ for b in blocks]))
-    result = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(tmp_path / "blocks.json")],
-        cwd=folder,
-        env=environment(tmp_path, ROOT),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_python_blocks(page, tmp_path)
     assert result.returncode == 0, f"{page}'s python blocks failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+
+def test_a_failing_python_block_is_named_by_its_page_and_line(tmp_path):
+    """The blocks of a page share one interpreter (the second sees the first's names), and a failure's traceback
+    points at the page's own line."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "page.md").write_text(
+        "# A page\n\n```python\nx = 1\n```\n\nText.\n\n```python\nassert x == 1\nassert x == 2, 'the claim'\n```\n"
+    )
+    result = run_python_blocks("docs/page.md", tmp_path / "run", root=tmp_path)
+    assert result.returncode != 0
+    assert 'File "docs/page.md", line 11' in result.stderr and "the claim" in result.stderr, result.stderr
 
 
 @pytest.fixture(scope="session")
