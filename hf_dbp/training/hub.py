@@ -74,7 +74,7 @@ def push_folder(
     card = os.path.join(folder, "README.md")
     if not os.path.isfile(card):
         # AutoConfig knows hf-dbp's config types already: importing this module ran hf_dbp/__init__.py, which
-        # registers them (and a module of a lower layer must not import the package's front, which imports every layer).
+        # registers them (a lower layer must not import the package's front, which imports every layer).
         from transformers import AutoConfig
 
         write_model_card(folder, AutoConfig.from_pretrained(folder), model_name=repo_id)
