@@ -2,8 +2,8 @@
 link resolves. CONTRIBUTING.md ("The docs test") gives the rules for writers; in short, for each page (README.md,
 CONTRIBUTING.md, examples/README.md, benchmarks/README.md, docs/**/*.md: every Markdown file outside tests/):
 
-- ```python blocks run in order in one fresh interpreter per page, like a notebook; the working directory is a temporary
-  copy of the page's folder (its files), the repository is on PYTHONPATH, and nothing may reach the Hub.
+- ```python blocks run in order in one fresh interpreter per page, like a notebook; the working directory is a
+  temporary copy of the page's folder (its files), the repository is on PYTHONPATH, and nothing may reach the Hub.
 - ```bash blocks run with bash from a temporary copy of the repository (so that what they write, `outputs/` above all,
   lands there), commands split at `&&` and line ends. A command that starts a script of `TINY_FLAGS` runs with that
   row's flags appended: the last value of a flag wins, so the command runs as written, at a tiny size. Each script
@@ -40,7 +40,7 @@ from conftest import offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # How the bash blocks run: the tiny settings of each script, and the commands that are not run.
 
 TINY_MAE = (
@@ -119,7 +119,7 @@ NOT_RUN: dict[str, NotRun] = {
 }
 """Commands of bash blocks that the docs test leaves out, by how they start, and why."""
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Pages, blocks, commands
 
 
@@ -255,7 +255,7 @@ def as_run(block_text: str, scripts_run: set[str] | None = None) -> tuple[str, l
     return "\n".join(lines) + "\n", left_out
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Parsing a command's arguments with its script's own parser, without running it
 
 
@@ -364,7 +364,7 @@ def documented_commands(page: str) -> list[tuple[str, str]]:
     return [(where, c) for where, c in found if re.match(r"(python3? |accelerate launch |torchrun |hf-dbp )", c)]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Links
 
 
@@ -418,7 +418,7 @@ def broken_links(page: str, root: Path = ROOT) -> list[str]:
     return problems
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # The tests
 
 RUNNER = """
