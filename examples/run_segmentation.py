@@ -49,9 +49,9 @@ from hf_dbp.tasks.segmentation.demo import make_demo_ade20k
 from hf_dbp.tasks.segmentation.evaluation import predict_batch
 from hf_dbp.tasks.segmentation.image_processing import IGNORE_INDEX, DBPSegmentationImageProcessor
 from hf_dbp.tasks.segmentation.metrics import SegmentationEvaluator
+from hf_dbp.tasks.segmentation.plotting import plot_segmentation_examples
 from hf_dbp.tasks.segmentation.transforms import SegmentationTransform, segmentation_collate
 from hf_dbp.training.hub import checkpoint_not_found, ensure_hub_reachable
-from hf_dbp.training.plotting import plot_segmentation_examples
 from hf_dbp.training.training_args import DBPTrainingArguments
 
 logger = logging.getLogger(__name__)

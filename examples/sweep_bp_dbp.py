@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Tune BP and DBP alike: a sweep of their settings on one data set, each variant against the best-tuned BP.
 
-    python examples/sweep_bp_dbp.py                                   # the sweep the README reports (default set)
+    python examples/sweep_bp_dbp.py                                   # the sweep of docs/results.md (default set)
     python examples/sweep_bp_dbp.py --variant_set peers --output_dir outputs/sweep-peers   # the peers' learning rates
     python examples/sweep_bp_dbp.py --seeds 0 1 2 --variants "bp:base_learning_rate=3e-3,weight_decay=0.15" \\
         "dbp:decorrelation_kappa=0.1" "dbp_muon:decorrelation_lr=3e-3"

@@ -182,7 +182,7 @@ def run_comparison(args: ComparisonArguments, pretraining_script: str, finetune_
         "runs": runs,
         "summary": summary,
         "sweep": sweep_result,
-        # the first seed's figures at the top level, as the format asks
+        # the first seed's figures also at the top level, where a reader of a one-seed comparison looks first
         "bp": runs[0][first_bp].to_dict() | {"evals": None, "train": None},
         "dbp": runs[0][first_dbp].to_dict() | {"evals": None, "train": None},
         **runs[0]["comparison"],

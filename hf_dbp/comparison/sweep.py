@@ -60,7 +60,7 @@ PEER_VARIANTS = (
         for rate in rates
     ),
 )
-"""`--variants` of the peers' learning-rate sweep (the README's second sweep)."""
+"""`--variants` of the peers' learning-rate sweep (docs/results.md, the peers' learning rates)."""
 
 
 def parse_variant(text: str, base: ComparisonArguments) -> tuple[str, str, ComparisonArguments]:

@@ -6,4 +6,5 @@
 - `demo`: a small ADE20K-layout set built offline from scikit-image's photographs.
 - `image_processing`: the evaluation transform as an image processor saved with every checkpoint.
 - `evaluation`, `metrics`, `segmentation_iou`: predictions at the annotations' size and the mIoU metric.
+- `plotting`: the figure of validation images with their true and predicted masks.
 """
