@@ -38,16 +38,13 @@ from hf_dbp import DBPTrainer, DecorrelationConfig
 from hf_dbp.core.config import CONFIG_ATTRIBUTE, VARIANCE_FORMS
 from hf_dbp.core.model import from_pretrained_checked
 from hf_dbp.tasks.scripts import TrainingBegan, parse_script_arguments, run_main, saved_files, setup_logging
-from hf_dbp.tasks.text_data import TEXT_SETS, demo_text_dataset
+from hf_dbp.tasks.text_data import DEMO_MODEL, TEXT_SETS, demo_text_dataset
 from hf_dbp.training.checkpoints import check_pretrained
 from hf_dbp.training.hub import ensure_hub_reachable
 from hf_dbp.training.plotting import plot_training_curves
 from hf_dbp.training.training_args import DBPTrainingArguments
 
 logger = logging.getLogger(__name__)
-
-DEMO_MODEL = ("hidden_size=128,num_hidden_layers=4,num_attention_heads=4,num_key_value_heads=4,intermediate_size=352,"
-              "max_position_embeddings=256")  # fmt: skip
 
 # What `accelerate launch examples/run_clm_dbp.py` with no argument runs: a small Llama on Shakespeare's plays, a few
 # minutes on 2 CPU cores.

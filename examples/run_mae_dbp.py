@@ -74,7 +74,7 @@ DEMO_ARGS = {
     "adam_beta2": 0.95,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 20,
-    # R's learning rate and schedule that examples/sweep_bp_dbp.py chose at this size (see the README's comparison)
+    # R's learning rate and schedule that examples/sweep_bp_dbp.py chose at this size (docs/results.md, "Tuning")
     "decorrelation_lr": 3e-3,
     "decorrelation_lr_schedule": "tied",
     "logging_steps": 8,

@@ -43,20 +43,16 @@ from hf_dbp.tasks.scripts import (
     saved_files,
     setup_logging,
 )
-from hf_dbp.tasks.segmentation.ade20k import ade20k_id2label
-from hf_dbp.tasks.segmentation.data import (
-    SegmentationTransform,
-    check_segmentation_pairs,
-    load_ade20k_folder,
-    make_demo_ade20k,
-    segmentation_collate,
-)
+from hf_dbp.tasks.segmentation.ade20k import ade20k_id2label, load_ade20k_folder
+from hf_dbp.tasks.segmentation.checks import check_segmentation_pairs
+from hf_dbp.tasks.segmentation.demo import make_demo_ade20k
 from hf_dbp.tasks.segmentation.evaluation import predict_batch
 from hf_dbp.tasks.segmentation.image_processing import IGNORE_INDEX, DBPSegmentationImageProcessor
 from hf_dbp.tasks.segmentation.metrics import SegmentationEvaluator
+from hf_dbp.tasks.segmentation.plotting import plot_segmentation_examples
+from hf_dbp.tasks.segmentation.transforms import SegmentationTransform, segmentation_collate
 from hf_dbp.training.checkpoints import check_pretrained
 from hf_dbp.training.hub import checkpoint_not_found, ensure_hub_reachable
-from hf_dbp.training.plotting import plot_segmentation_examples
 from hf_dbp.training.training_args import DBPTrainingArguments
 
 logger = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ from transformers.models.auto import modeling_auto
 
 from .core.config import DecorrelationConfig
 from .core.decorrelation import Decorrelation
+from .core.engines import FSDP_IGNORED_MODULES, fsdp_ignored_params, prepare_for_deepspeed
 from .core.inject import DecorrelationMonitor, fold_decorrelation, inject_decorrelation
 from .core.layers import DecorrelatedConv1D, DecorrelatedConv2d, DecorrelatedLinear
 from .core.model import (
@@ -91,6 +92,7 @@ __all__ = [
     "DecorrelatedLinear",
     "Decorrelation",
     "DecorrelationConfig",
+    "FSDP_IGNORED_MODULES",
     "DecorrelationMonitor",
     "TARGET_MODULES",
     "ViTMAEDBPBackbone",
@@ -104,10 +106,12 @@ __all__ = [
     "decorrelation_config_of",
     "decorrelation_step",
     "fold_decorrelation",
+    "fsdp_ignored_params",
     "inject_decorrelation",
     "load_decorrelated",
     "merge_decorrelation",
     "plan_decorrelation",
+    "prepare_for_deepspeed",
     "layer_decay_parameter_groups",
     "upernet_around_encoder",
     "upernet_from_pretraining_checkpoint",

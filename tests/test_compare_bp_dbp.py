@@ -1,5 +1,7 @@
-"""examples/compare_bp_dbp.py: the comparison arithmetic, and a tiny end-to-end run."""
+"""hf_dbp.comparison (examples/compare_bp_dbp.py, sweep_bp_dbp.py): the comparison arithmetic on run records, the
+records as the comparison writes them, and tiny end-to-end runs of the scripts."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -13,86 +15,143 @@ from conftest import offline_env, randomise_R
 from transformers import HfArgumentParser, TrainingArguments, ViTMAEForPreTraining
 
 from hf_dbp import ViTMAEDBPConfig, ViTMAEDBPForPreTraining
-from hf_dbp.tasks.segmentation.data import make_demo_ade20k
+from hf_dbp.comparison import mae, runs
+from hf_dbp.comparison.analysis import compare, predictors, speedup_curve, summarize
+from hf_dbp.comparison.arguments import ComparisonArguments, SweepArguments
+from hf_dbp.comparison.machine import run_alone
+from hf_dbp.comparison.methods import baseline_of, update_every_of
+from hf_dbp.comparison.records import MachineLoad, RunRecord, TrainingLog, read_run
+from hf_dbp.comparison.sweep import learning_rate, parse_variant, run_sweep
+from hf_dbp.tasks.segmentation.demo import make_demo_ade20k
 
 ROOT = Path(__file__).resolve().parents[1]
+RUN_MAE = str(ROOT / "examples" / "run_mae_dbp.py")
+RUN_SEGMENTATION = str(ROOT / "examples" / "run_segmentation.py")
 
 
-@pytest.fixture
-def compare_module(monkeypatch):
-    spec = importlib.util.spec_from_file_location("compare_bp_dbp", ROOT / "examples" / "compare_bp_dbp.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+def curve(points, **fields) -> RunRecord:
+    """A run's record from its evaluations (step, training seconds, eval loss, emissions), `fields` set over it."""
+    history = [{"step": s, "train_seconds": t, "eval_loss": loss, "emissions_g": g} for s, t, loss, g in points]
+    return dataclasses.replace(RunRecord.from_log_history(history), **fields)
 
 
-def curve(points):
-    return {"evals": [{"step": s, "train_seconds": t, "eval_loss": loss, "emissions_g": g} for s, t, loss, g in points]}
-
-
-def test_time_saved_is_measured_at_bps_best_loss(compare_module):
-    bp = curve([(10, 10.0, 0.9, 1.0), (20, 20.0, 0.7, 2.0), (30, 30.0, 0.6, 3.0), (40, 40.0, 0.65, 4.0)])
-    bp.update(best_eval_loss=0.6, seconds_to_best=30.0, emissions_g_to_best=3.0, step_of_best=30)
+def test_time_saved_is_measured_at_bps_best_loss():
+    bp = curve(
+        [(10, 10.0, 0.9, 1.0), (20, 20.0, 0.7, 2.0), (30, 30.0, 0.6, 3.0), (40, 40.0, 0.65, 4.0)],
+        best_eval_loss=0.6,
+        seconds_to_best=30.0,
+        emissions_g_to_best=3.0,
+        step_of_best=30,
+    )
     dbp = curve([(10, 12.0, 0.8, 1.2), (20, 24.0, 0.59, 2.4), (30, 36.0, 0.5, 3.6)])
-    result = compare_module.compare(bp, dbp)
+    result = compare(bp, dbp)
     assert result["dbp_seconds_to_bp_best"] == 24.0  # the first evaluation at or below 0.6
     assert result["dbp_steps_to_bp_best"] == 20
     assert result["steps_saved_fraction"] == pytest.approx(1 - 20 / 30)
     assert result["time_saved_fraction"] == pytest.approx(1 - 24 / 30)
     assert result["emissions_saved_fraction"] == pytest.approx(1 - 2.4 / 3.0)
     never = curve([(10, 12.0, 0.8, 1.2), (20, 24.0, 0.61, 2.4)])
-    assert compare_module.compare(bp, never) == {
+    assert compare(bp, never) == {
         "dbp_steps_to_bp_best": None, "dbp_seconds_to_bp_best": None, "steps_saved_fraction": None,
         "time_saved_fraction": None, "emissions_saved_fraction": None,
     }  # fmt: skip
-    assert compare_module.summarize([0.2, None, 0.4])["reached"] == "2/3"
+    assert summarize([0.2, None, 0.4])["reached"] == "2/3"
 
 
-def test_speedup_curve_takes_the_baselines_best_within_each_share_of_its_budget(compare_module):
+def test_speedup_curve_takes_the_baselines_best_within_each_share_of_its_budget():
     """A late plateau of the baseline decides only the last point of the curve."""
     bp = curve([(10, 10.0, 0.9, 0), (20, 20.0, 0.7, 0), (30, 30.0, 0.6, 0), (40, 40.0, 0.59, 0)])
     dbp = curve([(10, 11.0, 0.72, 0), (20, 22.0, 0.6, 0), (30, 33.0, 0.58, 0), (40, 44.0, 0.5, 0)])
-    points = compare_module.speedup_curve(bp, dbp)
+    points = speedup_curve(bp, dbp)
     assert [p["fraction"] for p in points] == [0.25, 0.5, 0.75, 1.0]
     assert [p["target_eval_loss"] for p in points] == [0.9, 0.7, 0.6, 0.59]  # best within 10, 20, 30, 40 steps
     assert [p["baseline_step"] for p in points] == [10, 20, 30, 40]
     assert [p["step"] for p in points] == [10, 20, 20, 30]
     assert points[2]["steps_ratio"] == pytest.approx(20 / 30) and points[2]["seconds_ratio"] == pytest.approx(22 / 30)
-    slow = compare_module.speedup_curve(bp, curve([(10, 11.0, 0.95, 0), (40, 44.0, 0.8, 0)]))
+    slow = speedup_curve(bp, curve([(10, 11.0, 0.95, 0), (40, 44.0, 0.8, 0)]))
     assert slow[0]["step"] == 40 and slow[1]["step"] is None and slow[1]["steps_ratio"] is None
 
 
-def test_predictors_read_the_early_decorrelation_loss_and_how_soon_bp_flattens(compare_module):
-    bp = curve([(16, 1.0, 0.9, 0), (32, 2.0, 0.7, 0), (48, 3.0, 0.6, 0), (64, 4.0, 0.595, 0)])
-    bp["train"] = [{"step": s, "decorrelation_loss": d} for s, d in ((16, 0.4), (32, 0.2), (48, 9.0), (64, 9.0))]
-    bp["best_eval_loss"] = 0.595
-    flat = curve([(16, 1.0, 0.7, 0), (32, 2.0, 0.6, 0), (64, 4.0, 0.5999, 0)]) | {"best_eval_loss": 0.5999, "train": []}
-    out = compare_module.predictors([{"bp": bp}, {"bp": flat}], "bp")
+def test_predictors_read_the_early_decorrelation_loss_and_how_soon_bp_flattens():
+    train = [
+        TrainingLog(step=s, train_seconds=s / 16, loss=1.0, decorrelation_loss=d)
+        for s, d in ((16, 0.4), (32, 0.2), (48, 9.0), (64, 9.0))
+    ]
+    bp = curve([(16, 1.0, 0.9, 0), (32, 2.0, 0.7, 0), (48, 3.0, 0.6, 0), (64, 4.0, 0.595, 0)], train=train)
+    assert bp.best_eval_loss == 0.595
+    flat = curve([(16, 1.0, 0.7, 0), (32, 2.0, 0.6, 0), (64, 4.0, 0.5999, 0)], best_eval_loss=0.5999, train=[])
+    out = predictors([{"bp": bp}, {"bp": flat}], "bp")
     assert out["early_bp_decorrelation_loss"] == [pytest.approx(0.3), None]  # steps 16 and 32 only
     assert out["bp_share_of_budget_to_within_1pct"] == [0.75, 0.5]  # 0.6 <= 1.01 * 0.595 at step 48 of 64
 
 
-def test_runs_measure_the_cpu_other_processes_took(compare_module):
+def test_runs_measure_the_cpu_other_processes_took():
     """An idle run has (almost) no CPU of others; a run with a busy neighbour process says so."""
-    quiet = compare_module.run_alone([sys.executable, "-c", "sum(range(3_000_000))"])
-    assert quiet["own_cpu_seconds"] > 0 and quiet["wall_seconds"] > 0
+    quiet = run_alone([sys.executable, "-c", "sum(range(3_000_000))"])
+    assert quiet.own_cpu_seconds > 0 and quiet.wall_seconds > 0
     neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        busy = compare_module.run_alone([sys.executable, "-c", "import time; time.sleep(1.5)"])
+        busy = run_alone([sys.executable, "-c", "import time; time.sleep(1.5)"])
     finally:
         neighbour.kill()
         neighbour.wait()
-    assert busy["other_cpu_seconds"] > 0.5 and busy["busy"]
+    assert busy.other_cpu_seconds > 0.5 and busy.busy
+
+
+def test_a_run_record_is_written_as_the_runs_own_records(tmp_path):
+    """read_run keeps the evaluations and training records that carry training seconds; comparison.json and
+    sweep.json write a record with its fields in order, its machine's load only where it was timed."""
+    history = [
+        {"step": 2, "train_seconds": 1.5, "loss": 1.2, "decorrelation_loss": 0.3, "learning_rate": 1e-3},
+        {"step": 2, "train_seconds": 1.5, "eval_loss": 0.9, "energy_kwh": 1e-6, "emissions_g": 2e-3},
+        {"step": 4, "train_seconds": 3.0, "eval_loss": 0.8, "energy_kwh": 2e-6, "emissions_g": 4e-3},
+        {"step": 4, "eval_loss": 0.7},
+        {"train_runtime": 4.0},
+    ]
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    (tmp_path / "all_results.json").write_text(json.dumps({"train_energy_kwh": 3e-6, "train_emissions_g": 5e-3}))
+    record = read_run(str(tmp_path))
+    assert record.to_dict() == {
+        "evals": [
+            {"step": 2, "train_seconds": 1.5, "eval_loss": 0.9, "energy_kwh": 1e-6, "emissions_g": 2e-3},
+            {"step": 4, "train_seconds": 3.0, "eval_loss": 0.8, "energy_kwh": 2e-6, "emissions_g": 4e-3},
+        ],
+        "train": [{"step": 2, "train_seconds": 1.5, "loss": 1.2, "decorrelation_loss": 0.3}],
+        "best_eval_loss": 0.8,
+        "seconds_to_best": 3.0,
+        "step_of_best": 4,
+        "energy_kwh_to_best": 2e-6,
+        "emissions_g_to_best": 4e-3,
+        "energy_kwh": 3e-6,
+        "emissions_g": 5e-3,
+        "train_seconds": 1.5,
+    }
+    assert list(record.to_dict()) == [f.name for f in dataclasses.fields(RunRecord)][:-1]  # the JSON's key order
+    record.machine = MachineLoad(wall_seconds=4.0, own_cpu_seconds=3.0, other_cpu_fraction=None, busy=None)
+    assert record.to_dict()["machine"] == {
+        "wall_seconds": 4.0,
+        "own_cpu_seconds": 3.0,
+        "other_cpu_fraction": None,
+        "busy": None,
+    }
 
 
 def test_comparison_from_a_dbp_checkpoint_with_finetuning_end_to_end(tmp_path):
     """The real thing, small: BP and DBP from a DBP checkpoint (R far from I) with --decorrelation_lr 0 on the
     alternate photographs, then UperNet fine-tuning of both. The DBP run trains the weights and keeps every R bitwise;
     the BP run starts from the same model with R folded in; the comparison files come from the runs' own records."""
-    tiny = dict(image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=4, num_attention_heads=2,
-                intermediate_size=48, decoder_hidden_size=16, decoder_num_hidden_layers=1,
-                decoder_num_attention_heads=2, decoder_intermediate_size=32)  # 4 blocks: the fewest the neck takes
+    tiny = dict(
+        image_size=16,
+        patch_size=4,
+        hidden_size=24,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=48,
+        decoder_hidden_size=16,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+    )  # 4 blocks: the fewest the neck takes
     torch.manual_seed(0)
     original = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny))
     randomise_R(original, scale=0.1)
@@ -132,7 +191,7 @@ def test_comparison_from_a_dbp_checkpoint_with_finetuning_end_to_end(tmp_path):
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 10_000
 
 
-def fake_runs(compare_module, monkeypatch, loss_of) -> list[list[str]]:
+def fake_runs(monkeypatch, loss_of) -> list[list[str]]:
     """Replace the comparison's runs by records written at once: `loss_of(method, base_lr, step)` is the eval loss of
     the run `method` ("bp", "dbp", "bp_muon", ...) at that step; 4 steps, evaluated at 2 and 4. Returns the commands
     the comparison gave, in order. The arithmetic and the files the comparison writes are its own."""
@@ -140,33 +199,39 @@ def fake_runs(compare_module, monkeypatch, loss_of) -> list[list[str]]:
 
     def run_alone(command):
         commands.append(command)
-        flag = {name: command[i + 1] for i, name in enumerate(command) if name.startswith("--") and i + 1 < len(command)}
+        flag = {
+            name: command[i + 1] for i, name in enumerate(command) if name.startswith("--") and i + 1 < len(command)
+        }
         method = ("bp" if "--bp_baseline" in command else "dbp") + ("" if flag["--matrix_optimizer"] == "adamw" else
                                                                    "_" + flag["--matrix_optimizer"])  # fmt: skip
         rate, output = float(flag["--base_learning_rate"]), flag["--output_dir"]
         history = [{"step": step, "train_seconds": 1.0 * step, "eval_loss": loss_of(method, rate, step),
                     "energy_kwh": 1e-6 * step, "emissions_g": 1e-3 * step} for step in (2, 4)]  # fmt: skip
-        history += [{"step": step, "train_seconds": 1.0 * step, "loss": 1.0, "decorrelation_loss": 0.1} for step in (2, 4)]
+        history += [
+            {"step": step, "train_seconds": 1.0 * step, "loss": 1.0, "decorrelation_loss": 0.1} for step in (2, 4)
+        ]
         os.makedirs(output, exist_ok=True)
         with open(os.path.join(output, "trainer_state.json"), "w") as file:
             json.dump({"log_history": history}, file)
         with open(os.path.join(output, "all_results.json"), "w") as file:
             json.dump({"train_energy_kwh": 4e-6, "train_emissions_g": 4e-3}, file)
-        return {"wall_seconds": 4.0, "own_cpu_seconds": 4.0, "other_cpu_fraction": 0.0, "busy": False}
+        return MachineLoad(wall_seconds=4.0, own_cpu_seconds=4.0, other_cpu_fraction=0.0, busy=False)
 
-    monkeypatch.setattr(compare_module, "run_alone", run_alone)
+    monkeypatch.setattr(runs, "run_alone", run_alone)
     return commands
 
 
-def test_a_learning_rate_sweep_compares_each_method_at_its_own_best_rate(compare_module, monkeypatch, tmp_path):
+def test_a_learning_rate_sweep_compares_each_method_at_its_own_best_rate(monkeypatch, tmp_path):
     """--learning_rate_sweep: every method runs at every rate; each is compared at the rate of its lowest best eval
     loss (BP's best is 1e-2 here, DBP's 1e-3), and the comparison's records and files say so."""
     best_rate = {"bp": 1e-2, "dbp": 1e-3}
-    commands = fake_runs(compare_module, monkeypatch,
-                         lambda method, rate, step: 1.0 / step + (0.0 if rate == best_rate[method] else 0.5))  # fmt: skip
-    monkeypatch.setattr(sys, "argv", ["compare_bp_dbp.py", "--output_dir", str(tmp_path / "cmp"), "--seeds", "0", "1",
-                                      "--learning_rate_sweep", "1e-3", "1e-2", "--max_steps", "4"])  # fmt: skip
-    compare_module.main()
+    commands = fake_runs(
+        monkeypatch, lambda method, rate, step: 1.0 / step + (0.0 if rate == best_rate[method] else 0.5)
+    )
+    args = ComparisonArguments(
+        output_dir=str(tmp_path / "cmp"), seeds=[0, 1], learning_rate_sweep=[1e-3, 1e-2], max_steps=4
+    )
+    mae.run_comparison(args, RUN_MAE, RUN_SEGMENTATION)
     assert len(commands) == 2 * 2 * 2  # seeds x rates x methods
     comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     sweep = comparison["sweep"]
@@ -180,13 +245,12 @@ def test_a_learning_rate_sweep_compares_each_method_at_its_own_best_rate(compare
     assert "Learning-rate sweep" in markdown and "(chosen)" in markdown
 
 
-def test_peer_optimizers_add_a_bp_and_a_dbp_run_each_compared_with_each_other(compare_module, monkeypatch, tmp_path):
+def test_peer_optimizers_add_a_bp_and_a_dbp_run_each_compared_with_each_other(monkeypatch, tmp_path):
     """--optimizers adamw muon: four methods; each DBP against the BP of its own optimizer, every speed-up curve
     against the first BP, and the markdown shows both pairs."""
-    fake_runs(compare_module, monkeypatch, lambda method, rate, step: 1.0 / step + (0.1 if method.startswith("bp") else -0.2))
-    monkeypatch.setattr(sys, "argv", ["compare_bp_dbp.py", "--output_dir", str(tmp_path / "cmp"), "--seeds", "0",
-                                      "--optimizers", "adamw", "muon", "--max_steps", "4"])  # fmt: skip
-    compare_module.main()
+    fake_runs(monkeypatch, lambda method, rate, step: 1.0 / step + (0.1 if method.startswith("bp") else -0.2))
+    args = ComparisonArguments(output_dir=str(tmp_path / "cmp"), seeds=[0], optimizers=["adamw", "muon"], max_steps=4)
+    mae.run_comparison(args, RUN_MAE, RUN_SEGMENTATION)
     comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert comparison["methods"] == ["bp", "dbp", "bp_muon", "dbp_muon"]
     run = comparison["runs"][0]
@@ -194,7 +258,8 @@ def test_peer_optimizers_add_a_bp_and_a_dbp_run_each_compared_with_each_other(co
     for method in comparison["methods"]:
         assert fields <= set(run[method]) and [e["step"] for e in run[method]["evals"]] == [2, 4], method
     assert run["bp_muon"]["optimizer"] == "muon" and run["dbp"]["optimizer"] == "adamw"
-    assert set(run["comparisons"]) == {"dbp", "dbp_muon"} and set(run["speedup_curve"]) == {"dbp", "bp_muon", "dbp_muon"}
+    assert set(run["comparisons"]) == {"dbp", "dbp_muon"}
+    assert set(run["speedup_curve"]) == {"dbp", "bp_muon", "dbp_muon"}
     # BP's best is 0.35, at step 4; DBP is at 0.3 by step 2: half the steps and half the seconds, with each optimizer.
     for dbp in ("dbp", "dbp_muon"):
         assert run["comparisons"][dbp]["dbp_steps_to_bp_best"] == 2, dbp
@@ -213,30 +278,30 @@ def run_mae_arguments(command: list[str]):
         spec.loader.exec_module(module)
     parser = HfArgumentParser((module.ModelArguments, module.DataTrainingArguments, module.DBPArguments,
                                module.CustomTrainingArguments))  # fmt: skip
-    _, _, dbp, training = parser.parse_args_into_dataclasses(args=command[command.index("--output_dir"):])
+    _, _, dbp, training = parser.parse_args_into_dataclasses(args=command[command.index("--output_dir") :])
     return dbp, training
 
 
 @pytest.mark.parametrize("optimizer, optim, matrices, schedule", [
     ("soap", "default", "soap", "cosine"), ("muon", "default", "muon", "cosine"),
     ("schedulefree", "schedule_free_adamw", "adamw", "constant")])  # fmt: skip
-def test_each_peer_optimizer_reaches_run_mae_dbp_as_its_flags(compare_module, tmp_path, optimizer, optim, matrices,
-                                                              schedule):  # fmt: skip
+def test_each_peer_optimizer_reaches_run_mae_dbp_as_its_flags(tmp_path, optimizer, optim, matrices, schedule):
     if optim == "default":  # AdamW as transformers builds it by default (for the parameters the matrices leave)
         optim = TrainingArguments.__dataclass_fields__["optim"].default
-    args = compare_module.ComparisonArguments(weight_decay=0.1, bp_weight_decay=0.0, decorrelation_lr_schedule="tied")
+    args = ComparisonArguments(weight_decay=0.1, bp_weight_decay=0.0, decorrelation_lr_schedule="tied")
     for bp in (True, False):
-        command = compare_module.pretraining_command(args, 0, bp, str(tmp_path), 1e-3, optimizer)
+        command = mae.pretraining_command(RUN_MAE, args, 0, bp, str(tmp_path), 1e-3, optimizer)
         dbp_arguments, training = run_mae_arguments(command)
-        assert dbp_arguments.bp_baseline == bp and (training.optim, training.matrix_optimizer, training.lr_scheduler_type) == (optim, matrices, schedule)
+        assert dbp_arguments.bp_baseline == bp
+        assert (training.optim, training.matrix_optimizer, training.lr_scheduler_type) == (optim, matrices, schedule)
         assert training.weight_decay == (0.0 if bp else 0.1) and training.decorrelation_lr_schedule == "tied"
 
 
 @pytest.mark.parametrize("item", ["adamw=1e-3", "lion=1e-3", "soap", "soap=fast", "muon=-1"])
-def test_a_bad_peer_learning_rate_is_refused_with_the_arguments(compare_module, item):
+def test_a_bad_peer_learning_rate_is_refused_with_the_arguments(item):
     with pytest.raises(ValueError, match="optimizer_base_learning_rates"):
-        compare_module.ComparisonArguments(optimizer_base_learning_rates=[item])
-    assert compare_module.ComparisonArguments(optimizer_base_learning_rates=["soap=3e-3"]).peer_rates() == {"soap": 3e-3}
+        ComparisonArguments(optimizer_base_learning_rates=[item])
+    assert ComparisonArguments(optimizer_base_learning_rates=["soap=3e-3"]).peer_rates() == {"soap": 3e-3}
 
 
 TINY_MAE = ("image_size=16,patch_size=4,hidden_size=24,num_hidden_layers=2,num_attention_heads=2,intermediate_size=48,"
@@ -284,44 +349,37 @@ def test_settings_sweep_tunes_bp_and_measures_every_variant_against_the_best_bp(
     assert rerun == sweep["runs"][variants[0]]
 
 
-@pytest.fixture
-def sweep(compare_module, monkeypatch):
-    """examples/sweep_bp_dbp.py as a module (it imports compare_bp_dbp, which the other fixture loads)."""
-    spec = importlib.util.spec_from_file_location("sweep_bp_dbp", ROOT / "examples" / "sweep_bp_dbp.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("variant, message", [("dbp:decorrelation_lr", "name=value"), ("dbp:no_such=1", "name=value"),
                                               ("adam:weight_decay=0", "the method"), ("dbp:seeds=3", "name=value")])  # fmt: skip
-def test_a_bad_sweep_variant_is_refused_before_any_run(sweep, monkeypatch, tmp_path, variant, message):
-    monkeypatch.setattr(sys, "argv", ["sweep_bp_dbp.py", "--output_dir", str(tmp_path / "sweep"), "--variants", "bp", variant])
+def test_a_bad_sweep_variant_is_refused_before_any_run(monkeypatch, tmp_path, variant, message):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a run started"))
     with pytest.raises(ValueError, match=message):
-        sweep.main()
+        run_sweep(SweepArguments(output_dir=str(tmp_path / "sweep"), variants=["bp", variant]), RUN_MAE)
     assert not (tmp_path / "sweep").exists()
 
 
-def test_a_sweep_variants_rate_and_weight_decay_are_the_runs_whatever_the_method(compare_module, sweep):
-    base = compare_module.ComparisonArguments(bp_base_learning_rate=3e-3, bp_weight_decay=0.1,
-                                              optimizer_base_learning_rates=["soap=6e-3"])  # fmt: skip
-    kind, optimizer, args = sweep.parse_variant("bp:weight_decay=0,base_learning_rate=1e-2", base)
-    assert (kind, optimizer, sweep.learning_rate(kind, optimizer, args), args.bp_weight_decay) == ("bp", "adamw", 1e-2, None)
-    kind, optimizer, args = sweep.parse_variant("bp_soap", base)
-    assert (optimizer, sweep.learning_rate(kind, optimizer, args)) == ("soap", 6e-3)  # the peer's own rate
-    kind, optimizer, args = sweep.parse_variant("bp", base)
-    assert sweep.learning_rate(kind, optimizer, args) == 3e-3 and args.optimizers == ["adamw"]
+def test_a_sweep_variants_rate_and_weight_decay_are_the_runs_whatever_the_method():
+    base = ComparisonArguments(
+        bp_base_learning_rate=3e-3, bp_weight_decay=0.1, optimizer_base_learning_rates=["soap=6e-3"]
+    )
+    kind, optimizer, args = parse_variant("bp:weight_decay=0,base_learning_rate=1e-2", base)
+    rate = learning_rate(kind, optimizer, args)
+    assert (kind, optimizer, rate, args.bp_weight_decay) == ("bp", "adamw", 1e-2, None)
+    kind, optimizer, args = parse_variant("bp_soap", base)
+    assert (optimizer, learning_rate(kind, optimizer, args)) == ("soap", 6e-3)  # the peer's own rate
+    kind, optimizer, args = parse_variant("bp", base)
+    assert learning_rate(kind, optimizer, args) == 3e-3 and args.optimizers == ["adamw"]
 
 
-def test_dbp_updating_every_k_steps_is_one_more_record_against_bp(compare_module, tmp_path):
-    args = compare_module.ComparisonArguments(decorrelation_update_every=[1, 4])
-    command = compare_module.pretraining_command(args, 0, False, str(tmp_path), 1e-3, "adamw",
-                                                 compare_module.update_every_of("dbp_every4"))  # fmt: skip
+def test_dbp_updating_every_k_steps_is_one_more_record_against_bp(tmp_path):
+    args = ComparisonArguments(decorrelation_update_every=[1, 4])
+    command = mae.pretraining_command(
+        RUN_MAE, args, 0, False, str(tmp_path), 1e-3, "adamw", update_every_of("dbp_every4")
+    )
     dbp_arguments, training = run_mae_arguments(command)
     assert not dbp_arguments.bp_baseline and training.decorrelation_update_every == 4
-    assert run_mae_arguments(compare_module.pretraining_command(args, 0, False, str(tmp_path), 1e-3))[1].decorrelation_update_every == 1
-    assert compare_module.baseline_of("dbp_every4") == "bp" and compare_module.baseline_of("dbp_muon") == "bp_muon"
+    every_step = mae.pretraining_command(RUN_MAE, args, 0, False, str(tmp_path), 1e-3)
+    assert run_mae_arguments(every_step)[1].decorrelation_update_every == 1
+    assert baseline_of("dbp_every4") == "bp" and baseline_of("dbp_muon") == "bp_muon"
     with pytest.raises(ValueError, match="decorrelation_update_every"):
-        compare_module.ComparisonArguments(decorrelation_update_every=[0])
+        ComparisonArguments(decorrelation_update_every=[0])

@@ -17,7 +17,7 @@ from hf_dbp.core.sampling import RowSampler
 
 
 def reference_update(R, rows, lr, kappa, variance_form="rows"):
-    """The rule of METHOD.md, written out independently in float64 from the raw input rows; with "columns", the
+    """The rule of docs/method.md, written out independently in float64 from the raw input rows; with "columns", the
     reference code's variance term R diag(v) (artcogsys/decorbp's `v * R`) in place of diag(v) R."""
     z = rows @ R.T
     X = z.T @ z / z.shape[0]

@@ -104,15 +104,11 @@ def test_segmentation_evaluates_on_two_processes_with_images_of_other_sizes_on_e
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
     import hf_dbp
-    from hf_dbp.tasks.segmentation.ade20k import ade20k_id2label
-    from hf_dbp.tasks.segmentation.data import (
-        SegmentationTransform,
-        load_ade20k_folder,
-        make_demo_ade20k,
-        segmentation_collate,
-    )
+    from hf_dbp.tasks.segmentation.ade20k import ade20k_id2label, load_ade20k_folder
+    from hf_dbp.tasks.segmentation.demo import make_demo_ade20k
     from hf_dbp.tasks.segmentation.evaluation import predict_batch
     from hf_dbp.tasks.segmentation.metrics import SegmentationEvaluator
+    from hf_dbp.tasks.segmentation.transforms import SegmentationTransform, segmentation_collate
 
     torch.manual_seed(0)
     hf_dbp.ViTMAEDBPForPreTraining(hf_dbp.ViTMAEDBPConfig(**TINY_ENCODER)).save_pretrained(tmp_path / "encoder")

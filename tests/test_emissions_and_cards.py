@@ -34,7 +34,7 @@ from PIL import Image as PILImage
 from transformers import AutoConfig
 
 import hf_dbp
-from hf_dbp.tasks.segmentation.data import make_demo_ade20k
+from hf_dbp.tasks.segmentation.demo import make_demo_ade20k
 from hf_dbp.training.emissions import WORLD_AVERAGE, EmissionsMeter, resolve_country
 from hf_dbp.training.model_card import read_emissions_csv, write_model_card
 

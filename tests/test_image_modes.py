@@ -22,7 +22,9 @@ from hf_dbp.tasks.image_data import (
     drop_unreadable_images,
 )
 from hf_dbp.tasks.image_modes import UnconvertibleImageError, to_rgb
-from hf_dbp.tasks.segmentation.data import SegmentationTransform, check_segmentation_pairs, load_ade20k_folder
+from hf_dbp.tasks.segmentation.ade20k import load_ade20k_folder
+from hf_dbp.tasks.segmentation.checks import check_segmentation_pairs
+from hf_dbp.tasks.segmentation.transforms import SegmentationTransform
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -294,7 +296,7 @@ def segmentation_folder(tmp_path_factory):
 
 def test_segmentation_check_orients_each_file_by_its_own_tag(segmentation_folder, caplog):
     root, dataset = segmentation_folder
-    with caplog.at_level(logging.WARNING, logger="hf_dbp.tasks.segmentation.data"):
+    with caplog.at_level(logging.WARNING, logger="hf_dbp.tasks.segmentation"):
         clean, dropped = check_segmentation_pairs(dataset, num_labels=3, reduce_labels=False)
     assert dropped == [str((root / "annotations" / "training" / "stored.png").resolve())]
     assert "the image's EXIF orientation 6 rotates it on decoding, the annotation is not rotated" in caplog.text
@@ -341,7 +343,7 @@ def test_segmentation_check_drops_an_unconvertible_image_by_name(tmp_path, caplo
         {"image": [str(depth), str(good)], "annotation": [str(label)] * 2},
         features=Features({"image": Image(), "annotation": Image()}),
     )
-    with caplog.at_level(logging.WARNING, logger="hf_dbp.tasks.segmentation.data"):
+    with caplog.at_level(logging.WARNING, logger="hf_dbp.tasks.segmentation"):
         clean, dropped = check_segmentation_pairs(dataset, num_labels=3, reduce_labels=False)
     assert dropped == [str(depth)] and clean.num_rows == 1
     assert f"skipping pair {depth} / {label}: image cannot be converted to RGB (mode F (32-bit float)" in caplog.text

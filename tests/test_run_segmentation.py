@@ -37,13 +37,10 @@ from transformers import (
 )
 
 import hf_dbp
-from hf_dbp.tasks.segmentation.data import (
-    SegmentationTransform,
-    load_ade20k_folder,
-    make_demo_ade20k,
-    segmentation_collate,
-)
+from hf_dbp.tasks.segmentation.ade20k import load_ade20k_folder
+from hf_dbp.tasks.segmentation.demo import make_demo_ade20k
 from hf_dbp.tasks.segmentation.evaluation import predict_batch
+from hf_dbp.tasks.segmentation.transforms import SegmentationTransform, segmentation_collate
 
 SCRIPT = SEGMENTATION_SCRIPT
 

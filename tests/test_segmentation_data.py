@@ -14,16 +14,12 @@ from datasets import Dataset, Features, Image
 from PIL import Image as PILImage
 
 from hf_dbp.tasks.image_data import IMAGENET_MEAN, IMAGENET_STD
-from hf_dbp.tasks.segmentation.data import (
-    DEMO_ADE20K_CLASSES,
-    SegmentationTransform,
-    check_segmentation_pairs,
-    load_ade20k_folder,
-    make_demo_ade20k,
-    segmentation_collate,
-)
+from hf_dbp.tasks.segmentation.ade20k import load_ade20k_folder
+from hf_dbp.tasks.segmentation.checks import check_segmentation_pairs
+from hf_dbp.tasks.segmentation.demo import DEMO_ADE20K_CLASSES, make_demo_ade20k
+from hf_dbp.tasks.segmentation.transforms import SegmentationTransform, segmentation_collate
 
-LOGGER = "hf_dbp.tasks.segmentation.data"
+LOGGER = "hf_dbp.tasks.segmentation"
 
 
 def rgb(height, width, seed=0, mode="RGB"):
@@ -65,7 +61,7 @@ def pairs_dataset(pairs):
 
 
 def warnings_text(caplog):
-    return "\n".join(r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno >= logging.WARNING)
+    return "\n".join(r.getMessage() for r in caplog.records if r.name.startswith(LOGGER) and r.levelno >= logging.WARNING)
 
 
 # ------------------------------------------------------------------------------------------------------- folders

@@ -352,7 +352,12 @@ def test_trainer_evaluate_batch_eval_metrics(tmp_path):
 def test_the_predictions_legend_names_the_ignored_black_label(tmp_path):
     import numpy as np
 
-    from hf_dbp.training.plotting import IGNORED_LABEL_NAME, _label_colors, legend_entries, plot_segmentation_examples
+    from hf_dbp.tasks.segmentation.plotting import (
+        IGNORED_LABEL_NAME,
+        _label_colors,
+        legend_entries,
+        plot_segmentation_examples,
+    )
 
     labels = np.array([[[0, 1], [255, 255]]])
     predictions = np.array([[[0, 2], [1, 1]]])

@@ -15,6 +15,7 @@ the statistics of all processes combined, in :mod:`hf_dbp.core.step`.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,13 @@ def is_recomputing_forward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def deepspeed_zero_init_active() -> bool:
+    """Whether modules are being built inside DeepSpeed's ``zero.Init`` (which partitions their parameters as they
+    are made); False where DeepSpeed is not imported."""
+    partitioning = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    return partitioning is not None and getattr(partitioning, "zero_init_context", 0) > 0
+
+
 class Decorrelation(nn.Module):
     """A decorrelating matrix ``R`` for inputs of width ``dim`` and the statistics of its outputs.
 
@@ -53,6 +61,9 @@ class Decorrelation(nn.Module):
     ``R`` is a float32 ``nn.Parameter``: it is saved and loaded with the model and moves with ``.to()``, and DDP does
     not re-broadcast it at every forward as it would a buffer. The statistics are plain tensors, not buffers, for the
     same reason: every process keeps its own until the decorrelation step combines them ([`hf_dbp.core.step`]).
+    Under DeepSpeed ``R`` is a buffer instead, under the same state-dict key (`hf_dbp.prepare_for_deepspeed`, and
+    when built inside ZeRO-3's ``zero.Init``): DeepSpeed partitions and optimises parameters, never buffers, and does
+    not re-broadcast buffers.
 
     ``R`` is never trained by the gradient, by two guarantees that do not depend on each other:
 
@@ -73,7 +84,13 @@ class Decorrelation(nn.Module):
         self.dim = dim
         self.sample_fraction = sample_fraction
         self.generator = as_row_sampler(generator)
-        self.R = nn.Parameter(torch.eye(dim, dtype=torch.float32), requires_grad=False)
+        if deepspeed_zero_init_active():
+            # Built inside DeepSpeed's `zero.Init` (transformers' from_pretrained under ZeRO-3), a parameter would be
+            # partitioned, and in 16 bits; a buffer is neither (hf_dbp.prepare_for_deepspeed). The constructors there
+            # make every new float tensor in the 16-bit dtype: the identity survives the round trip exactly.
+            self.register_buffer("R", torch.eye(dim).float())
+        else:
+            self.R = nn.Parameter(torch.eye(dim, dtype=torch.float32), requires_grad=False)
         self.skipped_updates = 0  # updates refused by the guard of `update_rule`
         self.steps = 0  # optimizer steps taken (`update_decorrelations`); keys the folded-weight caches
         # Whether training forwards share one cached W R between optimizer steps (set it under gradient accumulation;

@@ -34,6 +34,9 @@ def drop_decorrelation_matrices(optimizer: torch.optim.Optimizer, model: nn.Modu
     return dropped
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+"""Modules whose children are the layers of a forward (run in turn, or looped over): never the home of an R."""
+
 
 def _split(path: str) -> tuple[str, str]:
     parent, _, leaf = path.rpartition(".")
@@ -56,7 +59,9 @@ def inject_decorrelation(
     Args:
         root: the model (or sub-model) holding the layers.
         groups: for each ``R``, its name (a dotted path; the ``Decorrelation`` is registered beside the layers as
-            ``<parent>.<leaf>_decorrelation``) and the paths of the layers that read the same input through it.
+            ``<parent>.<leaf>_decorrelation``, or where that parent is an ``nn.Sequential``, ``nn.ModuleList`` or
+            ``nn.ModuleDict``, inside the group's first layer, as ``<first layer>.<leaf>_decorrelation``) and the
+            paths of the layers that read the same input through it.
             Example: ``{"layers.0.attention.qkv": ["layers.0.attention.q_proj", "layers.0.attention.k_proj",
             "layers.0.attention.v_proj"]}``.
         sample_fraction, generator: see [`~hf_dbp.core.decorrelation.Decorrelation`].
@@ -76,7 +81,6 @@ def inject_decorrelation(
         decorrelation = Decorrelation(widths.pop(), sample_fraction, generator).to(reference.device)
         decorrelation.consumers = len(layers)
         decorrelation.group_out_features = sum(output_width(layer) for layer in layers)
-        root.get_submodule(_split(name)[0]).register_module(decorrelation_module_name(name), decorrelation)
         for i, (path, layer) in enumerate(zip(paths, layers, strict=True)):
             wrapper = decorrelated_class(layer)
             if isinstance(layer, DECORRELATED_LAYERS):
@@ -84,6 +88,12 @@ def inject_decorrelation(
             layer_parent, layer_leaf = _split(path)
             new = wrapper.from_layer(layer, decorrelation, record_statistics=i == 0)
             setattr(root.get_submodule(layer_parent), layer_leaf, new)
+        owner = root.get_submodule(_split(name)[0])
+        if isinstance(owner, _CONTAINERS):
+            # nn.Sequential runs every child as a layer, and loops over a ModuleList or ModuleDict see every entry: an
+            # R registered there would be run (or counted) as a layer. The group's first layer holds it instead.
+            owner = root.get_submodule(paths[0])
+        owner.register_module(decorrelation_module_name(name), decorrelation)
         decorrelations[name] = decorrelation
     return decorrelations
 
@@ -126,7 +136,6 @@ class DecorrelationMonitor:
         self._handles.clear()
 
 
-
 @torch.no_grad()
 def fold_decorrelation(root: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict of ``root`` with every ``R`` folded into its layers' weights (``W <- W R``) and removed.
@@ -142,4 +151,3 @@ def fold_decorrelation(root: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(module, Decorrelation):
             del state[f"{name}.R" if name else "R"]
     return state
-

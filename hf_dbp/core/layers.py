@@ -51,6 +51,15 @@ def _cached_fold(layer: nn.Module) -> torch.Tensor:
     and every evaluation batch. The cache is keyed on the version counters of W and R (the optimizer's and DBP's
     in-place updates bump them), on their storage, and on the count of DBP steps, which changes after every optimizer
     step even where a sharded optimizer (FSDP) writes W's storage behind its version counter.
+
+    Under engines that shard W and gather it whole around each forward (FSDP1 and FSDP2 with resharding, DeepSpeed
+    ZeRO-3), the W a forward sees is a fresh copy whose version counter does not move and whose storage may be
+    reused, so the key cannot tell two gathers apart. That is safe because W's values change only where the key
+    changes: in an optimizer step (the DBP step after it counts it) or in a load of weights, which drops the cache
+    (``_load_from_state_dict`` below for loads through the modules; `clear_folded_weights` for loads that write the
+    shards directly, which `DecorrelationCallback` calls at the start and end of training, around Trainer's loads).
+    Within one step every gather gives the same W, so one fold serves them all (tests/test_engines.py compares
+    FSDP2's gradients and outputs with an unsharded model's, step by step).
     """
     if torch.is_inference_mode_enabled():  # an inference tensor could not be saved for a later backward
         return _fold_in_weight_precision(layer)
@@ -61,6 +70,24 @@ def _cached_fold(layer: nn.Module) -> torch.Tensor:
         with torch.no_grad():
             cached = layer._folded_cache = (key, _fold_in_weight_precision(layer))
     return cached[1]
+
+
+def clear_folded_weights(model: nn.Module) -> None:
+    """Drop the cached folds ``W R`` of every decorrelated layer of `model`: call it after writing weights behind the
+    modules' back (a sharding engine's checkpoint load that writes the shards directly), so that the next forward
+    folds the new W."""
+    for module in model.modules():
+        if isinstance(module, DECORRELATED_LAYERS):
+            module._folded_cache = None
+
+
+class _FoldCacheDroppedOnLoad:
+    """Drops a decorrelated layer's cached fold when weights are loaded into it (`load_state_dict`, also where a
+    sharding engine's load writes the shards: FSDP's ``set_model_state_dict`` goes through the modules too)."""
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._folded_cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
 
 class _FoldedForward(torch.autograd.Function):
@@ -137,7 +164,7 @@ def _folded_forward(layer: nn.Module, x: torch.Tensor, stride: tuple[int, int] |
     return layer._conv_forward(x, folded, layer.bias)
 
 
-class DecorrelatedLinear(nn.Linear):
+class DecorrelatedLinear(_FoldCacheDroppedOnLoad, nn.Linear):
     """``nn.Linear`` computing ``W (R x) + b`` with ``R`` taken from a (possibly shared) [`Decorrelation`].
 
     Parameter names are those of ``nn.Linear`` (``weight``, ``bias``). ``record_statistics`` is set on one layer of
@@ -176,7 +203,7 @@ def is_patchifying(conv: nn.Conv2d) -> bool:
             and conv.groups == 1)  # fmt: skip
 
 
-class DecorrelatedConv2d(nn.Conv2d):
+class DecorrelatedConv2d(_FoldCacheDroppedOnLoad, nn.Conv2d):
     """A patchifying ``nn.Conv2d`` (kernel == stride, no padding) with ``R`` acting on each flattened patch.
 
     The conv has as many outputs per image as patches but only ``out_channels`` rows of weights, so the folded form
@@ -206,7 +233,7 @@ class DecorrelatedConv2d(nn.Conv2d):
         return _folded_forward(self, x, stride=self.stride)
 
 
-class DecorrelatedConv1D(Conv1D):
+class DecorrelatedConv1D(_FoldCacheDroppedOnLoad, Conv1D):
     """transformers' ``Conv1D`` (GPT-2's linear layer, weight stored transposed as ``(in, out)``) computing
     ``(R x) W + b``.
 

@@ -10,9 +10,11 @@ plain = hf_dbp.merge_decorrelation(model)  # the original model, R folded in
 
 The model stays an instance of its own class, with the parameter names it had: each target layer becomes its
 decorrelated twin ([`hf_dbp.core.layers`]), and each R is registered beside the layers that read it, as
-`<parent>.<name>_decorrelation.R`. The [`DecorrelationConfig`] (with its resolved `groups`) is kept where the model
-keeps its settings: a transformers model's config (`config.decorrelation`, so that every `save_pretrained`, Trainer
-checkpoint and `push_to_hub` carries it), or the module itself (`model.decorrelation_config`) for any other module.
+`<parent>.<name>_decorrelation.R` (inside the first of them, `<layer>.<name>_decorrelation.R`, where the parent is an
+`nn.Sequential`, `nn.ModuleList` or `nn.ModuleDict`, whose children a forward runs or loops over). The
+[`DecorrelationConfig`] (with its resolved `groups`) is kept where the model keeps its settings: a transformers
+model's config (`config.decorrelation`, so that every `save_pretrained`, Trainer checkpoint and `push_to_hub` carries
+it), or the module itself (`model.decorrelation_config`) for any other module.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ def _inject(model: nn.Module, config: DecorrelationConfig) -> None:
     position = {name: i for i, (name, _) in enumerate(model.named_modules())}
     missing = [p for paths in config.groups.values() for p in paths if p not in position]
     if missing:
-        raise ValueError(f"the decorrelation plan names layers that {type(model).__name__} does not have: {missing[:3]}")
+        raise ValueError(
+            f"the decorrelation plan names layers that {type(model).__name__} does not have: {missing[:3]}"
+        )
     groups = dict(sorted(config.groups.items(), key=lambda item: position[item[1][0]]))
     inject_decorrelation(model, groups, sample_fraction=config.sample_fraction, generator=RowSampler(config.seed))
     if isinstance(model, PreTrainedModel):
@@ -276,7 +280,9 @@ def load_decorrelated(model_class, pretrained_model_name_or_path: str | os.PathL
     config = kwargs.pop("config", None)
     if config is None:
         hub_keys = ("cache_dir", "revision", "token", "local_files_only", "trust_remote_code", "subfolder")
-        config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **{k: kwargs[k] for k in hub_keys if k in kwargs})
+        config = AutoConfig.from_pretrained(
+            pretrained_model_name_or_path, **{k: kwargs[k] for k in hub_keys if k in kwargs}
+        )
     values = getattr(config, CONFIG_ATTRIBUTE, None)
     model_class = _resolve_class(model_class, config)
     # Classes that put their R in place themselves, from their config (ViTMAE-DBP, a model with such a backbone):

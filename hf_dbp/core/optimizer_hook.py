@@ -9,7 +9,10 @@ Why an optimizer hook: torch's `Optimizer.register_step_post_hook` fires after e
 runs, whoever calls it (a plain loop, Accelerate, Lightning, transformers' Trainer, timm's train script), and only
 then: inside `accelerator.accumulate` the wrapped optimizer skips its step until the gradients sync, and fp16's
 `GradScaler.step` does not call `step()` when it skips one, so R is updated once per real step, with the statistics
-of every forward since the last one (every gradient-accumulation micro-batch), on every process.
+of every forward since the last one (every gradient-accumulation micro-batch), on every process. DeepSpeed's own
+optimizers (ZeRO, its fp16 and bf16 ones) are no torch optimizers and their inner torch optimizer steps once per
+parameter group: there the step follows the DeepSpeed optimizer's `step()`, which its engine calls once per real step
+(docs/engines.md).
 """
 
 from __future__ import annotations
@@ -39,21 +42,61 @@ GUARDS = ("skip", "stop")
 stays, a warning) or `"stop"` the run with `hf_dbp.core.step.DecorrelationDiverged`."""
 
 
-_WRAPPERS = ("AcceleratedOptimizer", "LightningOptimizer")
-"""Optimizer wrappers whose `step()` calls the torch optimizer's only for real steps."""
+_WRAPPERS = ("AcceleratedOptimizer", "LightningOptimizer", "DeepSpeedOptimizerWrapper")
+"""Optimizer wrappers whose `step()` calls the torch optimizer's only for real steps (Accelerate's DeepSpeed wrapper:
+never; DeepSpeed's engine steps the optimizer inside it)."""
+
+_DEEPSPEED_GROUPS = ("bit16_groups", "fp16_groups", "bf16_groups")
+"""Where DeepSpeed's optimizers (ZeRO stages 1-3, its fp16 and bf16 optimizers) list the model's own parameters: their
+`param_groups` hold flat fp32 copies."""
 
 
-def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside Accelerate's `AcceleratedOptimizer` or Lightning's `LightningOptimizer`."""
+def is_deepspeed_optimizer(optimizer: Any) -> bool:
+    """Whether `optimizer` is one of DeepSpeed's own (ZeRO, fp16, bf16): not a torch optimizer, and its inner torch
+    optimizer steps once per parameter group (ZeRO-1/2) or sub-group (ZeRO-3) of a single real step."""
+    return not isinstance(optimizer, torch.optim.Optimizer) and type(optimizer).__module__.startswith("deepspeed.")
+
+
+def _torch_optimizer(optimizer: Any):
+    """The optimizer inside Accelerate's `AcceleratedOptimizer` or Lightning's `LightningOptimizer`: a torch optimizer,
+    or DeepSpeed's (see `is_deepspeed_optimizer`)."""
     while type(optimizer).__name__ in _WRAPPERS:
         optimizer = getattr(optimizer, "optimizer", None) or optimizer._optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer):
+    if not (isinstance(optimizer, torch.optim.Optimizer) or is_deepspeed_optimizer(optimizer)):
         raise TypeError(f"attach_decorrelation needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
     return optimizer
 
 
-def _parameter_ids(optimizer: torch.optim.Optimizer) -> set[int]:
+def _parameter_ids(optimizer) -> set[int]:
+    for name in _DEEPSPEED_GROUPS:
+        groups = getattr(optimizer, name, None) if is_deepspeed_optimizer(optimizer) else None
+        if groups:
+            return {id(p) for group in groups for p in group}
     return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+class _DeepSpeedStepHook:
+    """A post-step hook on one of DeepSpeed's optimizers, which offer none: their `step()` is wrapped on the instance.
+
+    Their inner torch optimizer is no place for it: ZeRO steps it once per parameter group or sub-group of one real
+    step. The engine calls `optimizer.step()` once per real step (at the gradient-accumulation boundary); on an fp16
+    overflow that step returns early with `optimizer.overflow` set, and the hook does not fire.
+    """
+
+    def __init__(self, optimizer, hook) -> None:
+        step = optimizer.step
+
+        def step_then_hook(*args, **kwargs):
+            result = step(*args, **kwargs)
+            if not getattr(optimizer, "overflow", False):
+                hook()
+            return result
+
+        self.optimizer = optimizer
+        optimizer.step = step_then_hook
+
+    def remove(self) -> None:
+        self.optimizer.__dict__.pop("step", None)
 
 
 class DecorrelationHook:
@@ -153,7 +196,7 @@ class DecorrelationHook:
         return decorrelation_modules(self.model)
 
     def attach(self, optimizer) -> DecorrelationHook:
-        """Step after every real `step()` of `optimizer` (the torch optimizer inside any wrapper)."""
+        """Step after every real `step()` of `optimizer` (the torch optimizer inside any wrapper, or DeepSpeed's)."""
         if self._handle is not None:
             raise ValueError("this DecorrelationHook is attached already; remove() it first")
         inner = _torch_optimizer(optimizer)
@@ -164,17 +207,30 @@ class DecorrelationHook:
         if weights and not any(id(p) in held for p in weights):
             raise ValueError(
                 f"the {type(inner).__name__} holds none of {type(self.model).__name__}'s trainable parameters: "
-                "attach DBP to the optimizer that trains this model"
+                "attach DBP to the optimizer that trains this model (under DeepSpeed: the engine's optimizer)"
+            )
+        if is_deepspeed_optimizer(inner) and any(id(R) in held or hasattr(R, "ds_id") for R in self._matrices()):
+            # DeepSpeed flattens what its optimizer holds and partitions every parameter under ZeRO-3: such an R would
+            # be overwritten from the optimizer's copy, or split between the processes.
+            raise ValueError(
+                "DeepSpeed holds the decorrelation matrices R (in its optimizer, or partitioned by ZeRO-3): call "
+                "hf_dbp.prepare_for_deepspeed(model) before deepspeed.initialize (DBPTrainer does)"
             )
         if dropped := drop_decorrelation_matrices(inner, self.model):
             logger.warning(
                 "Removed %d decorrelation matrices R from the optimizer: R is updated by the decorrelation step, "
                 "never by an optimizer.", dropped
             )
-        self._handle = inner.register_step_post_hook(lambda *_: self.step())
+        if is_deepspeed_optimizer(inner):
+            self._handle = _DeepSpeedStepHook(inner, self.step)
+        else:
+            self._handle = inner.register_step_post_hook(lambda *_: self.step())
         self._optimizer = inner
         inner._hf_dbp_hook = self
         return self
+
+    def _matrices(self) -> list[torch.Tensor]:
+        return [d.R for d in self.modules()] if self.monitor is None else []
 
     def remove(self) -> None:
         """Detach from the optimizer: its steps no longer update R."""
@@ -278,8 +334,9 @@ def attach_decorrelation(optimizer, model: nn.Module, **options) -> Decorrelatio
 
     Args:
         optimizer (`torch.optim.Optimizer`):
-            The optimizer that trains `model` (or a wrapper of it: Accelerate's, Lightning's). R is removed from its
-            parameter groups if it holds it.
+            The optimizer that trains `model` (or a wrapper of it: Accelerate's, Lightning's), or under DeepSpeed the
+            engine's optimizer (`engine.optimizer`; then call `hf_dbp.prepare_for_deepspeed(model)` before
+            `deepspeed.initialize`). R is removed from its parameter groups if it holds it.
         model (`nn.Module`):
             The decorrelated model (see [`DecorrelationHook`]).
         options:
@@ -290,8 +347,8 @@ def attach_decorrelation(optimizer, model: nn.Module, **options) -> Decorrelatio
         state with your checkpoints; `mean_loss()` gives the decorrelation loss to log.
 
     Raises:
-        ValueError: the model has no R (and no `measure_only`), the optimizer holds none of the model's weights, or DBP
-            is attached to this optimizer already.
+        ValueError: the model has no R (and no `measure_only`), the optimizer holds none of the model's weights, DBP
+            is attached to this optimizer already, or DeepSpeed holds R (see `hf_dbp.prepare_for_deepspeed`).
     """
     return DecorrelationHook(model, **options).attach(optimizer)
 

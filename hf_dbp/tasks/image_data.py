@@ -32,7 +32,7 @@ ALTERNATE_TRAIN_PHOTOS = (
     "chelsea", "gravel", "coins", "clock", "cell", "microaneurysms", "stereo_motorcycle_right", "grace_hopper",
 )  # fmt: skip
 ALTERNATE_VALIDATION_PHOTOS = ("astronaut", "coffee", "rocket", "brick")
-# Held-out sets: no setting of hf-dbp was tuned on them (see the README's comparison section). Each comes from other
+# Held-out sets: no setting of hf-dbp was tuned on them (docs/results.md, "Held-out sets"). Each comes from other
 # sources than the photographs above, all inside wheels from the package index, and validates on other images than it
 # trains on.
 # scikit-learn's and mahotas' sample images: a temple, a crowded drawing of a department store; a flower, a portrait.
@@ -40,7 +40,7 @@ ALTERNATE_VALIDATION_PHOTOS = ("astronaut", "coffee", "rocket", "brick")
 HELDOUT_PHOTOS = (("sklearn:china", "mahotas:DepartmentStore.jpg"), ("sklearn:flower", "mahotas:luispedro.jpg"))
 HELDOUT_FACES = (("lfw:train",), ("lfw:validation",))  # scikit-image's subset of Labeled Faces in the Wild, 25 px
 HELDOUT_TERRAIN = (("dem:jacksboro_fault_dem.npz",), ("dem:topobathy.npz",))  # matplotlib's elevation maps
-# Added after the default decorrelation settings were chosen (see the README's held-out table): smooth natural
+# Added after the default decorrelation settings were chosen (no result on them in docs/results.md yet): smooth natural
 # close-ups, everyday scenes, and the earth from above.
 # Panda3D's nature textures (leaves, rock, bark, bamboo, a tree, ground cover) and Kivy's close-ups of a kiwi and
 # of glitter; validated on another rock, another tree and reeds.

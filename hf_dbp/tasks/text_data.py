@@ -27,6 +27,13 @@ HELDOUT_VALIDATION_PLAYS = ("romances/the-tempest", "roman/julius-caesar")
 TEXT_SETS = ("default", "heldout_plays", "heldout_python_docs")
 """The embedded text sets: `default` (tuned on), and two held out from all tuning."""
 
+DEMO_MODEL = (
+    "hidden_size=128,num_hidden_layers=4,num_attention_heads=4,num_key_value_heads=4,intermediate_size=352,"
+    "max_position_embeddings=256"
+)
+"""The small Llama (`--model_type llama --config_overrides DEMO_MODEL`) that `examples/run_clm_dbp.py`'s demo and the
+language-modelling comparison (`examples/compare_bp_dbp_clm.py`) train from scratch on these sets."""
+
 
 def _play(name: str) -> str:
     """One play as plain text: speaker names in capitals before their lines, markdown markup removed."""

@@ -22,7 +22,9 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..core.config import CONFIG_ATTRIBUTE, DecorrelationConfig
+from ..core.engines import prepare_for_deepspeed
 from ..core.inject import decorrelation_matrices, drop_decorrelation_matrices
+from ..core.layers import clear_folded_weights
 from ..core.model import decorrelation_config_of, decorrelation_modules
 from ..core.optimizer_hook import DecorrelationHook
 from ..core.plan import plan_decorrelation
@@ -39,6 +41,12 @@ def _gather(item) -> list:
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, item)
     return gathered
+
+
+def _uses_deepspeed(args: TrainingArguments) -> bool:
+    """Whether the Trainer with these arguments runs DeepSpeed (a `deepspeed` config, or `accelerate launch` with a
+    DeepSpeed config file)."""
+    return getattr(args, "deepspeed_plugin", None) is not None
 
 
 def _process_index() -> int:
@@ -135,15 +143,21 @@ class DecorrelationCallback(TrainerCallback):
         """Add a new callback to `trainer` ahead of its others (so its logs reach every reporter), and check the model
         now; returns it."""
         callback = cls(*args, **kwargs)
-        callback.prepare(trainer.model, trainer.optimizer, trainer.args.gradient_accumulation_steps)
+        callback.prepare(
+            trainer.model, trainer.optimizer, trainer.args.gradient_accumulation_steps, trainer.is_deepspeed_enabled
+        )
         trainer.callback_handler.callbacks.insert(0, callback)
         return callback
 
-    def prepare(self, model, optimizer=None, gradient_accumulation_steps: int = 1) -> None:
+    def prepare(self, model, optimizer=None, gradient_accumulation_steps: int = 1, deepspeed: bool = False) -> None:
         """Check that `model` can be trained with DBP and keep R out of every optimizer (before the Trainer builds its
-        own, and before DDP wraps the model). Raises a `ValueError` naming what is wrong."""
+        own, and before DDP, FSDP or DeepSpeed wraps the model). Under DeepSpeed (`deepspeed=True`) every R becomes a
+        buffer ([`~hf_dbp.prepare_for_deepspeed`]), which ZeRO neither partitions nor optimises. Raises a
+        `ValueError` naming what is wrong."""
         if model is None:
             return
+        if deepspeed:
+            prepare_for_deepspeed(model)
         # Under gradient accumulation every micro-batch of a step shares one folded W R (W and R do not change
         # between them); with one forward per step there is nothing to share, and the fold is better freed early.
         for d in decorrelation_modules(model):
@@ -179,10 +193,12 @@ class DecorrelationCallback(TrainerCallback):
         self._checked_model = model
 
     def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self.prepare(model, optimizer, args.gradient_accumulation_steps)
+        self.prepare(model, optimizer, args.gradient_accumulation_steps, _uses_deepspeed(args))
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         self.prepare(model, gradient_accumulation_steps=args.gradient_accumulation_steps)
+        # Trainer may have loaded a checkpoint into the shards of an FSDP or DeepSpeed model, behind the modules' back.
+        clear_folded_weights(model)
         decorrelated = self.decorrelation_config is None
         self.hook = DecorrelationHook(
             model, lr_scheduler=lr_scheduler, gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -220,7 +236,9 @@ class DecorrelationCallback(TrainerCallback):
         if self.hook is not None and os.path.isdir(folder):
             self.save_state(folder)
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            clear_folded_weights(model)  # after Trainer's load of the best model (load_best_model_at_end)
         if self.hook is None:
             return
         if self.hook.monitor is None:

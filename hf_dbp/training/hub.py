@@ -73,10 +73,9 @@ def push_folder(
     check_model_folder(folder, "folder", repo_id_allowed=False)
     card = os.path.join(folder, "README.md")
     if not os.path.isfile(card):
+        # AutoConfig knows hf-dbp's config types already: importing this module ran hf_dbp/__init__.py, which
+        # registers them (a lower layer must not import the package's front, which imports every layer).
         from transformers import AutoConfig
-
-        import hf_dbp  # noqa: F401 - registers the config types the folder may hold
-
 
         write_model_card(folder, AutoConfig.from_pretrained(folder), model_name=repo_id)
     else:

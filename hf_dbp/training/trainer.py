@@ -64,13 +64,23 @@ class DBPTrainer(Trainer):
         country = dbp_argument(training_args, "emissions_country")
         self.emissions_callback = EmissionsCallback(country) if track else None
         super().__init__(*args, **kwargs)
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not self.is_fsdp_enabled:
+            # accelerate launch with an FSDP config file on a machine without GPUs: accelerate (1.16) enables FSDP for
+            # GPU-like devices only and quietly trains without it (with use_cpu, DDP over gloo).
+            logger.warning(
+                "accelerate was given an FSDP config, but this run is not sharded (%s): accelerate runs FSDP on GPUs "
+                "only",
+                self.accelerator.distributed_type,
+            )
         self._card_kwargs = dict(model_card_kwargs or {})
         # Put ahead of the other callbacks, so that what they add to a log record reaches the console and every
         # report_to integration.
         if decorrelation_config is None and not is_decorrelated(self.model):
             decorrelation_config = DecorrelationConfig()  # the BP baseline: measured on its architecture's defaults
         self.decorrelation_callback = DecorrelationCallback.from_args(self.args, decorrelation_config)
-        self.decorrelation_callback.prepare(self.model, self.optimizer, self.args.gradient_accumulation_steps)
+        self.decorrelation_callback.prepare(
+            self.model, self.optimizer, self.args.gradient_accumulation_steps, self.is_deepspeed_enabled
+        )
         self.clock = TrainingClockCallback(dbp_argument(self.args, "max_train_minutes"))
         ours = [self.decorrelation_callback, self.clock] + ([self.emissions_callback] if self.emissions_callback else [])
         self.callback_handler.callbacks[:0] = ours

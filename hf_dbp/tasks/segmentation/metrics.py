@@ -2,7 +2,7 @@
 
 The evaluation keeps one (num_labels x num_labels) confusion matrix, never the predictions: per batch,
 :func:`confusion_matrix` counts (reference, predicted) pixel pairs with ``torch.bincount``; at the end the summed
-matrix goes through the local ``evaluate`` metric ``hf_dbp/metrics/segmentation_iou`` (definitions of the Hub's
+matrix goes through the local ``evaluate`` metric ``hf_dbp/tasks/segmentation/segmentation_iou`` (definitions of the Hub's
 ``evaluate-metric/mean_iou``).
 
 Typical use with a segmentation model whose logits are (B, C, h, w) and labels (B, H, W) already reduced

@@ -65,7 +65,7 @@ Returns:
 
 Examples:
 
-    >>> metric = evaluate.load("hf_dbp/metrics/segmentation_iou")
+    >>> metric = evaluate.load("hf_dbp/tasks/segmentation/segmentation_iou")
     >>> # 3 classes; class 2 never occurs: rows = reference, columns = prediction
     >>> confusion = [[3, 1, 0],
     ...              [0, 2, 0],

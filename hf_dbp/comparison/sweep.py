@@ -1,0 +1,189 @@
+"""Tuning BP and DBP alike (`examples/sweep_bp_dbp.py`): variants of the MAE comparison's settings, each run per
+seed on the same data, model and budget, and measured in optimizer steps against the best-tuned BP.
+
+The caller passes the path of `examples/run_mae_dbp.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import typing
+
+from .analysis import first_reaching
+from .arguments import ComparisonArguments, SweepArguments
+from .mae import pretraining_command
+from .records import json_default, read_run
+from .report import sweep_markdown
+
+BP_VARIANTS = (
+    "bp:base_learning_rate=7.5e-4",
+    "bp",
+    "bp:base_learning_rate=3e-3",
+    "bp:base_learning_rate=6e-3",
+    "bp:weight_decay=0.15",
+    "bp:base_learning_rate=3e-3,weight_decay=0",
+    "bp:base_learning_rate=3e-3,weight_decay=0.15",
+    "bp:base_learning_rate=6e-3,weight_decay=0.15",
+)
+DBP_VARIANTS = (
+    "dbp",
+    "dbp:decorrelation_lr=3e-4",
+    "dbp:decorrelation_lr=3e-3",
+    "dbp:decorrelation_lr_schedule=tied",
+    "dbp:decorrelation_lr=3e-3,decorrelation_lr_schedule=tied",
+    "dbp:decorrelation_kappa=1e-3",
+    "dbp:decorrelation_kappa=0.1",
+    "dbp:decorrelation_sample_fraction=0.03",
+    "dbp:decorrelation_sample_fraction=0.3",
+    "dbp:decorrelation_layers=qkv o_proj fc1 fc2",
+    "dbp:decorrelation_layers=patch_embeddings qkv fc1",
+    "dbp:base_learning_rate=3e-3",
+    "dbp:weight_decay=0.15",
+    # a second round around the best of the first (decorrelation lr 3e-3, tied)
+    "dbp:decorrelation_lr=1e-2,decorrelation_lr_schedule=tied",
+    "dbp:decorrelation_lr=3e-3,decorrelation_lr_schedule=tied,decorrelation_sample_fraction=0.03",
+    "dbp:decorrelation_lr=3e-3,decorrelation_lr_schedule=tied,weight_decay=0.15",
+)
+PEER_VARIANTS = (
+    "bp:base_learning_rate=1.5e-3",
+    *(
+        f"bp_{peer}:base_learning_rate={rate}"
+        for peer, rates in {
+            "muon": ("7.5e-4", "1.5e-3", "3e-3"),
+            "soap": ("7.5e-4", "1.5e-3", "3e-3"),
+            "schedulefree": ("1.5e-3", "3e-3", "6e-3"),
+        }.items()
+        for rate in rates
+    ),
+)
+"""`--variants` of the peers' learning-rate sweep (docs/results.md, the peers' learning rates)."""
+
+
+def parse_variant(text: str, base: ComparisonArguments) -> tuple[str, str, ComparisonArguments]:
+    """`"dbp:decorrelation_lr=3e-3,weight_decay=0"` -> ("dbp", "adamw", the arguments with those values), checked."""
+    method, _, overrides = text.partition(":")
+    kind, _, optimizer = method.partition("_")
+    if kind not in ("bp", "dbp"):
+        raise ValueError(f"variant {text!r}: the method must be bp, dbp, bp_<optimizer> or dbp_<optimizer>")
+    optimizer = optimizer or "adamw"
+    fields = {f.name: f for f in dataclasses.fields(ComparisonArguments)}
+    hints = typing.get_type_hints(ComparisonArguments)
+    values = {}
+    for item in filter(None, overrides.split(",")):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in fields or name in ("seeds", "output_dir", "optimizers", "learning_rate_sweep"):
+            raise ValueError(f"variant {text!r}: {item!r} is not name=value of an argument a run can vary")
+        hint = str(hints[name])
+        if "list" in hint:
+            values[name] = value.split()
+        elif "float" in hint:
+            values[name] = float(value)
+        elif "int" in hint:
+            values[name] = int(value)
+        else:
+            values[name] = value
+    if "base_learning_rate" in values:  # the variant's rate is the run's, whatever the method
+        values.setdefault("bp_base_learning_rate", None)
+        values["optimizer_base_learning_rates"] = []
+    if "weight_decay" in values:
+        values.setdefault("bp_weight_decay", None)
+    args = dataclasses.replace(base, optimizers=[optimizer], **values)
+    return kind, optimizer, args
+
+
+def learning_rate(kind: str, optimizer: str, args: ComparisonArguments) -> float:
+    """The base learning rate of one run, as `compare_bp_dbp.py` would choose it."""
+    peers = args.peer_rates()
+    if optimizer in peers:
+        return peers[optimizer]
+    return (args.bp_base_learning_rate or args.base_learning_rate) if kind == "bp" else args.base_learning_rate
+
+
+RUN_COMMAND = "sweep_command.json"
+"""In each finished run's folder: the command (script and arguments) that made it, for `--reuse_runs`."""
+
+
+def finished_with(output: str, command: list[str]) -> bool:
+    """Whether `output` holds a finished run of exactly `command` (steps are deterministic for a seed: it would only
+    come out the same again)."""
+    path = os.path.join(output, RUN_COMMAND)
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(output, "all_results.json")):
+        return False
+    with open(path) as file:
+        return json.load(file) == command
+
+
+def run_sweep(args: SweepArguments, pretraining_script: str) -> dict:
+    """Run every variant for every seed (each checked before any run), tune the BP baseline (the BP variant of the
+    lowest mean best eval loss), measure every variant against it, and write `sweep.json` and `sweep.md` to
+    `args.output_dir`.
+
+    Args:
+        args (`SweepArguments`):
+            The sweep's settings: its variants, and the comparison's arguments they start from.
+        pretraining_script (`str`):
+            The path of `examples/run_mae_dbp.py`, which every run is.
+
+    Returns:
+        `dict`: the summary `sweep.json` holds (without its `runs`).
+    """
+    base = ComparisonArguments(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ComparisonArguments)})
+    texts = args.variants or ([*BP_VARIANTS, *DBP_VARIANTS] if args.variant_set == "bp_dbp" else list(PEER_VARIANTS))
+    variants = {text: parse_variant(text, base) for text in texts}  # every variant checked before any run
+    if not any(kind == "bp" for kind, _, _ in variants.values()):
+        raise ValueError("the sweep needs at least one BP variant: the baseline is the best of them")
+    os.makedirs(args.output_dir, exist_ok=True)
+    results = {}
+    for number, (text, (kind, optimizer, run_args)) in enumerate(variants.items()):
+        bp, lr = kind == "bp", learning_rate(kind, optimizer, run_args)
+        results[text] = {"method": kind if optimizer == "adamw" else f"{kind}_{optimizer}", "runs": {}, "commands": {}}
+        for seed in args.seeds:
+            output = os.path.join(args.output_dir, f"variant{number:02d}", f"seed{seed}")
+            print(f"== {text} (seed {seed}) -> {output}", flush=True)
+            command = pretraining_command(pretraining_script, run_args, seed, bp, output, lr, optimizer)
+            results[text]["commands"][seed] = command[1:]  # the script and its arguments, to rerun one
+            if args.reuse_runs and finished_with(output, command[1:]):
+                print(f"   reusing the finished run in {output}: the same command", flush=True)
+            else:
+                subprocess.run(command, check=True)
+                with open(os.path.join(output, RUN_COMMAND), "w") as file:  # written once the run has finished
+                    json.dump(command[1:], file)
+            results[text]["runs"][seed] = read_run(output)
+    mean_best = {text: statistics.mean(r["runs"][s].best_eval_loss for s in args.seeds) for text, r in results.items()}
+    baseline = min((t for t in results if variants[t][0] == "bp"), key=mean_best.get)
+    for text, result in results.items():
+        per_seed = {}
+        for seed in args.seeds:
+            run, target = result["runs"][seed], results[baseline]["runs"][seed]
+            reached = first_reaching(run.evals, target.best_eval_loss)
+            per_seed[seed] = {
+                "best_eval_loss": run.best_eval_loss,
+                "step_of_best": run.step_of_best,
+                "steps_to_baseline_best": reached.step if reached else None,
+                "steps_saved_fraction": 1 - reached.step / target.step_of_best if reached else None,
+            }
+        saved = [p["steps_saved_fraction"] for p in per_seed.values()]
+        result |= {
+            "mean_best_eval_loss": mean_best[text],
+            "per_seed": per_seed,
+            "min_steps_saved_fraction": None if None in saved else min(saved),
+        }
+    summary = {
+        "baseline": baseline,
+        "seeds": args.seeds,
+        "settings": vars(base),
+        "variants": {t: {k: v for k, v in r.items() if k != "runs"} for t, r in results.items()},
+    }
+    with open(os.path.join(args.output_dir, "sweep.json"), "w") as file:
+        json.dump(summary | {"runs": {t: r["runs"] for t, r in results.items()}}, file, indent=1, default=json_default)
+    markdown = sweep_markdown(summary)
+    with open(os.path.join(args.output_dir, "sweep.md"), "w") as file:
+        file.write(markdown + "\n")
+    print(markdown)
+    print(f"Written: {args.output_dir}/sweep.json, sweep.md")
+    return summary
