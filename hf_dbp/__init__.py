@@ -5,8 +5,8 @@ module); any loop: `hf_dbp.attach_decorrelation(optimizer, model)` (the decorrel
 step), `hf_dbp.DecorrelationCallback` for any `transformers.Trainer`, or `hf_dbp.DBPTrainer`; then
 `hf_dbp.load_decorrelated` to load it back and `hf_dbp.merge_decorrelation` to fold R into a plain model.
 
-Importing the package registers the model type ``vit_mae_dbp`` with ``AutoConfig``, ``AutoModel`` and
-``AutoModelForPreTraining``, and teaches transformers to load older (4.x) ViTMAE checkpoints into the DBP classes.
+Importing the package registers the model type `vit_mae_dbp` with `AutoConfig`, `AutoModel` and
+`AutoModelForPreTraining`, and teaches transformers to load older (4.x) ViTMAE checkpoints into the DBP classes.
 """
 
 from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForPreTraining, ViTMAEConfig
@@ -75,7 +75,9 @@ AutoBackbone.register(ViTMAEDBPConfig, ViTMAEDBPBackboneFromPreTraining, exist_o
 AutoBackbone.register(ViTMAEConfig, ViTMAEBackboneFromPreTraining, exist_ok=True)
 # The image processor of UperNet checkpoints fine-tuned on this backbone (their preprocessor_config.json names it).
 # AutoImageProcessor finds a registered class by that name; the config class it is filed under is only the key.
-AutoImageProcessor.register(ViTMAEDBPBackboneConfig, image_processor_classes={"pil": DBPSegmentationImageProcessor}, exist_ok=True)
+AutoImageProcessor.register(
+    ViTMAEDBPBackboneConfig, image_processor_classes={"pil": DBPSegmentationImageProcessor}, exist_ok=True
+)
 
 __all__ = [
     "DBPSegmentationImageProcessor",

@@ -1,27 +1,27 @@
 """How the statistics of all processes are combined before a DBP update, sending only what the update needs.
 
-Each R's update needs the sum over every process's sampled rows z of ``z^T z`` and the number of rows. Two forms
+Each R's update needs the sum over every process's sampled rows z of `z^T z` and the number of rows. Two forms
 carry that exactly (no approximation, and the same R on every process):
 
-- the upper triangle of ``sum z^T z`` (it is symmetric: d (d + 1) / 2 numbers, not d^2), summed by one all-reduce
+- the upper triangle of `sum z^T z` (it is symmetric: d (d + 1) / 2 numbers, not d^2), summed by one all-reduce
   over every layer that takes this form;
 - the rows themselves, where they are fewer numbers: each process's rows padded to the most rows m any process has,
   while P m < d by all-gather (it sends (P - 1) m d numbers per process, a ring all-reduce of the triangle about
   (P - 1) / P d^2), or on gloo, whose all-gather is slow, in the all-reduce, in slots of their own (P m d numbers,
   while 2 P m < d). Every process concatenates the rows in rank order, so it computes from the very same rows, and
-  takes the update's rows form or forms z^T z from them by the rule one process uses (:func:`takes_rows_form`).
+  takes the update's rows form or forms z^T z from them by the rule one process uses ([`takes_rows_form`]).
   For fc2 of ViT-B/16 at the default batch (d = 3072, 320 rows per process) that is 1 M numbers per process
   (2 M in gloo's slots) instead of 4.7 M (the triangle) or 9.4 M (the matrix).
 
 Which form a layer takes depends on the row counts of all processes, exchanged first: a few integers, sent over a
 CPU (gloo) group so that no accelerator is read. All layers then travel in one all-reduce and (NCCL) one
-all-gather, run concurrently (``async_op``).
+all-gather, run concurrently (`async_op`).
 
-Optionally the numbers travel in 16 bits (``transfer_dtype``), half the bytes: the rows as they are, and each
+Optionally the numbers travel in 16 bits (`transfer_dtype`), half the bytes: the rows as they are, and each
 triangle divided by the layer's total row count first, so that what is summed is the second moment X (entries of
 order 1) and not a sum that grows with the batch (float16 would overflow). Every process receives the very same
 16-bit numbers and converts them back the same way, so R stays identical across processes; what changes is R itself,
-by the rounding of its statistics (measured: ``benchmarks/distributed_step.py --transfer_dtype``, docs/distributed.md).
+by the rounding of its statistics (measured: `benchmarks/distributed_step.py --transfer_dtype`, docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ Statistics = tuple[int, "torch.Tensor | None", "torch.Tensor | None"]
 
 _HOST_GROUPS: dict = {}
 TRANSFER_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-"""What ``transfer_dtype`` may name: None (or "float32") sends the statistics in R's precision."""
+"""What `transfer_dtype` may name: None (or "float32") sends the statistics in R's precision."""
 # torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single; hf_dbp supports torch >= 2.4.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -57,7 +57,7 @@ def host_group(group=None):
 
 
 def resolve_transfer_dtype(transfer_dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """The dtype the statistics travel in (None: R's own), from a dtype or a name in :data:`TRANSFER_DTYPES`."""
+    """The dtype the statistics travel in (None: R's own), from a dtype or a name in [`TRANSFER_DTYPES`]."""
     if transfer_dtype is None or isinstance(transfer_dtype, torch.dtype) and transfer_dtype.is_floating_point:
         return None if transfer_dtype in (None, torch.float32) else transfer_dtype
     if transfer_dtype not in TRANSFER_DTYPES:
@@ -114,7 +114,7 @@ class StatisticsExchange:
     this process (see `Decorrelation.observe`), else its sum of z^T z (or neither, without rows). Every process
     gets the same values, on `device` in `dtype` (R's). All layers travel together: one all-reduce (the triangles;
     on gloo the rows too) and, where rows travel by all-gather, one all-gather, concurrently. `transfer_dtype` (a
-    16-bit float dtype, or a name in :data:`TRANSFER_DTYPES`) sends them in that precision instead.
+    16-bit float dtype, or a name in [`TRANSFER_DTYPES`]) sends them in that precision instead.
     """
 
     def __init__(
@@ -144,7 +144,9 @@ class StatisticsExchange:
         for i, (count, zz, rows) in enumerate(local):
             if rows_form[i]:
                 if zz is not None:  # cannot happen, by the bound above
-                    raise RuntimeError(f"a process folded the rows of a {dims[i]}-wide R that all processes send as rows")
+                    raise RuntimeError(
+                        f"a process folded the rows of a {dims[i]}-wide R that all processes send as rows"
+                    )
                 chunk = torch.zeros(1 if gather else world, padded[i], dims[i], dtype=wire, device=device)
                 if count:
                     chunk[0 if gather else rank, :count] = rows
@@ -152,7 +154,11 @@ class StatisticsExchange:
         for i, (_, zz, rows) in enumerate(local):
             if not rows_form[i]:
                 if zz is None:  # rows not folded into a sum yet, or no rows on this process
-                    zz = rows.t() @ rows if rows is not None else torch.zeros(dims[i], dims[i], dtype=dtype, device=device)
+                    zz = (
+                        rows.t() @ rows
+                        if rows is not None
+                        else torch.zeros(dims[i], dims[i], dtype=dtype, device=device)
+                    )
                 triangle = upper_triangle(zz.to(dtype))
                 if wire != dtype:  # X's entries, of order 1, travel; the sum is restored from them after the exchange
                     triangle = (triangle / max(totals[i], 1)).to(wire)
@@ -185,7 +191,9 @@ class StatisticsExchange:
                     per_process = gathered[:, gathered_offset : gathered_offset + size].reshape(world, padded[i], dim)
                     gathered_offset += size
                 else:
-                    per_process = reduced[reduced_offset : reduced_offset + world * size].reshape(world, padded[i], dim)
+                    per_process = reduced[reduced_offset : reduced_offset + world * size].reshape(
+                        world, padded[i], dim
+                    )
                     reduced_offset += world * size
                 rows = torch.cat([per_process[r, : counts[r][i]] for r in range(world)])  # in rank order, everywhere
                 if takes_rows_form(totals[i], dim):

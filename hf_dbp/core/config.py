@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 VARIANCE_FORMS = ("rows", "columns")
-"""Where the update puts the variance term ``kappa * v``: ``"rows"``, ``diag(v) R`` (the method's rule, which
-normalises the variance of each output ``z_i``), or ``"columns"``, ``R diag(v)`` (what the reference code
-artcogsys/decorbp computes with ``v * R``, for reproducing it exactly)."""
+"""Where the update puts the variance term `kappa * v`: `"rows"`, `diag(v) R` (the method's rule, which
+normalises the variance of each output `z_i`), or `"columns"`, `R diag(v)` (what the reference code
+artcogsys/decorbp computes with `v * R`, for reproducing it exactly)."""
 
 CONFIG_ATTRIBUTE = "decorrelation"
-"""The attribute of a transformers config (and key of its ``config.json``) that holds a decorrelated model's
-:class:`DecorrelationConfig`, so that every ``save_pretrained``, checkpoint and ``push_to_hub`` carries it."""
+"""The attribute of a transformers config (and key of its `config.json`) that holds a decorrelated model's
+[`DecorrelationConfig`], so that every `save_pretrained`, checkpoint and `push_to_hub` carries it."""
 
 ALL_LINEAR = "all-linear"
 
@@ -78,25 +78,32 @@ class DecorrelationConfig:
             value = getattr(self, name)
             if isinstance(value, (list, tuple, set)):
                 if not all(isinstance(v, str) and v for v in value):
-                    raise ValueError(f"DecorrelationConfig.{name} must hold module names (non-empty strings), got {value!r}")
+                    raise ValueError(
+                        f"DecorrelationConfig.{name} must hold module names (non-empty strings), got {value!r}"
+                    )
                 setattr(self, name, list(value))
             elif isinstance(value, str):
                 if value != ALL_LINEAR:
                     try:
                         re.compile(value)
                     except re.error as error:
-                        raise ValueError(f"DecorrelationConfig.{name} {value!r} is not a valid regular expression: "
-                                         f"{error}") from None  # fmt: skip
+                        raise ValueError(
+                            f"DecorrelationConfig.{name} {value!r} is not a valid regular expression: {error}"
+                        ) from None
             elif value is not None:
-                raise ValueError(f"DecorrelationConfig.{name} must be a list of names, a regular expression or "
-                                 f"'{ALL_LINEAR}', got {type(value).__name__}")  # fmt: skip
+                raise ValueError(
+                    f"DecorrelationConfig.{name} must be a list of names, a regular expression or "
+                    f"'{ALL_LINEAR}', got {type(value).__name__}"
+                )
         if self.exclude_modules == ALL_LINEAR:
             raise ValueError(f"DecorrelationConfig.exclude_modules cannot be '{ALL_LINEAR}'")
         if self.groups is not None:
             if not isinstance(self.groups, dict) or not all(
                 isinstance(k, str) and isinstance(v, (list, tuple)) and v for k, v in self.groups.items()
             ):
-                raise ValueError("DecorrelationConfig.groups must map each R's name to a non-empty list of layer names")
+                raise ValueError(
+                    "DecorrelationConfig.groups must map each R's name to a non-empty list of layer names"
+                )
             self.groups = {k: list(v) for k, v in self.groups.items()}
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,15 +1,15 @@
-"""One decorrelating matrix ``R`` (:class:`Decorrelation`) and its update rule (:func:`update_rule`).
+"""One decorrelating matrix `R` ([`Decorrelation`]) and its update rule ([`update_rule`]).
 
-A decorrelated layer computes ``y = W (R x) + b``. ``R`` is not trained by the gradient: after each optimizer step it
-takes its own step from the second moments of ``z = R x`` seen in the training forwards since the previous step::
+A decorrelated layer computes `y = W (R x) + b`. `R` is not trained by the gradient: after each optimizer step it
+takes its own step from the second moments of `z = R x` seen in the training forwards since the previous step::
 
     X = z^T z / n                        (uncentred second moment, one row per token)
     C = X - diag(X)                      (off-diagonal part: the correlations)
     v = mean over rows of (z * z - 1)    (distance of each variance from 1)
     R <- R - lr * [(1 - kappa) C R + kappa diag(v) R]
 
-The layers that read their input through an ``R`` are in :mod:`hf_dbp.core.layers`; the step over many ``R``, with
-the statistics of all processes combined, in :mod:`hf_dbp.core.step`.
+The layers that read their input through an `R` are in [`hf_dbp.core.layers`]; the step over many `R`, with
+the statistics of all processes combined, in [`hf_dbp.core.step`].
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ def is_recomputing_forward() -> bool:
 
     Both checkpoint flavours (re-entrant and not) recompute inside the autograd engine, where the graph-task id is set.
     A recomputed forward sees the same rows again, so its statistics must not be counted twice. torch offers no public
-    query for this; ``torch.utils.checkpoint`` itself relies on the same private call. A compiled graph never re-runs
+    query for this; `torch.utils.checkpoint` itself relies on the same private call. A compiled graph never re-runs
     the Python of a forward (checkpointed regions are recomputed inside its backward graph), and the call does not
-    trace, so under ``torch.compile`` the answer is False.
+    trace, so under `torch.compile` the answer is False.
     """
     if torch.compiler.is_compiling():
         return False
@@ -39,40 +39,40 @@ def is_recomputing_forward() -> bool:
 
 
 def deepspeed_zero_init_active() -> bool:
-    """Whether modules are being built inside DeepSpeed's ``zero.Init`` (which partitions their parameters as they
+    """Whether modules are being built inside DeepSpeed's `zero.Init` (which partitions their parameters as they
     are made); False where DeepSpeed is not imported."""
     partitioning = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
     return partitioning is not None and getattr(partitioning, "zero_init_context", 0) > 0
 
 
 class Decorrelation(nn.Module):
-    """A decorrelating matrix ``R`` for inputs of width ``dim`` and the statistics of its outputs.
+    """A decorrelating matrix `R` for inputs of width `dim` and the statistics of its outputs.
 
     Args:
-        dim (`int`): width of the input rows (``in_features`` of a linear layer, ``C * p * p`` of a patch conv).
+        dim (`int`): width of the input rows (`in_features` of a linear layer, `C * p * p` of a patch conv).
         sample_fraction (`float`, defaults to 0.1): fraction of the rows of each training forward used for the
-            statistics, drawn without replacement; ``1.0`` uses every row exactly once. The forward itself always
+            statistics, drawn without replacement; `1.0` uses every row exactly once. The forward itself always
             decorrelates every row.
         generator (`RowSampler` or `torch.Generator`, *optional*): random source for the subsample, of its own so
             that sampling rows does not move the global RNG (which drives masking and dropout) and BP and DBP runs with
-            one seed see the same masks. A ``torch.Generator`` is turned into a [`~hf_dbp.core.sampling.RowSampler`] from its current
+            one seed see the same masks. A `torch.Generator` is turned into a [`~hf_dbp.core.sampling.RowSampler`] from its current
             state. Without one, the global RNG is used.
 
-    ``R`` is a float32 ``nn.Parameter``: it is saved and loaded with the model and moves with ``.to()``, and DDP does
+    `R` is a float32 `nn.Parameter`: it is saved and loaded with the model and moves with `.to()`, and DDP does
     not re-broadcast it at every forward as it would a buffer. The statistics are plain tensors, not buffers, for the
     same reason: every process keeps its own until the decorrelation step combines them ([`hf_dbp.core.step`]).
-    Under DeepSpeed ``R`` is a buffer instead, under the same state-dict key (`hf_dbp.prepare_for_deepspeed`, and
-    when built inside ZeRO-3's ``zero.Init``): DeepSpeed partitions and optimises parameters, never buffers, and does
+    Under DeepSpeed `R` is a buffer instead, under the same state-dict key (`hf_dbp.prepare_for_deepspeed`, and
+    when built inside ZeRO-3's `zero.Init`): DeepSpeed partitions and optimises parameters, never buffers, and does
     not re-broadcast buffers.
 
-    ``R`` is never trained by the gradient, by two guarantees that do not depend on each other:
+    `R` is never trained by the gradient, by two guarantees that do not depend on each other:
 
-    - every forward and fold reads ``R.detach()``, so no gradient ever reaches ``R``, whatever its ``requires_grad``
-      says (a user's ``model.requires_grad_(True)``, an optimizer over ``model.parameters()``: torch's optimizers skip a
-      parameter whose ``grad`` is ``None``, weight decay included);
-    - every assignment of ``R`` clears its ``requires_grad`` (see `register_parameter`), so optimizers built from
+    - every forward and fold reads `R.detach()`, so no gradient ever reaches `R`, whatever its `requires_grad`
+      says (a user's `model.requires_grad_(True)`, an optimizer over `model.parameters()`: torch's optimizers skip a
+      parameter whose `grad` is `None`, weight decay included);
+    - every assignment of `R` clears its `requires_grad` (see `register_parameter`), so optimizers built from
       the trainable parameters (Trainer, PEFT-style code) leave it out. transformers' loader assigns each loaded
-      tensor as a new ``nn.Parameter(requires_grad=True)``; this is where that is undone, for every load path.
+      tensor as a new `nn.Parameter(requires_grad=True)`; this is where that is undone, for every load path.
     """
 
     def __init__(
@@ -130,7 +130,7 @@ class Decorrelation(nn.Module):
 
     @torch.no_grad()
     def observe(self, rows: torch.Tensor) -> None:
-        """Add the statistics of ``z = R x`` for (a random subset of) ``rows`` of shape ``(n, dim)``."""
+        """Add the statistics of `z = R x` for (a random subset of) `rows` of shape `(n, dim)`."""
         n = rows.shape[0]
         if n == 0:
             return
@@ -152,7 +152,7 @@ class Decorrelation(nn.Module):
             self._fold_rows_into_sum()
 
     def _fold_rows_into_sum(self) -> None:
-        """Move the rows kept so far into ``sum_zz`` (from then on the statistics are the d x d sum)."""
+        """Move the rows kept so far into `sum_zz` (from then on the statistics are the d x d sum)."""
         if self.sampled_rows:
             with torch.autocast(device_type=self.R.device.type, enabled=False):
                 z = torch.cat(self.sampled_rows)
@@ -182,11 +182,11 @@ class Decorrelation(nn.Module):
         return statistics
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``z = R x`` applied to the last dimension of ``x`` (differentiable in ``x`` only)."""
+        """`z = R x` applied to the last dimension of `x` (differentiable in `x` only)."""
         return F.linear(x, self.R.detach().to(x.dtype))
 
     def shared_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``z = R x``, computed once for all the layers of a group that read the same ``x`` in one forward (q, k, v).
+        """`z = R x`, computed once for all the layers of a group that read the same `x` in one forward (q, k, v).
 
         The pair is kept only until the last consumer has read it, so no activation outlives its forward.
         """
@@ -209,17 +209,19 @@ def update_rule(
     max_loss: float = math.inf,
     variance_form: str = "rows",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The DBP update of ``R`` in place, guarded, from ``X = z^T z / n`` or from the ``n`` rows ``z`` themselves.
+    """The DBP update of `R` in place, guarded, from `X = z^T z / n` or from the `n` rows `z` themselves.
 
-    ``R`` is one ``(d, d)`` matrix, or a stack ``(B, d, d)`` of equal-shaped ones updated together (``second_moment``
-    ``(B, d, d)`` or ``rows`` ``(B, n, d)``); the loss and the guard's decision then come per matrix, shape ``(B,)``.
+    `R` is one `(d, d)` matrix, or a stack `(B, d, d)` of equal-shaped ones updated together (`second_moment`
+    `(B, d, d)` or `rows` `(B, n, d)`); the loss and the guard's decision then come per matrix, shape `(B,)`.
     """
     batched = R.dim() == 3
     matrix_dims = (-2, -1) if batched else None  # one 2-D R reduces as before: the same bits as one R always had
     if second_moment is not None:
         second_moment = second_moment.to(R.dtype)
         variance = torch.diagonal(second_moment, dim1=-2, dim2=-1)
-        squared_sum = torch.linalg.vector_norm(second_moment, dim=matrix_dims) ** 2  # sum of X_ij^2, no d x d temporary
+        squared_sum = (
+            torch.linalg.vector_norm(second_moment, dim=matrix_dims) ** 2
+        )  # sum of X_ij^2, no d x d temporary
     else:
         n = rows.shape[-2]
         variance = rows.pow(2).sum(-2) / n

@@ -15,14 +15,14 @@ from .sampling import RowSampler, as_row_sampler
 
 
 def decorrelation_matrices(model: nn.Module) -> list[nn.Parameter]:
-    """Every ``R`` of ``model`` (each once, in module order): what an optimizer must never hold."""
+    """Every `R` of `model` (each once, in module order): what an optimizer must never hold."""
     return [m.R for m in model.modules() if isinstance(m, Decorrelation)]
 
 
 def drop_decorrelation_matrices(optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
-    """Remove every ``R`` of ``model`` from ``optimizer``'s parameter groups; returns how many were there.
+    """Remove every `R` of `model` from `optimizer`'s parameter groups; returns how many were there.
 
-    For optimizers built by hand from ``model.parameters()``, which hold ``R`` whatever its ``requires_grad``. ``R``
+    For optimizers built by hand from `model.parameters()`, which hold `R` whatever its `requires_grad`. `R`
     never gets a gradient, so such an optimizer would not move it; out of the groups it is not even looked at.
     """
     matrices = {id(R) for R in decorrelation_matrices(model)}
@@ -44,7 +44,7 @@ def _split(path: str) -> tuple[str, str]:
 
 
 def decorrelation_module_name(group: str) -> str:
-    """The name part under which `inject_decorrelation` registers the ``R`` of ``group`` (beside its layers)."""
+    """The name part under which `inject_decorrelation` registers the `R` of `group` (beside its layers)."""
     return f"{_split(group)[1]}_decorrelation"
 
 
@@ -58,16 +58,16 @@ def inject_decorrelation(
 
     Args:
         root: the model (or sub-model) holding the layers.
-        groups: for each ``R``, its name (a dotted path; the ``Decorrelation`` is registered beside the layers as
-            ``<parent>.<leaf>_decorrelation``, or where that parent is an ``nn.Sequential``, ``nn.ModuleList`` or
-            ``nn.ModuleDict``, inside the group's first layer, as ``<first layer>.<leaf>_decorrelation``) and the
+        groups: for each `R`, its name (a dotted path; the `Decorrelation` is registered beside the layers as
+            `<parent>.<leaf>_decorrelation`, or where that parent is an `nn.Sequential`, `nn.ModuleList` or
+            `nn.ModuleDict`, inside the group's first layer, as `<first layer>.<leaf>_decorrelation`) and the
             paths of the layers that read the same input through it.
             Example: ``{"layers.0.attention.qkv": ["layers.0.attention.q_proj", "layers.0.attention.k_proj",
             "layers.0.attention.v_proj"]}``.
         sample_fraction, generator: see [`~hf_dbp.core.decorrelation.Decorrelation`].
 
     Returns:
-        The new ``Decorrelation`` modules by group name. Each starts at the identity, so the model's outputs are
+        The new `Decorrelation` modules by group name. Each starts at the identity, so the model's outputs are
         unchanged.
     """
     generator = as_row_sampler(generator)  # once, so that every layer draws from the same sequence
@@ -101,8 +101,8 @@ def inject_decorrelation(
 class DecorrelationMonitor:
     """Measures the decorrelation statistics of a plain model's layers without changing the model.
 
-    Forward hooks on the first layer of each group record the statistics of the layer's input (``R`` stays the
-    identity, so ``z = x``); `hf_dbp.decorrelation_step` of this monitor's modules (with `lr=0`) reports the same loss a DBP model
+    Forward hooks on the first layer of each group record the statistics of the layer's input (`R` stays the
+    identity, so `z = x`); `hf_dbp.decorrelation_step` of this monitor's modules (with `lr=0`) reports the same loss a DBP model
     would, without updating anything. Call `remove` to detach the hooks.
     """
 
@@ -138,7 +138,7 @@ class DecorrelationMonitor:
 
 @torch.no_grad()
 def fold_decorrelation(root: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of ``root`` with every ``R`` folded into its layers' weights (``W <- W R``) and removed.
+    """The state dict of `root` with every `R` folded into its layers' weights (`W <- W R`) and removed.
 
     The result loads into the plain model the layers were injected into: parameter names are unchanged.
     """

@@ -1,10 +1,10 @@
-"""The decorrelated layers: ``nn.Linear``, transformers' ``Conv1D`` and a patchifying ``nn.Conv2d`` that read their
-input through an ``R`` (``y = W (R x) + b``), and their folded form ``W R``.
+"""The decorrelated layers: `nn.Linear`, transformers' `Conv1D` and a patchifying `nn.Conv2d` that read their
+input through an `R` (`y = W (R x) + b`), and their folded form `W R`.
 
-Each keeps the parameter names of the layer it replaces (``weight``, ``bias``), so checkpoints of the plain model load
-unchanged, and reads its ``R`` from a [`~hf_dbp.core.decorrelation.Decorrelation`] that several layers may share (q, k
-and v read the same input, so one ``R`` serves all three). Each computes the cheaper of two equal forms: ``W (R x)``
-(``z = R x`` once for all layers of a group) or ``(W R) x`` (a fold cached while W and R are unchanged).
+Each keeps the parameter names of the layer it replaces (`weight`, `bias`), so checkpoints of the plain model load
+unchanged, and reads its `R` from a [`~hf_dbp.core.decorrelation.Decorrelation`] that several layers may share (q, k
+and v read the same input, so one `R` serves all three). Each computes the cheaper of two equal forms: `W (R x)`
+(`z = R x` once for all layers of a group) or `(W R) x` (a fold cached while W and R are unchanged).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .decorrelation import Decorrelation, is_recomputing_forward
 
 
 def input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The rows that ``R`` acts on for the input ``x`` of ``layer``: one row per token (Linear) or per patch (Conv2d)."""
+    """The rows that `R` acts on for the input `x` of `layer`: one row per token (Linear) or per patch (Conv2d)."""
     if isinstance(layer, nn.Conv2d):
         # A patchifying conv (kernel == stride, no padding) applies W to each flattened C x p x p patch, flattened in
         # the same (channel, row, column) order as the conv's weight.
@@ -28,7 +28,7 @@ def input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _rebase(layer: nn.Module, cls: type, decorrelation: Decorrelation, record_statistics: bool) -> nn.Module:
-    """A ``cls`` with the hyper-parameters, parameters and hooks of ``layer`` (shared, not copied)."""
+    """A `cls` with the hyper-parameters, parameters and hooks of `layer` (shared, not copied)."""
     new = cls.__new__(cls)
     new.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in layer.__dict__.items()})
     new.record_statistics = record_statistics
@@ -38,14 +38,14 @@ def _rebase(layer: nn.Module, cls: type, decorrelation: Decorrelation, record_st
 
 
 def _fold_in_weight_precision(layer: nn.Module) -> torch.Tensor:
-    """``layer.fold()`` outside autocast, so that W R keeps W's precision; a forward under autocast casts it as it
+    """`layer.fold()` outside autocast, so that W R keeps W's precision; a forward under autocast casts it as it
     would W."""
     with torch.autocast(device_type=layer.weight.device.type, enabled=False):
         return layer.fold()
 
 
 def _cached_fold(layer: nn.Module) -> torch.Tensor:
-    """``W R`` without a graph, computed once and reused while neither W nor R changes.
+    """`W R` without a graph, computed once and reused while neither W nor R changes.
 
     One fold serves every forward between two optimizer steps: all the micro-batches of a gradient-accumulation step
     and every evaluation batch. The cache is keyed on the version counters of W and R (the optimizer's and DBP's
@@ -56,7 +56,7 @@ def _cached_fold(layer: nn.Module) -> torch.Tensor:
     ZeRO-3), the W a forward sees is a fresh copy whose version counter does not move and whose storage may be
     reused, so the key cannot tell two gathers apart. That is safe because W's values change only where the key
     changes: in an optimizer step (the DBP step after it counts it) or in a load of weights, which drops the cache
-    (``_load_from_state_dict`` below for loads through the modules; `clear_folded_weights` for loads that write the
+    (`_load_from_state_dict` below for loads through the modules; `clear_folded_weights` for loads that write the
     shards directly, which `DecorrelationCallback` calls at the start and end of training, around Trainer's loads).
     Within one step every gather gives the same W, so one fold serves them all (tests/test_engines.py compares
     FSDP2's gradients and outputs with an unsharded model's, step by step).
@@ -73,7 +73,7 @@ def _cached_fold(layer: nn.Module) -> torch.Tensor:
 
 
 def clear_folded_weights(model: nn.Module) -> None:
-    """Drop the cached folds ``W R`` of every decorrelated layer of `model`: call it after writing weights behind the
+    """Drop the cached folds `W R` of every decorrelated layer of `model`: call it after writing weights behind the
     modules' back (a sharding engine's checkpoint load that writes the shards directly), so that the next forward
     folds the new W."""
     for module in model.modules():
@@ -83,7 +83,7 @@ def clear_folded_weights(model: nn.Module) -> None:
 
 class _FoldCacheDroppedOnLoad:
     """Drops a decorrelated layer's cached fold when weights are loaded into it (`load_state_dict`, also where a
-    sharding engine's load writes the shards: FSDP's ``set_model_state_dict`` goes through the modules too)."""
+    sharding engine's load writes the shards: FSDP's `set_model_state_dict` goes through the modules too)."""
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._folded_cache = None
@@ -91,11 +91,11 @@ class _FoldCacheDroppedOnLoad:
 
 
 class _FoldedForward(torch.autograd.Function):
-    """A linear layer or patchifying conv run with a precomputed folded weight ``F = W R``, differentiable in W.
+    """A linear layer or patchifying conv run with a precomputed folded weight `F = W R`, differentiable in W.
 
-    Why by hand: autograd would need ``W @ R`` inside every micro-batch's graph to reach W, costing ``d_out * d^2``
-    per micro-batch in the forward. Here ``F`` comes from the cache (once per optimizer step) and the backward turns
-    the gradient of ``F`` into that of W: ``dW = dF R^T``, exactly what autograd computes for ``W @ R``.
+    Why by hand: autograd would need `W @ R` inside every micro-batch's graph to reach W, costing `d_out * d^2`
+    per micro-batch in the forward. Here `F` comes from the cache (once per optimizer step) and the backward turns
+    the gradient of `F` into that of W: `dW = dF R^T`, exactly what autograd computes for `W @ R`.
     """
 
     @staticmethod
@@ -143,16 +143,16 @@ class _FoldedForward(torch.autograd.Function):
 
 
 def _folded_forward(layer: nn.Module, x: torch.Tensor, stride: tuple[int, int] | None) -> torch.Tensor:
-    """The layer's output from ``W R``.
+    """The layer's output from `W R`.
 
     Without gradients (evaluation), the cached fold. With them, the cached fold through `_FoldedForward` when
-    the layer's ``Decorrelation.reuse_fold_in_training`` is set (gradient accumulation: one fold serves every
+    the layer's `Decorrelation.reuse_fold_in_training` is set (gradient accumulation: one fold serves every
     micro-batch), otherwise a fold inside the graph (one forward per step: nothing to reuse, and the graph frees each
     fold as the backward passes it, where a cached one would stay in memory to the end of the step).
     """
     needs_grad = torch.is_grad_enabled() and (layer.weight.requires_grad or x.requires_grad)
     # A compiled graph cannot key a cache on version counters: it folds inside the graph, and autograd differentiates
-    # ``W @ R`` itself, as it does for one forward per optimizer step.
+    # `W @ R` itself, as it does for one forward per optimizer step.
     if torch.compiler.is_compiling() or (needs_grad and not layer.decorrelation.reuse_fold_in_training):
         folded = _fold_in_weight_precision(layer)
     else:
@@ -165,24 +165,26 @@ def _folded_forward(layer: nn.Module, x: torch.Tensor, stride: tuple[int, int] |
 
 
 class DecorrelatedLinear(_FoldCacheDroppedOnLoad, nn.Linear):
-    """``nn.Linear`` computing ``W (R x) + b`` with ``R`` taken from a (possibly shared) [`Decorrelation`].
+    """`nn.Linear` computing `W (R x) + b` with `R` taken from a (possibly shared) [`Decorrelation`].
 
-    Parameter names are those of ``nn.Linear`` (``weight``, ``bias``). ``record_statistics`` is set on one layer of
-    each group that shares an ``R``, so that rows read by q, k and v are counted once. The ``Decorrelation`` is held
+    Parameter names are those of `nn.Linear` (`weight`, `bias`). `record_statistics` is set on one layer of
+    each group that shares an `R`, so that rows read by q, k and v are counted once. The `Decorrelation` is held
     as a plain attribute, not a sub-module: its owner registers it once (see `hf_dbp.core.inject.inject_decorrelation`).
     """
 
     @classmethod
-    def from_layer(cls, linear: nn.Linear, decorrelation: Decorrelation, record_statistics: bool) -> DecorrelatedLinear:
-        """Wrap ``linear`` without copying: the new layer shares its weight and bias parameters."""
+    def from_layer(
+        cls, linear: nn.Linear, decorrelation: Decorrelation, record_statistics: bool
+    ) -> DecorrelatedLinear:
+        """Wrap `linear` without copying: the new layer shares its weight and bias parameters."""
         return _rebase(linear, cls, decorrelation, record_statistics)
 
     def fold(self) -> torch.Tensor:
-        """``W R``, computed now (differentiable in W only)."""
+        """`W R`, computed now (differentiable in W only)."""
         return self.weight @ self.decorrelation.R.detach().to(self.weight.dtype)
 
     def folded_weight(self) -> torch.Tensor:
-        """``W R``: the weight of a plain linear layer with the same outputs (cached while W and R are unchanged)."""
+        """`W R`: the weight of a plain linear layer with the same outputs (cached while W and R are unchanged)."""
         return _cached_fold(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,17 +199,21 @@ class DecorrelatedLinear(_FoldCacheDroppedOnLoad, nn.Linear):
 
 
 def is_patchifying(conv: nn.Conv2d) -> bool:
-    """Whether ``conv`` cuts its input into disjoint patches (kernel == stride, no padding or dilation, groups=1): only
+    """Whether `conv` cuts its input into disjoint patches (kernel == stride, no padding or dilation, groups=1): only
     then is each output a product of W with one flattened patch, so that R acts on the patches and folds into W."""
-    return (conv.kernel_size == conv.stride and conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1)
-            and conv.groups == 1)  # fmt: skip
+    return (
+        conv.kernel_size == conv.stride
+        and conv.padding in ((0, 0), "valid")
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+    )
 
 
 class DecorrelatedConv2d(_FoldCacheDroppedOnLoad, nn.Conv2d):
-    """A patchifying ``nn.Conv2d`` (kernel == stride, no padding) with ``R`` acting on each flattened patch.
+    """A patchifying `nn.Conv2d` (kernel == stride, no padding) with `R` acting on each flattened patch.
 
-    The conv has as many outputs per image as patches but only ``out_channels`` rows of weights, so the folded form
-    ``(W R)`` is always the cheap one here.
+    The conv has as many outputs per image as patches but only `out_channels` rows of weights, so the folded form
+    `(W R)` is always the cheap one here.
     """
 
     @classmethod
@@ -219,7 +225,7 @@ class DecorrelatedConv2d(_FoldCacheDroppedOnLoad, nn.Conv2d):
         return _rebase(conv, cls, decorrelation, record_statistics)
 
     def fold(self) -> torch.Tensor:
-        """``W R`` on the flattened patches, reshaped as a conv weight, computed now (differentiable in W)."""
+        """`W R` on the flattened patches, reshaped as a conv weight, computed now (differentiable in W)."""
         w = self.weight.reshape(self.out_channels, -1)
         return (w @ self.decorrelation.R.detach().to(w.dtype)).reshape(self.weight.shape)
 
@@ -234,11 +240,11 @@ class DecorrelatedConv2d(_FoldCacheDroppedOnLoad, nn.Conv2d):
 
 
 class DecorrelatedConv1D(_FoldCacheDroppedOnLoad, Conv1D):
-    """transformers' ``Conv1D`` (GPT-2's linear layer, weight stored transposed as ``(in, out)``) computing
-    ``(R x) W + b``.
+    """transformers' `Conv1D` (GPT-2's linear layer, weight stored transposed as `(in, out)`) computing
+    `(R x) W + b`.
 
-    Its folded weight is ``R^T W``, kept in the ``(in, out)`` layout so that it loads into a plain ``Conv1D``. A fused
-    projection (GPT-2's ``c_attn``: q, k and v in one matrix) is one layer reading one input: one R.
+    Its folded weight is `R^T W`, kept in the `(in, out)` layout so that it loads into a plain `Conv1D`. A fused
+    projection (GPT-2's `c_attn`: q, k and v in one matrix) is one layer reading one input: one R.
     """
 
     @classmethod
@@ -246,7 +252,7 @@ class DecorrelatedConv1D(_FoldCacheDroppedOnLoad, Conv1D):
         return _rebase(conv, cls, decorrelation, record_statistics)
 
     def fold(self) -> torch.Tensor:
-        """``R^T W`` (the ``(in, out)`` weight of a plain ``Conv1D`` with the same outputs), differentiable in W."""
+        """`R^T W` (the `(in, out)` weight of a plain `Conv1D` with the same outputs), differentiable in W."""
         return self.decorrelation.R.detach().to(self.weight.dtype).t() @ self.weight
 
     def folded_weight(self) -> torch.Tensor:
@@ -259,7 +265,9 @@ class DecorrelatedConv1D(_FoldCacheDroppedOnLoad, Conv1D):
         if x.numel() // self.nx > self.decorrelation.group_out_features:
             needs_grad = torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)
             # Folded inside the graph when training (autograd differentiates R^T W), cached otherwise.
-            weight = _fold_in_weight_precision(self) if needs_grad or torch.compiler.is_compiling() else _cached_fold(self)
+            weight = (
+                _fold_in_weight_precision(self) if needs_grad or torch.compiler.is_compiling() else _cached_fold(self)
+            )
         else:
             x, weight = self.decorrelation.shared_forward(x), self.weight
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), weight.to(x.dtype)).reshape(size_out)
@@ -270,7 +278,6 @@ DECORRELATED_LAYERS = (DecorrelatedLinear, DecorrelatedConv2d, DecorrelatedConv1
 
 PLAIN_LAYERS = {DecorrelatedLinear: nn.Linear, DecorrelatedConv2d: nn.Conv2d, DecorrelatedConv1D: Conv1D}
 """The plain class each decorrelated layer class replaced."""
-
 
 
 def input_width(layer: nn.Module) -> int:
@@ -295,4 +302,3 @@ def decorrelated_class(layer: nn.Module) -> type:
     if isinstance(layer, Conv1D):
         return DecorrelatedConv1D
     return DecorrelatedConv2d if isinstance(layer, nn.Conv2d) else DecorrelatedLinear
-

@@ -150,7 +150,9 @@ class DecorrelationHook:
             if has_matrices or config is not None:
                 raise ValueError(f"{type(model).__name__} is decorrelated: measure_only is for plain models")
             groups = measure_only.groups or plan_decorrelation(model, measure_only)
-            self.monitor = DecorrelationMonitor(model, groups, measure_only.sample_fraction, RowSampler(measure_only.seed))
+            self.monitor = DecorrelationMonitor(
+                model, groups, measure_only.sample_fraction, RowSampler(measure_only.seed)
+            )
             self._measure_kappa = measure_only.kappa
         elif config is None:
             what = "holds decorrelation matrices but no DecorrelationConfig" if has_matrices else "has no R"
@@ -219,7 +221,8 @@ class DecorrelationHook:
         if dropped := drop_decorrelation_matrices(inner, self.model):
             logger.warning(
                 "Removed %d decorrelation matrices R from the optimizer: R is updated by the decorrelation step, "
-                "never by an optimizer.", dropped
+                "never by an optimizer.",
+                dropped,
             )
         if is_deepspeed_optimizer(inner):
             self._handle = _DeepSpeedStepHook(inner, self.step)
@@ -280,7 +283,10 @@ class DecorrelationHook:
         if skipped > self._skipped_reported:
             logger.warning(
                 "optimizer step %d: %d decorrelation update(s) skipped by the guard (R non-finite or loss above %g); "
-                "R left unchanged", self.optimizer_steps, skipped - self._skipped_reported, self.guard["max_loss"]
+                "R left unchanged",
+                self.optimizer_steps,
+                skipped - self._skipped_reported,
+                self.guard["max_loss"],
             )
             self._skipped_reported = skipped
         return loss

@@ -200,7 +200,9 @@ def plan_decorrelation(
     if inputs is None:
         logger.info(
             "No example input for %s: each of its %d target layers gets an R of its own (pass example_inputs to "
-            "decorrelate to let layers that read the same input share one)", type(model).__name__, len(names)
+            "decorrelate to let layers that read the same input share one)",
+            type(model).__name__,
+            len(names),
         )
         return {_group_name([name]): [name] for name in names}
     seen: dict[str, torch.Tensor] = {}

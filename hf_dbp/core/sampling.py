@@ -1,7 +1,7 @@
 """The random rows behind R's statistics: a CPU generator of their own that `torch.compile` traces without a break.
 
 Each decorrelated forward uses a random fraction of its rows (tokens) for R's statistics. They are drawn from a
-generator of their own (:class:`RowSampler`), not torch's global one, so that a DBP run and a BP run with one seed
+generator of their own ([`RowSampler`]), not torch's global one, so that a DBP run and a BP run with one seed
 draw the same masks and dropout; its state is saved with checkpoints, so a resumed run draws what an uninterrupted
 one would.
 """
@@ -24,7 +24,7 @@ else:
 
     @torch.library.custom_op("hf_dbp::sample_rows", mutates_args=("generator_state",))
     def _sample_rows(num_rows: int, num_samples: int, generator_state: torch.Tensor) -> torch.Tensor:
-        """``num_samples`` distinct row indices out of ``num_rows``, advancing the generator state in place."""
+        """`num_samples` distinct row indices out of `num_rows`, advancing the generator state in place."""
         generator = torch.Generator()
         generator.set_state(generator_state)
         index = torch.randperm(num_rows, generator=generator, device="cpu")[:num_samples]
@@ -48,7 +48,7 @@ else:
     def _sample_rows_on_device(
         like: torch.Tensor, num_rows: int, num_samples: int, generator_state: torch.Tensor
     ) -> torch.Tensor:
-        """``num_samples`` distinct row indices out of ``num_rows``, on ``like``'s device; advances the state."""
+        """`num_samples` distinct row indices out of `num_rows`, on `like`'s device; advances the state."""
         generator = torch.Generator()
         generator.set_state(generator_state)
         seed = int(torch.randint(0, 2**62, (), generator=generator))  # a CPU tensor: no device is read
@@ -62,11 +62,11 @@ else:
 
 
 class RowSampler:
-    """A CPU random generator for the rows of R's statistics that ``torch.compile`` traces without a graph break.
+    """A CPU random generator for the rows of R's statistics that `torch.compile` traces without a graph break.
 
-    It draws the same sequence as a ``torch.Generator`` with the same state and has its ``manual_seed``,
-    ``get_state`` and ``set_state``, so checkpoints save and restore it the same way. Several
-    :class:`Decorrelation` modules share one sampler, as they would share one generator.
+    It draws the same sequence as a `torch.Generator` with the same state and has its `manual_seed`,
+    `get_state` and `set_state`, so checkpoints save and restore it the same way. Several
+    [`Decorrelation`] modules share one sampler, as they would share one generator.
     """
 
     def __init__(self, seed: int | None = None) -> None:
@@ -77,7 +77,7 @@ class RowSampler:
 
     @classmethod
     def from_generator(cls, generator: torch.Generator) -> RowSampler:
-        """A sampler that continues from ``generator``'s current state (the generator itself does not advance)."""
+        """A sampler that continues from `generator`'s current state (the generator itself does not advance)."""
         sampler = cls()
         sampler.set_state(generator.get_state())
         return sampler
@@ -93,7 +93,7 @@ class RowSampler:
         self.state.copy_(state)
 
     def sample(self, num_rows: int, num_samples: int, like: torch.Tensor | None = None) -> torch.Tensor:
-        """``num_samples`` distinct indices out of ``num_rows``, a long tensor on ``like``'s device (default CPU)."""
+        """`num_samples` distinct indices out of `num_rows`, a long tensor on `like`'s device (default CPU)."""
         if like is None or like.device.type == "cpu":
             return _sample_rows(num_rows, num_samples, self.state)
         return _sample_rows_on_device(like, num_rows, num_samples, self.state)
@@ -103,9 +103,9 @@ _SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # torch.Gene
 
 
 def as_row_sampler(generator: RowSampler | torch.Generator | None) -> RowSampler | None:
-    """``generator`` as a :class:`RowSampler`.
+    """`generator` as a [`RowSampler`].
 
-    A ``torch.Generator`` is converted once, from its state at the first call: every later call with the same
+    A `torch.Generator` is converted once, from its state at the first call: every later call with the same
     generator returns the same sampler, so modules built from one generator still draw from one sequence (the
     generator itself no longer advances).
     """

@@ -18,7 +18,7 @@ from .decorrelation import Decorrelation, update_rule
 
 
 class DecorrelationDiverged(FloatingPointError):
-    """Raised by [`update_decorrelations`] with ``on_divergence="raise"`` instead of skipping an update."""
+    """Raised by [`update_decorrelations`] with `on_divergence="raise"` instead of skipping an update."""
 
 
 class PendingStatistics:
@@ -40,16 +40,16 @@ class PendingStatistics:
 def begin_decorrelation_step(
     decorrelations: Iterable[Decorrelation], process_group=None, transfer_dtype: torch.dtype | str | None = None
 ) -> PendingStatistics:
-    """Take the statistics gathered since the last step out of the modules and, under ``torch.distributed``, start
-    combining them across processes; pass the result to [`update_decorrelations`] as ``pending``.
+    """Take the statistics gathered since the last step out of the modules and, under `torch.distributed`, start
+    combining them across processes; pass the result to [`update_decorrelations`] as `pending`.
 
     Called after the last forward of an optimizer step (its last gradient-accumulation micro-batch), the exchange
     runs while the backward and the optimizer step do, off the critical path ([`~hf_dbp.DecorrelationCallback`] does this). Every
     process must call it at the same point, as any collective. Forwards between the two calls must not gather
     statistics (the step refuses them).
 
-    ``transfer_dtype``: ``"bfloat16"`` or ``"float16"`` sends the statistics in 16 bits (half the bytes; R stays the
-    same on every process but rounds differently: [`hf_dbp.core.collectives`]); ``None`` sends R's float32.
+    `transfer_dtype`: `"bfloat16"` or `"float16"` sends the statistics in 16 bits (half the bytes; R stays the
+    same on every process but rounds differently: [`hf_dbp.core.collectives`]); `None` sends R's float32.
     """
     transfer_dtype = resolve_transfer_dtype(transfer_dtype)  # a bad name fails on one process as on several
     decorrelations = list(decorrelations)
@@ -62,8 +62,14 @@ def begin_decorrelation_step(
     reference = decorrelations[0].R
     # DBPTrainer begins inside the forward's autocast; z^T z formed here for the exchange must keep R's precision.
     with torch.autocast(device_type=reference.device.type, enabled=False):
-        exchange = StatisticsExchange([d.dim for d in decorrelations], statistics, reference.device, reference.dtype,
-                                      process_group, transfer_dtype)  # fmt: skip
+        exchange = StatisticsExchange(
+            [d.dim for d in decorrelations],
+            statistics,
+            reference.device,
+            reference.dtype,
+            process_group,
+            transfer_dtype,
+        )
     return PendingStatistics(decorrelations, statistics=None, exchange=exchange)
 
 
@@ -81,36 +87,36 @@ def update_decorrelations(
     update: bool = True,
     batch_updates: bool | None = None,
 ) -> float | None:
-    """Update every ``R`` from the statistics gathered since the last call, then clear them.
+    """Update every `R` from the statistics gathered since the last call, then clear them.
 
-    ``pending``: what [`begin_decorrelation_step`] returned for these modules after the step's last forward, so
+    `pending`: what [`begin_decorrelation_step`] returned for these modules after the step's last forward, so
     that the exchange between processes ran during the backward and the optimizer step.
 
-    When ``torch.distributed`` is initialised, the statistics of all processes are combined first (each layer's
+    When `torch.distributed` is initialised, the statistics of all processes are combined first (each layer's
     rows, or the upper triangle of its z^T z, whichever the update needs: see [`hf_dbp.core.collectives`]), so
-    every process applies the same update to the same ``R`` and the ``R`` stay identical across processes (the guard
-    below decides the same way on every process too). ``lr=0`` only measures. The updates never wait for the device:
+    every process applies the same update to the same `R` and the `R` stay identical across processes (the guard
+    below decides the same way on every process too). `lr=0` only measures. The updates never wait for the device:
     the step reads it once, at the end, for every layer's loss and guard decision together.
 
-    Guard: an update that would make an ``R`` non-finite, or whose loss is not finite or above ``max_loss``, is
-    skipped and counted in that module's ``skipped_updates`` (``on_divergence="skip"``), or raises
-    [`DecorrelationDiverged`] (``"raise"``, after the other layers were updated) so that a run can stop rather
+    Guard: an update that would make an `R` non-finite, or whose loss is not finite or above `max_loss`, is
+    skipped and counted in that module's `skipped_updates` (`on_divergence="skip"`), or raises
+    [`DecorrelationDiverged`] (`"raise"`, after the other layers were updated) so that a run can stop rather
     than go on.
 
-    ``variance_form``: see [`~hf_dbp.core.config.VARIANCE_FORMS`]. ``transfer_dtype``: see [`begin_decorrelation_step`].
+    `variance_form`: see [`~hf_dbp.core.config.VARIANCE_FORMS`]. `transfer_dtype`: see [`begin_decorrelation_step`].
 
-    ``update=False`` takes an optimizer step without a decorrelation update: the statistics are kept (and go on
-    accumulating) for the next call that updates, nothing is exchanged, and the layers' folded weights ``W R`` are
-    still reformed for the new ``W``. Passing ``update=(step + 1) % k == 0`` updates R every k optimizer steps from
+    `update=False` takes an optimizer step without a decorrelation update: the statistics are kept (and go on
+    accumulating) for the next call that updates, nothing is exchanged, and the layers' folded weights `W R` are
+    still reformed for the new `W`. Passing `update=(step + 1) % k == 0` updates R every k optimizer steps from
     the statistics of all k, with a k-th of the traffic (`DBPTrainingArguments.decorrelation_update_every`).
 
-    ``batch_updates``: update equal-shaped R together, a stack at a time (one batched GEMM for many R, up to
-    64 MiB per stack), instead of one after the other; ``None`` (the default) batches on accelerators, where each
+    `batch_updates`: update equal-shaped R together, a stack at a time (one batched GEMM for many R, up to
+    64 MiB per stack), instead of one after the other; `None` (the default) batches on accelerators, where each
     small R's update is bound by kernel launches, and not on the CPU. The results equal the one-by-one updates up to
     float rounding, and are the same on every process.
 
     Returns:
-        The mean decorrelation loss over the layers that saw rows (finite losses only), or ``None`` if none did.
+        The mean decorrelation loss over the layers that saw rows (finite losses only), or `None` if none did.
     """
     if on_divergence not in ("skip", "raise"):
         raise ValueError(f"on_divergence must be 'skip' or 'raise', got {on_divergence!r}")
@@ -137,8 +143,11 @@ def update_decorrelations(
         raise RuntimeError("statistics were gathered after begin_decorrelation_step; call it after the last forward")
     statistics = pending.wait()
     # Every update stays on the device; the losses and the guard's decisions of all layers are read in one go.
-    updates = [(d, zz / count if zz is not None else None, rows)
-               for d, (count, zz, rows) in zip(decorrelations, statistics, strict=True) if count > 0]  # fmt: skip
+    updates = [
+        (d, zz / count if zz is not None else None, rows)
+        for d, (count, zz, rows) in zip(decorrelations, statistics, strict=True)
+        if count > 0
+    ]
     if batch_updates is None:  # an accelerator pays a kernel launch per operation and R; a CPU does not
         batch_updates = reference.device.type != "cpu"
     results = []
@@ -148,7 +157,9 @@ def update_decorrelations(
             results.append((d, *update_rule(d.R, second_moment, rows, lr, kappa, max_loss, variance_form)))
             continue
         matrices = [d.R for d, _, _ in group]
-        stacked = torch.stack(matrices)  # a transient copy of this group only (bounded by _BATCH_BYTES), not of every R
+        stacked = torch.stack(
+            matrices
+        )  # a transient copy of this group only (bounded by _BATCH_BYTES), not of every R
         second_moments = torch.stack([m for _, m, _ in group]) if group[0][1] is not None else None
         rows = torch.stack([r for _, _, r in group]) if group[0][1] is None else None
         loss, applied = update_rule(stacked, second_moments, rows, lr, kappa, max_loss, variance_form)
@@ -191,4 +202,3 @@ def _equal_shaped_groups(updates: list) -> list[list]:
         size = max(1, _BATCH_BYTES // (group[0][0].R.numel() * group[0][0].R.element_size()))
         chunks += [group[i : i + size] for i in range(0, len(group), size)]
     return chunks
-

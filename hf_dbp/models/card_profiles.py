@@ -71,70 +71,119 @@ def _generic(config) -> CardProfile:
     architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
 
     def describe(config, method, merged_from):
-        return (f"A {config.model_type} model (`{architecture}`) trained with {method} using "
-                "[hf-dbp](https://github.com/hf-dbp/hf-dbp).")  # fmt: skip
+        return (
+            f"A {config.model_type} model (`{architecture}`) trained with {method} using "
+            "[hf-dbp](https://github.com/hf-dbp/hf-dbp)."
+        )
 
     def loading(config, load_path, decorrelated):
         lines = ["```python", f"from transformers import {auto}", ""]
         if not decorrelated:
             return lines + [f'model = {auto}.from_pretrained("{load_path}")', "```"]
         return lines + [
-            "import hf_dbp  # pip install hf-dbp", "",
+            "import hf_dbp  # pip install hf-dbp",
+            "",
             f'model = hf_dbp.load_decorrelated({auto}, "{load_path}")  # every R restored',
-            "plain = hf_dbp.merge_decorrelation(model)  # R folded into the weights: a plain model", "```", "",
+            "plain = hf_dbp.merge_decorrelation(model)  # R folded into the weights: a plain model",
+            "```",
+            "",
             f'`{auto}.from_pretrained("{load_path}")` without hf-dbp loads the weights without R (a different '
             "model); merge first to publish a checkpoint for plain transformers.",
-        ]  # fmt: skip
+        ]
 
-    return CardProfile([config.model_type] + ([task] if task else []), LANGUAGE_MODELLING_METRICS, describe, loading,
-                       task_type=task, pipeline_tag=task)  # fmt: skip
+    return CardProfile(
+        [config.model_type] + ([task] if task else []),
+        LANGUAGE_MODELLING_METRICS,
+        describe,
+        loading,
+        task_type=task,
+        pipeline_tag=task,
+    )
 
 
 def _encoder_size(encoder) -> str:
-    return (f"{encoder.num_hidden_layers} blocks, width {encoder.hidden_size}, {encoder.image_size} px pre-training "
-            f"images, patch {encoder.patch_size}")  # fmt: skip
+    return (
+        f"{encoder.num_hidden_layers} blocks, width {encoder.hidden_size}, {encoder.image_size} px pre-training "
+        f"images, patch {encoder.patch_size}"
+    )
 
 
 def _masked_autoencoder(config) -> CardProfile:
     def describe(config, method, merged_from):
         if merged_from:
-            return (f"A ViT masked autoencoder ({_encoder_size(config)}) pre-trained with decorrelated backpropagation "
-                    f"(DBP), with every decorrelation matrix R folded into its weights (`hf-dbp merge {merged_from}`): a "
-                    "plain ViTMAE checkpoint with the same outputs, no extra cost, and no dependency on hf-dbp.")  # fmt: skip
-        return (f"A ViT masked autoencoder ({_encoder_size(config)}, mask ratio {config.mask_ratio}) pre-trained with "
-                f"{method} using [hf-dbp](https://github.com/hf-dbp/hf-dbp), after *Decorrelation Speeds Up Vision "
-                "Transformers* (arXiv 2510.14657).")  # fmt: skip
+            return (
+                f"A ViT masked autoencoder ({_encoder_size(config)}) pre-trained with decorrelated backpropagation "
+                f"(DBP), with every decorrelation matrix R folded into its weights (`hf-dbp merge {merged_from}`): a "
+                "plain ViTMAE checkpoint with the same outputs, no extra cost, and no dependency on hf-dbp."
+            )
+        return (
+            f"A ViT masked autoencoder ({_encoder_size(config)}, mask ratio {config.mask_ratio}) pre-trained with "
+            f"{method} using [hf-dbp](https://github.com/hf-dbp/hf-dbp), after *Decorrelation Speeds Up Vision "
+            "Transformers* (arXiv 2510.14657)."
+        )
 
     def loading(config, load_path, decorrelated):
         if decorrelated:
-            return ["```python", "import hf_dbp  # pip install hf-dbp: registers vit_mae_dbp",
-                    "from transformers import AutoModelForPreTraining", "",
-                    f'model = AutoModelForPreTraining.from_pretrained("{load_path}")', "```", "",
-                    "Without hf-dbp: the checkpoint carries its code, so `AutoModelForPreTraining.from_pretrained("
-                    f'"{load_path}", trust_remote_code=True)` loads it with plain transformers (read the code first: '
-                    "`modeling_vit_mae_dbp.py`, `decorrelation.py`). Or fold R into the weights once "
-                    "(`hf-dbp merge CHECKPOINT OUT`) for a plain ViTMAE checkpoint (`ViTMAEForPreTraining`, or "
-                    "`ViTModel` for the encoder) with no custom code at all."]  # fmt: skip
-        return ["```python", "from transformers import ViTMAEForPreTraining, ViTModel", "",
-                f'model = ViTMAEForPreTraining.from_pretrained("{load_path}")',
-                f'encoder = ViTModel.from_pretrained("{load_path}", add_pooling_layer=False)  # the encoder alone', "```"]  # fmt: skip
+            return [
+                "```python",
+                "import hf_dbp  # pip install hf-dbp: registers vit_mae_dbp",
+                "from transformers import AutoModelForPreTraining",
+                "",
+                f'model = AutoModelForPreTraining.from_pretrained("{load_path}")',
+                "```",
+                "",
+                "Without hf-dbp: the checkpoint carries its code, so `AutoModelForPreTraining.from_pretrained("
+                f'"{load_path}", trust_remote_code=True)` loads it with plain transformers (read the code first: '
+                "`modeling_vit_mae_dbp.py`, `decorrelation.py`). Or fold R into the weights once "
+                "(`hf-dbp merge CHECKPOINT OUT`) for a plain ViTMAE checkpoint (`ViTMAEForPreTraining`, or "
+                "`ViTModel` for the encoder) with no custom code at all.",
+            ]
+        return [
+            "```python",
+            "from transformers import ViTMAEForPreTraining, ViTModel",
+            "",
+            f'model = ViTMAEForPreTraining.from_pretrained("{load_path}")',
+            f'encoder = ViTModel.from_pretrained("{load_path}", add_pooling_layer=False)  # the encoder alone',
+            "```",
+        ]
 
-    return CardProfile(["mae", "vision-transformer", "image-pretraining"], PRETRAINING_METRICS, describe, loading,
-                       task_type="masked-image-modeling", task_name="MAE pre-training")  # fmt: skip
+    return CardProfile(
+        ["mae", "vision-transformer", "image-pretraining"],
+        PRETRAINING_METRICS,
+        describe,
+        loading,
+        task_type="masked-image-modeling",
+        task_name="MAE pre-training",
+    )
 
 
 def _segmentation(config) -> CardProfile:
     def describe(config, method, merged_from):
-        return (f"UperNet for semantic segmentation ({config.num_labels} classes) on a ViT encoder "
-                f"({_encoder_size(config.backbone_config)}) pre-trained as a masked autoencoder, fine-tuned with "
-                "[hf-dbp](https://github.com/hf-dbp/hf-dbp).")  # fmt: skip
+        return (
+            f"UperNet for semantic segmentation ({config.num_labels} classes) on a ViT encoder "
+            f"({_encoder_size(config.backbone_config)}) pre-trained as a masked autoencoder, fine-tuned with "
+            "[hf-dbp](https://github.com/hf-dbp/hf-dbp)."
+        )
 
     def loading(config, load_path, decorrelated):
-        return ["```python", "import hf_dbp  # registers the backbone", "from transformers import AutoModelForSemanticSegmentation",
-                "", f'model = AutoModelForSemanticSegmentation.from_pretrained("{load_path}")', "```"]  # fmt: skip
+        return [
+            "```python",
+            "import hf_dbp  # registers the backbone",
+            "from transformers import AutoModelForSemanticSegmentation",
+            "",
+            f'model = AutoModelForSemanticSegmentation.from_pretrained("{load_path}")',
+            "```",
+        ]
 
-    return CardProfile(["mae", "vision-transformer", "semantic-segmentation", "upernet"], SEGMENTATION_METRICS, describe,
-                       loading, task_type="image-segmentation", task_name="Semantic segmentation", fine_tuning=True)  # fmt: skip
+    return CardProfile(
+        ["mae", "vision-transformer", "semantic-segmentation", "upernet"],
+        SEGMENTATION_METRICS,
+        describe,
+        loading,
+        task_type="image-segmentation",
+        task_name="Semantic segmentation",
+        fine_tuning=True,
+    )
 
 
 def card_profile(config) -> CardProfile:

@@ -13,8 +13,12 @@ DECORRELATION_LAYER_KINDS = VIT_LAYER_KINDS
 """Encoder layer kinds that can be decorrelated: the patch embedding conv, the q/k/v projections (one shared R),
 the attention output projection, and the two MLP linears."""
 
-_SETTINGS = {"lr": "decorrelation_lr", "kappa": "decorrelation_kappa", "sample_fraction": "decorrelation_sample_fraction",
-             "variance_form": "decorrelation_variance_form"}  # fmt: skip
+_SETTINGS = {
+    "lr": "decorrelation_lr",
+    "kappa": "decorrelation_kappa",
+    "sample_fraction": "decorrelation_sample_fraction",
+    "variance_form": "decorrelation_variance_form",
+}
 """The `DecorrelationConfig` fields that ViTMAE-DBP also takes as its own keyword arguments, and those names."""
 LEGACY_FIELDS = (*_SETTINGS.values(), "decorrelation_layers")
 """Keyword arguments of the DBP settings (and the fields of `config.json` written by hf-dbp before 0.2)."""
@@ -101,7 +105,9 @@ class ViTMAEDBPConfig(ViTMAEConfig):
         targets = self.decorrelation["target_modules"]
         kinds = layer_kinds_of("vit_mae", targets)
         if kinds is None:
-            raise ValueError(f"decorrelation.target_modules {targets!r} are not layer kinds of {list(VIT_LAYER_KINDS)}")
+            raise ValueError(
+                f"decorrelation.target_modules {targets!r} are not layer kinds of {list(VIT_LAYER_KINDS)}"
+            )
         return kinds
 
     @decorrelation_layers.setter

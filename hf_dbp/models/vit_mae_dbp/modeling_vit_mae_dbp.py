@@ -93,7 +93,7 @@ class ViTMAEDBPPreTrainedModel(ViTMAEPreTrainedModel):
 
     @torch.no_grad()
     def merge_decorrelation(self) -> ViTMAEPreTrainedModel:
-        """A plain transformers model with every R folded into its layer's weight (``W <- W R``).
+        """A plain transformers model with every R folded into its layer's weight (`W <- W R`).
 
         The result has the same outputs, no overhead, and loads anywhere without hf_dbp. This model is unchanged.
         """
@@ -121,7 +121,9 @@ class ViTMAEDBPModel(ViTMAEDBPPreTrainedModel, ViTMAEModel):
         super().__init__(config)
         groups = vit_mae_decorrelation_groups(config.num_hidden_layers, config.decorrelation_layers)
         settings = DecorrelationConfig.from_dict(config.decorrelation).replace(groups=groups)
-        inject_decorrelation(self, groups, sample_fraction=settings.sample_fraction, generator=RowSampler(settings.seed))
+        inject_decorrelation(
+            self, groups, sample_fraction=settings.sample_fraction, generator=RowSampler(settings.seed)
+        )
         config.decorrelation = settings.to_dict()  # the plan, saved with the model as every decorrelated model's
         # R and its statistics stay in float32 when the rest of the model is loaded in half precision. transformers
         # matches these entries as whole dotted name parts (`qkv_decorrelation` of `layers.0.attention.

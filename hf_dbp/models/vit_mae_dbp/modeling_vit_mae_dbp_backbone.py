@@ -143,9 +143,7 @@ class ViTMAEDBPBackbone(BackboneMixin, ViTMAEDBPPreTrainedModel):
         # keeps them all.
         noise = torch.arange(grid_height * grid_width, device=pixel_values.device, dtype=torch.float32)
         kwargs["output_hidden_states"] = True
-        outputs = self.vit(
-            pixel_values, noise=noise.expand(batch_size, -1), interpolate_pos_encoding=True, **kwargs
-        )
+        outputs = self.vit(pixel_values, noise=noise.expand(batch_size, -1), interpolate_pos_encoding=True, **kwargs)
         feature_maps = tuple(
             hidden[:, 1:, :].transpose(1, 2).reshape(batch_size, -1, grid_height, grid_width)
             for stage, hidden in zip(self.stage_names, outputs.hidden_states, strict=True)
@@ -211,10 +209,14 @@ def upernet_from_pretraining_checkpoint(
     """
     load_kwargs = dict(load_kwargs or {})
     if config is None:
-        config = AutoConfig.from_pretrained(config_name or checkpoint, trust_remote_code=trust_remote_code, **load_kwargs)
+        config = AutoConfig.from_pretrained(
+            config_name or checkpoint, trust_remote_code=trust_remote_code, **load_kwargs
+        )
     if config.model_type == UperNetConfig.model_type:
         if not isinstance(config.backbone_config, ViTMAEDBPBackboneConfig):
-            raise ValueError(f"{checkpoint} is an UperNet with a {config.backbone_config.model_type!r} backbone, not this project's")
+            raise ValueError(
+                f"{checkpoint} is an UperNet with a {config.backbone_config.model_type!r} backbone, not this project's"
+            )
         if drop_path_rate is not None:
             config.backbone_config.drop_path_rate = drop_path_rate
         model, info = UperNetForSemanticSegmentation.from_pretrained(
@@ -230,17 +232,25 @@ def upernet_from_pretraining_checkpoint(
             "checkpoint, or an 'upernet' checkpoint saved by this project."
         )
     pretrained, info = ViTMAEDBPForPreTraining.from_pretrained(
-        checkpoint, **({"config": ViTMAEDBPConfig.from_pretrained(config_name, **load_kwargs)} if config_name else {}),
-        output_loading_info=True, ignore_mismatched_sizes=True, **load_kwargs,
-    )  # fmt: skip
+        checkpoint,
+        **({"config": ViTMAEDBPConfig.from_pretrained(config_name, **load_kwargs)} if config_name else {}),
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,
+        **load_kwargs,
+    )
     _refuse_mismatched(checkpoint, info)
     if missing := _missing_encoder_keys(info):
         raise ValueError(f"{checkpoint} lacks encoder weights {missing[:10]} (and {max(0, len(missing) - 10)} more)")
     kind = "DBP-MAE" if config.model_type == ViTMAEDBPConfig.model_type else "MAE"
     return upernet_around_encoder(
-        pretrained, id2label, keep_decorrelation, out_indices, source=f"the {kind} encoder of {checkpoint}",
-        drop_path_rate=drop_path_rate or 0.0, **upernet_kwargs,
-    )  # fmt: skip
+        pretrained,
+        id2label,
+        keep_decorrelation,
+        out_indices,
+        source=f"the {kind} encoder of {checkpoint}",
+        drop_path_rate=drop_path_rate or 0.0,
+        **upernet_kwargs,
+    )
 
 
 def _refuse_mismatched(checkpoint: str, info: dict) -> None:
@@ -321,9 +331,13 @@ def layer_decay_parameter_groups(
         else:
             layer = num_layers + 1
         no_decay = param.ndim == 1 or name.endswith(("position_embeddings", "cls_token"))
-        group = groups.setdefault((layer, no_decay), {
-            "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-            "lr": learning_rate * layer_decay ** (num_layers + 1 - layer),
-        })  # fmt: skip
+        group = groups.setdefault(
+            (layer, no_decay),
+            {
+                "params": [],
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "lr": learning_rate * layer_decay ** (num_layers + 1 - layer),
+            },
+        )
         group["params"].append(param)
     return [groups[key] for key in sorted(groups)]
