@@ -390,11 +390,6 @@ def anchors(path: Path) -> set[str]:
 
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 
-WRITTEN_ON_OTHER_BRANCHES = {"docs/integrations/README.md", "docs/resuming.md", "docs/engines.md"}
-"""Pages that other branches of the same issue add: a link to one of them is checked once it exists (delete this set
-when they have landed)."""
-
-
 def broken_links(page: str, root: Path = ROOT) -> list[str]:
     _, prose = read_page(page, root)
     text = "\n".join(re.sub(r"`[^`]*`", "", line) for line in prose)
@@ -406,9 +401,7 @@ def broken_links(page: str, root: Path = ROOT) -> list[str]:
         path, _, anchor = target.partition("#")
         resolved = (root / page).parent / path if path else root / page
         if not resolved.exists():
-            key = resolved.resolve().relative_to(root).as_posix() if root in resolved.resolve().parents else None
-            if key not in WRITTEN_ON_OTHER_BRANCHES:
-                problems.append(f"{target}: no such file or folder")
+            problems.append(f"{target}: no such file or folder")
             continue
         if anchor:
             if resolved.suffix != ".md":
