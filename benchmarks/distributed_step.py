@@ -46,12 +46,21 @@ from hf_dbp.core import collectives
 from hf_dbp.core.step import begin_decorrelation_step
 
 MODELS = {
-    "demo": dict(image_size=32, patch_size=4, hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
-                 intermediate_size=384, decoder_hidden_size=64, decoder_num_hidden_layers=2,
-                 decoder_num_attention_heads=4, decoder_intermediate_size=256),
+    "demo": dict(
+        image_size=32,
+        patch_size=4,
+        hidden_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=384,
+        decoder_hidden_size=64,
+        decoder_num_hidden_layers=2,
+        decoder_num_attention_heads=4,
+        decoder_intermediate_size=256,
+    ),
     "vit_b16": dict(),  # ViTMAEConfig's defaults: ViT-B/16, 224 px, decoder 512 x 8
     "vit_l16": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-}  # fmt: skip
+}
 
 
 class Traffic:
@@ -100,7 +109,9 @@ class Traffic:
     def wire_bytes(self) -> float:
         """Bytes one process sends in ring implementations of these collectives."""
         p = self.world
-        return sum(numel * size * (2 * (p - 1) / p if kind == "all_reduce" else p - 1) for kind, numel, size in self.calls)
+        return sum(
+            numel * size * (2 * (p - 1) / p if kind == "all_reduce" else p - 1) for kind, numel, size in self.calls
+        )
 
 
 def time_all_reduce(numel: int, repeats: int = 3) -> float:
@@ -116,13 +127,15 @@ def time_all_reduce(numel: int, repeats: int = 3) -> float:
 
 def measure(name: str, args, world: int, rank: int) -> dict:
     torch.manual_seed(0)
-    config = ViTMAEDBPConfig(**MODELS[name], norm_pix_loss=True, mask_ratio=0.75,
-                             decorrelation_sample_fraction=args.sample_fraction)  # fmt: skip
+    config = ViTMAEDBPConfig(
+        **MODELS[name], norm_pix_loss=True, mask_ratio=0.75, decorrelation_sample_fraction=args.sample_fraction
+    )
     model = ViTMAEDBPForPreTraining(config).train()
     modules = model.decorrelation_modules()
     gradients = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    pixels = torch.randn(args.per_device_batch, 3, config.image_size, config.image_size,
-                         generator=torch.Generator().manual_seed(rank))  # fmt: skip
+    pixels = torch.randn(
+        args.per_device_batch, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(rank)
+    )
     ddp = optimizer = None
     if args.full_step:
         ddp = DistributedDataParallel(model)
@@ -155,22 +168,33 @@ def measure(name: str, args, world: int, rank: int) -> dict:
             step_seconds.append(time.perf_counter() - start)
     before = sum(m.dim * m.dim + 1 for m in modules)
     result = {
-        "model": name, "processes": world, "per_device_batch": args.per_device_batch,
-        "sample_fraction": args.sample_fraction, "matrices_R": len(modules),
+        "model": name,
+        "processes": world,
+        "per_device_batch": args.per_device_batch,
+        "sample_fraction": args.sample_fraction,
+        "matrices_R": len(modules),
         "rows_per_process": sorted(set(rows_per_process)),
         "gradient_bytes": 4 * gradients,
-        "dbp_handed_bytes": handed[-1], "dbp_handed_ratio": round(handed[-1] / (4 * gradients), 4),
-        "dbp_wire_bytes": round(wire[-1]), "gradient_wire_bytes": round(4 * gradients * 2 * (world - 1) / world),
-        "dbp_before_handed_bytes": 4 * before, "dbp_before_ratio": round(before / gradients, 4),
+        "dbp_handed_bytes": handed[-1],
+        "dbp_handed_ratio": round(handed[-1] / (4 * gradients), 4),
+        "dbp_wire_bytes": round(wire[-1]),
+        "gradient_wire_bytes": round(4 * gradients * 2 * (world - 1) / world),
+        "dbp_before_handed_bytes": 4 * before,
+        "dbp_before_ratio": round(before / gradients, 4),
         "dbp_calls": [f"{kind} of {numel} x {size} B" for kind, numel, size in traffic.calls],
         "dbp_collective_s": round(statistics.median(sum(s) for s in seconds), 4),
-        "dbp_collective_s_per_call": [round(statistics.median(s[i] for s in seconds), 4) for i in range(len(seconds[0]))],
+        "dbp_collective_s_per_call": [
+            round(statistics.median(s[i] for s in seconds), 4) for i in range(len(seconds[0]))
+        ],
         "dbp_collective_s_per_step": [round(sum(s), 4) for s in seconds],
         "gradient_all_reduce_s": round(time_all_reduce(gradients), 4),
         "dbp_before_all_reduce_s": round(time_all_reduce(before), 4),
-        "threads_per_process": torch.get_num_threads(), "full_step": args.full_step, "overlap": args.overlap,
-        "rows_by": args.rows_by, "transfer_dtype": args.transfer_dtype,
-    }  # fmt: skip
+        "threads_per_process": torch.get_num_threads(),
+        "full_step": args.full_step,
+        "overlap": args.overlap,
+        "rows_by": args.rows_by,
+        "transfer_dtype": args.transfer_dtype,
+    }
     if args.full_step:
         result["median_step_s"] = round(statistics.median(step_seconds), 4)
         if not args.overlap:
@@ -199,9 +223,14 @@ def r_drift(config: ViTMAEDBPConfig, args, rank: int) -> dict:
     for a, b in zip(exact.decorrelation_modules(), low.decorrelation_modules(), strict=True):
         moved = torch.linalg.matrix_norm(a.R - torch.eye(a.dim))
         drift.append(float(torch.linalg.matrix_norm(b.R - a.R) / moved))
-    return {"r_drift_steps": args.r_drift_steps, "decorrelation_lr": config.decorrelation_lr,
-            "r_drift_relative_max": round(max(drift), 5), "r_drift_relative_median": round(statistics.median(drift), 5),
-            "decorrelation_loss_exact": losses["exact"], "decorrelation_loss_low": losses["low"]}  # fmt: skip
+    return {
+        "r_drift_steps": args.r_drift_steps,
+        "decorrelation_lr": config.decorrelation_lr,
+        "r_drift_relative_max": round(max(drift), 5),
+        "r_drift_relative_median": round(statistics.median(drift), 5),
+        "decorrelation_loss_exact": losses["exact"],
+        "decorrelation_loss_low": losses["low"],
+    }
 
 
 def main() -> None:
@@ -212,16 +241,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--full_step", action="store_true", help="whole DDP training steps")
-    parser.add_argument("--overlap", action="store_true",
-                        help="with --full_step: start DBP's exchange after the forward, so that it runs during the "
-                             "backward (what DBPTrainer does on several processes)")  # fmt: skip
-    parser.add_argument("--rows_by", choices=["auto", "all_gather", "all_reduce"], default="auto",
-                        help="how rows travel: the backend's choice (gloo: all-reduce slots), or force one (to see on "
-                             "CPU processes what NCCL's all-gather sends)")  # fmt: skip
-    parser.add_argument("--transfer_dtype", choices=list(collectives.TRANSFER_DTYPES), default="float32",
-                        help="precision DBP's statistics travel in (DBPTrainer: --decorrelation_transfer_dtype)")
-    parser.add_argument("--r_drift_steps", type=int, default=0,
-                        help="with --transfer_dtype: also run this many steps in both precisions and compare R")
+    parser.add_argument(
+        "--overlap",
+        action="store_true",
+        help="with --full_step: start DBP's exchange after the forward, so that it runs during the "
+        "backward (what DBPTrainer does on several processes)",
+    )
+    parser.add_argument(
+        "--rows_by",
+        choices=["auto", "all_gather", "all_reduce"],
+        default="auto",
+        help="how rows travel: the backend's choice (gloo: all-reduce slots), or force one (to see on "
+        "CPU processes what NCCL's all-gather sends)",
+    )
+    parser.add_argument(
+        "--transfer_dtype",
+        choices=list(collectives.TRANSFER_DTYPES),
+        default="float32",
+        help="precision DBP's statistics travel in (DBPTrainer: --decorrelation_transfer_dtype)",
+    )
+    parser.add_argument(
+        "--r_drift_steps",
+        type=int,
+        default=0,
+        help="with --transfer_dtype: also run this many steps in both precisions and compare R",
+    )
     parser.add_argument("--output", default=None, help="also write the JSON lines here (rank 0)")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))

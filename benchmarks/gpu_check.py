@@ -97,7 +97,12 @@ def step_overhead(device: torch.device, batch: int, steps: int) -> dict:
             if step:
                 times[variant].append(time.perf_counter() - start)
     bp, dbp = statistics.median(times["bp"]), statistics.median(times["dbp"])
-    return {"batch": batch, "bp_median_s": round(bp, 4), "dbp_median_s": round(dbp, 4), "dbp_time_ratio": round(dbp / bp, 3)}
+    return {
+        "batch": batch,
+        "bp_median_s": round(bp, 4),
+        "dbp_median_s": round(dbp, 4),
+        "dbp_time_ratio": round(dbp / bp, 3),
+    }
 
 
 def update_seconds(device: torch.device, batch: int = 64, repeats: int = 5) -> dict:
@@ -118,8 +123,12 @@ def update_seconds(device: torch.device, batch: int = 64, repeats: int = 5) -> d
             if repeat:
                 times[batched].append(time.perf_counter() - start)
     stacked, one_by_one = statistics.median(times[True]), statistics.median(times[False])
-    return {"batch": batch, "stacked_s": round(stacked, 5), "one_by_one_s": round(one_by_one, 5),
-            "stacked_over_one_by_one": round(stacked / one_by_one, 3)}  # fmt: skip
+    return {
+        "batch": batch,
+        "stacked_s": round(stacked, 5),
+        "one_by_one_s": round(one_by_one, 5),
+        "stacked_over_one_by_one": round(stacked / one_by_one, 3),
+    }
 
 
 def main() -> None:

@@ -59,7 +59,9 @@ class ReferenceDecorrelatedLinear(nn.Module):
         z = rows @ self.R.T
         if self.training:
             flat = z.detach().reshape(-1, z.shape[-1])
-            sample = flat[torch.randperm(flat.shape[0], device=flat.device)[: max(1, int(flat.shape[0] * self.sample_fraction))]]
+            sample = flat[
+                torch.randperm(flat.shape[0], device=flat.device)[: max(1, int(flat.shape[0] * self.sample_fraction))]
+            ]
             X = sample.T @ sample
             self.X = X if self.X is None else self.X + X
             self.n += sample.shape[0]
@@ -170,7 +172,7 @@ def peak_memory(variant: str, batch: int, kinds, device) -> float:
         f"d = torch.device({str(device)!r}); m, o, p = b.build({variant!r}, {batch}, {list(kinds)!r}, d); "
         f"b.train_step({variant!r}, m, o, p); b.train_step({variant!r}, m, o, p); "
         "print(json.dumps(torch.cuda.max_memory_allocated() / 2**20 if d.type == 'cuda' else b.peak_rss_mib()))"
-    )  # fmt: skip
+    )
     env = os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads())}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     return float(out.strip().splitlines()[-1])
@@ -181,7 +183,9 @@ def main() -> None:
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
-    parser.add_argument("--layers", nargs="+", default=list(DECORRELATION_LAYER_KINDS), choices=DECORRELATION_LAYER_KINDS)
+    parser.add_argument(
+        "--layers", nargs="+", default=list(DECORRELATION_LAYER_KINDS), choices=DECORRELATION_LAYER_KINDS
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--variants", nargs="+", default=["bp", "dbp", "reference"])
     parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory processes")
@@ -207,8 +211,13 @@ def main() -> None:
         flops = {v: count_flops(v, batch, args.layers, device) for v in args.variants}
         memory = {} if args.no_memory else {v: peak_memory(v, batch, args.layers, device) for v in args.variants}
         base = statistics.median(times["bp"])
-        row = {"batch": batch, "layers": args.layers, "device": str(device), "threads": args.threads,
-               "bp_median_s": round(base, 4)}  # fmt: skip
+        row = {
+            "batch": batch,
+            "layers": args.layers,
+            "device": str(device),
+            "threads": args.threads,
+            "bp_median_s": round(base, 4),
+        }
         # Where the time goes: the median seconds of each phase, per variant.
         row["phases_s"] = {v: {k: round(statistics.median(t), 4) for k, t in phases[v].items()} for v in args.variants}
         if memory:
@@ -222,13 +231,17 @@ def main() -> None:
                 row[f"{v}_memory_ratio"] = round(memory[v] / memory["bp"], 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    header = ["batch", "bp s/step"] + [f"{v} {k}" for v in args.variants if v != "bp" for k in ("time", "floor", "memory")]
+    header = ["batch", "bp s/step"] + [
+        f"{v} {k}" for v in args.variants if v != "bp" for k in ("time", "floor", "memory")
+    ]
     print("\n| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
     for row in rows:
         cells = [str(row["batch"]), f"{row['bp_median_s']:.3f}"]
         for v in args.variants:
             if v != "bp":
-                cells += [f"{row.get(f'{v}_{k}', float('nan')):.3f}" for k in ("time_ratio", "flop_floor", "memory_ratio")]
+                cells += [
+                    f"{row.get(f'{v}_{k}', float('nan')):.3f}" for k in ("time_ratio", "flop_floor", "memory_ratio")
+                ]
         print("| " + " | ".join(cells) + " |")
     print("\nWhere the time goes (median seconds per phase):\n\n| batch | variant | " + " | ".join(PHASES) + " |")
     print("|" + " --- |" * (2 + len(PHASES)))

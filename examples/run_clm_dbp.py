@@ -79,34 +79,69 @@ DEMO_ARGS = {
 class ModelArguments:
     """Which model to pre-train, as in run_clm.py."""
 
-    model_name_or_path: str | None = field(default=None, metadata={"help": "A checkpoint to start from (plain or decorrelated); leave out to train from scratch."})
-    model_type: str | None = field(default=None, metadata={"help": "From scratch: the model type, e.g. 'llama', 'gpt2', 'qwen2', 'mistral'."})
-    config_name: str | None = field(default=None, metadata={"help": "A config to train from scratch (name or path), if not the model's."})
-    config_overrides: str | None = field(default=None, metadata={"help": "Override config values from scratch, e.g. 'hidden_size=128,num_hidden_layers=4'."})
-    tokenizer_name: str | None = field(default=None, metadata={"help": "A tokenizer (name or path), if not the model's; without either one is trained on the data."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A checkpoint to start from (plain or decorrelated); leave out to train from scratch."},
+    )
+    model_type: str | None = field(
+        default=None, metadata={"help": "From scratch: the model type, e.g. 'llama', 'gpt2', 'qwen2', 'mistral'."}
+    )
+    config_name: str | None = field(
+        default=None, metadata={"help": "A config to train from scratch (name or path), if not the model's."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Override config values from scratch, e.g. 'hidden_size=128,num_hidden_layers=4'."},
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A tokenizer (name or path), if not the model's; without either one is trained on the data."
+        },
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Where to store downloaded models and datasets."})
     model_revision: str = field(default="main", metadata={"help": "Model version (branch, tag or commit)."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private models or datasets."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow models and datasets with their own code from the Hub."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow models and datasets with their own code from the Hub."}
+    )
 
 
 @dataclass
 class DataTrainingArguments:
     """Which text to train and evaluate on, as in run_clm.py."""
 
-    dataset_name: str | None = field(default=None, metadata={"help": "Name of a dataset on the Hub (or a local folder)."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Name of a dataset on the Hub (or a local folder)."}
+    )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration name of the dataset."})
-    train_file: str | None = field(default=None, metadata={"help": "A text file (.txt), or a .csv/.json/.jsonl file with a 'text' column."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "A text file (.txt), or a .csv/.json/.jsonl file with a 'text' column."}
+    )
     validation_file: str | None = field(default=None, metadata={"help": "The same for validation."})
-    text_column_name: str | None = field(default=None, metadata={"help": "Column holding the text (default: 'text', else the first column)."})
-    validation_split_percentage: int = field(default=5, metadata={"help": "Percent of train held out for validation when there is no validation split."})
+    text_column_name: str | None = field(
+        default=None, metadata={"help": "Column holding the text (default: 'text', else the first column)."}
+    )
+    validation_split_percentage: int = field(
+        default=5, metadata={"help": "Percent of train held out for validation when there is no validation split."}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training blocks."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many validation blocks."})
-    block_size: int | None = field(default=None, metadata={"help": "Tokens per training sequence (default: the model's maximum, at most 1024)."})
+    block_size: int | None = field(
+        default=None, metadata={"help": "Tokens per training sequence (default: the model's maximum, at most 1024)."}
+    )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenizing."})
     keep_linebreaks: bool = field(default=True, metadata={"help": "Keep line breaks in .txt files."})
-    demo_text: str = field(default="default", metadata={"help": "Without a dataset: the embedded 'default' text (Shakespeare), or a held-out set no setting was tuned on: 'heldout_plays', 'heldout_python_docs'.", "choices": list(TEXT_SETS)})
-    tokenizer_vocab_size: int = field(default=2048, metadata={"help": "Vocabulary of the tokenizer trained on the data when there is none."})
+    demo_text: str = field(
+        default="default",
+        metadata={
+            "help": "Without a dataset: the embedded 'default' text (Shakespeare), or a held-out set no setting was tuned on: 'heldout_plays', 'heldout_python_docs'.",
+            "choices": list(TEXT_SETS),
+        },
+    )
+    tokenizer_vocab_size: int = field(
+        default=2048, metadata={"help": "Vocabulary of the tokenizer trained on the data when there is none."}
+    )
 
     def __post_init__(self) -> None:
         # Checked before anything is read: a wrong file name or kind should not cost a tokenization.
@@ -125,20 +160,42 @@ class DataTrainingArguments:
         if self.block_size is not None and self.block_size < 2:
             raise ValueError(f"--block_size must be at least 2, got {self.block_size}")
         if not 0 <= self.validation_split_percentage < 100:
-            raise ValueError(f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}")
+            raise ValueError(
+                f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}"
+            )
 
 
 @dataclass
 class DBPArguments:
     """Decorrelated backpropagation settings (see hf_dbp.DecorrelationConfig)."""
 
-    bp_baseline: bool = field(default=False, metadata={"help": "Train the plain BP model instead (the decorrelation loss is still measured)."})
+    bp_baseline: bool = field(
+        default=False,
+        metadata={"help": "Train the plain BP model instead (the decorrelation loss is still measured)."},
+    )
     decorrelation_lr: float = field(default=1e-3, metadata={"help": "Step size of the R update."})
-    decorrelation_kappa: float = field(default=1e-2, metadata={"help": "0 = pure decorrelation, 1 = pure variance normalisation."})
-    decorrelation_sample_fraction: float = field(default=0.1, metadata={"help": "Fraction of tokens per forward used for R's statistics."})
-    target_modules: list[str] | None = field(default=None, metadata={"help": "Layers to decorrelate: names (e.g. q_proj v_proj), one regular expression, or 'all-linear' (default: the architecture's defaults, hf_dbp.TARGET_MODULES)."})
-    exclude_modules: list[str] | None = field(default=None, metadata={"help": "Layers never to decorrelate (names or one regular expression)."})
-    decorrelation_variance_form: str = field(default="rows", metadata={"help": "The variance term of the R update: 'rows' (diag(v) R) or 'columns' (R diag(v), the reference code).", "choices": list(VARIANCE_FORMS)})
+    decorrelation_kappa: float = field(
+        default=1e-2, metadata={"help": "0 = pure decorrelation, 1 = pure variance normalisation."}
+    )
+    decorrelation_sample_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of tokens per forward used for R's statistics."}
+    )
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Layers to decorrelate: names (e.g. q_proj v_proj), one regular expression, or 'all-linear' (default: the architecture's defaults, hf_dbp.TARGET_MODULES)."
+        },
+    )
+    exclude_modules: list[str] | None = field(
+        default=None, metadata={"help": "Layers never to decorrelate (names or one regular expression)."}
+    )
+    decorrelation_variance_form: str = field(
+        default="rows",
+        metadata={
+            "help": "The variance term of the R update: 'rows' (diag(v) R) or 'columns' (R diag(v), the reference code).",
+            "choices": list(VARIANCE_FORMS),
+        },
+    )
 
     def decorrelation_config(self) -> DecorrelationConfig:
         def one_or_list(values):  # a single entry is a name, a regular expression or "all-linear"
@@ -148,14 +205,19 @@ class DBPArguments:
             return only if only == "all-linear" or any(c in only for c in "*+?[](){}|^$\\") else values
 
         return DecorrelationConfig(
-            lr=self.decorrelation_lr, kappa=self.decorrelation_kappa, sample_fraction=self.decorrelation_sample_fraction,
-            target_modules=one_or_list(self.target_modules), exclude_modules=one_or_list(self.exclude_modules),
+            lr=self.decorrelation_lr,
+            kappa=self.decorrelation_kappa,
+            sample_fraction=self.decorrelation_sample_fraction,
+            target_modules=one_or_list(self.target_modules),
+            exclude_modules=one_or_list(self.exclude_modules),
             variance_form=self.decorrelation_variance_form,
-        )  # fmt: skip
+        )
 
 
 def parse_args():
-    return parse_script_arguments((ModelArguments, DataTrainingArguments, DBPArguments, DBPTrainingArguments), DEMO_ARGS)
+    return parse_script_arguments(
+        (ModelArguments, DataTrainingArguments, DBPArguments, DBPTrainingArguments), DEMO_ARGS
+    )
 
 
 def load_text(data_args: DataTrainingArguments, model_args: ModelArguments) -> datasets.DatasetDict:
@@ -171,7 +233,10 @@ def load_text(data_args: DataTrainingArguments, model_args: ModelArguments) -> d
         kwargs = {"keep_linebreaks": data_args.keep_linebreaks} if builder == "text" else {}
         raw = load_dataset(builder, data_files=files, **hub, **kwargs)
     else:
-        logger.info("No --dataset_name or --train_file: using the embedded %r text set (see hf_dbp.tasks.text_data).", data_args.demo_text)
+        logger.info(
+            "No --dataset_name or --train_file: using the embedded %r text set (see hf_dbp.tasks.text_data).",
+            data_args.demo_text,
+        )
         raw = demo_text_dataset(data_args.demo_text)
     if not isinstance(raw, datasets.DatasetDict):
         raw = datasets.DatasetDict(train=raw)
@@ -197,16 +262,28 @@ def train_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
 
     tokenizer = ByteLevelBPETokenizer()
     tokenizer.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer._tokenizer, bos_token="<|endoftext|>",
-                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>")  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer._tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
 
 
 def build_tokenizer(model_args: ModelArguments, data_args: DataTrainingArguments, raw, column: str):
     source = model_args.tokenizer_name or model_args.model_name_or_path
     if source is not None:
-        return AutoTokenizer.from_pretrained(source, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
-                                             token=model_args.token, trust_remote_code=model_args.trust_remote_code)  # fmt: skip
-    logger.info("No tokenizer given: training a byte-level BPE tokenizer (%d tokens) on the training text", data_args.tokenizer_vocab_size)
+        return AutoTokenizer.from_pretrained(
+            source,
+            cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision,
+            token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code,
+        )
+    logger.info(
+        "No tokenizer given: training a byte-level BPE tokenizer (%d tokens) on the training text",
+        data_args.tokenizer_vocab_size,
+    )
     return train_tokenizer(raw["train"][column], data_args.tokenizer_vocab_size)
 
 
@@ -216,19 +293,29 @@ def check_architecture(model_args: ModelArguments, dbp_args: DBPArguments) -> No
         return
     model_type = model_args.model_type
     if model_type is None and (model_args.config_name or model_args.model_name_or_path):
-        model_type = AutoConfig.from_pretrained(model_args.config_name or model_args.model_name_or_path,
-                                                cache_dir=model_args.cache_dir, revision=model_args.model_revision,
-                                                token=model_args.token, trust_remote_code=model_args.trust_remote_code).model_type  # fmt: skip
+        model_type = AutoConfig.from_pretrained(
+            model_args.config_name or model_args.model_name_or_path,
+            cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision,
+            token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code,
+        ).model_type
     if model_type is not None and model_type not in hf_dbp.TARGET_MODULES:
-        raise ValueError(f"hf_dbp has no default target modules for model type {model_type!r}: pass --target_modules "
-                         f"(layer names, a regular expression or 'all-linear'). Defaults exist for: "
-                         f"{sorted(hf_dbp.TARGET_MODULES)}")  # fmt: skip
+        raise ValueError(
+            f"hf_dbp has no default target modules for model type {model_type!r}: pass --target_modules "
+            f"(layer names, a regular expression or 'all-linear'). Defaults exist for: "
+            f"{sorted(hf_dbp.TARGET_MODULES)}"
+        )
 
 
 def build_model(model_args: ModelArguments, dbp_args: DBPArguments, tokenizer):
     """The model: loaded (a decorrelated checkpoint with its R) or from scratch; decorrelated unless --bp_baseline."""
-    load = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token,
-            "trust_remote_code": model_args.trust_remote_code}  # fmt: skip
+    load = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
     if model_args.model_name_or_path is not None:
         if model_args.config_overrides is not None:
             logger.warning("--config_overrides is ignored: the architecture comes from --model_name_or_path")
@@ -277,10 +364,20 @@ def tokenize_and_group(raw, tokenizer, column: str, block_size: int, data_args, 
         return blocks
 
     with training_args.main_process_first(desc="tokenizing"):
-        tokenized = raw.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers,
-                            remove_columns=raw["train"].column_names, desc="Tokenizing")  # fmt: skip
-        return tokenized.map(group, batched=True, batch_size=1000, num_proc=data_args.preprocessing_num_workers,
-                             desc=f"Grouping into blocks of {block_size}")  # fmt: skip
+        tokenized = raw.map(
+            tokenize,
+            batched=True,
+            num_proc=data_args.preprocessing_num_workers,
+            remove_columns=raw["train"].column_names,
+            desc="Tokenizing",
+        )
+        return tokenized.map(
+            group,
+            batched=True,
+            batch_size=1000,
+            num_proc=data_args.preprocessing_num_workers,
+            desc=f"Grouping into blocks of {block_size}",
+        )
 
 
 def main() -> None:
@@ -294,7 +391,6 @@ def main() -> None:
 
     setup_logging(training_args, __name__)
     method = "BP (plain backpropagation)" if dbp_args.bp_baseline else "DBP (decorrelated backpropagation)"
-
 
     set_seed(training_args.seed)
     raw = load_text(data_args, model_args)
@@ -314,11 +410,16 @@ def main() -> None:
 
     logger.info(
         "%s of a %s (%d layers, width %d, %.1fM parameters) on %d blocks of %d tokens (%d for validation)%s",
-        method, model.config.model_type, model.config.num_hidden_layers, model.config.hidden_size,
-        sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, len(lm["train"]), block_size,
+        method,
+        model.config.model_type,
+        model.config.num_hidden_layers,
+        model.config.hidden_size,
+        sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+        len(lm["train"]),
+        block_size,
         len(lm.get("validation", [])),
         "" if dbp_args.bp_baseline else f", {len(hf_dbp.core.model.decorrelation_modules(model))} matrices R",
-    )  # fmt: skip
+    )
 
     trainer = DBPTrainer(
         model=model,
@@ -329,8 +430,12 @@ def main() -> None:
         data_collator=default_data_collator,
         callbacks=[TrainingBegan()],
         decorrelation_config=settings if dbp_args.bp_baseline else None,
-        model_card_kwargs={"datasets": [data_args.dataset_name or data_args.train_file or f"hf-dbp embedded text ({data_args.demo_text})"],
-                           "base_model": model_args.model_name_or_path},  # fmt: skip
+        model_card_kwargs={
+            "datasets": [
+                data_args.dataset_name or data_args.train_file or f"hf-dbp embedded text ({data_args.demo_text})"
+            ],
+            "base_model": model_args.model_name_or_path,
+        },
     )
     # A path is checked; otherwise the newest whole checkpoint in output_dir, if any (hf_dbp.training.checkpoints).
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or True)
@@ -349,18 +454,23 @@ def main() -> None:
     trainer.create_model_card()  # now that all_results.json and emissions.csv are final
 
     if trainer.is_world_process_zero():
-        plot_training_curves(trainer.state.log_history, os.path.join(training_args.output_dir, "training_curves.png"),
-                             title=f"{method}: causal language modelling")  # fmt: skip
+        plot_training_curves(
+            trainer.state.log_history,
+            os.path.join(training_args.output_dir, "training_curves.png"),
+            title=f"{method}: causal language modelling",
+        )
         logger.info(
             "Done: %s, %s. Eval loss %s (perplexity %s). Outputs in %s (model + tokenizer, load with %s): %s.",
-            method, trainer.training_summary(),
+            method,
+            trainer.training_summary(),
             f"{metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "n/a",
             f"{metrics['perplexity']:.2f}" if "perplexity" in metrics else "n/a",
             os.path.abspath(training_args.output_dir),
-            "AutoModelForCausalLM.from_pretrained" if dbp_args.bp_baseline
+            "AutoModelForCausalLM.from_pretrained"
+            if dbp_args.bp_baseline
             else "hf_dbp.load_decorrelated(AutoModelForCausalLM, ...)",
             saved_files(training_args.output_dir),
-        )  # fmt: skip
+        )
 
     if training_args.push_to_hub:
         trainer.push_to_hub(tags=["text-generation"] + ([] if dbp_args.bp_baseline else ["dbp"]))

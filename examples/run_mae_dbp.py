@@ -90,16 +90,34 @@ DEMO_ARGS = {
 class DataTrainingArguments:
     """Which data to pre-train and evaluate on."""
 
-    dataset_name: str | None = field(default=None, metadata={"help": "Name of a dataset on the Hub (or a local dataset script-free folder)."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Name of a dataset on the Hub (or a local dataset script-free folder)."}
+    )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration name of the dataset."})
-    image_column_name: str | None = field(default=None, metadata={"help": "Column holding the images (default: 'image' or 'img')."})
-    train_dir: str | None = field(default=None, metadata={"help": "A folder of training images (searched recursively)."})
+    image_column_name: str | None = field(
+        default=None, metadata={"help": "Column holding the images (default: 'image' or 'img')."}
+    )
+    train_dir: str | None = field(
+        default=None, metadata={"help": "A folder of training images (searched recursively)."}
+    )
     validation_dir: str | None = field(default=None, metadata={"help": "A folder of validation images."})
-    train_val_split: float = field(default=0.15, metadata={"help": "Fraction of train held out for validation when there is no validation split."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training images (e.g. a tenth of ImageNet-1K)."})
+    train_val_split: float = field(
+        default=0.15, metadata={"help": "Fraction of train held out for validation when there is no validation split."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep only this many training images (e.g. a tenth of ImageNet-1K)."}
+    )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many validation images."})
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for checking the images."})
-    demo_photos: str = field(default="default", metadata={"help": "Without a dataset: which embedded images, 'default' or 'alternate' (another natural-image set of the same kind), or a held-out set no setting was tuned on: 'heldout_photos', 'heldout_faces', 'heldout_terrain'.", "choices": list(DEMO_SETS)})
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for checking the images."}
+    )
+    demo_photos: str = field(
+        default="default",
+        metadata={
+            "help": "Without a dataset: which embedded images, 'default' or 'alternate' (another natural-image set of the same kind), or a held-out set no setting was tuned on: 'heldout_photos', 'heldout_faces', 'heldout_terrain'.",
+            "choices": list(DEMO_SETS),
+        },
+    )
 
     def has_data_source(self) -> bool:
         return self.dataset_name is not None or self.train_dir is not None
@@ -109,14 +127,32 @@ class DataTrainingArguments:
 class ModelArguments:
     """Which model to pre-train."""
 
-    model_name_or_path: str | None = field(default=None, metadata={"help": "A ViTMAE or DBP-MAE checkpoint to start from; leave out to train from scratch."})
-    config_name: str | None = field(default=None, metadata={"help": "A config to train from scratch (name or path), if not the model's."})
-    image_processor_name: str | None = field(default=None, metadata={"help": "An image processor (name or path) whose image_mean and image_std to normalise with. Default: the checkpoint's own, else ImageNet's."})
-    config_overrides: str | None = field(default=None, metadata={"help": "Override config values from scratch, e.g. 'image_size=32,patch_size=8,hidden_size=48'."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A ViTMAE or DBP-MAE checkpoint to start from; leave out to train from scratch."},
+    )
+    config_name: str | None = field(
+        default=None, metadata={"help": "A config to train from scratch (name or path), if not the model's."}
+    )
+    image_processor_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "An image processor (name or path) whose image_mean and image_std to normalise with. Default: the checkpoint's own, else ImageNet's."
+        },
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Override config values from scratch, e.g. 'image_size=32,patch_size=8,hidden_size=48'."},
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Where to store downloaded models and datasets."})
     model_revision: str = field(default="main", metadata={"help": "Model version (branch, tag or commit)."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private models or datasets."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow a checkpoint's own configuration and image-processor code from the Hub (only for repositories you trust; datasets 5 runs no loading scripts)."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow a checkpoint's own configuration and image-processor code from the Hub (only for repositories you trust; datasets 5 runs no loading scripts)."
+        },
+    )
     mask_ratio: float = field(default=0.75, metadata={"help": "Fraction of patches masked."})
     norm_pix_loss: bool = field(default=True, metadata={"help": "Reconstruct per-patch normalised pixels."})
 
@@ -125,17 +161,26 @@ class ModelArguments:
 class DBPArguments:
     """Decorrelated backpropagation settings (see hf_dbp.ViTMAEDBPConfig)."""
 
-    bp_baseline: bool = field(default=False, metadata={"help": "Train the plain BP model instead (the decorrelation loss is still measured)."})
+    bp_baseline: bool = field(
+        default=False,
+        metadata={"help": "Train the plain BP model instead (the decorrelation loss is still measured)."},
+    )
     decorrelation_lr: float = field(default=1e-3, metadata={"help": "Step size of the R update."})
-    decorrelation_kappa: float = field(default=1e-2, metadata={"help": "0 = pure decorrelation, 1 = pure variance normalisation."})
-    decorrelation_sample_fraction: float = field(default=0.1, metadata={"help": "Fraction of rows per forward used for R's statistics."})
+    decorrelation_kappa: float = field(
+        default=1e-2, metadata={"help": "0 = pure decorrelation, 1 = pure variance normalisation."}
+    )
+    decorrelation_sample_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of rows per forward used for R's statistics."}
+    )
     decorrelation_layers: list[str] = field(
         default_factory=lambda: list(hf_dbp.DECORRELATION_LAYER_KINDS),
         metadata={"help": "Layer kinds to decorrelate: patch_embeddings qkv o_proj fc1 fc2."},
     )
     decorrelation_variance_form: str = field(
         default="rows",
-        metadata={"help": "The variance term of the R update: 'rows' (diag(v) R, the method) or 'columns' (R diag(v), the reference code)."},
+        metadata={
+            "help": "The variance term of the R update: 'rows' (diag(v) R, the method) or 'columns' (R diag(v), the reference code)."
+        },
     )
 
     def config_values(self) -> dict:
@@ -150,17 +195,26 @@ class DBPArguments:
 
 @dataclass
 class CustomTrainingArguments(DBPTrainingArguments):
-    base_learning_rate: float = field(default=1.5e-4, metadata={"help": "lr = base_learning_rate * total batch size / 256."})
+    base_learning_rate: float = field(
+        default=1.5e-4, metadata={"help": "lr = base_learning_rate * total batch size / 256."}
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the image column for the transform."})
 
 
 def parse_args():
-    return parse_script_arguments((ModelArguments, DataTrainingArguments, DBPArguments, CustomTrainingArguments), DEMO_ARGS)
+    return parse_script_arguments(
+        (ModelArguments, DataTrainingArguments, DBPArguments, CustomTrainingArguments), DEMO_ARGS
+    )
 
 
 def load_images(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int) -> datasets.DatasetDict:
     if data_args.dataset_name is not None:
-        ds = load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir, token=model_args.token)
+        ds = load_dataset(
+            data_args.dataset_name,
+            data_args.dataset_config_name,
+            cache_dir=model_args.cache_dir,
+            token=model_args.token,
+        )
     elif data_args.train_dir is not None:
         check_image_folder(data_args.train_dir, "--train_dir")
         if data_args.validation_dir is not None:
@@ -170,7 +224,10 @@ def load_images(data_args: DataTrainingArguments, model_args: ModelArguments, se
             data_files["validation"] = os.path.join(data_args.validation_dir, "**")
         ds = load_dataset("imagefolder", data_files=data_files, cache_dir=model_args.cache_dir)
     else:
-        logger.info("No --dataset_name or --train_dir: using the embedded %s demo set (crops of its images, see hf_dbp.tasks.image_data).", data_args.demo_photos)
+        logger.info(
+            "No --dataset_name or --train_dir: using the embedded %s demo set (crops of its images, see hf_dbp.tasks.image_data).",
+            data_args.demo_photos,
+        )
         ds = demo_image_dataset(seed=seed, photos=data_args.demo_photos)
     if not isinstance(ds, datasets.DatasetDict):
         ds = datasets.DatasetDict(train=ds)
@@ -191,7 +248,9 @@ def build_model(model_args: ModelArguments, dbp_args: DBPArguments):
             logger.warning("--config_overrides is ignored: the architecture comes from --model_name_or_path")
         check_pretrained(model_args.model_name_or_path)  # a damaged local checkpoint: its file and what is wrong
         try:
-            model_type = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **load).model_type
+            model_type = AutoConfig.from_pretrained(
+                model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **load
+            ).model_type
         except OSError as error:  # named here: transformers' message names neither the flag nor the checkpoint
             raise checkpoint_not_found(model_args.model_name_or_path, "--model_name_or_path", error) from None
         if model_type not in (ViTMAEConfig.model_type, ViTMAEDBPConfig.model_type):
@@ -200,9 +259,12 @@ def build_model(model_args: ModelArguments, dbp_args: DBPArguments):
                 "pre-trains ViTMAE ('vit_mae', e.g. facebook/vit-mae-base) or DBP-MAE ('vit_mae_dbp') checkpoints."
             )
         model = from_pretrained_checked(
-            ViTMAEDBPForPreTraining, model_args.model_name_or_path, **load, **common,
+            ViTMAEDBPForPreTraining,
+            model_args.model_name_or_path,
+            **load,
+            **common,
             **({} if dbp_args.bp_baseline else dbp_args.config_values()),
-        )  # fmt: skip
+        )
         # A DBP checkpoint continued as BP is its plain equivalent: R folded into the weights.
         return model.merge_decorrelation() if dbp_args.bp_baseline else model
 
@@ -229,11 +291,14 @@ def main() -> None:
     setup_logging(training_args, __name__)
     logger.warning(
         "Process rank: %s, device: %s, n_gpu: %s, distributed: %s, bf16: %s, fp16: %s",
-        training_args.process_index, training_args.device, training_args.n_gpu,
-        training_args.parallel_mode.value == "distributed", training_args.bf16, training_args.fp16,
-    )  # fmt: skip
+        training_args.process_index,
+        training_args.device,
+        training_args.n_gpu,
+        training_args.parallel_mode.value == "distributed",
+        training_args.bf16,
+        training_args.fp16,
+    )
     method = "BP (plain backpropagation)" if dbp_args.bp_baseline else "DBP (decorrelated backpropagation)"
-
 
     set_seed(training_args.seed)
     # The model first: its settings (the DBP flags, the checkpoint's type) are checked before any data is read.
@@ -251,9 +316,13 @@ def main() -> None:
 
     size = model.config.image_size  # the model's: its position embeddings fix it
     mean, std, source = image_normalisation(
-        model_args.image_processor_name, model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code,
-        cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
-    )  # fmt: skip
+        model_args.image_processor_name,
+        model_args.model_name_or_path,
+        trust_remote_code=model_args.trust_remote_code,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
+    )
     logger.info("Images: %d px, normalised with the mean and std of %s", size, source)
     image_processor = ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=mean, image_std=std)
     transforms = {
@@ -288,13 +357,25 @@ def main() -> None:
     if training_args.base_learning_rate is not None:
         training_args.learning_rate = training_args.base_learning_rate * total_batch / 256
 
-    steps = math.ceil(len(ds["train"]) / total_batch) * training_args.num_train_epochs if training_args.max_steps <= 0 else training_args.max_steps
+    steps = (
+        math.ceil(len(ds["train"]) / total_batch) * training_args.num_train_epochs
+        if training_args.max_steps <= 0
+        else training_args.max_steps
+    )
     logger.info(
         "%s pre-training of a ViT-MAE (%d layers, width %d, %dpx, patch %d) on %d images (%d for validation): "
         "about %d optimizer steps of %d images at lr %.2e",
-        method, model.config.num_hidden_layers, model.config.hidden_size, size, model.config.patch_size,
-        len(ds["train"]), len(ds.get("validation", [])), steps, total_batch, training_args.learning_rate,
-    )  # fmt: skip
+        method,
+        model.config.num_hidden_layers,
+        model.config.hidden_size,
+        size,
+        model.config.patch_size,
+        len(ds["train"]),
+        len(ds.get("validation", [])),
+        steps,
+        total_batch,
+        training_args.learning_rate,
+    )
 
     trainer = DBPTrainer(
         model=model,
@@ -305,8 +386,10 @@ def main() -> None:
         data_collator=collate_fn,
         callbacks=[augmentation_epoch_callback(transforms["train"]), TrainingBegan()],
         decorrelation_config=ViTMAEDBPConfig(**dbp_args.config_values()) if dbp_args.bp_baseline else None,
-        model_card_kwargs={"datasets": [data_args.dataset_name or data_args.train_dir or "scikit-image photographs (hf-dbp demo)"],
-                           "base_model": model_args.model_name_or_path},  # fmt: skip
+        model_card_kwargs={
+            "datasets": [data_args.dataset_name or data_args.train_dir or "scikit-image photographs (hf-dbp demo)"],
+            "base_model": model_args.model_name_or_path,
+        },
     )
     # A path is checked; otherwise the newest whole checkpoint in output_dir, if any (hf_dbp.training.checkpoints).
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or True)
@@ -324,24 +407,36 @@ def main() -> None:
 
     if trainer.is_world_process_zero():
         plot_path = os.path.join(training_args.output_dir, "training_curves.png")
-        too_few = (f"logged every {training_args.logging_steps:g} steps; the run took {trainer.state.global_step}"
-                   if trainer.state.global_step < training_args.logging_steps else None)  # fmt: skip
-        plot_training_curves(trainer.state.log_history, plot_path, title=f"{method}: MAE pre-training", empty_note=too_few)
+        too_few = (
+            f"logged every {training_args.logging_steps:g} steps; the run took {trainer.state.global_step}"
+            if trainer.state.global_step < training_args.logging_steps
+            else None
+        )
+        plot_training_curves(
+            trainer.state.log_history, plot_path, title=f"{method}: MAE pre-training", empty_note=too_few
+        )
         last = [r for r in trainer.state.log_history if "decorrelation_loss" in r]
         logger.info(
             "Done: %s, %s. Eval loss %s, decorrelation loss %s. Outputs in %s (load with %s): %s.",
-            method, trainer.training_summary(),
+            method,
+            trainer.training_summary(),
             f"{metrics['eval_loss']:.4f}" if "validation" in ds else "n/a (no validation split)",
-            f"{last[-1]['decorrelation_loss']:.4f}{trainer.carried_note(last[-1]['step'])}" if last
-            else f"n/a ({too_few})" if too_few else "n/a",
+            f"{last[-1]['decorrelation_loss']:.4f}{trainer.carried_note(last[-1]['step'])}"
+            if last
+            else f"n/a ({too_few})"
+            if too_few
+            else "n/a",
             os.path.abspath(training_args.output_dir),
-            "transformers.ViTMAEForPreTraining.from_pretrained" if dbp_args.bp_baseline
+            "transformers.ViTMAEForPreTraining.from_pretrained"
+            if dbp_args.bp_baseline
             else "`import hf_dbp` then hf_dbp.ViTMAEDBPForPreTraining.from_pretrained",
             saved_files(training_args.output_dir),
-        )  # fmt: skip
+        )
 
     if training_args.push_to_hub:
-        trainer.push_to_hub(tags=["mae", "vision-transformer", "image-pretraining"] + ([] if dbp_args.bp_baseline else ["dbp"]))
+        trainer.push_to_hub(
+            tags=["mae", "vision-transformer", "image-pretraining"] + ([] if dbp_args.bp_baseline else ["dbp"])
+        )
 
 
 if __name__ == "__main__":

@@ -87,16 +87,52 @@ DEMO_ARGS = {
 class ModelArguments:
     """The encoder to fine-tune and the UperNet around it."""
 
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Pre-training checkpoint (vit_mae_dbp or vit_mae), or an UperNet checkpoint of this script to continue. Default: the pre-training demo's output if present, else a fresh small encoder."})
-    config_name: str | None = field(default=None, metadata={"help": "Pretrained config name or path if not the same as model_name_or_path (the weights still come from it)."})
-    image_processor_name: str | None = field(default=None, metadata={"help": "An image processor (name or path) whose image_mean and image_std to normalise with. Default: the checkpoint's own, else ImageNet's."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where to store the models and datasets downloaded from the Hub."})
-    model_revision: str = field(default="main", metadata={"help": "The model version to use (branch name, tag or commit id)."})
-    token: str | None = field(default=None, metadata={"help": "The token for remote files (default: the one `hf auth login` stored)."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow a checkpoint's own configuration code from the Hub (only for repositories you trust)."})
-    drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth of the encoder during fine-tuning (the MAE/BEiT ADE20K recipe: 0.1). Default: 0, or a continued UperNet checkpoint's own."})
-    keep_decorrelation: bool = field(default=False, metadata={"help": "Keep R and go on decorrelating during fine-tuning (default: fold R into W, a plain ViT)."})
-    out_indices: list[int] | None = field(default=None, metadata={"help": "Encoder blocks feeding UperNet (1-based; default 4 6 8 12 for 12 blocks)."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Pre-training checkpoint (vit_mae_dbp or vit_mae), or an UperNet checkpoint of this script to continue. Default: the pre-training demo's output if present, else a fresh small encoder."
+        },
+    )
+    config_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Pretrained config name or path if not the same as model_name_or_path (the weights still come from it)."
+        },
+    )
+    image_processor_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "An image processor (name or path) whose image_mean and image_std to normalise with. Default: the checkpoint's own, else ImageNet's."
+        },
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where to store the models and datasets downloaded from the Hub."}
+    )
+    model_revision: str = field(
+        default="main", metadata={"help": "The model version to use (branch name, tag or commit id)."}
+    )
+    token: str | None = field(
+        default=None, metadata={"help": "The token for remote files (default: the one `hf auth login` stored)."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow a checkpoint's own configuration code from the Hub (only for repositories you trust)."
+        },
+    )
+    drop_path_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stochastic depth of the encoder during fine-tuning (the MAE/BEiT ADE20K recipe: 0.1). Default: 0, or a continued UperNet checkpoint's own."
+        },
+    )
+    keep_decorrelation: bool = field(
+        default=False,
+        metadata={"help": "Keep R and go on decorrelating during fine-tuning (default: fold R into W, a plain ViT)."},
+    )
+    out_indices: list[int] | None = field(
+        default=None, metadata={"help": "Encoder blocks feeding UperNet (1-based; default 4 6 8 12 for 12 blocks)."}
+    )
     upernet_hidden_size: int = field(default=512, metadata={"help": "Channels of UperNet's decode head."})
     auxiliary_channels: int = field(default=256, metadata={"help": "Channels of the auxiliary FCN head."})
 
@@ -105,33 +141,76 @@ class ModelArguments:
 class DataTrainingArguments:
     """Which data to fine-tune and evaluate on."""
 
-    dataset_name: str = field(default="scene_parse_150", metadata={"help": "A Hub dataset with image and annotation columns, or a local folder of parquet files."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration (scene_parse_150: scene_parsing)."})
-    dataset_revision: str | None = field(default=None, metadata={"help": "Its revision; scene_parse_150 is read from its parquet conversion, refs/convert/parquet."})
-    data_dir: str | None = field(default=None, metadata={"help": "An extracted ADEChallengeData2016 folder (images/ and annotations/); overrides --dataset_name."})
+    dataset_name: str = field(
+        default="scene_parse_150",
+        metadata={"help": "A Hub dataset with image and annotation columns, or a local folder of parquet files."},
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Its configuration (scene_parse_150: scene_parsing)."}
+    )
+    dataset_revision: str | None = field(
+        default=None,
+        metadata={"help": "Its revision; scene_parse_150 is read from its parquet conversion, refs/convert/parquet."},
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "An extracted ADEChallengeData2016 folder (images/ and annotations/); overrides --dataset_name."
+        },
+    )
     image_column_name: str = field(default="image", metadata={"help": "Column of the images."})
     label_column_name: str = field(default="annotation", metadata={"help": "Column of the annotation maps."})
-    train_fraction: float = field(default=1.0, metadata={"help": "Seeded random fraction of the training split (the paper fine-tuned on a tenth)."})
+    train_fraction: float = field(
+        default=1.0,
+        metadata={"help": "Seeded random fraction of the training split (the paper fine-tuned on a tenth)."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training pairs."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep at most this many validation pairs."})
-    do_reduce_labels: bool = field(default=True, metadata={"help": "ADE20K: label 0 ('other') becomes 255 (ignored), k becomes k-1."})
-    train_val_split: float = field(default=0.15, metadata={"help": "Fraction of train held out for validation when the dataset has no validation split."})
-    crop_size: int | None = field(default=None, metadata={"help": "Training crop; evaluation rescales the short side to it. Default: 32 patches of the encoder (512 px for patch 16, the MAE/BEiT ADE20K recipe's 1,024 tokens per crop)."})
-    eval_window_size: int | None = field(default=None, metadata={"help": "Evaluate with sliding windows of this size (the recipe: 512, the crop) rather than on the whole rescaled image. Predictions are scored at the annotation's resolution either way."})
-    eval_window_stride: int | None = field(default=None, metadata={"help": "Step between the sliding windows (default: two thirds of the window, 341 for 512)."})
+    do_reduce_labels: bool = field(
+        default=True, metadata={"help": "ADE20K: label 0 ('other') becomes 255 (ignored), k becomes k-1."}
+    )
+    train_val_split: float = field(
+        default=0.15,
+        metadata={"help": "Fraction of train held out for validation when the dataset has no validation split."},
+    )
+    crop_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Training crop; evaluation rescales the short side to it. Default: 32 patches of the encoder (512 px for patch 16, the MAE/BEiT ADE20K recipe's 1,024 tokens per crop)."
+        },
+    )
+    eval_window_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluate with sliding windows of this size (the recipe: 512, the crop) rather than on the whole rescaled image. Predictions are scored at the annotation's resolution either way."
+        },
+    )
+    eval_window_stride: int | None = field(
+        default=None,
+        metadata={"help": "Step between the sliding windows (default: two thirds of the window, 341 for 512)."},
+    )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for checking the pairs."})
     num_visualized: int = field(default=4, metadata={"help": "Validation images shown in predictions.png."})
 
 
 @dataclass
 class SegmentationTrainingArguments(DBPTrainingArguments):
-    layer_decay: float = field(default=0.65, metadata={"help": "Layer-wise lr decay: block i of L gets lr * decay^(L+1-i)."})
+    layer_decay: float = field(
+        default=0.65, metadata={"help": "Layer-wise lr decay: block i of L gets lr * decay^(L+1-i)."}
+    )
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of the heads."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
     lr_scheduler_type: str = field(default="polynomial", metadata={"help": "Schedule after warm-up."})
-    warmup_steps: float = field(default=0.1, metadata={"help": "Warm-up steps, or a fraction of the run below 1 (the default: a tenth of the optimizer steps, whatever their number). The MAE/BEiT recipe's 1,500 steps of its 160k (examples/configs/upernet_mae_vit_b16_ade20k_160k.yaml sets them) would be the whole of a short run."})
+    warmup_steps: float = field(
+        default=0.1,
+        metadata={
+            "help": "Warm-up steps, or a fraction of the run below 1 (the default: a tenth of the optimizer steps, whatever their number). The MAE/BEiT recipe's 1,500 steps of its 160k (examples/configs/upernet_mae_vit_b16_ade20k_160k.yaml sets them) would be the whole of a short run."
+        },
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the raw columns for the transform."})
-    batch_eval_metrics: bool = field(default=True, metadata={"help": "Reduce each evaluation batch to confusion counts (bounded memory)."})
+    batch_eval_metrics: bool = field(
+        default=True, metadata={"help": "Reduce each evaluation batch to confusion counts (bounded memory)."}
+    )
 
 
 class SegmentationTrainer(DBPTrainer):
@@ -153,9 +232,13 @@ class SegmentationTrainer(DBPTrainer):
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
             predictions, loss = predict_batch(
-                model, self.processing_class, inputs["pixel_values"], inputs["target_sizes"], inputs["labels"],
+                model,
+                self.processing_class,
+                inputs["pixel_values"],
+                inputs["target_sizes"],
+                inputs["labels"],
                 max_inputs=self.args.per_device_eval_batch_size,
-            )  # fmt: skip
+            )
         # A batch without one labelled pixel still gives every process a loss to gather (0: such batches are rare).
         loss = loss.detach() if loss is not None else torch.zeros((), device=predictions.device)
         if prediction_loss_only:
@@ -183,11 +266,18 @@ def parse_args():
     return parse_script_arguments((ModelArguments, DataTrainingArguments, SegmentationTrainingArguments), DEMO_ARGS)
 
 
-def load_pairs(data_args: DataTrainingArguments, seed: int, model_args: ModelArguments | None = None) -> datasets.DatasetDict:
+def load_pairs(
+    data_args: DataTrainingArguments, seed: int, model_args: ModelArguments | None = None
+) -> datasets.DatasetDict:
     hub = {"cache_dir": model_args.cache_dir, "token": model_args.token} if model_args is not None else {}
     if data_args.data_dir is not None:
-        if data_args.data_dir == DEMO_ARGS["data_dir"] and not os.path.isdir(os.path.join(data_args.data_dir, "images")):
-            logger.info("Generating the demo ADE20K-layout set in %s (textures of scikit-image's photographs)", data_args.data_dir)
+        if data_args.data_dir == DEMO_ARGS["data_dir"] and not os.path.isdir(
+            os.path.join(data_args.data_dir, "images")
+        ):
+            logger.info(
+                "Generating the demo ADE20K-layout set in %s (textures of scikit-image's photographs)",
+                data_args.data_dir,
+            )
         if data_args.data_dir == DEMO_ARGS["data_dir"]:
             make_demo_ade20k(data_args.data_dir)
         ds = load_ade20k_folder(data_args.data_dir)
@@ -206,11 +296,17 @@ def load_pairs(data_args: DataTrainingArguments, seed: int, model_args: ModelArg
         raise ValueError(f"the dataset needs a 'train' split; it has {list(ds)}")
     if "validation" not in ds:
         if not 0.0 < data_args.train_val_split < 1.0:
-            raise ValueError(f"the dataset has no 'validation' split (it has {list(ds)}) and --train_val_split is "
-                             f"{data_args.train_val_split}; give a fraction in (0, 1) to hold out of train")  # fmt: skip
+            raise ValueError(
+                f"the dataset has no 'validation' split (it has {list(ds)}) and --train_val_split is "
+                f"{data_args.train_val_split}; give a fraction in (0, 1) to hold out of train"
+            )
         split = ds["train"].train_test_split(data_args.train_val_split, seed=seed)
-        logger.info("No validation split: holding out %d of the %d training pairs (--train_val_split %s)",
-                    len(split["test"]), len(ds["train"]), data_args.train_val_split)  # fmt: skip
+        logger.info(
+            "No validation split: holding out %d of the %d training pairs (--train_val_split %s)",
+            len(split["test"]),
+            len(ds["train"]),
+            data_args.train_val_split,
+        )
         ds = datasets.DatasetDict(train=split["train"], validation=split["test"])
     for split in ds:
         columns = ds[split].column_names
@@ -253,10 +349,17 @@ def check_fits_in_memory(encoder, crop_size: int, training_args) -> None:
             f"--crop_size {crop_size} with patch {encoder.patch_size} makes {tokens:,} tokens per image; at "
             f"--per_device_train_batch_size {batch} the encoder's activations alone need about {needed / 2**30:.1f} GiB "
             f"for the backward, and there are {available / 2**30:.1f} GiB {where}. Choose a smaller --crop_size (the "
-            f"default is {CROP_PATCHES} patches, {CROP_PATCHES * encoder.patch_size} px here) or batch.")  # fmt: skip
+            f"default is {CROP_PATCHES} patches, {CROP_PATCHES * encoder.patch_size} px here) or batch."
+        )
     if needed > 0.5 * available:
-        logger.warning("--crop_size %d at batch %d: the encoder's activations alone take about %.1f of the %.1f GiB %s",
-                       crop_size, batch, needed / 2**30, available / 2**30, where)  # fmt: skip
+        logger.warning(
+            "--crop_size %d at batch %d: the encoder's activations alone take about %.1f of the %.1f GiB %s",
+            crop_size,
+            batch,
+            needed / 2**30,
+            available / 2**30,
+            where,
+        )
 
 
 def pretrained_checkpoint(model_args: ModelArguments) -> str | None:
@@ -276,28 +379,54 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]):
             if path is not None:
                 check_pretrained(path)  # a damaged local checkpoint: its file and what is wrong
         try:
-            config = AutoConfig.from_pretrained(model_args.config_name or checkpoint, trust_remote_code=model_args.trust_remote_code,
-                                                **load_kwargs(model_args))  # fmt: skip
+            config = AutoConfig.from_pretrained(
+                model_args.config_name or checkpoint,
+                trust_remote_code=model_args.trust_remote_code,
+                **load_kwargs(model_args),
+            )
         except OSError as error:  # named here: transformers' message names neither the flag nor the checkpoint
             flag = "--config_name" if model_args.config_name else "--model_name_or_path"
             raise checkpoint_not_found(model_args.config_name or checkpoint, flag, error) from None
         return upernet_from_pretraining_checkpoint(
-            checkpoint, id2label, model_args.keep_decorrelation, model_args.out_indices,
-            drop_path_rate=model_args.drop_path_rate, config_name=model_args.config_name,
-            load_kwargs=load_kwargs(model_args), trust_remote_code=model_args.trust_remote_code, config=config, **upernet,
-        )  # fmt: skip
+            checkpoint,
+            id2label,
+            model_args.keep_decorrelation,
+            model_args.out_indices,
+            drop_path_rate=model_args.drop_path_rate,
+            config_name=model_args.config_name,
+            load_kwargs=load_kwargs(model_args),
+            trust_remote_code=model_args.trust_remote_code,
+            config=config,
+            **upernet,
+        )
     logger.warning(
         "No --model_name_or_path and no pre-training demo output in %s (run `accelerate launch "
         "examples/run_mae_dbp.py` first to fine-tune a pre-trained encoder): starting from a fresh small encoder.",
         PRETRAINING_DEMO_OUTPUT,
     )
-    fresh = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(
-        image_size=32, patch_size=4, hidden_size=96, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384,
-        decoder_hidden_size=64, decoder_num_hidden_layers=1, decoder_num_attention_heads=4, decoder_intermediate_size=128,
-    ))  # fmt: skip
-    return upernet_around_encoder(fresh, id2label, model_args.keep_decorrelation, model_args.out_indices,
-                                  source="a fresh (untrained) encoder", drop_path_rate=model_args.drop_path_rate or 0.0,
-                                  **upernet)  # fmt: skip
+    fresh = ViTMAEDBPForPreTraining(
+        ViTMAEDBPConfig(
+            image_size=32,
+            patch_size=4,
+            hidden_size=96,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=384,
+            decoder_hidden_size=64,
+            decoder_num_hidden_layers=1,
+            decoder_num_attention_heads=4,
+            decoder_intermediate_size=128,
+        )
+    )
+    return upernet_around_encoder(
+        fresh,
+        id2label,
+        model_args.keep_decorrelation,
+        model_args.out_indices,
+        source="a fresh (untrained) encoder",
+        drop_path_rate=model_args.drop_path_rate or 0.0,
+        **upernet,
+    )
 
 
 def load_kwargs(model_args: ModelArguments) -> dict:
@@ -305,37 +434,57 @@ def load_kwargs(model_args: ModelArguments) -> dict:
     return {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
 
 
-def build_image_processor(model_args: ModelArguments, data_args: DataTrainingArguments, checkpoint: str | None,
-                          patch: int) -> DBPSegmentationImageProcessor:  # fmt: skip
+def build_image_processor(
+    model_args: ModelArguments, data_args: DataTrainingArguments, checkpoint: str | None, patch: int
+) -> DBPSegmentationImageProcessor:
     """The evaluation transform, saved with every checkpoint: rescaling to the crop size, the patch as the padding
     divisor, the sliding windows if asked for, and the normalisation of `--image_processor_name`, else of the
     checkpoint's own image processor (a pre-training checkpoint of run_mae_dbp.py carries one), else ImageNet's."""
-    mean, std, source = image_normalisation(model_args.image_processor_name, checkpoint, trust_remote_code=model_args.trust_remote_code,
-                                            **load_kwargs(model_args))  # fmt: skip
+    mean, std, source = image_normalisation(
+        model_args.image_processor_name,
+        checkpoint,
+        trust_remote_code=model_args.trust_remote_code,
+        **load_kwargs(model_args),
+    )
     crop, window, stride = data_args.crop_size, data_args.eval_window_size, data_args.eval_window_stride
     if window is not None and (window < patch or window % patch):
-        raise ValueError(f"--eval_window_size {window} must be a positive multiple of the encoder's patch ({patch} px), "
-                         f"e.g. the crop size {crop}")  # fmt: skip
+        raise ValueError(
+            f"--eval_window_size {window} must be a positive multiple of the encoder's patch ({patch} px), "
+            f"e.g. the crop size {crop}"
+        )
     if stride is not None and (window is None or not 0 < stride <= window):
-        raise ValueError(f"--eval_window_stride {stride} needs --eval_window_size and must be in 1..{window or 'it'} "
-                         "(the recipe: 341 for windows of 512)")  # fmt: skip
+        raise ValueError(
+            f"--eval_window_stride {stride} needs --eval_window_size and must be in 1..{window or 'it'} "
+            "(the recipe: 341 for windows of 512)"
+        )
     processor = DBPSegmentationImageProcessor(
-        size={"shortest_edge": crop, "longest_edge": 4 * crop}, size_divisor=patch, image_mean=mean, image_std=std,
-        window_size=data_args.eval_window_size, window_stride=data_args.eval_window_stride,
+        size={"shortest_edge": crop, "longest_edge": 4 * crop},
+        size_divisor=patch,
+        image_mean=mean,
+        image_std=std,
+        window_size=data_args.eval_window_size,
+        window_stride=data_args.eval_window_stride,
         do_reduce_labels=data_args.do_reduce_labels,
-    )  # fmt: skip
-    logger.info("Evaluation: short side %d px, %s, normalisation of %s; scored at the annotations' resolution", crop,
-                f"sliding windows of {processor.window_size} px, stride {processor.window_stride}"
-                if processor.window_size else "whole images", source)  # fmt: skip
+    )
+    logger.info(
+        "Evaluation: short side %d px, %s, normalisation of %s; scored at the annotations' resolution",
+        crop,
+        f"sliding windows of {processor.window_size} px, stride {processor.window_stride}"
+        if processor.window_size
+        else "whole images",
+        source,
+    )
     return processor
 
 
 def main() -> None:
     model_args, data_args, training_args = parse_args()
     if not training_args.batch_eval_metrics:
-        raise ValueError("--batch_eval_metrics false would gather every prediction of the evaluation: they are at each "
-                         "annotation's own size, so they neither stack nor fit in memory on ADE20K. Leave it on (each "
-                         "batch becomes a confusion matrix).")  # fmt: skip
+        raise ValueError(
+            "--batch_eval_metrics false would gather every prediction of the evaluation: they are at each "
+            "annotation's own size, so they neither stack nor fit in memory on ADE20K. Leave it on (each "
+            "batch becomes a confusion matrix)."
+        )
     if training_args.push_to_hub:  # before anything slow: fail now rather than after training
         ensure_hub_reachable(training_args.hub_token)
     setup_logging(training_args, __name__)
@@ -349,28 +498,47 @@ def main() -> None:
     patch = encoder.patch_size
     if data_args.crop_size is None:
         data_args.crop_size = CROP_PATCHES * patch
-        logger.info("--crop_size %d: %d patches of the encoder's %d px (set --crop_size to choose)", data_args.crop_size,
-                    CROP_PATCHES, patch)  # fmt: skip
+        logger.info(
+            "--crop_size %d: %d patches of the encoder's %d px (set --crop_size to choose)",
+            data_args.crop_size,
+            CROP_PATCHES,
+            patch,
+        )
     check_fits_in_memory(encoder, data_args.crop_size, training_args)
     image_processor = build_image_processor(model_args, data_args, pretrained_checkpoint(model_args), patch)
     with training_args.main_process_first(desc="preparing the data"):
         ds = load_pairs(data_args, training_args.seed, model_args)
         for split in ds:
             ds[split], _ = check_segmentation_pairs(
-                ds[split], data_args.image_column_name, data_args.label_column_name, num_labels=len(id2label),
-                reduce_labels=data_args.do_reduce_labels, num_proc=data_args.preprocessing_num_workers,
-            )  # fmt: skip
+                ds[split],
+                data_args.image_column_name,
+                data_args.label_column_name,
+                num_labels=len(id2label),
+                reduce_labels=data_args.do_reduce_labels,
+                num_proc=data_args.preprocessing_num_workers,
+            )
             if len(ds[split]) == 0:
                 raise ValueError(f"no usable image/annotation pair left in the {split!r} split")
 
     normalisation = {"mean": image_processor.image_mean, "std": image_processor.image_std}
     transforms = {
-        "train": SegmentationTransform(data_args.crop_size, train=True, reduce_labels=data_args.do_reduce_labels,
-                                       size_divisor=patch, seed=training_args.seed, **normalisation),
+        "train": SegmentationTransform(
+            data_args.crop_size,
+            train=True,
+            reduce_labels=data_args.do_reduce_labels,
+            size_divisor=patch,
+            seed=training_args.seed,
+            **normalisation,
+        ),
         # Evaluation is the image processor saved with the checkpoints (what pipeline() runs), labels at full size.
-        "validation": SegmentationTransform(data_args.crop_size, train=False, reduce_labels=data_args.do_reduce_labels,
-                                            image_processor=image_processor, **normalisation),
-    }  # fmt: skip
+        "validation": SegmentationTransform(
+            data_args.crop_size,
+            train=False,
+            reduce_labels=data_args.do_reduce_labels,
+            image_processor=image_processor,
+            **normalisation,
+        ),
+    }
 
     def preprocess(split):
         def apply(batch):
@@ -383,12 +551,20 @@ def main() -> None:
         # Each pair's augmentation is seeded by (seed, epoch, its index): reproducible, also when resuming.
         ds[split] = with_sample_index(ds[split]).with_transform(preprocess(split))
 
-    groups = layer_decay_parameter_groups(model, training_args.learning_rate, training_args.weight_decay, training_args.layer_decay)
-    optimizer = torch.optim.AdamW(groups, betas=(training_args.adam_beta1, training_args.adam_beta2), eps=training_args.adam_epsilon)
+    groups = layer_decay_parameter_groups(
+        model, training_args.learning_rate, training_args.weight_decay, training_args.layer_decay
+    )
+    optimizer = torch.optim.AdamW(
+        groups, betas=(training_args.adam_beta1, training_args.adam_beta2), eps=training_args.adam_epsilon
+    )
     logger.info(
         "Fine-tuning UperNet on %d training pairs (%d for validation), %d px crops, lr %.2e with layer decay %.2f",
-        len(ds["train"]), len(ds["validation"]), data_args.crop_size, training_args.learning_rate, training_args.layer_decay,
-    )  # fmt: skip
+        len(ds["train"]),
+        len(ds["validation"]),
+        data_args.crop_size,
+        training_args.learning_rate,
+        training_args.layer_decay,
+    )
     trainer = SegmentationTrainer(
         model=model,
         args=training_args,
@@ -403,8 +579,12 @@ def main() -> None:
             "datasets": [data_args.data_dir and f"ADE20K layout: {data_args.data_dir}" or data_args.dataset_name],
             # The encoder it was fine-tuned from, also when the demo's default was used (a Hub id goes into the
             # card's metadata, a local folder into its text).
-            "base_model": model_args.model_name_or_path or (os.path.abspath(PRETRAINING_DEMO_OUTPUT) if os.path.isfile(
-                os.path.join(PRETRAINING_DEMO_OUTPUT, "config.json")) else None),
+            "base_model": model_args.model_name_or_path
+            or (
+                os.path.abspath(PRETRAINING_DEMO_OUTPUT)
+                if os.path.isfile(os.path.join(PRETRAINING_DEMO_OUTPUT, "config.json"))
+                else None
+            ),
         },
     )
     # A path is checked; otherwise the newest whole checkpoint in output_dir, if any (hf_dbp.training.checkpoints).
@@ -423,22 +603,30 @@ def main() -> None:
         shown = range(min(data_args.num_visualized, len(ds["validation"])))
         batch = segmentation_collate([ds["validation"][i] for i in shown])
         model.eval()
-        predictions, _ = predict_batch(model, image_processor, batch["pixel_values"].to(model.device), batch["target_sizes"])
+        predictions, _ = predict_batch(
+            model, image_processor, batch["pixel_values"].to(model.device), batch["target_sizes"]
+        )
         sizes = batch["target_sizes"].tolist()
         plot_segmentation_examples(
             [to_rgb(raw["validation"][i][data_args.image_column_name]) for i in shown],
             [label[:h, :w] for label, (h, w) in zip(batch["labels"], sizes, strict=True)],
             [p[:h, :w].cpu() for p, (h, w) in zip(predictions, sizes, strict=True)],
-            os.path.join(training_args.output_dir, "predictions.png"), num_labels=len(id2label), id2label=id2label,
-        )  # fmt: skip
+            os.path.join(training_args.output_dir, "predictions.png"),
+            num_labels=len(id2label),
+            id2label=id2label,
+        )
         logger.info(
             "Done: %s. mean IoU %.4f, mean accuracy %.4f, overall accuracy %.4f on %d validation images. Outputs in "
             "%s: the UperNet checkpoint (load with `import hf_dbp` then AutoModelForSemanticSegmentation"
             ".from_pretrained): %s.",
-            trainer.training_summary(), metrics["eval_mean_iou"],
-            metrics["eval_mean_accuracy"], metrics["eval_overall_accuracy"], len(ds["validation"]),
-            os.path.abspath(training_args.output_dir), saved_files(training_args.output_dir),
-        )  # fmt: skip
+            trainer.training_summary(),
+            metrics["eval_mean_iou"],
+            metrics["eval_mean_accuracy"],
+            metrics["eval_overall_accuracy"],
+            len(ds["validation"]),
+            os.path.abspath(training_args.output_dir),
+            saved_files(training_args.output_dir),
+        )
 
     if training_args.push_to_hub:
         trainer.push_to_hub(tags=["dbp", "mae", "vision-transformer", "semantic-segmentation", "upernet"])

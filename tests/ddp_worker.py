@@ -22,9 +22,19 @@ output_dir = sys.argv[1]
 rank = int(os.environ["RANK"])
 torch.manual_seed(0)
 config = ViTMAEDBPConfig(
-    image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-    decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32,
-    decorrelation_lr=0.05, decorrelation_kappa=0.3, decorrelation_sample_fraction=1.0,
+    image_size=16,
+    patch_size=4,
+    hidden_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=48,
+    decoder_hidden_size=16,
+    decoder_num_hidden_layers=1,
+    decoder_num_attention_heads=2,
+    decoder_intermediate_size=32,
+    decorrelation_lr=0.05,
+    decorrelation_kappa=0.3,
+    decorrelation_sample_fraction=1.0,
 )
 model = ViTMAEDBPForPreTraining(config)
 layer = model.vit.layers[0].attention.q_proj
@@ -40,15 +50,35 @@ layer.register_forward_pre_hook(record)
 # The exchange of each step's statistics starts after its last micro-batch's forward (DBPTrainer's overlap).
 begun = []
 _begin = hf_dbp.core.optimizer_hook.begin_decorrelation_step
-hf_dbp.core.optimizer_hook.begin_decorrelation_step = lambda modules, *args, **kwargs: begun.append(trainer.state.global_step) or _begin(modules, *args, **kwargs)
-data = Dataset.from_dict({"pixel_values": torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1)).numpy()})
+hf_dbp.core.optimizer_hook.begin_decorrelation_step = lambda modules, *args, **kwargs: (
+    begun.append(trainer.state.global_step) or _begin(modules, *args, **kwargs)
+)
+data = Dataset.from_dict(
+    {"pixel_values": torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1)).numpy()}
+)
 args = DBPTrainingArguments(
-    output_dir=output_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, track_emissions=False,
-    logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
-    ddp_backend="gloo", dataloader_num_workers=0,
+    output_dir=output_dir,
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=2,
+    max_steps=3,
+    track_emissions=False,
+    logging_steps=1,
+    report_to="none",
+    save_strategy="no",
+    disable_tqdm=True,
+    use_cpu=True,
+    seed=0,
+    ddp_backend="gloo",
+    dataloader_num_workers=0,
 )
 trainer = DBPTrainer(model=model, args=args, train_dataset=data.with_format("torch"))
 trainer.train()
-torch.save({"rows": rows, "begun": begun, "R": model.vit.layers[0].attention.qkv_decorrelation.R.clone(),
-            "losses": [r["decorrelation_loss"] for r in trainer.state.log_history if "decorrelation_loss" in r]},
-           os.path.join(output_dir, f"rank{rank}.pt"))  # fmt: skip
+torch.save(
+    {
+        "rows": rows,
+        "begun": begun,
+        "R": model.vit.layers[0].attention.qkv_decorrelation.R.clone(),
+        "losses": [r["decorrelation_loss"] for r in trainer.state.log_history if "decorrelation_loss" in r],
+    },
+    os.path.join(output_dir, f"rank{rank}.pt"),
+)

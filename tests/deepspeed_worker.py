@@ -28,11 +28,21 @@ torch.set_num_threads(1)
 torch.manual_seed(0)
 model = ViTMAEDBPForPreTraining(
     ViTMAEDBPConfig(
-        image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-        decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32,
-        decorrelation_lr=0.05, decorrelation_kappa=0.3, decorrelation_sample_fraction=1.0,
+        image_size=16,
+        patch_size=4,
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        decoder_hidden_size=16,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+        decorrelation_lr=0.05,
+        decorrelation_kappa=0.3,
+        decorrelation_sample_fraction=1.0,
     )
-)  # fmt: skip
+)
 with torch.no_grad():
     for d in model.decorrelation_modules():
         d.R.add_(0.01 * torch.randn(d.R.shape))  # not representable in 16 bits
@@ -59,10 +69,22 @@ for stage in (2, 3):
     if stage == 3:
         config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     args = DBPTrainingArguments(
-        output_dir=str(out / f"zero{stage}"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        max_steps=3, learning_rate=1e-3, bf16=True, use_cpu=True, deepspeed=config, track_emissions=False,
-        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0,
-    )  # fmt: skip
+        output_dir=str(out / f"zero{stage}"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        learning_rate=1e-3,
+        bf16=True,
+        use_cpu=True,
+        deepspeed=config,
+        track_emissions=False,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
     model = ViTMAEDBPForPreTraining.from_pretrained(out / "start")
     partitioned_on_load = sum(hasattr(d.R, "ds_id") for d in model.decorrelation_modules())
     trainer = DBPTrainer(model=model, args=args, train_dataset=data.with_format("torch"))

@@ -32,16 +32,36 @@ class StopAfterSave(TrainerCallback):
 def train(output_dir: str, resume=None, callbacks=()) -> DBPTrainer:
     torch.manual_seed(0)
     config = ViTMAEDBPConfig(
-        image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-        decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32,
-    )  # fmt: skip
+        image_size=16,
+        patch_size=4,
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        decoder_hidden_size=16,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+    )
     data = Dataset.from_dict({"pixel_values": torch.randn(16, 3, 16, 16).numpy()}).with_format("torch")
     args = DBPTrainingArguments(
-        emissions_country="FRA", output_dir=output_dir, per_device_train_batch_size=2, max_steps=4, logging_steps=1, save_strategy="steps",
-        save_steps=2, report_to="none", disable_tqdm=True, use_cpu=True, seed=0, ddp_backend="gloo",
+        emissions_country="FRA",
+        output_dir=output_dir,
+        per_device_train_batch_size=2,
+        max_steps=4,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        ddp_backend="gloo",
         dataloader_num_workers=0,
-    )  # fmt: skip
-    trainer = DBPTrainer(model=ViTMAEDBPForPreTraining(config), args=args, train_dataset=data, callbacks=list(callbacks))  # fmt: skip
+    )
+    trainer = DBPTrainer(
+        model=ViTMAEDBPForPreTraining(config), args=args, train_dataset=data, callbacks=list(callbacks)
+    )
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     return trainer

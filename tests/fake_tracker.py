@@ -36,15 +36,38 @@ class FakeTracker:
     def _prepare_emissions_data(self) -> EmissionsData:
         units, seconds = self.measurements * self.rate, 8.0 * self.measurements
         return EmissionsData(
-            timestamp="2026-01-01T00:00:00", project_name="hf-dbp", run_id=self.run_id, experiment_id="fake",
-            duration=seconds, emissions=units / 4096, emissions_rate=units / 4096 / seconds if seconds else 0.0,
-            cpu_power=10.0, gpu_power=0.0, ram_power=0.0, cpu_energy=units / 1024, gpu_energy=0.0, ram_energy=0.0,
-            energy_consumed=units / 1024, water_consumed=0.0,
-            country_name=COUNTRIES.get(self.country_iso_code, ""), country_iso_code=self.country_iso_code,
-            region="", cloud_provider="", cloud_region="", os="Linux", python_version="3", codecarbon_version="fake",
-            cpu_count=1, cpu_model=f"fake CPU at rate {self.rate:g}", gpu_count=0, gpu_model="", longitude=0.0,
-            latitude=0.0, ram_total_size=1.0, tracking_mode="machine",
-        )  # fmt: skip
+            timestamp="2026-01-01T00:00:00",
+            project_name="hf-dbp",
+            run_id=self.run_id,
+            experiment_id="fake",
+            duration=seconds,
+            emissions=units / 4096,
+            emissions_rate=units / 4096 / seconds if seconds else 0.0,
+            cpu_power=10.0,
+            gpu_power=0.0,
+            ram_power=0.0,
+            cpu_energy=units / 1024,
+            gpu_energy=0.0,
+            ram_energy=0.0,
+            energy_consumed=units / 1024,
+            water_consumed=0.0,
+            country_name=COUNTRIES.get(self.country_iso_code, ""),
+            country_iso_code=self.country_iso_code,
+            region="",
+            cloud_provider="",
+            cloud_region="",
+            os="Linux",
+            python_version="3",
+            codecarbon_version="fake",
+            cpu_count=1,
+            cpu_model=f"fake CPU at rate {self.rate:g}",
+            gpu_count=0,
+            gpu_model="",
+            longitude=0.0,
+            latitude=0.0,
+            ram_total_size=1.0,
+            tracking_mode="machine",
+        )
 
 
 def install(rate: float = 1.0) -> None:

@@ -34,18 +34,33 @@ rank, world = dist.get_rank(), dist.get_world_size()
 alone = [dist.new_group([r]) for r in range(world)][rank]  # the reference's statistics stay on its own process
 torch.set_num_threads(1)
 torch.manual_seed(0)
-model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(
-    image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-    decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32,
-    decorrelation_lr=0.05, decorrelation_sample_fraction=1.0,
-))  # fmt: skip
+model = ViTMAEDBPForPreTraining(
+    ViTMAEDBPConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        decoder_hidden_size=16,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+        decorrelation_lr=0.05,
+        decorrelation_sample_fraction=1.0,
+    )
+)
 reference = copy.deepcopy(model)
 initial = copy.deepcopy(model.state_dict())
 ignored = hf_dbp.fsdp_ignored_params(model)
 plugin = FullyShardedDataParallelPlugin()  # from the environment accelerate launch set from the config file
 assert plugin.fsdp_version == 2 and plugin.ignored_modules == hf_dbp.FSDP_IGNORED_MODULES, plugin
-accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no", is_main_process=rank == 0,
-                              device=torch.device("cpu"))  # fmt: skip
+accelerator = SimpleNamespace(
+    state=SimpleNamespace(fsdp_plugin=plugin),
+    mixed_precision="no",
+    is_main_process=rank == 0,
+    device=torch.device("cpu"),
+)
 model = fsdp2_prepare_model(accelerator, model)
 
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)  # holds R too: attach_decorrelation takes it out

@@ -21,11 +21,21 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.set_num_threads(1)
 torch.manual_seed(0)
-model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(
-    image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-    decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32,
-    decorrelation_lr=0.05,
-))  # fmt: skip
+model = ViTMAEDBPForPreTraining(
+    ViTMAEDBPConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        decoder_hidden_size=16,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+        decorrelation_lr=0.05,
+    )
+)
 model.requires_grad_(True)  # a user unfreezing everything: R must still get no gradient (it is read detached)
 ignored = [module for name, module in model.named_modules() if re.fullmatch(IGNORED, name)]
 sharded = FullyShardedDataParallel(model, device_id=torch.device("cpu"), ignored_modules=ignored, use_orig_params=True)
@@ -38,6 +48,13 @@ for _ in range(3):
     optimizer.step()
     optimizer.zero_grad()
     losses.append(model.decorrelation_step())
-torch.save({"R": [d.R.clone() for d in model.decorrelation_modules()], "losses": losses,
-            "ignored": len(ignored), "r_grads_none": r_grads}, os.path.join(sys.argv[1], f"fsdp_rank{rank}.pt"))  # fmt: skip
+torch.save(
+    {
+        "R": [d.R.clone() for d in model.decorrelation_modules()],
+        "losses": losses,
+        "ignored": len(ignored),
+        "r_grads_none": r_grads,
+    },
+    os.path.join(sys.argv[1], f"fsdp_rank{rank}.pt"),
+)
 dist.destroy_process_group()

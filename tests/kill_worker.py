@@ -177,8 +177,13 @@ def launch(job: dict, output_dir: Path, name: str, pause: dict | None = None) ->
         if pause is not None and rank == pause["rank"]:
             env["PAUSE_AT"] = f"{pause['phase']} {pause['step']}"
         if world > 1:
-            env.update(LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=port)  # fmt: skip
+            env.update(
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(world),
+                LOCAL_WORLD_SIZE=str(world),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            )
         log, phases = output_dir.parent / f"{name}.rank{rank}.log", output_dir.parent / f"{name}.rank{rank}.phases"
         pid = start(job["script"], argv, log, phases, env)
         processes.append({"pid": pid, "log": log, "phases": phases, "code": None})
@@ -241,8 +246,15 @@ def choose_kill_points(rng: random.Random, found: dict, count: int, world: int, 
         for k in range(m):
             lo, hi = len(candidates) * k // m, max(len(candidates) * (k + 1) // m, len(candidates) * k // m + 1)
             step, duration = candidates[rng.randrange(lo, min(hi, len(candidates)))]
-            points.append({"phase": phase, "step": step, "delay": rng.uniform(0.05, 0.95) * duration,
-                           "rank": rng.randrange(world), "survivor_delay": rng.uniform(0.0, 0.2)})  # fmt: skip
+            points.append(
+                {
+                    "phase": phase,
+                    "step": step,
+                    "delay": rng.uniform(0.05, 0.95) * duration,
+                    "rank": rng.randrange(world),
+                    "survivor_delay": rng.uniform(0.0, 0.2),
+                }
+            )
     order = {phase: i for i, phase in enumerate(KILLED_PHASES)}
     return sorted(points, key=lambda p: (order[p["phase"]], p["step"]))
 
@@ -251,8 +263,12 @@ def on_disk(output_dir: Path) -> dict:
     staging = sorted(p.name for p in output_dir.glob("tmp-checkpoint-*")) if output_dir.exists() else []
     checkpoints = [Path(path).name for _, path in _checkpoints(str(output_dir))]
     whole = [name for name in checkpoints if checkpoint_problem(str(output_dir / name)) is None]
-    return {"staging": staging, "checkpoints": checkpoints, "newest_whole": whole[0] if whole else None,
-            "final_model": (output_dir / "model.safetensors").exists()}  # fmt: skip
+    return {
+        "staging": staging,
+        "checkpoints": checkpoints,
+        "newest_whole": whole[0] if whole else None,
+        "final_model": (output_dir / "model.safetensors").exists(),
+    }
 
 
 RESUME_LINES = ("Resuming from", "Removed ", "Not resuming", "Nothing to train", "No whole checkpoint", "Done: ")
@@ -319,8 +335,11 @@ def run_job(job: dict, root: Path, seed: int, timeout: float) -> dict:
     folder = root / job["name"]
     reference = launch(job, folder / "reference" / "out", "reference")
     wait_all(reference, timeout)
-    report = {"reference": str(folder / "reference" / "out"), "reference_codes": [p["code"] for p in reference],
-              "kills": []}  # fmt: skip
+    report = {
+        "reference": str(folder / "reference" / "out"),
+        "reference_codes": [p["code"] for p in reference],
+        "kills": [],
+    }
     if any(p["code"] != 0 for p in reference):
         report["reference_log_tail"] = reference[0]["log"].read_text(errors="replace")[-4000:]
         return report

@@ -42,8 +42,11 @@ UPERNET = dict(hidden_size=16, auxiliary_channels=8)
 
 def r_by_name(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every R by its name without the model's prefixes (`vit.`, `backbone.vit.`): the same key on every path."""
-    return {name.split("vit.", 1)[-1]: p.detach().clone() for name, p in model.named_parameters()
-            if name.endswith("_decorrelation.R")}  # fmt: skip
+    return {
+        name.split("vit.", 1)[-1]: p.detach().clone()
+        for name, p in model.named_parameters()
+        if name.endswith("_decorrelation.R")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,11 @@ def checkpoints(tmp_path_factory) -> dict:
     (root / "plain_5x" / "config.json").write_text((root / "plain_4x" / "config.json").read_text())
     upernet, _ = upernet_from_pretraining_checkpoint(str(root / "dbp"), LABELS, keep_decorrelation=True, **UPERNET)
     upernet.save_pretrained(root / "upernet")
-    return {"root": root, "dbp_R": r_by_name(dbp), "plain_R": {k: torch.eye(v.shape[0]) for k, v in r_by_name(dbp).items()}}
+    return {
+        "root": root,
+        "dbp_R": r_by_name(dbp),
+        "plain_R": {k: torch.eye(v.shape[0]) for k, v in r_by_name(dbp).items()},
+    }
 
 
 def _pretraining_loss(model, pixels):
@@ -84,28 +91,74 @@ def _segmentation_loss(model, pixels):
 # name: (how to build the model from the checkpoint folder, its loss, the R it must hold: "dbp" or "plain")
 LOAD_PATHS: dict[str, tuple[Callable, Callable, str]] = {
     "fresh model": (lambda root: ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**TINY_ENCODER)), _pretraining_loss, "plain"),
-    "plain ViTMAE, 4.x keys": (lambda root: ViTMAEDBPForPreTraining.from_pretrained(root / "plain_4x"), _pretraining_loss, "plain"),
-    "plain ViTMAE, 5.x keys": (lambda root: ViTMAEDBPForPreTraining.from_pretrained(root / "plain_5x"), _pretraining_loss, "plain"),
+    "plain ViTMAE, 4.x keys": (
+        lambda root: ViTMAEDBPForPreTraining.from_pretrained(root / "plain_4x"),
+        _pretraining_loss,
+        "plain",
+    ),
+    "plain ViTMAE, 5.x keys": (
+        lambda root: ViTMAEDBPForPreTraining.from_pretrained(root / "plain_5x"),
+        _pretraining_loss,
+        "plain",
+    ),
     "DBP": (lambda root: ViTMAEDBPForPreTraining.from_pretrained(root / "dbp"), _pretraining_loss, "dbp"),
-    "DBP, float16": (lambda root: ViTMAEDBPForPreTraining.from_pretrained(root / "dbp", dtype=torch.float16), _pretraining_loss, "dbp"),
-    "DBP, bfloat16": (lambda root: ViTMAEDBPForPreTraining.from_pretrained(root / "dbp", dtype=torch.bfloat16), _pretraining_loss, "dbp"),
-    "DBP, device_map": (lambda root: ViTMAEDBPForPreTraining.from_pretrained(root / "dbp", device_map="cpu"), _pretraining_loss, "dbp"),
-    "plain ViTMAE, device_map": (lambda root: ViTMAEDBPForPreTraining.from_pretrained(root / "plain_4x", device_map="cpu"), _pretraining_loss, "plain"),
-    "AutoModelForPreTraining": (lambda root: AutoModelForPreTraining.from_pretrained(root / "dbp"), _pretraining_loss, "dbp"),
+    "DBP, float16": (
+        lambda root: ViTMAEDBPForPreTraining.from_pretrained(root / "dbp", dtype=torch.float16),
+        _pretraining_loss,
+        "dbp",
+    ),
+    "DBP, bfloat16": (
+        lambda root: ViTMAEDBPForPreTraining.from_pretrained(root / "dbp", dtype=torch.bfloat16),
+        _pretraining_loss,
+        "dbp",
+    ),
+    "DBP, device_map": (
+        lambda root: ViTMAEDBPForPreTraining.from_pretrained(root / "dbp", device_map="cpu"),
+        _pretraining_loss,
+        "dbp",
+    ),
+    "plain ViTMAE, device_map": (
+        lambda root: ViTMAEDBPForPreTraining.from_pretrained(root / "plain_4x", device_map="cpu"),
+        _pretraining_loss,
+        "plain",
+    ),
+    "AutoModelForPreTraining": (
+        lambda root: AutoModelForPreTraining.from_pretrained(root / "dbp"),
+        _pretraining_loss,
+        "dbp",
+    ),
     "AutoModel (head to base)": (lambda root: AutoModel.from_pretrained(root / "dbp"), _encoder_loss, "dbp"),
     "ViTMAEDBPModel (head to base)": (lambda root: ViTMAEDBPModel.from_pretrained(root / "dbp"), _encoder_loss, "dbp"),
-    "ViTMAEDBPModel from plain": (lambda root: ViTMAEDBPModel.from_pretrained(root / "plain_4x"), _encoder_loss, "plain"),
+    "ViTMAEDBPModel from plain": (
+        lambda root: ViTMAEDBPModel.from_pretrained(root / "plain_4x"),
+        _encoder_loss,
+        "plain",
+    ),
     # What AutoBackbone.from_pretrained calls. AutoBackbone itself asks the Hub about every name first (transformers
     # 5.24), so it cannot open a local folder.
-    "backbone from a DBP-MAE checkpoint": (lambda root: ViTMAEDBPBackbone.from_pretrained(root / "dbp"), _backbone_loss, "dbp"),
+    "backbone from a DBP-MAE checkpoint": (
+        lambda root: ViTMAEDBPBackbone.from_pretrained(root / "dbp"),
+        _backbone_loss,
+        "dbp",
+    ),
     "UperNet around the encoder, R kept": (
-        lambda root: upernet_from_pretraining_checkpoint(str(root / "dbp"), LABELS, keep_decorrelation=True, **UPERNET)[0],
-        _segmentation_loss, "dbp"),
-    "saved UperNet": (lambda root: UperNetForSemanticSegmentation.from_pretrained(root / "upernet"), _segmentation_loss, "dbp"),
+        lambda root: upernet_from_pretraining_checkpoint(
+            str(root / "dbp"), LABELS, keep_decorrelation=True, **UPERNET
+        )[0],
+        _segmentation_loss,
+        "dbp",
+    ),
+    "saved UperNet": (
+        lambda root: UperNetForSemanticSegmentation.from_pretrained(root / "upernet"),
+        _segmentation_loss,
+        "dbp",
+    ),
     "saved UperNet, AutoModelForSemanticSegmentation": (
         lambda root: AutoModelForSemanticSegmentation.from_pretrained(root / "upernet", dtype=torch.bfloat16),
-        _segmentation_loss, "dbp"),
-}  # fmt: skip
+        _segmentation_loss,
+        "dbp",
+    ),
+}
 
 
 @pytest.fixture(params=list(LOAD_PATHS), scope="module")

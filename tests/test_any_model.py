@@ -24,30 +24,68 @@ from hf_dbp.core.plan import example_inputs, plan_decorrelation
 from hf_dbp.models.vit_mae_dbp.modeling_vit_mae_dbp import vit_mae_decorrelation_groups
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48)
-AUDIO = dict(conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=16,
-             num_conv_pos_embedding_groups=2, vocab_size=12)  # fmt: skip
+AUDIO = dict(
+    conv_dim=(16, 16),
+    conv_kernel=(10, 3),
+    conv_stride=(5, 2),
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=2,
+    vocab_size=12,
+)
 FAMILIES = {
     # name: (config, model class, what its shared R are called in layer 0)
     "vit": (lambda: T.ViTConfig(**SMALL, image_size=16, patch_size=4, num_labels=3), T.ViTForImageClassification),
-    "vit_mae": (lambda: T.ViTMAEConfig(**SMALL, image_size=16, patch_size=4, decoder_hidden_size=16,
-                                       decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
-                                       decoder_intermediate_size=32), T.ViTMAEForPreTraining),  # fmt: skip
+    "vit_mae": (
+        lambda: T.ViTMAEConfig(
+            **SMALL,
+            image_size=16,
+            patch_size=4,
+            decoder_hidden_size=16,
+            decoder_num_hidden_layers=1,
+            decoder_num_attention_heads=2,
+            decoder_intermediate_size=32,
+        ),
+        T.ViTMAEForPreTraining,
+    ),
     "bert": (lambda: T.BertConfig(**SMALL, vocab_size=40), T.BertForMaskedLM),
     "roberta": (lambda: T.RobertaConfig(**SMALL, vocab_size=40, pad_token_id=1), T.RobertaForMaskedLM),
-    "gpt2": (lambda: T.GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=2, n_positions=32, bos_token_id=0,
-                                  eos_token_id=0), T.GPT2LMHeadModel),  # fmt: skip
+    "gpt2": (
+        lambda: T.GPT2Config(
+            vocab_size=40, n_embd=32, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0
+        ),
+        T.GPT2LMHeadModel,
+    ),
     "llama": (lambda: T.LlamaConfig(**SMALL, vocab_size=40, max_position_embeddings=32), T.LlamaForCausalLM),
-    "qwen2": (lambda: T.Qwen2Config(**SMALL, num_key_value_heads=1, vocab_size=40, max_position_embeddings=32),
-              T.Qwen2ForCausalLM),  # fmt: skip
-    "mistral": (lambda: T.MistralConfig(**SMALL, num_key_value_heads=1, vocab_size=40, max_position_embeddings=32),
-                T.MistralForCausalLM),  # fmt: skip
+    "qwen2": (
+        lambda: T.Qwen2Config(**SMALL, num_key_value_heads=1, vocab_size=40, max_position_embeddings=32),
+        T.Qwen2ForCausalLM,
+    ),
+    "mistral": (
+        lambda: T.MistralConfig(**SMALL, num_key_value_heads=1, vocab_size=40, max_position_embeddings=32),
+        T.MistralForCausalLM,
+    ),
     "wav2vec2": (lambda: T.Wav2Vec2Config(**SMALL, **AUDIO), T.Wav2Vec2ForCTC),
     "hubert": (lambda: T.HubertConfig(**SMALL, **AUDIO), T.HubertForCTC),
-    "whisper": (lambda: T.WhisperConfig(vocab_size=40, d_model=32, encoder_layers=2, decoder_layers=1,
-                                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=48,
-                                        decoder_ffn_dim=48, num_mel_bins=8, max_source_positions=16,
-                                        max_target_positions=16, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-                                        decoder_start_token_id=0), T.WhisperForConditionalGeneration),  # fmt: skip
+    "whisper": (
+        lambda: T.WhisperConfig(
+            vocab_size=40,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=48,
+            decoder_ffn_dim=48,
+            num_mel_bins=8,
+            max_source_positions=16,
+            max_target_positions=16,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=0,
+        ),
+        T.WhisperForConditionalGeneration,
+    ),
 }
 # The R that the architecture's first block shares between layers reading one input: found by tracing, not listed.
 SHARED = {
@@ -87,8 +125,10 @@ def inputs_for(model, batch: int = 2, seed: int = 0) -> dict:
             out["labels"] = torch.randint(0, config.num_labels, (batch,), generator=generator)
         return out
     if name == "input_values":
-        return {"input_values": torch.randn(batch, 2000, generator=generator),
-                "labels": torch.randint(3, config.vocab_size, (batch, 4), generator=generator)}  # fmt: skip
+        return {
+            "input_values": torch.randn(batch, 2000, generator=generator),
+            "labels": torch.randint(3, config.vocab_size, (batch, 4), generator=generator),
+        }
     features = torch.randn(batch, config.num_mel_bins, 2 * config.max_source_positions, generator=generator)
     return {"input_features": features, "labels": torch.randint(3, config.vocab_size, (batch, 5), generator=generator)}
 
@@ -143,7 +183,9 @@ def test_decorrelated_model_round_trips(family, tmp_path):
 
     merged = hf_dbp.merge_decorrelation(loaded)
     assert type(merged) is type(model) and not decorrelation_modules(merged) and decorrelation_modules(loaded)
-    assert not any(isinstance(m, (DecorrelatedLinear, DecorrelatedConv1D, DecorrelatedConv2d)) for m in merged.modules())
+    assert not any(
+        isinstance(m, (DecorrelatedLinear, DecorrelatedConv1D, DecorrelatedConv2d)) for m in merged.modules()
+    )
     torch.testing.assert_close(first_output(merged, inputs), out, rtol=1e-4, atol=1e-4)
     merged.save_pretrained(tmp_path / "plain")
     assert "decorrelation" not in json.loads((tmp_path / "plain" / "config.json").read_text())
@@ -153,8 +195,14 @@ def test_decorrelated_model_round_trips(family, tmp_path):
 
 def _auto_class(model):
     architecture = type(model).__name__
-    for auto in (T.AutoModelForCausalLM, T.AutoModelForMaskedLM, T.AutoModelForImageClassification, T.AutoModelForCTC,
-                 T.AutoModelForSpeechSeq2Seq, T.AutoModelForPreTraining):  # fmt: skip
+    for auto in (
+        T.AutoModelForCausalLM,
+        T.AutoModelForMaskedLM,
+        T.AutoModelForImageClassification,
+        T.AutoModelForCTC,
+        T.AutoModelForSpeechSeq2Seq,
+        T.AutoModelForPreTraining,
+    ):
         if any(getattr(c, "__name__", None) == architecture for c in auto._model_mapping.values()):
             return auto
     raise AssertionError(architecture)
@@ -201,9 +249,13 @@ def test_target_modules_forms_and_errors():
     with pytest.raises(ValueError, match=r"\(Conv1d\) cannot be decorrelated"):  # wav2vec2's feature extractor
         plan_decorrelation(build("wav2vec2"), DecorrelationConfig(target_modules=["conv_layers.0.conv"]))
     with pytest.raises(ValueError, match="not patchifying"):
-        plan_decorrelation(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1)), DecorrelationConfig(target_modules=["0"]))
+        plan_decorrelation(
+            torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1)), DecorrelationConfig(target_modules=["0"])
+        )
     with pytest.raises(ValueError, match="no default target modules for model type 'distilbert'"):
-        hf_dbp.decorrelate(T.DistilBertModel(T.DistilBertConfig(dim=8, n_layers=1, n_heads=2, hidden_dim=8, vocab_size=9)))
+        hf_dbp.decorrelate(
+            T.DistilBertModel(T.DistilBertConfig(dim=8, n_layers=1, n_heads=2, hidden_dim=8, vocab_size=9))
+        )
     with pytest.raises(ValueError, match="kappa must be a number in"):
         DecorrelationConfig(kappa=2.0)
     with pytest.raises(ValueError, match="not a valid regular expression"):
@@ -236,18 +288,34 @@ def _token_dataset(model, n: int = 48) -> Dataset:
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_dbp_trainer_trains_a_decorrelated_language_model_and_measures_its_bp_baseline(family, tmp_path):
-    args = dict(per_device_train_batch_size=8, max_steps=24, learning_rate=3e-3, logging_steps=1, report_to="none",
-                save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0, use_cpu=True)  # fmt: skip
+    args = dict(
+        per_device_train_batch_size=8,
+        max_steps=24,
+        learning_rate=3e-3,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        use_cpu=True,
+    )
     settings = DecorrelationConfig(lr=3e-2, sample_fraction=1.0)
     dbp = hf_dbp.decorrelate(build(family), settings)
-    trainer = DBPTrainer(model=dbp, args=TrainingArguments(tmp_path / "dbp", **args), train_dataset=_token_dataset(dbp))
+    trainer = DBPTrainer(
+        model=dbp, args=TrainingArguments(tmp_path / "dbp", **args), train_dataset=_token_dataset(dbp)
+    )
     trainer.train()
     losses = [r["decorrelation_loss"] for r in trainer.state.log_history if "decorrelation_loss" in r]
     assert len(losses) == 24 and losses[-1] < 0.5 * losses[0], losses
 
     bp = build(family)
-    trainer = DBPTrainer(model=bp, args=TrainingArguments(tmp_path / "bp", **args), train_dataset=_token_dataset(bp),
-                         decorrelation_config=settings)  # fmt: skip
+    trainer = DBPTrainer(
+        model=bp,
+        args=TrainingArguments(tmp_path / "bp", **args),
+        train_dataset=_token_dataset(bp),
+        decorrelation_config=settings,
+    )
     trainer.train()
     bp_losses = [r["decorrelation_loss"] for r in trainer.state.log_history if "decorrelation_loss" in r]
     assert not decorrelation_modules(bp) and len(bp_losses) == 24

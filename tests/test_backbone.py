@@ -125,8 +125,14 @@ def test_keeping_R_continues_dbp_during_fine_tuning(tmp_path, dbp_checkpoint):
     assert torch.equal(qkv.R, pretrained.vit.layers[0].attention.qkv_decorrelation.R)
     before = qkv.R.clone()
     data = [{"pixel_values": torch.randn(3, 16, 16), "labels": torch.randint(0, 5, (16, 16))} for _ in range(8)]
-    args = TrainingArguments(output_dir=str(tmp_path / "ft"), max_steps=2, per_device_train_batch_size=4,
-                             report_to="none", save_strategy="no", disable_tqdm=True)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "ft"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     trainer = DBPTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
     assert not torch.equal(qkv.R, before)
@@ -134,13 +140,17 @@ def test_keeping_R_continues_dbp_during_fine_tuning(tmp_path, dbp_checkpoint):
 
 
 def test_checkpoints_that_do_not_fit_fail_clearly(tmp_path, dbp_checkpoint):
-    BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)).save_pretrained(tmp_path / "bert")
+    BertModel(
+        BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    ).save_pretrained(tmp_path / "bert")
     with pytest.raises(ValueError, match="'bert'"):
         upernet_from_pretraining_checkpoint(str(tmp_path / "bert"), LABELS)
     # A pre-training checkpoint without its encoder weights must not start from random ones.
     _, path = dbp_checkpoint
     state = load_file(path / "model.safetensors")
-    save_file({k: v for k, v in state.items() if ".layer.2." not in k}, path / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in state.items() if ".layer.2." not in k}, path / "model.safetensors", metadata={"format": "pt"}
+    )
     with pytest.raises(ValueError, match="lacks encoder weights"):
         upernet_from_pretraining_checkpoint(str(path), LABELS)
 

@@ -27,8 +27,10 @@ from hf_dbp.tasks.scripts import TrainingBegan, run_main
 from hf_dbp.training.checkpoints import MANIFEST, checkpoint_problem, rotate_whole_checkpoints
 from hf_dbp.training.training_args import DBPTrainingArguments, schedule_warnings
 
-TINY_VIT = ("image_size=16,patch_size=4,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
-            "decoder_hidden_size=16,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,decoder_intermediate_size=32")  # fmt: skip
+TINY_VIT = (
+    "image_size=16,patch_size=4,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
+    "decoder_hidden_size=16,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,decoder_intermediate_size=32"
+)
 R_KEY = "vit.encoder.layer.0.mlp.fc1_decorrelation.R"  # as save_pretrained writes it (transformers' 4.x layout)
 
 
@@ -47,10 +49,32 @@ def mae_script():
 
 def run_mae(module, monkeypatch, capsys, images: Path, output_dir: Path, *flags, caplog=None) -> tuple[int, str, str]:
     """The script as `python examples/run_mae_dbp.py ...` runs it: (exit status, stdout and log, stderr)."""
-    argv = ["run_mae_dbp.py", "--train_dir", str(images), "--output_dir", str(output_dir), "--config_overrides", TINY_VIT,
-            "--per_device_train_batch_size", "4", "--max_steps", "2", "--save_steps", "1", "--logging_steps", "1",
-            "--report_to", "none", "--dataloader_num_workers", "0", "--track_emissions", "false",
-            "--disable_tqdm", "true", *map(str, flags)]  # fmt: skip
+    argv = [
+        "run_mae_dbp.py",
+        "--train_dir",
+        str(images),
+        "--output_dir",
+        str(output_dir),
+        "--config_overrides",
+        TINY_VIT,
+        "--per_device_train_batch_size",
+        "4",
+        "--max_steps",
+        "2",
+        "--save_steps",
+        "1",
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--dataloader_num_workers",
+        "0",
+        "--track_emissions",
+        "false",
+        "--disable_tqdm",
+        "true",
+        *map(str, flags),
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setattr(TrainingBegan, "began", False)
     monkeypatch.setattr(module, "plot_training_curves", lambda *args, **kwargs: None)
@@ -75,10 +99,31 @@ def trained(tmp_path_factory, mae_script):
     for i in range(12):
         Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
     with pytest.MonkeyPatch.context() as monkeypatch:
-        argv = ["run_mae_dbp.py", "--train_dir", str(root / "images"), "--output_dir", str(root / "out"),
-                "--config_overrides", TINY_VIT, "--per_device_train_batch_size", "4", "--max_steps", "2",
-                "--save_steps", "1", "--logging_steps", "1", "--report_to", "none", "--dataloader_num_workers", "0",
-                "--track_emissions", "false", "--disable_tqdm", "true"]  # fmt: skip
+        argv = [
+            "run_mae_dbp.py",
+            "--train_dir",
+            str(root / "images"),
+            "--output_dir",
+            str(root / "out"),
+            "--config_overrides",
+            TINY_VIT,
+            "--per_device_train_batch_size",
+            "4",
+            "--max_steps",
+            "2",
+            "--save_steps",
+            "1",
+            "--logging_steps",
+            "1",
+            "--report_to",
+            "none",
+            "--dataloader_num_workers",
+            "0",
+            "--track_emissions",
+            "false",
+            "--disable_tqdm",
+            "true",
+        ]
         monkeypatch.setattr(sys, "argv", argv)
         monkeypatch.setattr(TrainingBegan, "began", False)
         monkeypatch.setattr(mae_script, "plot_training_curves", lambda *args, **kwargs: None)
@@ -114,17 +159,29 @@ def wrong_R(folder: Path) -> None:
     "case, flag, damage, expected",
     [
         ("truncated", "--model_name_or_path", truncate, "/model.safetensors is truncated ("),
-        ("bad_settings", "--model_name_or_path", invalid_settings,
-         "/config.json: decorrelation: DecorrelationConfig.kappa must be a number in [0, 1], got 5"),
-        ("wrong_R", "--model_name_or_path", wrong_R,
-         "/model.safetensors: vit.layers.0.mlp.fc1_decorrelation.R has shape (16, 16), the model its config describes "
-         "needs (32, 32)"),
-        ("no_optimizer", "--resume_from_checkpoint", lambda f: (f / "optimizer.pt").unlink(),
-         "/optimizer.pt is missing"),
+        (
+            "bad_settings",
+            "--model_name_or_path",
+            invalid_settings,
+            "/config.json: decorrelation: DecorrelationConfig.kappa must be a number in [0, 1], got 5",
+        ),
+        (
+            "wrong_R",
+            "--model_name_or_path",
+            wrong_R,
+            "/model.safetensors: vit.layers.0.mlp.fc1_decorrelation.R has shape (16, 16), the model its config describes "
+            "needs (32, 32)",
+        ),
+        (
+            "no_optimizer",
+            "--resume_from_checkpoint",
+            lambda f: (f / "optimizer.pt").unlink(),
+            "/optimizer.pt is missing",
+        ),
         ("truncated_checkpoint", "--resume_from_checkpoint", truncate, "/model.safetensors is damaged: "),
         ("bad_settings_checkpoint", "--resume_from_checkpoint", invalid_settings, "/config.json is damaged: "),
     ],
-)  # fmt: skip
+)
 def test_a_damaged_checkpoint_stops_the_run_with_one_line_naming_the_file(
     trained, mae_script, monkeypatch, capsys, tmp_path, case, flag, damage, expected
 ):
@@ -144,8 +201,15 @@ def test_a_checkpoint_of_another_architecture_is_named_with_the_tensor_that_diff
     """The same output folder after changing the model (here: a wider hidden layer): the run would resume from the
     other model's checkpoint; it stops instead, naming the file, the tensor and both shapes."""
     shutil.copytree(trained / "out", tmp_path / "out")
-    code, _, err = run_mae(mae_script, monkeypatch, capsys, trained / "images", tmp_path / "out", "--config_overrides",
-                           TINY_VIT.replace("intermediate_size=64", "intermediate_size=48"))  # fmt: skip
+    code, _, err = run_mae(
+        mae_script,
+        monkeypatch,
+        capsys,
+        trained / "images",
+        tmp_path / "out",
+        "--config_overrides",
+        TINY_VIT.replace("intermediate_size=64", "intermediate_size=48"),
+    )
     last = err.strip().splitlines()[-1]
     assert code == 1 and last.startswith("run_mae_dbp.py: error: ") and "Traceback" not in err, err
     assert (
@@ -219,15 +283,18 @@ def test_schedules_longer_than_the_run_are_named_with_the_numbers_and_the_flag(t
         return DBPTrainingArguments(output_dir=str(tmp_path), report_to="none", **values)
 
     [warning] = schedule_warnings(args(warmup_steps=1500, learning_rate=1e-4, logging_steps=10), 60)
-    assert warning.startswith("--warmup_steps 1500 is at least the whole run (60 optimizer steps): the learning rate "
-                              "never leaves warm-up and never reaches --learning_rate 0.0001 (at most 4e-06)")  # fmt: skip
+    assert warning.startswith(
+        "--warmup_steps 1500 is at least the whole run (60 optimizer steps): the learning rate "
+        "never leaves warm-up and never reaches --learning_rate 0.0001 (at most 4e-06)"
+    )
     assert "--warmup_steps fewer steps, or a fraction of the run" in warning
     [warning] = schedule_warnings(args(warmup_steps=1500, logging_steps=10), 2000)
     assert warning.startswith("--warmup_steps 1500 takes 1500 of the run's 2000 optimizer steps: most of the run")
     assert schedule_warnings(args(warmup_steps=0.1, logging_steps=10), 60) == []  # a fraction fits any length
     assert schedule_warnings(args(warmup_steps=1500), 160_000) == []
-    warnings = schedule_warnings(args(eval_strategy="steps", eval_steps=500, logging_steps=100,
-                                      decorrelation_update_every=80), 60)  # fmt: skip
+    warnings = schedule_warnings(
+        args(eval_strategy="steps", eval_steps=500, logging_steps=100, decorrelation_update_every=80), 60
+    )
     assert [w.split(" ")[0] for w in warnings] == ["--logging_steps", "--eval_steps", "--decorrelation_update_every"]
     assert "no train loss is logged" in warnings[0] and "R is never updated" in warnings[2]
 
@@ -242,8 +309,9 @@ def test_segmentation_warms_up_a_tenth_of_any_run_unless_told_and_the_recipe_kee
     assert args.warmup_steps == 0.1 and args.get_warmup_steps(60) == 6 and schedule_warnings(args, 60) == []
     recipe = yaml.safe_load((REPO_ROOT / "examples" / "configs" / "upernet_mae_vit_b16_ade20k_160k.yaml").read_text())
     assert recipe["warmup_steps"] == 1500 and recipe["max_steps"] == 160_000
-    [warning] = schedule_warnings(module.SegmentationTrainingArguments(output_dir="out", warmup_steps=1500,
-                                                                       logging_steps=10), 60)  # fmt: skip
+    [warning] = schedule_warnings(
+        module.SegmentationTrainingArguments(output_dir="out", warmup_steps=1500, logging_steps=10), 60
+    )
     assert "--warmup_steps 1500 is at least the whole run (60 optimizer steps)" in warning
 
 
@@ -254,9 +322,17 @@ def test_a_warm_up_longer_than_the_run_is_said_before_training(tmp_path, tiny_kw
     from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
 
     data = Dataset.from_dict({"pixel_values": torch.randn(8, 3, 16, 16).numpy()}).with_format("torch")
-    args = DBPTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=1,
-                                warmup_steps=1500, logging_steps=1, report_to="none", save_strategy="no",
-                                track_emissions=False, disable_tqdm=True)  # fmt: skip
+    args = DBPTrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        warmup_steps=1500,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        track_emissions=False,
+        disable_tqdm=True,
+    )
     trainer = DBPTrainer(model=ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs)), args=args, train_dataset=data)
     assert trainer.planned_steps() == 2
     trainer.train()
@@ -298,9 +374,19 @@ def test_pushed_checkpoints_are_whole(tmp_path, tiny_kwargs, monkeypatch):
     hub = RecordingHub(tmp_path / "hub")
     monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
     data = Dataset.from_dict({"pixel_values": torch.randn(8, 3, 16, 16).numpy()}).with_format("torch")
-    args = DBPTrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2,
-                                save_steps=1, logging_steps=1, report_to="none", track_emissions=False,
-                                disable_tqdm=True, push_to_hub=True, hub_model_id="me/x", hub_strategy="checkpoint")  # fmt: skip
+    args = DBPTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        save_steps=1,
+        logging_steps=1,
+        report_to="none",
+        track_emissions=False,
+        disable_tqdm=True,
+        push_to_hub=True,
+        hub_model_id="me/x",
+        hub_strategy="checkpoint",
+    )
     trainer = DBPTrainer(model=ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs)), args=args, train_dataset=data)
     trainer.train()
     checkpoint_uploads = [folder for folder, where in hub.uploads if where == "last-checkpoint"]
@@ -330,9 +416,17 @@ def test_a_run_resumed_between_two_logging_steps_logs_and_reports_what_an_uninte
 
     def train(output_dir, callbacks=(), resume=None):
         torch.manual_seed(0)
-        args = DBPTrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=4,
-                                    save_steps=1, logging_steps=2, report_to="none", track_emissions=False,
-                                    disable_tqdm=True, seed=0)  # fmt: skip
+        args = DBPTrainingArguments(
+            output_dir=str(output_dir),
+            per_device_train_batch_size=4,
+            max_steps=4,
+            save_steps=1,
+            logging_steps=2,
+            report_to="none",
+            track_emissions=False,
+            disable_tqdm=True,
+            seed=0,
+        )
         model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs))
         trainer = DBPTrainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks))
         return trainer, trainer.train(resume_from_checkpoint=resume)

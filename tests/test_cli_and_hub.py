@@ -53,9 +53,14 @@ RESULTS = {"eval_loss": 0.4321, "train_loss": 0.5}
 def run(args: list, hf_home: Path, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
     """Run a command (stdout and stderr merged), offline."""
     return subprocess.run(
-        [str(a) for a in args], cwd=cwd, env=offline_env(hf_home), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, timeout=300,
-    )  # fmt: skip
+        [str(a) for a in args],
+        cwd=cwd,
+        env=offline_env(hf_home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
 
 
 def run_all(jobs: dict[str, Callable[[], object]]) -> dict[str, object]:
@@ -127,8 +132,11 @@ def merge_then_load(root: Path) -> tuple[subprocess.CompletedProcess, subprocess
     if merge.returncode != 0:
         return merge, None
     (root / "plain_loader.py").write_text(PLAIN_LOADER)
-    load = run([sys.executable, root / "plain_loader.py", root / "merged", root / "inputs.pt", root / "outputs.pt"],
-               root / "hf_home_plain", cwd=root)  # fmt: skip
+    load = run(
+        [sys.executable, root / "plain_loader.py", root / "merged", root / "inputs.pt", root / "outputs.pt"],
+        root / "hf_home_plain",
+        cwd=root,
+    )
     return merge, load
 
 
@@ -150,18 +158,48 @@ def cli(tmp_path_factory) -> SimpleNamespace:
     overrides = ",".join(f"{k}={v}" for k, v in TINY_MODEL.items())
     # Both scripts would fail later, and otherwise (no images here, no such data or checkpoint): the Hub check must
     # stop them first.
-    mae_args = [sys.executable, MAE_SCRIPT, "--train_dir", root / "no_images", "--config_overrides", overrides,
-                "--max_steps", "2", "--report_to", "none", "--output_dir", root / "mae_out", "--push_to_hub",
-                "--hub_model_id", "me/x"]  # fmt: skip
-    segmentation_args = [sys.executable, SEGMENTATION_SCRIPT, "--data_dir", root / "no_data", "--model_name_or_path",
-                         root / "no_checkpoint", "--max_steps", "2", "--report_to", "none", "--output_dir",
-                         root / "segmentation_out", "--push_to_hub", "--hub_model_id", "me/x"]  # fmt: skip
-    results = run_all({
-        "merge": partial(merge_then_load, root),
-        "mae_push_offline": partial(run, mae_args, root / "hf_home_mae"),
-        "segmentation_push_offline": partial(run, segmentation_args, root / "hf_home_segmentation"),
-        "push_offline": partial(run, [HF_DBP, "push", root / "to_push", "me/x"], root / "hf_home_push"),
-    })  # fmt: skip
+    mae_args = [
+        sys.executable,
+        MAE_SCRIPT,
+        "--train_dir",
+        root / "no_images",
+        "--config_overrides",
+        overrides,
+        "--max_steps",
+        "2",
+        "--report_to",
+        "none",
+        "--output_dir",
+        root / "mae_out",
+        "--push_to_hub",
+        "--hub_model_id",
+        "me/x",
+    ]
+    segmentation_args = [
+        sys.executable,
+        SEGMENTATION_SCRIPT,
+        "--data_dir",
+        root / "no_data",
+        "--model_name_or_path",
+        root / "no_checkpoint",
+        "--max_steps",
+        "2",
+        "--report_to",
+        "none",
+        "--output_dir",
+        root / "segmentation_out",
+        "--push_to_hub",
+        "--hub_model_id",
+        "me/x",
+    ]
+    results = run_all(
+        {
+            "merge": partial(merge_then_load, root),
+            "mae_push_offline": partial(run, mae_args, root / "hf_home_mae"),
+            "segmentation_push_offline": partial(run, segmentation_args, root / "hf_home_segmentation"),
+            "push_offline": partial(run, [HF_DBP, "push", root / "to_push", "me/x"], root / "hf_home_push"),
+        }
+    )
     results["merge"], results["plain_load"] = results["merge"]
     return SimpleNamespace(root=root, dbp=dbp, inputs=inputs, results=results)
 
@@ -298,8 +336,12 @@ class FakeHubApi:
         return f"https://huggingface.co/{repo_id}"
 
     def upload_folder(self, *, folder_path: str, repo_id: str, ignore_patterns=None, **kwargs):
-        self.calls.append(("upload_folder", {"folder_path": folder_path, "repo_id": repo_id,
-                                             "ignore_patterns": ignore_patterns, **kwargs}))  # fmt: skip
+        self.calls.append(
+            (
+                "upload_folder",
+                {"folder_path": folder_path, "repo_id": repo_id, "ignore_patterns": ignore_patterns, **kwargs},
+            )
+        )
         assert (self.hub / repo_id).is_dir(), "upload before create_repo"
         folder = Path(folder_path)
         for path in sorted(folder.rglob("*")):
@@ -384,8 +426,9 @@ def test_trainer_card_for_push_to_hub_names_the_repo(tmp_path):
     (output_dir / "emissions.csv").write_text(EMISSIONS_CSV)
     (output_dir / "all_results.json").write_text(json.dumps(RESULTS))
     model = hf_dbp.ViTMAEDBPForPreTraining(hf_dbp.ViTMAEDBPConfig(**TINY_MODEL))
-    args = hf_dbp.DBPTrainingArguments(output_dir=str(output_dir), report_to="none", use_cpu=True, hub_model_id="me/x",
-                                       emissions_country="FRA")  # fmt: skip
+    args = hf_dbp.DBPTrainingArguments(
+        output_dir=str(output_dir), report_to="none", use_cpu=True, hub_model_id="me/x", emissions_country="FRA"
+    )
     trainer = hf_dbp.DBPTrainer(model=model, args=args)
     trainer.create_model_card(model_name="x", tags=["dbp", "mae", "vision-transformer", "image-pretraining", "new"])
     card = load_card(output_dir)
@@ -459,7 +502,9 @@ def test_a_local_card_loads_from_anywhere_and_the_pushed_card_names_the_repo_id(
 
     folder = make_run_folder(tmp_path / "run")
     write_model_card(str(folder), AutoConfig.from_pretrained(folder))
-    loaded_from = re.findall(r'AutoModelForPreTraining\.from_pretrained\("([^"]+)"\)', (folder / "README.md").read_text())
+    loaded_from = re.findall(
+        r'AutoModelForPreTraining\.from_pretrained\("([^"]+)"\)', (folder / "README.md").read_text()
+    )
     assert loaded_from and set(loaded_from) == {str(folder.resolve())}, loaded_from
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -476,8 +521,13 @@ def test_merge_keeps_the_data_steps_time_and_dbp_settings_of_the_card_it_merges(
     from hf_dbp.training.model_card import write_model_card
 
     model = make_dbp_checkpoint(tmp_path / "dbp")
-    write_model_card(str(tmp_path / "dbp"), model.config, datasets=["imagenet-1k", "my photos in /data/imgs"],
-                     steps=1234, training_seconds=5678.5)  # fmt: skip
+    write_model_card(
+        str(tmp_path / "dbp"),
+        model.config,
+        datasets=["imagenet-1k", "my photos in /data/imgs"],
+        steps=1234,
+        training_seconds=5678.5,
+    )
     assert cli_main(["merge", str(tmp_path / "dbp"), str(tmp_path / "merged")]) == 0
     card = load_card(tmp_path / "merged")
     assert "| data | imagenet-1k, my photos in /data/imgs |" in card.text, card.text
@@ -491,8 +541,16 @@ def test_card_metadata_keeps_only_hub_dataset_ids(tmp_path):
 
     (tmp_path / "imgs").mkdir()
     local = str(tmp_path / "imgs")
-    assert hub_dataset_ids(["scene_parse_150", "me/photos", local, "scikit-image photographs (hf-dbp demo)",
-                            "ADE20K layout: /data/ADE", "a/b/c"]) == ["scene_parse_150", "me/photos"]  # fmt: skip
+    assert hub_dataset_ids(
+        [
+            "scene_parse_150",
+            "me/photos",
+            local,
+            "scikit-image photographs (hf-dbp demo)",
+            "ADE20K layout: /data/ADE",
+            "a/b/c",
+        ]
+    ) == ["scene_parse_150", "me/photos"]
 
 
 def test_push_rewrites_absolute_paths_in_loading_calls_only(tmp_path):
@@ -505,7 +563,7 @@ def test_push_rewrites_absolute_paths_in_loading_calls_only(tmp_path):
         'model = AutoModelForPreTraining.from_pretrained("/old/place", trust_remote_code=True)\n'
         'tokenizer = AutoTokenizer.from_pretrained("./my_tokenizer")\n'
         'base = ViTMAEModel.from_pretrained("facebook/vit-mae-base")\n'
-    )  # fmt: skip
+    )
     push_folder(str(folder), "me/run", api=FakeHubApi(tmp_path / "hub"))
     assert (tmp_path / "hub" / "me" / "run" / "README.md").read_text().splitlines() == [
         'model = hf_dbp.load_decorrelated(AutoModelForCausalLM, "me/run")',

@@ -27,8 +27,13 @@ LR, KAPPA = 0.1, 0.2
 
 def rows_of(name: str, rank: int, step: int) -> torch.Tensor:
     """The rows layer `name` sees on process `rank` at `step`: few for the wide layers, many for the narrow one."""
-    count = {"wide": 7 + 2 * rank, "middle": 8 + 2 * rank, "narrow": 30 + rank, "idle_on_one": 5 if rank == 0 else 0,
-             "idle": 0}[name]  # fmt: skip
+    count = {
+        "wide": 7 + 2 * rank,
+        "middle": 8 + 2 * rank,
+        "narrow": 30 + rank,
+        "idle_on_one": 5 if rank == 0 else 0,
+        "idle": 0,
+    }[name]
     generator = torch.Generator().manual_seed(1000 * step + 10 * rank + len(name))
     return torch.randn(count, WIDTHS[name], generator=generator, dtype=torch.float64) * 1.5
 
@@ -78,7 +83,11 @@ def _worker(rank: int, world: int, port: int, results) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     sent: list[tuple[str, int]] = []
     sent_bytes: list[int] = []
-    gather_single, all_reduce, by_all_gather = collectives._all_gather_single, dist.all_reduce, collectives.rows_by_all_gather
+    gather_single, all_reduce, by_all_gather = (
+        collectives._all_gather_single,
+        dist.all_reduce,
+        collectives.rows_by_all_gather,
+    )
 
     def gather(output, tensor, *args, **kwargs):
         sent.append(("all_gather", tensor.numel()))
@@ -98,8 +107,17 @@ def _worker(rank: int, world: int, port: int, results) -> None:
         # and "begun32" the same two in float32, where autocast would change what begin computes. "bf16_32": float32
         # R, the statistics sent in bfloat16 (gathered rows, in "bf16_gather32"). "every2": one update, at the second
         # step, from the statistics of both.
-        transports = ("all_gather", "all_reduce", "begun", "plain32", "begun32", "bf16_32", "bf16_gather32",
-                      "gather32", "every2")  # fmt: skip
+        transports = (
+            "all_gather",
+            "all_reduce",
+            "begun",
+            "plain32",
+            "begun32",
+            "bf16_32",
+            "bf16_gather32",
+            "gather32",
+            "every2",
+        )
         for transport in transports:
             collectives.rows_by_all_gather = lambda group=None, _t=transport: "gather" in _t
             dtype = torch.float32 if transport.endswith("32") else torch.float64
@@ -119,13 +137,24 @@ def _worker(rank: int, world: int, port: int, results) -> None:
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=begun):
                         pending = begin_decorrelation_step(modules.values()) if begun else None
                     update = transport != "every2" or step == 1
-                    decorrelation_step(list(modules.values()), lr=LR, kappa=KAPPA, pending=pending,
-                                       transfer_dtype=transfer, update=update)  # fmt: skip
+                    decorrelation_step(
+                        list(modules.values()),
+                        lr=LR,
+                        kappa=KAPPA,
+                        pending=pending,
+                        transfer_dtype=transfer,
+                        update=update,
+                    )
                 reads.append(counter.callers)
                 per_step_sent.append(list(sent))
                 per_step_bytes.append(sum(sent_bytes))
-            out[transport] = {"R": {n: m.R.clone() for n, m in modules.items()}, "reads": reads, "sent": per_step_sent,
-                              "bytes": per_step_bytes, "steps": [m.steps for m in modules.values()]}  # fmt: skip
+            out[transport] = {
+                "R": {n: m.R.clone() for n, m in modules.items()},
+                "reads": reads,
+                "sent": per_step_sent,
+                "bytes": per_step_bytes,
+                "steps": [m.steps for m in modules.values()],
+            }
         results[rank] = out
     finally:
         collectives._all_gather_single, dist.all_reduce = gather_single, all_reduce
@@ -175,7 +204,10 @@ EXPECTED_SENT = {
     # triangle now.
     "all_reduce": [
         ("all_gather", len(WIDTHS)),
-        ("all_reduce", 2 * 9 * WIDTHS["wide"] + 2 * 5 * WIDTHS["idle_on_one"] + triangle("middle") + triangle("narrow")),
+        (
+            "all_reduce",
+            2 * 9 * WIDTHS["wide"] + 2 * 5 * WIDTHS["idle_on_one"] + triangle("middle") + triangle("narrow"),
+        ),
     ],
 }
 EXPECTED_SENT["begun"] = EXPECTED_SENT["all_reduce"]
@@ -214,12 +246,15 @@ def test_statistics_sent_in_bfloat16_keep_R_identical_on_both_processes_in_half_
     for name in WIDTHS:
         assert torch.equal(two_processes[0][low]["R"][name], two_processes[1][low]["R"][name]), name
         # bfloat16 keeps 8 bits of mantissa: X's entries to about 0.4%, and R after two steps of lr 0.1 to 1e-2.
-        torch.testing.assert_close(two_processes[0][low]["R"][name], two_processes[0][exact]["R"][name],
-                                   rtol=0, atol=1e-2)  # fmt: skip
+        torch.testing.assert_close(
+            two_processes[0][low]["R"][name], two_processes[0][exact]["R"][name], rtol=0, atol=1e-2
+        )
     assert any(not torch.equal(two_processes[0][low]["R"][n], two_processes[0][exact]["R"][n]) for n in WIDTHS)
     counts = 8 * len(WIDTHS)  # the row counts, int64, whatever the statistics travel in
     for rank in (0, 1):
-        for low_bytes, exact_bytes in zip(two_processes[rank][low]["bytes"], two_processes[rank][exact]["bytes"], strict=True):
+        for low_bytes, exact_bytes in zip(
+            two_processes[rank][low]["bytes"], two_processes[rank][exact]["bytes"], strict=True
+        ):
             assert low_bytes - counts == (exact_bytes - counts) // 2
 
 
@@ -276,10 +311,20 @@ def tiny_mae():
     from hf_dbp import ViTMAEDBPConfig, ViTMAEDBPForPreTraining
 
     torch.manual_seed(0)
-    return ViTMAEDBPForPreTraining(ViTMAEDBPConfig(
-        image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-        decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32,
-    ))  # fmt: skip
+    return ViTMAEDBPForPreTraining(
+        ViTMAEDBPConfig(
+            image_size=16,
+            patch_size=4,
+            hidden_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=48,
+            decoder_hidden_size=16,
+            decoder_num_hidden_layers=1,
+            decoder_num_attention_heads=2,
+            decoder_intermediate_size=32,
+        )
+    )
 
 
 def test_dbp_trainer_reads_the_device_once_per_optimizer_step(tmp_path, monkeypatch):
@@ -289,9 +334,19 @@ def test_dbp_trainer_reads_the_device_once_per_optimizer_step(tmp_path, monkeypa
 
     model = tiny_mae()
     data = Dataset.from_dict({"pixel_values": torch.randn(16, 3, 16, 16).numpy()}).with_format("torch")
-    args = DBPTrainingArguments(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3,
-                                logging_steps=100, report_to="none", save_strategy="no", disable_tqdm=True,
-                                use_cpu=True, dataloader_num_workers=0, track_emissions=False)  # fmt: skip
+    args = DBPTrainingArguments(
+        tmp_path,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        logging_steps=100,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        track_emissions=False,
+    )
     trainer = DBPTrainer(model=model, args=args, train_dataset=data)
     update, reads = DecorrelationHook.step, []
 
@@ -314,9 +369,19 @@ def test_dbp_trainer_updates_R_every_k_steps_and_reforms_the_folds_at_every_step
 
     model = tiny_mae()
     data = Dataset.from_dict({"pixel_values": torch.randn(24, 3, 16, 16).numpy()}).with_format("torch")
-    args = DBPTrainingArguments(tmp_path, per_device_train_batch_size=4, max_steps=6, decorrelation_update_every=3,
-                                logging_steps=100, report_to="none", save_strategy="no", disable_tqdm=True,
-                                use_cpu=True, dataloader_num_workers=0, track_emissions=False)  # fmt: skip
+    args = DBPTrainingArguments(
+        tmp_path,
+        per_device_train_batch_size=4,
+        max_steps=6,
+        decorrelation_update_every=3,
+        logging_steps=100,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        track_emissions=False,
+    )
     trainer = DBPTrainer(model=model, args=args, train_dataset=data)
     modules = decorrelation_modules(model)
     history = []
@@ -389,8 +454,9 @@ def test_batched_updates_of_equal_shaped_R_equal_the_one_by_one_updates(variance
     core.update_rule = recorded
     try:
         with Reads() as counter:
-            batched_loss = decorrelation_step(batched, lr=0.1, kappa=0.2, variance_form=variance_form,
-                                              batch_updates=True)  # fmt: skip
+            batched_loss = decorrelation_step(
+                batched, lr=0.1, kappa=0.2, variance_form=variance_form, batch_updates=True
+            )
     finally:
         core._BATCH_BYTES, core.update_rule = original, rule
     assert sorted(stacks) == [(2, 16, 16), (2, 16, 16), (3, 12, 12), (8, 8)]  # the 8-wide R alone, unstacked

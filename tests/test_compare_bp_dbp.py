@@ -52,9 +52,12 @@ def test_time_saved_is_measured_at_bps_best_loss():
     assert result["emissions_saved_fraction"] == pytest.approx(1 - 2.4 / 3.0)
     never = curve([(10, 12.0, 0.8, 1.2), (20, 24.0, 0.61, 2.4)])
     assert compare(bp, never) == {
-        "dbp_steps_to_bp_best": None, "dbp_seconds_to_bp_best": None, "steps_saved_fraction": None,
-        "time_saved_fraction": None, "emissions_saved_fraction": None,
-    }  # fmt: skip
+        "dbp_steps_to_bp_best": None,
+        "dbp_seconds_to_bp_best": None,
+        "steps_saved_fraction": None,
+        "time_saved_fraction": None,
+        "emissions_saved_fraction": None,
+    }
     assert summarize([0.2, None, 0.4])["reached"] == "2/3"
 
 
@@ -157,16 +160,47 @@ def test_comparison_from_a_dbp_checkpoint_with_finetuning_end_to_end(tmp_path):
     randomise_R(original, scale=0.1)
     original.save_pretrained(tmp_path / "dbp")
     ade20k = make_demo_ade20k(str(tmp_path / "ade20k"), num_train=4, num_validation=2, size=32, seed=0)
-    finetune = ("--upernet_hidden_size 16 --auxiliary_channels 8 --crop_size 32 --per_device_train_batch_size 2 "
-                "--per_device_eval_batch_size 2 --max_steps 2 --warmup_steps 0 --dataloader_num_workers 0")  # fmt: skip
+    finetune = (
+        "--upernet_hidden_size 16 --auxiliary_channels 8 --crop_size 32 --per_device_train_batch_size 2 "
+        "--per_device_eval_batch_size 2 --max_steps 2 --warmup_steps 0 --dataloader_num_workers 0"
+    )
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "compare_bp_dbp.py"), "--output_dir", str(tmp_path / "cmp"),
-         "--model_name_or_path", str(tmp_path / "dbp"), "--decorrelation_lr", "0", "--max_steps", "2",
-         "--eval_steps", "1", "--per_device_train_batch_size", "8", "--max_train_samples", "32",
-         "--max_eval_samples", "8", "--emissions_country", "FRA", "--seeds", "0", "--demo_photos", "alternate",
-         "--finetune_data_dir", ade20k, "--finetune_args", finetune],
-        cwd=ROOT, env=offline_env(tmp_path / "hf"), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "examples" / "compare_bp_dbp.py"),
+            "--output_dir",
+            str(tmp_path / "cmp"),
+            "--model_name_or_path",
+            str(tmp_path / "dbp"),
+            "--decorrelation_lr",
+            "0",
+            "--max_steps",
+            "2",
+            "--eval_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "8",
+            "--max_train_samples",
+            "32",
+            "--max_eval_samples",
+            "8",
+            "--emissions_country",
+            "FRA",
+            "--seeds",
+            "0",
+            "--demo_photos",
+            "alternate",
+            "--finetune_data_dir",
+            ade20k,
+            "--finetune_args",
+            finetune,
+        ],
+        cwd=ROOT,
+        env=offline_env(tmp_path / "hf"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (result.stdout + result.stderr).count("embedded alternate demo set") == 2
     matrices = [k for k in original.state_dict() if k.endswith("_decorrelation.R")]
@@ -202,11 +236,20 @@ def fake_runs(monkeypatch, loss_of) -> list[list[str]]:
         flag = {
             name: command[i + 1] for i, name in enumerate(command) if name.startswith("--") and i + 1 < len(command)
         }
-        method = ("bp" if "--bp_baseline" in command else "dbp") + ("" if flag["--matrix_optimizer"] == "adamw" else
-                                                                   "_" + flag["--matrix_optimizer"])  # fmt: skip
+        method = ("bp" if "--bp_baseline" in command else "dbp") + (
+            "" if flag["--matrix_optimizer"] == "adamw" else "_" + flag["--matrix_optimizer"]
+        )
         rate, output = float(flag["--base_learning_rate"]), flag["--output_dir"]
-        history = [{"step": step, "train_seconds": 1.0 * step, "eval_loss": loss_of(method, rate, step),
-                    "energy_kwh": 1e-6 * step, "emissions_g": 1e-3 * step} for step in (2, 4)]  # fmt: skip
+        history = [
+            {
+                "step": step,
+                "train_seconds": 1.0 * step,
+                "eval_loss": loss_of(method, rate, step),
+                "energy_kwh": 1e-6 * step,
+                "emissions_g": 1e-3 * step,
+            }
+            for step in (2, 4)
+        ]
         history += [
             {"step": step, "train_seconds": 1.0 * step, "loss": 1.0, "decorrelation_loss": 0.1} for step in (2, 4)
         ]
@@ -276,15 +319,21 @@ def run_mae_arguments(command: list[str]):
         spec = importlib.util.spec_from_file_location("run_mae_dbp_parsed", ROOT / "examples" / "run_mae_dbp.py")
         module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    parser = HfArgumentParser((module.ModelArguments, module.DataTrainingArguments, module.DBPArguments,
-                               module.CustomTrainingArguments))  # fmt: skip
+    parser = HfArgumentParser(
+        (module.ModelArguments, module.DataTrainingArguments, module.DBPArguments, module.CustomTrainingArguments)
+    )
     _, _, dbp, training = parser.parse_args_into_dataclasses(args=command[command.index("--output_dir") :])
     return dbp, training
 
 
-@pytest.mark.parametrize("optimizer, optim, matrices, schedule", [
-    ("soap", "default", "soap", "cosine"), ("muon", "default", "muon", "cosine"),
-    ("schedulefree", "schedule_free_adamw", "adamw", "constant")])  # fmt: skip
+@pytest.mark.parametrize(
+    "optimizer, optim, matrices, schedule",
+    [
+        ("soap", "default", "soap", "cosine"),
+        ("muon", "default", "muon", "cosine"),
+        ("schedulefree", "schedule_free_adamw", "adamw", "constant"),
+    ],
+)
 def test_each_peer_optimizer_reaches_run_mae_dbp_as_its_flags(tmp_path, optimizer, optim, matrices, schedule):
     if optim == "default":  # AdamW as transformers builds it by default (for the parameters the matrices leave)
         optim = TrainingArguments.__dataclass_fields__["optim"].default
@@ -304,19 +353,46 @@ def test_a_bad_peer_learning_rate_is_refused_with_the_arguments(item):
     assert ComparisonArguments(optimizer_base_learning_rates=["soap=3e-3"]).peer_rates() == {"soap": 3e-3}
 
 
-TINY_MAE = ("image_size=16,patch_size=4,hidden_size=24,num_hidden_layers=2,num_attention_heads=2,intermediate_size=48,"
-            "decoder_hidden_size=16,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,decoder_intermediate_size=32")  # fmt: skip
+TINY_MAE = (
+    "image_size=16,patch_size=4,hidden_size=24,num_hidden_layers=2,num_attention_heads=2,intermediate_size=48,"
+    "decoder_hidden_size=16,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,decoder_intermediate_size=32"
+)
 
 
 def test_settings_sweep_tunes_bp_and_measures_every_variant_against_the_best_bp(tmp_path):
-    variants = ["bp:weight_decay=0,base_learning_rate=1e-2",
-                "dbp:decorrelation_lr_schedule=tied,decorrelation_layers=qkv fc1,decorrelation_kappa=0.1"]  # fmt: skip
+    variants = [
+        "bp:weight_decay=0,base_learning_rate=1e-2",
+        "dbp:decorrelation_lr_schedule=tied,decorrelation_layers=qkv fc1,decorrelation_kappa=0.1",
+    ]
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "sweep_bp_dbp.py"), "--output_dir", str(tmp_path / "sweep"),
-         "--config_overrides", TINY_MAE, "--max_steps", "4", "--eval_steps", "2", "--per_device_train_batch_size", "8",
-         "--max_train_samples", "32", "--max_eval_samples", "8", "--seeds", "0", "--variants", *variants],
-        cwd=ROOT, env=offline_env(tmp_path / "hf"), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "examples" / "sweep_bp_dbp.py"),
+            "--output_dir",
+            str(tmp_path / "sweep"),
+            "--config_overrides",
+            TINY_MAE,
+            "--max_steps",
+            "4",
+            "--eval_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "8",
+            "--max_train_samples",
+            "32",
+            "--max_eval_samples",
+            "8",
+            "--seeds",
+            "0",
+            "--variants",
+            *variants,
+        ],
+        cwd=ROOT,
+        env=offline_env(tmp_path / "hf"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     means = {v: sweep["variants"][v]["mean_best_eval_loss"] for v in variants}
@@ -338,19 +414,50 @@ def test_settings_sweep_tunes_bp_and_measures_every_variant_against_the_best_bp(
     # Rerun with --reuse_runs (a sweep stopped half-way, or shrunk): the finished runs of the same commands are read,
     # not rerun, and make the same sweep.
     again = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "sweep_bp_dbp.py"), "--output_dir", str(tmp_path / "sweep"),
-         "--config_overrides", TINY_MAE, "--max_steps", "4", "--eval_steps", "2", "--per_device_train_batch_size", "8",
-         "--max_train_samples", "32", "--max_eval_samples", "8", "--seeds", "0", "--variants", variants[0],
-         "--reuse_runs"], cwd=ROOT, env=offline_env(tmp_path / "hf"), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "examples" / "sweep_bp_dbp.py"),
+            "--output_dir",
+            str(tmp_path / "sweep"),
+            "--config_overrides",
+            TINY_MAE,
+            "--max_steps",
+            "4",
+            "--eval_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "8",
+            "--max_train_samples",
+            "32",
+            "--max_eval_samples",
+            "8",
+            "--seeds",
+            "0",
+            "--variants",
+            variants[0],
+            "--reuse_runs",
+        ],
+        cwd=ROOT,
+        env=offline_env(tmp_path / "hf"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("reusing the finished run") == 1 and "Done:" not in again.stdout + again.stderr
     rerun = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"][variants[0]]
     assert rerun == sweep["runs"][variants[0]]
 
 
-@pytest.mark.parametrize("variant, message", [("dbp:decorrelation_lr", "name=value"), ("dbp:no_such=1", "name=value"),
-                                              ("adam:weight_decay=0", "the method"), ("dbp:seeds=3", "name=value")])  # fmt: skip
+@pytest.mark.parametrize(
+    "variant, message",
+    [
+        ("dbp:decorrelation_lr", "name=value"),
+        ("dbp:no_such=1", "name=value"),
+        ("adam:weight_decay=0", "the method"),
+        ("dbp:seeds=3", "name=value"),
+    ],
+)
 def test_a_bad_sweep_variant_is_refused_before_any_run(monkeypatch, tmp_path, variant, message):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a run started"))
     with pytest.raises(ValueError, match=message):

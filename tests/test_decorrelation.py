@@ -253,7 +253,12 @@ def test_two_processes_end_with_identical_R_from_the_rows_of_both():
     # Independent computation over the rows of both ranks together.
     R = torch.eye(6, dtype=torch.float64)
     for step in range(2):
-        rows = torch.cat([torch.randn(7 + r, 6, generator=torch.Generator().manual_seed(100 * step + r), dtype=torch.float64) for r in (0, 1)])
+        rows = torch.cat(
+            [
+                torch.randn(7 + r, 6, generator=torch.Generator().manual_seed(100 * step + r), dtype=torch.float64)
+                for r in (0, 1)
+            ]
+        )
         R, _ = reference_update(R, rows, lr=0.1, kappa=0.2)
     torch.testing.assert_close(results[0]["abc"], R)
 
@@ -540,7 +545,9 @@ def test_modules_built_from_one_torch_generator_share_its_sequence():
     rows = torch.arange(1.0, 101.0)[:, None]
     first.observe(rows)
     second.observe(rows)
-    assert not torch.equal(first.second_moment_sum(), second.second_moment_sum())  # different rows, not one stream copied twice
+    assert not torch.equal(
+        first.second_moment_sum(), second.second_moment_sum()
+    )  # different rows, not one stream copied twice
 
 
 def test_an_unknown_layer_kind_is_refused_with_its_name_and_the_choices():

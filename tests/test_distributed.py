@@ -19,7 +19,9 @@ def free_port() -> int:
 
 
 def run(command, tmp_path, timeout=300):
-    result = subprocess.run(command, cwd=ROOT, env=offline_env(tmp_path / "hf"), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        command, cwd=ROOT, env=offline_env(tmp_path / "hf"), capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -33,8 +35,20 @@ def reference_update(R, rows, lr=0.05, kappa=0.3):
 
 
 def test_torchrun_ddp_ranks_end_with_the_same_R_computed_from_all_ranks_rows(tmp_path):
-    output = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                  str(free_port()), str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path)], tmp_path)  # fmt: skip
+    output = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(ROOT / "tests" / "ddp_worker.py"),
+            str(tmp_path),
+        ],
+        tmp_path,
+    )
     assert "R identical on all 2 processes" in output
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert torch.equal(results[0]["R"], results[1]["R"])
@@ -53,22 +67,60 @@ def test_torchrun_ddp_ranks_end_with_the_same_R_computed_from_all_ranks_rows(tmp
 
 
 def test_example_script_with_two_processes(tmp_path):
-    output = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                  str(ROOT / "examples" / "accelerate_configs" / "cpu_2_processes.yaml"), "--main_process_port",
-                  str(free_port()), str(ROOT / "examples" / "run_mae_dbp.py"), "--output_dir", str(tmp_path / "out"),
-                  "--config_overrides", "image_size=16,patch_size=4,hidden_size=24,num_hidden_layers=2,"
-                  "num_attention_heads=2,intermediate_size=48,decoder_hidden_size=16,decoder_num_hidden_layers=1,"
-                  "decoder_num_attention_heads=2,decoder_intermediate_size=32", "--max_train_samples", "32",
-                  "--max_eval_samples", "8", "--per_device_train_batch_size", "4", "--max_steps", "3",
-                  "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no", "--track_emissions", "false"],
-                 tmp_path)  # fmt: skip
+    output = run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / "examples" / "accelerate_configs" / "cpu_2_processes.yaml"),
+            "--main_process_port",
+            str(free_port()),
+            str(ROOT / "examples" / "run_mae_dbp.py"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--config_overrides",
+            "image_size=16,patch_size=4,hidden_size=24,num_hidden_layers=2,"
+            "num_attention_heads=2,intermediate_size=48,decoder_hidden_size=16,decoder_num_hidden_layers=1,"
+            "decoder_num_attention_heads=2,decoder_intermediate_size=32",
+            "--max_train_samples",
+            "32",
+            "--max_eval_samples",
+            "8",
+            "--per_device_train_batch_size",
+            "4",
+            "--max_steps",
+            "3",
+            "--logging_steps",
+            "1",
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "no",
+            "--track_emissions",
+            "false",
+        ],
+        tmp_path,
+    )
     assert "R identical on all 2 processes" in output
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
 def test_fsdp_with_R_left_out_of_the_sharding_keeps_R_identical(tmp_path):
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path)], tmp_path)  # fmt: skip
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(ROOT / "tests" / "fsdp_worker.py"),
+            str(tmp_path),
+        ],
+        tmp_path,
+    )
     ranks = [torch.load(tmp_path / f"fsdp_rank{r}.pt") for r in (0, 1)]
     assert ranks[0]["ignored"] == 1 + 4 * 2  # every R found by the config's regex
     assert all(all(step) for rank in ranks for step in rank["r_grads_none"])  # with every requires_grad turned on
@@ -76,7 +128,10 @@ def test_fsdp_with_R_left_out_of_the_sharding_keeps_R_identical(tmp_path):
     for a, b in zip(ranks[0]["R"], ranks[1]["R"], strict=True):
         assert torch.equal(a, b)
     assert any(not torch.equal(R, torch.eye(R.shape[0])) for R in ranks[0]["R"])
-    assert "fsdp_ignored_modules: \".*_decorrelation\"" in (ROOT / "examples" / "accelerate_configs" / "fsdp.yaml").read_text()
+    assert (
+        'fsdp_ignored_modules: ".*_decorrelation"'
+        in (ROOT / "examples" / "accelerate_configs" / "fsdp.yaml").read_text()
+    )
 
 
 def test_distributed_step_benchmark_counts_what_dbp_sends(tmp_path):
@@ -84,9 +139,30 @@ def test_distributed_step_benchmark_counts_what_dbp_sends(tmp_path):
     import json
 
     output = tmp_path / "traffic.jsonl"
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         str(ROOT / "benchmarks" / "distributed_step.py"), "--models", "demo", "--full_step", "--per_device_batch", "8",
-         "--steps", "1", "--warmup", "0", "--output", str(output)], tmp_path)  # fmt: skip
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(ROOT / "benchmarks" / "distributed_step.py"),
+            "--models",
+            "demo",
+            "--full_step",
+            "--per_device_batch",
+            "8",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--output",
+            str(output),
+        ],
+        tmp_path,
+    )
     result = json.loads(output.read_text())
     assert result["model"] == "demo" and result["processes"] == 2 and result["matrices_R"] == 17
     # 8 images x (1 + 16 visible) tokens x 0.1 = 14 rows per process on 96- and 384-wide R: rows, in gloo's slots.
@@ -116,13 +192,47 @@ def test_segmentation_evaluates_on_two_processes_with_images_of_other_sizes_on_e
     validation = load_ade20k_folder(data)["validation"]
     assert len({row["image"].size for row in validation}) > 1
     out = tmp_path / "out"
-    run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         str(ROOT / "examples" / "accelerate_configs" / "cpu_2_processes.yaml"), "--main_process_port", str(free_port()),
-         str(ROOT / "examples" / "run_segmentation.py"), "--model_name_or_path", str(tmp_path / "encoder"),
-         "--data_dir", data, "--output_dir", str(out), "--upernet_hidden_size", "16", "--auxiliary_channels", "8",
-         "--crop_size", "32", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "1",
-         "--max_steps", "2", "--warmup_steps", "0", "--report_to", "none", "--save_strategy", "no",
-         "--dataloader_num_workers", "0", "--track_emissions", "false"], tmp_path)  # fmt: skip
+    run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / "examples" / "accelerate_configs" / "cpu_2_processes.yaml"),
+            "--main_process_port",
+            str(free_port()),
+            str(ROOT / "examples" / "run_segmentation.py"),
+            "--model_name_or_path",
+            str(tmp_path / "encoder"),
+            "--data_dir",
+            data,
+            "--output_dir",
+            str(out),
+            "--upernet_hidden_size",
+            "16",
+            "--auxiliary_channels",
+            "8",
+            "--crop_size",
+            "32",
+            "--per_device_train_batch_size",
+            "2",
+            "--per_device_eval_batch_size",
+            "1",
+            "--max_steps",
+            "2",
+            "--warmup_steps",
+            "0",
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "no",
+            "--dataloader_num_workers",
+            "0",
+            "--track_emissions",
+            "false",
+        ],
+        tmp_path,
+    )
     results = json.loads((out / "all_results.json").read_text())
     model = AutoModelForSemanticSegmentation.from_pretrained(out).eval()
     processor = AutoImageProcessor.from_pretrained(out)

@@ -390,6 +390,7 @@ def anchors(path: Path) -> set[str]:
 
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 
+
 def broken_links(page: str, root: Path = ROOT) -> list[str]:
     _, prose = read_page(page, root)
     text = "\n".join(re.sub(r"`[^`]*`", "", line) for line in prose)

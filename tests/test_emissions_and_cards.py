@@ -43,17 +43,49 @@ TINY_SEGMENTATION_ENCODER = {**TINY_MAE, "num_hidden_layers": 4}
 # DBP settings no default has, so that the card shows the run's own values.
 DECORRELATION_LR, KAPPA = 0.0025, 0.02
 MAE_FLAGS = [
-    "--config_overrides", ",".join(f"{key}={value}" for key, value in TINY_MAE.items()),
-    "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--logging_steps", "1",
-    "--report_to", "none", "--dataloader_num_workers", "0",
-    "--decorrelation_lr", str(DECORRELATION_LR), "--decorrelation_kappa", str(KAPPA),
-]  # fmt: skip
+    "--config_overrides",
+    ",".join(f"{key}={value}" for key, value in TINY_MAE.items()),
+    "--per_device_train_batch_size",
+    "4",
+    "--per_device_eval_batch_size",
+    "4",
+    "--logging_steps",
+    "1",
+    "--report_to",
+    "none",
+    "--dataloader_num_workers",
+    "0",
+    "--decorrelation_lr",
+    str(DECORRELATION_LR),
+    "--decorrelation_kappa",
+    str(KAPPA),
+]
 SEGMENTATION_FLAGS = [
-    "--upernet_hidden_size", "16", "--auxiliary_channels", "8", "--crop_size", "32", "--max_steps", "2",
-    "--warmup_steps", "0", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
-    "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no", "--dataloader_num_workers", "0",
-    "--emissions_country", "DEU",
-]  # fmt: skip
+    "--upernet_hidden_size",
+    "16",
+    "--auxiliary_channels",
+    "8",
+    "--crop_size",
+    "32",
+    "--max_steps",
+    "2",
+    "--warmup_steps",
+    "0",
+    "--per_device_train_batch_size",
+    "4",
+    "--per_device_eval_batch_size",
+    "4",
+    "--logging_steps",
+    "1",
+    "--report_to",
+    "none",
+    "--save_strategy",
+    "no",
+    "--dataloader_num_workers",
+    "0",
+    "--emissions_country",
+    "DEU",
+]
 # codecarbon's emissions.csv header (codecarbon 3.3), copied from a real run.
 EMISSIONS_CSV_HEADER = (
     "timestamp,project_name,run_id,experiment_id,duration,emissions,emissions_rate,cpu_power,gpu_power,ram_power,"
@@ -100,14 +132,35 @@ def write_images(folder: Path, count: int, seed: int) -> None:
 def write_emissions_csv(folder: Path, rows: list[dict[str, str]]) -> None:
     """An emissions.csv in codecarbon's format; fields not given are those of a real row."""
     example = {
-        "timestamp": "2026-01-01T00:00:00", "project_name": "hf-dbp", "run_id": "r", "experiment_id": "e",
-        "duration": "12.5", "emissions_rate": "0.0001", "cpu_power": "42.5", "gpu_power": "0.0", "ram_power": "20.0",
-        "cpu_energy": "0.004", "gpu_energy": "0.0", "ram_energy": "0.001", "energy_consumed": "0.005",
-        "water_consumed": "0.0", "country_name": "France", "country_iso_code": "FRA", "os": "Linux",
-        "python_version": "3.11.7", "codecarbon_version": "3.3.2", "cpu_count": "8", "cpu_model": "AMD EPYC",
-        "gpu_count": "0", "gpu_model": "", "ram_total_size": "32.0", "tracking_mode": "machine", "on_cloud": "N",
-        "pue": "1.0", "wue": "0.0",
-    }  # fmt: skip
+        "timestamp": "2026-01-01T00:00:00",
+        "project_name": "hf-dbp",
+        "run_id": "r",
+        "experiment_id": "e",
+        "duration": "12.5",
+        "emissions_rate": "0.0001",
+        "cpu_power": "42.5",
+        "gpu_power": "0.0",
+        "ram_power": "20.0",
+        "cpu_energy": "0.004",
+        "gpu_energy": "0.0",
+        "ram_energy": "0.001",
+        "energy_consumed": "0.005",
+        "water_consumed": "0.0",
+        "country_name": "France",
+        "country_iso_code": "FRA",
+        "os": "Linux",
+        "python_version": "3.11.7",
+        "codecarbon_version": "3.3.2",
+        "cpu_count": "8",
+        "cpu_model": "AMD EPYC",
+        "gpu_count": "0",
+        "gpu_model": "",
+        "ram_total_size": "32.0",
+        "tracking_mode": "machine",
+        "on_cloud": "N",
+        "pue": "1.0",
+        "wue": "0.0",
+    }
     fields = EMISSIONS_CSV_HEADER.split(",")
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "emissions.csv", "w", newline="") as file:
@@ -144,31 +197,97 @@ def runs(tmp_path_factory) -> dict[str, Run]:
     make_demo_ade20k(str(root / "ade20k"), num_train=8, num_validation=4, size=32)
 
     launch_two = [
-        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-    ]  # fmt: skip
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     commands = {
         # `--cpu` would start one process only (accelerate's simple launcher); `--multi_gpu` starts two through
         # torchrun, and the script's --use_cpu makes them a gloo group on the CPU (without it each would think it
         # runs alone, on the same output_dir).
-        "two_processes": [*launch_two, MAE_SCRIPT, "--use_cpu", *images, *MAE_FLAGS, "--per_device_train_batch_size",
-                          "2", "--max_steps", "3", "--save_strategy", "no", "--emissions_country", "FRA"],
-        "dbp": [MAE_SCRIPT, *images, *MAE_FLAGS, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
-                "--emissions_country", "FRA"],
-        "segmentation": [SEGMENTATION_SCRIPT, "--model_name_or_path", root / "encoder", "--data_dir", root / "ade20k",
-                         *SEGMENTATION_FLAGS],
-        "bp": [MAE_SCRIPT, *images, *MAE_FLAGS, "--bp_baseline", "--max_steps", "2", "--save_strategy", "no",
-               "--emissions_country", "FRA"],
-        "resumed": [MAE_SCRIPT, *images, *MAE_FLAGS, "--max_steps", "4", "--save_strategy", "steps", "--save_steps",
-                    "2", "--emissions_country", "FRA", "--resume_from_checkpoint", root / "dbp" / "out" / "checkpoint-2"],
-    }  # fmt: skip
+        "two_processes": [
+            *launch_two,
+            MAE_SCRIPT,
+            "--use_cpu",
+            *images,
+            *MAE_FLAGS,
+            "--per_device_train_batch_size",
+            "2",
+            "--max_steps",
+            "3",
+            "--save_strategy",
+            "no",
+            "--emissions_country",
+            "FRA",
+        ],
+        "dbp": [
+            MAE_SCRIPT,
+            *images,
+            *MAE_FLAGS,
+            "--max_steps",
+            "4",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "2",
+            "--emissions_country",
+            "FRA",
+        ],
+        "segmentation": [
+            SEGMENTATION_SCRIPT,
+            "--model_name_or_path",
+            root / "encoder",
+            "--data_dir",
+            root / "ade20k",
+            *SEGMENTATION_FLAGS,
+        ],
+        "bp": [
+            MAE_SCRIPT,
+            *images,
+            *MAE_FLAGS,
+            "--bp_baseline",
+            "--max_steps",
+            "2",
+            "--save_strategy",
+            "no",
+            "--emissions_country",
+            "FRA",
+        ],
+        "resumed": [
+            MAE_SCRIPT,
+            *images,
+            *MAE_FLAGS,
+            "--max_steps",
+            "4",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "2",
+            "--emissions_country",
+            "FRA",
+            "--resume_from_checkpoint",
+            root / "dbp" / "out" / "checkpoint-2",
+        ],
+    }
 
     def start(name: str) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, *map(str, commands[name]), "--output_dir", str(root / name / "out")],
-            cwd=REPO_ROOT, env=subprocess_env(root / name / "hf_home"), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, timeout=300,
-        )  # fmt: skip
+            cwd=REPO_ROOT,
+            env=subprocess_env(root / name / "hf_home"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=300,
+        )
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(start, name) for name in commands if name not in ("dbp", "resumed")}
@@ -312,14 +431,17 @@ def test_resumed_script_run_goes_on_from_the_checkpoint_figures(runs):
         assert float(rows[0][column]) > carried[column] > 0, (column, rows[0][column], carried)
     results = read_json(run.output_dir / "all_results.json")
     assert math.isclose(results["train_energy_kwh"], float(rows[-1]["energy_consumed"]), rel_tol=REL)
-    assert math.isclose(load_card(run.output_dir).data.co2_eq_emissions["emissions"], results["train_emissions_g"],
-                        rel_tol=REL)  # fmt: skip
+    assert math.isclose(
+        load_card(run.output_dir).data.co2_eq_emissions["emissions"], results["train_emissions_g"], rel_tol=REL
+    )
     records = training_records(run.output_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for key in ("energy_kwh", "train_seconds"):
         values = [r[key] for r in records]
         assert values == sorted(values), (key, values)
-    assert records[2]["energy_kwh"] > carried["energy_consumed"] and records[2]["train_seconds"] > totals["train_seconds"]
+    assert (
+        records[2]["energy_kwh"] > carried["energy_consumed"] and records[2]["train_seconds"] > totals["train_seconds"]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -360,13 +482,25 @@ def test_segmentation_card_maps_each_metric(runs, tmp_path):
     (tmp_path / "all_results.json").write_text(
         json.dumps({"eval_mean_iou": 0.25, "eval_mean_accuracy": 0.5, "eval_overall_accuracy": 0.75, "eval_loss": 2.0})
     )
-    write_emissions_csv(tmp_path, [{"emissions": "0.5", "country_name": "Germany", "country_iso_code": "DEU",
-                                    "gpu_count": "2", "gpu_model": "NVIDIA H100"}])  # fmt: skip
+    write_emissions_csv(
+        tmp_path,
+        [
+            {
+                "emissions": "0.5",
+                "country_name": "Germany",
+                "country_iso_code": "DEU",
+                "gpu_count": "2",
+                "gpu_model": "NVIDIA H100",
+            }
+        ],
+    )
     write_model_card(str(tmp_path), config, base_model="some/encoder")
     card = load_card(tmp_path)
     assert {r.metric_type: r.metric_value for r in card.data.eval_results} == {
-        "mean_iou": 0.25, "mean_accuracy": 0.5, "overall_accuracy": 0.75,
-    }  # fmt: skip
+        "mean_iou": 0.25,
+        "mean_accuracy": 0.5,
+        "overall_accuracy": 0.75,
+    }
     assert card.data.co2_eq_emissions["emissions"] == 500.0
     assert "2 x NVIDIA H100" in card.data.co2_eq_emissions["hardware_used"]
 
@@ -377,8 +511,13 @@ def test_segmentation_card_maps_each_metric(runs, tmp_path):
 
 def test_read_emissions_csv_gives_grams_from_the_last_row(tmp_path):
     """codecarbon writes kg; the report is in grams, from the last (cumulative) row."""
-    write_emissions_csv(tmp_path, [{"emissions": "0.001", "energy_consumed": "0.004"},
-                                   {"emissions": "0.002", "energy_consumed": "0.005", "duration": "30.0"}])  # fmt: skip
+    write_emissions_csv(
+        tmp_path,
+        [
+            {"emissions": "0.001", "energy_consumed": "0.004"},
+            {"emissions": "0.002", "energy_consumed": "0.005", "duration": "30.0"},
+        ],
+    )
     report = read_emissions_csv(str(tmp_path))
     assert report.emissions_g == pytest.approx(2.0, rel=REL)
     assert report.energy_kwh == pytest.approx(0.005, rel=REL)

@@ -61,10 +61,19 @@ def train(output_dir: Path, resume=None, callbacks=()) -> tuple[DBPTrainer, dict
     model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**TINY))
     data = Dataset.from_dict({"pixel_values": torch.randn(32, 3, 16, 16).numpy()}).with_format("torch")
     args = DBPTrainingArguments(
-        emissions_country="FRA", output_dir=str(output_dir), per_device_train_batch_size=8, max_steps=4, logging_steps=1,
-        save_strategy="steps", save_steps=2, report_to="none", disable_tqdm=True, use_cpu=True, seed=0,
+        emissions_country="FRA",
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        max_steps=4,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
         dataloader_num_workers=0,
-    )  # fmt: skip
+    )
     trainer = DBPTrainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks))
     metrics = trainer.train(resume_from_checkpoint=resume).metrics
     trainer.save_model()
@@ -102,11 +111,16 @@ def test_resumed_run_reports_what_an_uninterrupted_run_does(tmp_path, fake_track
         assert resumed_metrics[key] == full_metrics[key], key
     assert card_figures(tmp_path / "resumed") == card_figures(tmp_path / "full")
     for column in ("energy_consumed", "emissions", "duration"):
-        assert last_row(tmp_path / "resumed" / "emissions.csv")[column] == last_row(tmp_path / "full" / "emissions.csv")[column]
+        assert (
+            last_row(tmp_path / "resumed" / "emissions.csv")[column]
+            == last_row(tmp_path / "full" / "emissions.csv")[column]
+        )
     for name in ("full", "resumed"):
         assert read_emissions_csv(str(tmp_path / name)) == full.emissions
-    assert (read_json(tmp_path / "resumed" / "checkpoint-4" / RUN_TOTALS)["machines"]
-            == read_json(tmp_path / "full" / "checkpoint-4" / RUN_TOTALS)["machines"])  # fmt: skip
+    assert (
+        read_json(tmp_path / "resumed" / "checkpoint-4" / RUN_TOTALS)["machines"]
+        == read_json(tmp_path / "full" / "checkpoint-4" / RUN_TOTALS)["machines"]
+    )
 
     records = [r for r in resumed.state.log_history if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # 1 and 2 from the checkpoint's trainer state
@@ -134,8 +148,11 @@ def test_resume_without_run_totals_counts_from_the_resume_and_says_so(tmp_path, 
 
 
 def test_carried_figures_of_machines_a_resumed_run_lacks_go_to_machine_0(caplog):
-    machines = [{"energy_consumed": 1.0, "emissions": 0.5, "duration": 10.0}, {"energy_consumed": 2.0},
-                {"energy_consumed": 4.0, "duration": 30.0}]  # fmt: skip
+    machines = [
+        {"energy_consumed": 1.0, "emissions": 0.5, "duration": 10.0},
+        {"energy_consumed": 2.0},
+        {"energy_consumed": 4.0, "duration": 30.0},
+    ]
     assert carried_for_machine(machines, 0, 3)["energy_consumed"] == 1.0
     assert carried_for_machine(machines, 1, 2) == carried_for_machine([{"energy_consumed": 2.0}], 0, 1)
     on_two = carried_for_machine(machines, 0, 2)
@@ -153,9 +170,12 @@ def test_records_of_a_run_on_another_number_of_machines_are_set_aside(tmp_path, 
     meter.start()
     report = meter.read(stop=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "emissions.csv.bak", "emissions_machine0.csv", "emissions_machine0.csv.bak", "emissions_machine1.csv",
+        "emissions.csv.bak",
+        "emissions_machine0.csv",
+        "emissions_machine0.csv.bak",
+        "emissions_machine1.csv",
         "emissions_machine2.csv.bak",
-    ]  # fmt: skip
+    ]
     # Machine 0's own stale file had other columns: backed up too (by the writer, as codecarbon does), rows afresh.
     assert float(last_row(tmp_path / "emissions_machine0.csv")["energy_consumed"]) == report.energy_kwh
 
@@ -174,12 +194,34 @@ def test_two_machines_keep_a_record_each_and_resume_each_from_its_own(tmp_path):
     logs = [tmp_path / f"node{k}.log" for k in (0, 1)]
     processes = []
     for k in (0, 1):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                   "--node-rank", str(k), "--master-addr", "127.0.0.1", "--master-port", port, str(WORKER),
-                   str(tmp_path)]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "1",
+            "--node-rank",
+            str(k),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            port,
+            str(WORKER),
+            str(tmp_path),
+        ]
         with open(logs[k], "w") as log:
-            processes.append(subprocess.Popen(command, cwd=REPO_ROOT, env=offline_env(tmp_path / "hf"), stdout=log,
-                                              stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+            processes.append(
+                subprocess.Popen(
+                    command,
+                    cwd=REPO_ROOT,
+                    env=offline_env(tmp_path / "hf"),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
     try:
         codes = [p.wait(timeout=120) for p in processes]
     finally:
@@ -196,7 +238,9 @@ def test_two_machines_keep_a_record_each_and_resume_each_from_its_own(tmp_path):
     energy = [float(rows[k]["energy_consumed"]) for k in (0, 1)]
     assert energy[0] > 0 and energy[1] == 2 * energy[0]  # each machine its own tracker's figures
     total = read_emissions_csv(str(full))
-    assert total.energy_kwh == sum(energy) and total.emissions_g == sum(float(rows[k]["emissions"]) * 1000.0 for k in (0, 1))
+    assert total.energy_kwh == sum(energy) and total.emissions_g == sum(
+        float(rows[k]["emissions"]) * 1000.0 for k in (0, 1)
+    )
     assert total.hardware.startswith("2 machines: ") and "rate 1" in total.hardware and "rate 2" in total.hardware
     assert reported["full"] == total.to_dict()  # the train metrics and the trainer's report: the files' sum
     co2, lines = card_figures(full)

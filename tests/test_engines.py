@@ -118,9 +118,24 @@ def test_fsdp2_with_R_left_out_trains_as_an_unsharded_model(tmp_path):
     """examples/accelerate_configs/fsdp2.yaml on 2 CPU processes, the model sharded by accelerate's fsdp2_prepare_model
     with the plugin accelerate built from the file, DBP attached to the optimizer, 2 micro-batches per step: gradients,
     outputs and R follow an unsharded model trained on both processes' data, and R is whole and identical on both."""
-    launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp2.yaml"),
-            "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
-            str(ROOT / "tests" / "fsdp2_worker.py"), str(tmp_path)], tmp_path)  # fmt: skip
+    launch(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(CONFIGS / "fsdp2.yaml"),
+            "--num_processes",
+            "2",
+            "--mixed_precision",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            str(ROOT / "tests" / "fsdp2_worker.py"),
+            str(tmp_path),
+        ],
+        tmp_path,
+    )
     ranks = [torch.load(tmp_path / f"fsdp2_rank{r}.pt") for r in (0, 1)]
     run = ranks[0]
     assert run["ignored"] == 9 and run["R_types"] == ["Parameter"]  # whole tensors, not DTensor shards
@@ -151,8 +166,20 @@ def test_deepspeed_zero2_and_zero3_keep_R_whole_and_update_it_from_every_process
     zero.Init), stays a whole float32 buffer out of DeepSpeed's hands, takes one step per optimizer step computed from
     the rows of both processes, and is the same on both."""
     pytest.importorskip("deepspeed")
-    launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-            str(ROOT / "tests" / "deepspeed_worker.py"), str(tmp_path)], tmp_path)  # fmt: skip
+    launch(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(ROOT / "tests" / "deepspeed_worker.py"),
+            str(tmp_path),
+        ],
+        tmp_path,
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     start = ranks[0]["start_R"]
     for stage, optimizer, weight_local in (

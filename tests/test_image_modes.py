@@ -172,8 +172,9 @@ def mae_folder(tmp_path_factory):
     files["truncated"].write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
 
     check_image_folder(str(folder), "--train_dir")
-    dataset = load_dataset("imagefolder", data_files={"train": os.path.join(folder, "**")},
-                           cache_dir=str(root / "cache"))["train"]  # fmt: skip
+    dataset = load_dataset(
+        "imagefolder", data_files={"train": os.path.join(folder, "**")}, cache_dir=str(root / "cache")
+    )["train"]
     logger = logging.getLogger("hf_dbp.tasks.image_data")
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.WARNING)

@@ -34,18 +34,52 @@ from hf_dbp.tasks.text_data import demo_text_dataset
 
 WORKER = REPO_ROOT / "tests" / "kill_worker.py"
 SEED = 0
-TINY_VIT = ("image_size=16,patch_size=4,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
-            "decoder_hidden_size=16,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,decoder_intermediate_size=32")  # fmt: skip
-TINY_LLAMA = ("hidden_size=32,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=2,intermediate_size=48,"
-              "max_position_embeddings=64")  # fmt: skip
+TINY_VIT = (
+    "image_size=16,patch_size=4,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
+    "decoder_hidden_size=16,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,decoder_intermediate_size=32"
+)
+TINY_LLAMA = (
+    "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=2,intermediate_size=48,"
+    "max_position_embeddings=64"
+)
 # Saved at every step (the last 3 kept), logged at every step (language modelling and the 2 processes: every 2, so
 # that checkpoints fall between two logs too), evaluated every 3 steps: 8 steps of a tiny model.
-COMMON = ["--output_dir", "{output_dir}", "--max_steps", "8", "--save_steps", "1", "--save_total_limit", "3",
-          "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "3", "--report_to", "none",
-          "--dataloader_num_workers", "0", "--emissions_country", "FRA", "--seed", "0", "--disable_tqdm", "true"]  # fmt: skip
+COMMON = [
+    "--output_dir",
+    "{output_dir}",
+    "--max_steps",
+    "8",
+    "--save_steps",
+    "1",
+    "--save_total_limit",
+    "3",
+    "--logging_steps",
+    "1",
+    "--eval_strategy",
+    "steps",
+    "--eval_steps",
+    "3",
+    "--report_to",
+    "none",
+    "--dataloader_num_workers",
+    "0",
+    "--emissions_country",
+    "FRA",
+    "--seed",
+    "0",
+    "--disable_tqdm",
+    "true",
+]
 # Figures that are wall-clock time: the only ones a resumed run may report differently.
-CLOCK = ("train_seconds", "train_runtime", "train_samples_per_second", "train_steps_per_second", "eval_runtime",
-         "eval_samples_per_second", "eval_steps_per_second")  # fmt: skip
+CLOCK = (
+    "train_seconds",
+    "train_runtime",
+    "train_samples_per_second",
+    "train_steps_per_second",
+    "eval_runtime",
+    "eval_samples_per_second",
+    "eval_steps_per_second",
+)
 
 
 def write_images(folder: Path, count: int = 40) -> None:
@@ -73,19 +107,49 @@ def killed_runs(tmp_path_factory):
         write_images(root / "images")
         train, validation = write_text(root / "text")
         # Evaluation in a few batches, so that it lasts long enough for kills to land in it.
-        mae = ["--train_dir", str(root / "images"), "--config_overrides", TINY_VIT, "--per_device_train_batch_size",
-               "4", "--per_device_eval_batch_size", "2", *COMMON]  # fmt: skip
-        clm = ["--train_file", str(train), "--validation_file", str(validation), "--model_type", "llama",
-               "--config_overrides", TINY_LLAMA, "--tokenizer_vocab_size", "300", "--block_size", "32",
-               "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "2", *COMMON]  # fmt: skip
+        mae = [
+            "--train_dir",
+            str(root / "images"),
+            "--config_overrides",
+            TINY_VIT,
+            "--per_device_train_batch_size",
+            "4",
+            "--per_device_eval_batch_size",
+            "2",
+            *COMMON,
+        ]
+        clm = [
+            "--train_file",
+            str(train),
+            "--validation_file",
+            str(validation),
+            "--model_type",
+            "llama",
+            "--config_overrides",
+            TINY_LLAMA,
+            "--tokenizer_vocab_size",
+            "300",
+            "--block_size",
+            "32",
+            "--per_device_train_batch_size",
+            "4",
+            "--per_device_eval_batch_size",
+            "2",
+            *COMMON,
+        ]
         jobs = [
             {"name": "mae", "script": "examples/run_mae_dbp.py", "args": mae, "kills": 10},
             # One of 2 processes killed while saving, once while training; the other stopped as torchrun does.
-            {"name": "mae_2_processes", "script": "examples/run_mae_dbp.py", "args": [*mae, "--logging_steps", "2"],
-             "kills": 2, "world_size": 2,
-             "phases": ["saving", "training"]},
+            {
+                "name": "mae_2_processes",
+                "script": "examples/run_mae_dbp.py",
+                "args": [*mae, "--logging_steps", "2"],
+                "kills": 2,
+                "world_size": 2,
+                "phases": ["saving", "training"],
+            },
             {"name": "clm", "script": "examples/run_clm_dbp.py", "args": [*clm, "--logging_steps", "2"], "kills": 10},
-        ]  # fmt: skip
+        ]
         # Two workers side by side (a core each where there are two): MAE on 1 and 2 processes, and language modelling.
         env = {**offline_env(base / "hf"), "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")])}
         workers = []
@@ -94,9 +158,16 @@ def killed_runs(tmp_path_factory):
         ):
             plan = {"root": str(root), "seed": SEED, "timeout": 120, "preload": [script], "jobs": share}
             (root / f"plan{k}.json").write_text(json.dumps(plan))
-            workers.append(subprocess.Popen([sys.executable, str(WORKER), str(root / f"plan{k}.json"),
-                                             str(root / f"report{k}.json")], cwd=REPO_ROOT, env=env,
-                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, str(WORKER), str(root / f"plan{k}.json"), str(root / f"report{k}.json")],
+                    cwd=REPO_ROOT,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
         report = {}
         for k, worker in enumerate(workers):
             output = worker.communicate(timeout=600)[0]

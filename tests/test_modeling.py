@@ -98,7 +98,10 @@ def test_plain_checkpoint_loads_with_identity_R_and_equal_outputs(plain_checkpoi
     for name, value in plain.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
     pixels, noise = inputs()
-    expected, got = plain(pixels, noise=noise, output_hidden_states=True), model(pixels, noise=noise, output_hidden_states=True)
+    expected, got = (
+        plain(pixels, noise=noise, output_hidden_states=True),
+        model(pixels, noise=noise, output_hidden_states=True),
+    )
     assert torch.equal(got.logits, expected.logits)
     assert torch.equal(got.loss, expected.loss)
     assert torch.equal(got.mask, expected.mask) and torch.equal(got.ids_restore, expected.ids_restore)
@@ -110,7 +113,9 @@ def test_encoder_alone_loads_from_plain_checkpoint(plain_checkpoints):
     plain, paths = plain_checkpoints
     encoder = ViTMAEDBPModel.from_pretrained(paths["4.x"]).eval()
     pixels, noise = inputs()
-    assert torch.equal(encoder(pixels, noise=noise).last_hidden_state, plain.vit(pixels, noise=noise).last_hidden_state)
+    assert torch.equal(
+        encoder(pixels, noise=noise).last_hidden_state, plain.vit(pixels, noise=noise).last_hidden_state
+    )
 
 
 def test_interpolated_position_encoding_is_passed_through(plain_checkpoints):
@@ -150,8 +155,12 @@ def test_save_and_load_round_trips_R_exactly(tmp_path, tiny_kwargs):
         assert torch.equal(loaded(pixels, noise=noise).logits, model(pixels, noise=noise).logits)
     encoder = AutoModel.from_pretrained(tmp_path)
     assert type(encoder) is ViTMAEDBPModel
-    assert torch.equal(encoder.vit.layers[0].mlp.fc1_decorrelation.R if hasattr(encoder, "vit") else encoder.layers[0].mlp.fc1_decorrelation.R,
-                       model.vit.layers[0].mlp.fc1_decorrelation.R)  # fmt: skip
+    assert torch.equal(
+        encoder.vit.layers[0].mlp.fc1_decorrelation.R
+        if hasattr(encoder, "vit")
+        else encoder.layers[0].mlp.fc1_decorrelation.R,
+        model.vit.layers[0].mlp.fc1_decorrelation.R,
+    )
 
 
 def test_half_precision_load_keeps_R_in_float32(tmp_path, tiny_kwargs):
@@ -187,7 +196,9 @@ def test_keep_in_fp32_names_follow_transformers_convention_for_every_layer_choic
 def test_half_precision_loads_cast_everything_but_R(tmp_path, tiny_kwargs):
     """transformers' test_keep_in_fp32_modules, as it would run it: float16 and bfloat16 loads keep exactly R in
     float32."""
-    ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs, decorrelation_layers=["qkv", "fc2"])).save_pretrained(tmp_path)
+    ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs, decorrelation_layers=["qkv", "fc2"])).save_pretrained(
+        tmp_path
+    )
     for dtype in (torch.float16, torch.bfloat16):
         model = ViTMAEDBPForPreTraining.from_pretrained(tmp_path, dtype=dtype)
         for name, value in model.state_dict().items():
@@ -228,7 +239,9 @@ USER_PACKAGE = {
 }
 
 
-def test_a_users_subclass_saves_and_loads_like_a_subclass_of_any_transformers_model(tmp_path, tiny_kwargs, monkeypatch):
+def test_a_users_subclass_saves_and_loads_like_a_subclass_of_any_transformers_model(
+    tmp_path, tiny_kwargs, monkeypatch
+):
     """A subclass in a user's package with relative imports: save_pretrained used to copy its file as remote code
     (and fail on the relative import). It saves weights and config, with the subclass as architecture, and loads
     back exactly."""
@@ -238,14 +251,18 @@ def test_a_users_subclass_saves_and_loads_like_a_subclass_of_any_transformers_mo
         (package / name).write_text(text)
     monkeypatch.syspath_prepend(str(tmp_path))
     user = importlib.import_module("user_package")
-    assert remote_code_auto_class(user.MyDBPForPreTraining) is None and remote_code_auto_class(user.MyDBPConfig) is None
+    assert (
+        remote_code_auto_class(user.MyDBPForPreTraining) is None and remote_code_auto_class(user.MyDBPConfig) is None
+    )
     assert remote_code_auto_class(ViTMAEDBPForPreTraining) == "AutoModelForPreTraining"  # ours still carry their code
     model = user.MyDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs))
     randomise_R(model)
     model.save_pretrained(tmp_path / "out")
     assert not list((tmp_path / "out").glob("modeling*.py")) and not (tmp_path / "out" / "constants.py").exists()
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["architectures"] == ["MyDBPForPreTraining"] and "AutoModelForPreTraining" not in config.get("auto_map", {})
+    assert config["architectures"] == ["MyDBPForPreTraining"] and "AutoModelForPreTraining" not in config.get(
+        "auto_map", {}
+    )
     loaded = user.MyDBPForPreTraining.from_pretrained(tmp_path / "out")
     assert type(loaded) is user.MyDBPForPreTraining and loaded.extra == "mine"
     state, original = loaded.state_dict(), model.state_dict()
@@ -259,8 +276,11 @@ def test_the_variance_form_of_the_config_reaches_the_step(tiny_kwargs):
     results = {}
     for form in ("rows", "columns"):
         torch.manual_seed(0)
-        model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs, decorrelation_lr=0.05, decorrelation_kappa=0.5,
-                                                        decorrelation_variance_form=form)).train()  # fmt: skip
+        model = ViTMAEDBPForPreTraining(
+            ViTMAEDBPConfig(
+                **tiny_kwargs, decorrelation_lr=0.05, decorrelation_kappa=0.5, decorrelation_variance_form=form
+            )
+        ).train()
         randomise_R(model, scale=0.2)
         for _ in range(2):
             model(inputs()[0]).loss.backward()
@@ -277,8 +297,9 @@ def test_the_variance_form_of_the_config_reaches_the_step(tiny_kwargs):
 def test_decorrelation_step_follows_the_rule_from_the_layer_inputs(tiny_kwargs):
     """Two steps, kappa > 0, two micro-batches per step, checked against an independent float64 computation."""
     lr, kappa = 0.01, 0.25
-    config = ViTMAEDBPConfig(**tiny_kwargs, decorrelation_lr=lr, decorrelation_kappa=kappa,
-                             decorrelation_sample_fraction=1.0)  # fmt: skip
+    config = ViTMAEDBPConfig(
+        **tiny_kwargs, decorrelation_lr=lr, decorrelation_kappa=kappa, decorrelation_sample_fraction=1.0
+    )
     torch.manual_seed(0)
     model = ViTMAEDBPForPreTraining(config).train()
     targets = {  # the layer whose input each R sees
@@ -345,15 +366,23 @@ def test_merge_returns_a_plain_model_with_the_same_outputs(tmp_path, tiny_kwargs
     assert merged.config.model_type == "vit_mae" and not hasattr(merged.config, "decorrelation_lr")
     assert not any("decorrelation" in name for name in merged.state_dict())
     pixels, noise = inputs()
-    torch.testing.assert_close(merged(pixels, noise=noise).logits, model(pixels, noise=noise).logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        merged(pixels, noise=noise).logits, model(pixels, noise=noise).logits, rtol=1e-4, atol=1e-5
+    )
     merged.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "vit_mae"
     reloaded = ViTMAEForPreTraining.from_pretrained(tmp_path).eval()
-    torch.testing.assert_close(reloaded(pixels, noise=noise).logits, model(pixels, noise=noise).logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        reloaded(pixels, noise=noise).logits, model(pixels, noise=noise).logits, rtol=1e-4, atol=1e-5
+    )
     encoder = model.vit.merge_decorrelation()
     assert type(encoder) is ViTMAEModel
-    torch.testing.assert_close(encoder(pixels, noise=noise).last_hidden_state,
-                               model.vit(pixels, noise=noise).last_hidden_state, rtol=1e-4, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        encoder(pixels, noise=noise).last_hidden_state,
+        model.vit(pixels, noise=noise).last_hidden_state,
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_package_exports():
@@ -370,9 +399,19 @@ def test_saved_checkpoint_loads_with_trust_remote_code_without_hf_dbp(tmp_path, 
     randomise_R(model, scale=0.1)
     model.save_pretrained(tmp_path / "ckpt")
     code = {p.name: p.read_text() for p in (tmp_path / "ckpt").glob("*.py")}
-    assert set(code) == {"modeling_vit_mae_dbp.py", "configuration_vit_mae_dbp.py", "config.py", "decorrelation.py",
-                         "collectives.py", "remote_code.py", "target_modules.py", "inject.py", "layers.py",
-                         "sampling.py", "step.py"}
+    assert set(code) == {
+        "modeling_vit_mae_dbp.py",
+        "configuration_vit_mae_dbp.py",
+        "config.py",
+        "decorrelation.py",
+        "collectives.py",
+        "remote_code.py",
+        "target_modules.py",
+        "inject.py",
+        "layers.py",
+        "sampling.py",
+        "step.py",
+    }
     # hf_dbp's modules live in several packages; the checkpoint's copies import one another as siblings.
     assert not [line for text in code.values() for line in text.splitlines() if line.lstrip().startswith("from ..")]
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["auto_map"] == {
@@ -396,7 +435,9 @@ assert "hf_dbp" not in sys.modules
 print("ok")
 """
     env = offline_env(tmp_path / "hf")
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
 
 
@@ -417,7 +458,11 @@ def test_a_checkpoint_of_hf_dbp_0_1_loads_with_every_R_exact_and_saves_in_todays
     for path in (folder, tmp_path / "resaved"):
         model = ViTMAEDBPForPreTraining.from_pretrained(path).eval()
         config = model.config
-        assert (config.decorrelation_lr, config.decorrelation_kappa, config.decorrelation_sample_fraction) == (2e-3, 0.05, 0.5)
+        assert (config.decorrelation_lr, config.decorrelation_kappa, config.decorrelation_sample_fraction) == (
+            2e-3,
+            0.05,
+            0.5,
+        )
         assert config.decorrelation_layers == ["patch_embeddings", "qkv", "fc2"]
         R = {n: p for n, p in model.named_parameters() if n.endswith("_decorrelation.R")}
         assert R.keys() == expected["R"].keys()

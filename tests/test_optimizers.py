@@ -46,14 +46,21 @@ def test_combined_optimizer_steps_as_its_parts_and_resumes_exactly(tiny_kwargs):
         id(p) for n, p in model.named_parameters() if n in set(muon_matrices(model))
     }
     assert all(g["lr"] == pytest.approx(4e-2) for g in muon.param_groups)
-    assert not {id(R) for R in decorrelation_matrices(model)} & {id(p) for g in combined.param_groups for p in g["params"]}
+    assert not {id(R) for R in decorrelation_matrices(model)} & {
+        id(p) for g in combined.param_groups for p in g["params"]
+    }
     # The same two optimizers built by hand on the twin, stepped one after the other.
     twin_matrices = [p for n, p in twin.named_parameters() if n in set(muon_matrices(twin))]
     twin_rest = [(n, p) for n, p in twin.named_parameters() if p.requires_grad and n not in set(muon_matrices(twin))]
     hand_muon = torch.optim.Muon(twin_matrices, lr=4e-2, weight_decay=0.05, adjust_lr_fn="match_rms_adamw")
-    hand_adamw = torch.optim.AdamW([{"params": [p for n, p in twin_rest if n in decay], "weight_decay": 0.05},
-                                    {"params": [p for n, p in twin_rest if n not in decay], "weight_decay": 0.0}],
-                                   lr=1e-2, betas=(0.9, 0.95))  # fmt: skip
+    hand_adamw = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in twin_rest if n in decay], "weight_decay": 0.05},
+            {"params": [p for n, p in twin_rest if n not in decay], "weight_decay": 0.0},
+        ],
+        lr=1e-2,
+        betas=(0.9, 0.95),
+    )
     for seed in range(2):
         for m in (model, twin):
             torch.manual_seed(seed)  # the same masks
@@ -68,7 +75,10 @@ def test_combined_optimizer_steps_as_its_parts_and_resumes_exactly(tiny_kwargs):
     saved_model, saved_state = copy.deepcopy(model), copy.deepcopy(combined.state_dict())
     resumed = muon_with_adamw(saved_model, 1e-2, 0.05, decay, adam_betas=(0.9, 0.95), muon_lr_multiplier=4.0)
     resumed.load_state_dict(saved_state)
-    assert resumed.optimizers[0].state is resumed.state and resumed.optimizers[0].param_groups[0] is resumed.param_groups[0]
+    assert (
+        resumed.optimizers[0].state is resumed.state
+        and resumed.optimizers[0].param_groups[0] is resumed.param_groups[0]
+    )
     for m, optimizer in ((model, combined), (saved_model, resumed)):
         torch.manual_seed(5)
         loss_of(m, 5).backward()
@@ -83,10 +93,21 @@ def test_dbp_trainer_with_muon_trains_the_weights_and_leaves_R_to_dbp(tmp_path, 
     model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs, decorrelation_lr=1e-2))
     before = copy.deepcopy(model.state_dict())
     args = DBPTrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, logging_steps=1, report_to="none",
-        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, track_emissions=False, use_cpu=True,
-        matrix_optimizer="muon", muon_lr_multiplier=4.0, learning_rate=1e-3, lr_scheduler_type="cosine",
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        track_emissions=False,
+        use_cpu=True,
+        matrix_optimizer="muon",
+        muon_lr_multiplier=4.0,
+        learning_rate=1e-3,
+        lr_scheduler_type="cosine",
+    )
     trainer = DBPTrainer(model=model, args=args, train_dataset=noise_images())
     trainer.train()
     assert isinstance(trainer.optimizer.optimizer, CombinedOptimizer)  # accelerate wraps it
@@ -107,12 +128,24 @@ def _train(tmp_path, tiny_kwargs, max_steps=3, **overrides):
     model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs, decorrelation_lr=1e-2))
     before = copy.deepcopy(model.state_dict())
     settings = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=max_steps, logging_steps=1, report_to="none",
-        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, track_emissions=False, use_cpu=True,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=max_steps,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        track_emissions=False,
+        use_cpu=True,
         learning_rate=1e-3,
-    )  # fmt: skip
-    trainer = DBPTrainer(model=model, args=DBPTrainingArguments(**settings | overrides), train_dataset=noise_images(),
-                         eval_dataset=noise_images(8))  # fmt: skip
+    )
+    trainer = DBPTrainer(
+        model=model,
+        args=DBPTrainingArguments(**settings | overrides),
+        train_dataset=noise_images(),
+        eval_dataset=noise_images(8),
+    )
     return trainer, before
 
 
@@ -139,8 +172,9 @@ def test_soap_takes_the_hidden_matrices_and_dbp_still_moves_R(tmp_path, tiny_kwa
 def test_schedule_free_adamw_from_transformers_trains_with_dbp(tmp_path, tiny_kwargs):
     from schedulefree import AdamWScheduleFree
 
-    trainer, before = _train(tmp_path, tiny_kwargs, optim="schedule_free_adamw", lr_scheduler_type="constant",
-                             warmup_steps=1)  # fmt: skip
+    trainer, before = _train(
+        tmp_path, tiny_kwargs, optim="schedule_free_adamw", lr_scheduler_type="constant", warmup_steps=1
+    )
     trainer.train()
     assert isinstance(trainer.optimizer.optimizer, AdamWScheduleFree)
     assert not {id(R) for R in decorrelation_matrices(trainer.model)} & _optimized(trainer.optimizer)
@@ -152,8 +186,14 @@ def test_schedule_free_adamw_from_transformers_trains_with_dbp(tmp_path, tiny_kw
 def test_tied_decorrelation_lr_follows_the_weights_schedule(tmp_path, tiny_kwargs, monkeypatch):
     scales = {}
     for schedule in ("constant", "tied"):
-        trainer, _ = _train(tmp_path / schedule, tiny_kwargs, max_steps=6, lr_scheduler_type="linear",
-                            warmup_steps=2, decorrelation_lr_schedule=schedule)  # fmt: skip
+        trainer, _ = _train(
+            tmp_path / schedule,
+            tiny_kwargs,
+            max_steps=6,
+            lr_scheduler_type="linear",
+            warmup_steps=2,
+            decorrelation_lr_schedule=schedule,
+        )
         seen, lrs = [], []
 
         def recording(modules, lr, *args, _seen=seen, _trainer=trainer, _lrs=lrs, **kwargs):

@@ -18,7 +18,9 @@ def load_script(monkeypatch):
     return module
 
 
-@pytest.mark.parametrize("name, bp", [("paper_dbp_vit_b16_imagenet10.yaml", False), ("paper_bp_vit_b16_imagenet10.yaml", True)])
+@pytest.mark.parametrize(
+    "name, bp", [("paper_dbp_vit_b16_imagenet10.yaml", False), ("paper_bp_vit_b16_imagenet10.yaml", True)]
+)
 def test_paper_config_parses(tmp_path, monkeypatch, name, bp):
     values = yaml.safe_load((ROOT / "examples" / "configs" / name).read_text())
     assert values.pop("bf16") is True  # GPU-only; TrainingArguments refuses bf16 on a CPU-only machine
@@ -27,7 +29,11 @@ def test_paper_config_parses(tmp_path, monkeypatch, name, bp):
     monkeypatch.setattr(sys, "argv", ["run_mae_dbp.py", str(path)])
     model_args, data_args, dbp_args, training_args = load_script(monkeypatch).parse_args()
     assert dbp_args.bp_baseline is bp
-    assert model_args.config_name == "facebook/vit-mae-base" and model_args.mask_ratio == 0.75 and model_args.norm_pix_loss
+    assert (
+        model_args.config_name == "facebook/vit-mae-base"
+        and model_args.mask_ratio == 0.75
+        and model_args.norm_pix_loss
+    )
     assert data_args.max_train_samples == 128116  # 10% of ImageNet-1K's training images
     assert (training_args.adam_beta1, training_args.adam_beta2, training_args.weight_decay) == (0.9, 0.95, 0.05)
     assert training_args.lr_scheduler_type.value == "cosine" and 0 < training_args.warmup_steps < 1
@@ -60,8 +66,9 @@ def test_segmentation_recipe_config_parses_into_the_mae_beit_ade20k_recipe(tmp_p
     assert training_args.per_device_train_batch_size * 8 == 16
     # The evaluation transform the run would save: the recipe's test_cfg.
     processor = module.DBPSegmentationImageProcessor(
-        size={"shortest_edge": 512, "longest_edge": 2048}, window_size=data_args.eval_window_size,
+        size={"shortest_edge": 512, "longest_edge": 2048},
+        window_size=data_args.eval_window_size,
         window_stride=data_args.eval_window_stride,
-    )  # fmt: skip
+    )
     assert processor.num_inputs(512, 683) == 2  # an ADE20K validation image of 512 x 683: two windows
     assert processor.num_inputs(375, 500) == 2  # rescaled to 512 x 683 first

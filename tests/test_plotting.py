@@ -38,7 +38,10 @@ def test_a_run_shorter_than_the_logging_interval_says_why_its_panels_are_empty(t
 
 @pytest.mark.parametrize("note", [None, "why"])
 def test_full_panels_carry_no_note(tmp_path, monkeypatch, note):
-    history = [{"loss": 1.0, "decorrelation_loss": 0.1, "step": 8}, {"loss": 0.9, "decorrelation_loss": 0.05, "step": 16}]
+    history = [
+        {"loss": 1.0, "decorrelation_loss": 0.1, "step": 8},
+        {"loss": 0.9, "decorrelation_loss": 0.05, "step": 16},
+    ]
     figure = drawn_figure(monkeypatch, history, str(tmp_path / "curves.png"), empty_note=note)
     assert all(texts(ax) == [] for ax in figure.axes)
     assert all(len(ax.lines) == 1 for ax in figure.axes)

@@ -24,9 +24,14 @@ def photos():
     """Crops of real photographs through MAE's random augmentation, so resuming must replay the augmentation too."""
     images = with_sample_index(demo_image_dataset(num_train=48, num_validation=1, min_size=24, max_size=48)["train"])
     transform = MAEImageTransform(16, seed=0)
-    dataset = images.with_transform(lambda batch: {"pixel_values": [
-        torch.from_numpy(transform(image, index)) for image, index in zip(batch["image"], batch["sample_index"], strict=True)
-    ]})  # fmt: skip
+    dataset = images.with_transform(
+        lambda batch: {
+            "pixel_values": [
+                torch.from_numpy(transform(image, index))
+                for image, index in zip(batch["image"], batch["sample_index"], strict=True)
+            ]
+        }
+    )
     dataset.augmentation = transform
     return dataset
 
@@ -34,13 +39,28 @@ def photos():
 def train(tmp_path, tiny_kwargs, dataset, max_steps=6, resume=None, **overrides):
     torch.manual_seed(0)
     model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs, decorrelation_lr=1e-2))
-    values = dict(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=max_steps, logging_steps=1,
-                  save_strategy="steps", save_steps=2, report_to="none", disable_tqdm=True, seed=0,
-                  dataloader_num_workers=0, remove_unused_columns=False, learning_rate=1e-3)  # fmt: skip
+    values = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=16,
+        max_steps=max_steps,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        learning_rate=1e-3,
+    )
     values.update(overrides)
     callbacks = [augmentation_epoch_callback(dataset.augmentation)] if hasattr(dataset, "augmentation") else []
-    trainer = DBPTrainer(model=model, args=DBPTrainingArguments(**values, track_emissions=False), train_dataset=dataset,
-                         callbacks=callbacks)  # fmt: skip
+    trainer = DBPTrainer(
+        model=model,
+        args=DBPTrainingArguments(**values, track_emissions=False),
+        train_dataset=dataset,
+        callbacks=callbacks,
+    )
     trainer.train(resume_from_checkpoint=resume)
     history = {r["step"]: (r["loss"], r["decorrelation_loss"]) for r in trainer.state.log_history if "loss" in r}
     return model, history
@@ -50,7 +70,9 @@ def test_stop_and_resume_gives_the_uninterrupted_run(tmp_path, tiny_kwargs, phot
     """Two epochs of 3 steps; stopped after step 2 (mid-epoch) and resumed across the epoch boundary."""
     full_model, full = train(tmp_path / "full", tiny_kwargs, photos)
     assert (tmp_path / "full" / "checkpoint-2" / "decorrelation_rng_state_0.pth").is_file()
-    resumed_model, resumed = train(tmp_path / "resumed", tiny_kwargs, photos, resume=str(tmp_path / "full" / "checkpoint-2"))
+    resumed_model, resumed = train(
+        tmp_path / "resumed", tiny_kwargs, photos, resume=str(tmp_path / "full" / "checkpoint-2")
+    )
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # steps 1-2 come back with the checkpoint's trainer state
     for step in (3, 4, 5, 6):
         assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-9), step
@@ -105,9 +127,18 @@ def test_trainer_counts_skipped_updates_or_stops(tmp_path, tiny_kwargs, photos, 
     assert history  # healthy run: nothing skipped
     torch.manual_seed(0)
     model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs))
-    args = DBPTrainingArguments(output_dir=str(tmp_path / "x"), per_device_train_batch_size=8, max_steps=2,
-                                logging_steps=1, report_to="none", disable_tqdm=True, remove_unused_columns=False,
-                                save_strategy="no", track_emissions=False, decorrelation_max_loss=0.0)  # fmt: skip
+    args = DBPTrainingArguments(
+        output_dir=str(tmp_path / "x"),
+        per_device_train_batch_size=8,
+        max_steps=2,
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        save_strategy="no",
+        track_emissions=False,
+        decorrelation_max_loss=0.0,
+    )
     trainer = DBPTrainer(model=model, args=args, train_dataset=photos)
     trainer.train()  # every update "explodes" with a bound of 0: all skipped, R untouched, counted, warned
     records = [r for r in trainer.state.log_history if "loss" in r]

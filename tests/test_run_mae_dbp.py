@@ -77,8 +77,20 @@ def run_script(*args, hf_home: Path, accelerate: bool = False, quiet: bool = Fal
     env = offline_env(hf_home)
     launcher = [sys.executable]
     if accelerate:
-        launcher += ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1", "--cpu",
-                     "--mixed_precision", "no", "--dynamo_backend", "no", *(["--quiet"] if quiet else [])]  # fmt: skip
+        launcher += [
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--cpu",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            *(["--quiet"] if quiet else []),
+        ]
     return subprocess.run(
         [*launcher, str(SCRIPT), *map(str, args)],
         cwd=REPO_ROOT,
@@ -176,10 +188,13 @@ def standalone(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess,
     many at a time as there are cores: each runs on one. name -> (the finished process, its folder)."""
     base = tmp_path_factory.mktemp("standalone")
     preparations = {
-        "parquet": prepare_parquet, "bp_baseline": prepare_bp_baseline, "plain_checkpoint": prepare_plain_checkpoint,
-        "lr_zero": prepare_lr_zero, "config_json": partial(prepare_config_file, file_format="json"),
+        "parquet": prepare_parquet,
+        "bp_baseline": prepare_bp_baseline,
+        "plain_checkpoint": prepare_plain_checkpoint,
+        "lr_zero": prepare_lr_zero,
+        "config_json": partial(prepare_config_file, file_format="json"),
         "config_yaml": partial(prepare_config_file, file_format="yaml"),
-    }  # fmt: skip
+    }
     calls = {}
     for name, prepare in preparations.items():
         (base / name).mkdir()
@@ -217,8 +232,18 @@ def folder_runs(tmp_path_factory) -> dict[str, Run]:
 
     def run(name, *extra):
         folder = root / name
-        return partial(run_script, "--train_dir", folder / "train", "--validation_dir", folder / "validation",
-                       "--output_dir", folder / "out", *TINY_FLAGS, *extra, hf_home=folder / "hf_home")  # fmt: skip
+        return partial(
+            run_script,
+            "--train_dir",
+            folder / "train",
+            "--validation_dir",
+            folder / "validation",
+            "--output_dir",
+            folder / "out",
+            *TINY_FLAGS,
+            *extra,
+            hf_home=folder / "hf_home",
+        )
 
     # "clean" also evaluates after its last step, so that two evaluations of the same weights can be compared.
     clean = run("clean", "--eval_strategy", "steps", "--eval_steps", "3")
@@ -264,11 +289,20 @@ def early_exits(tmp_path_factory) -> dict[str, Run]:
         "unknown_checkpoint": ["--train_dir", root / "no_such_images", "--model_name_or_path", "someone/no-such-mae"],
     }
     launch = {"bad_decorrelation_lr": {"accelerate": True, "quiet": True}}
-    results = run_concurrently({
-        name: partial(run_script, *name_args, "--output_dir", root / name / "out", *TINY_FLAGS, hf_home=root / name / "hf_home",
-                      **launch.get(name, {}))
-        for name, name_args in args.items()
-    })  # fmt: skip
+    results = run_concurrently(
+        {
+            name: partial(
+                run_script,
+                *name_args,
+                "--output_dir",
+                root / name / "out",
+                *TINY_FLAGS,
+                hf_home=root / name / "hf_home",
+                **launch.get(name, {}),
+            )
+            for name, name_args in args.items()
+        }
+    )
     return {name: Run(results[name], root / name / "out") for name in args}
 
 
@@ -280,8 +314,15 @@ def test_help_lists_the_options(early_exits):
     """`--help` works (argparse formats every help string with %) and lists the script's and Trainer's options."""
     run = early_exits["help"]
     assert_succeeded(run.result)
-    for option in ("--train_dir", "--dataset_name", "--bp_baseline", "--decorrelation_layers", "--max_train_samples",
-                   "--base_learning_rate", "--per_device_train_batch_size"):  # fmt: skip
+    for option in (
+        "--train_dir",
+        "--dataset_name",
+        "--bp_baseline",
+        "--decorrelation_layers",
+        "--max_train_samples",
+        "--base_learning_rate",
+        "--per_device_train_batch_size",
+    ):
         assert option in run.output
 
 
@@ -452,20 +493,27 @@ def test_checkpoint_of_another_model_type_is_refused(early_exits):
     assert "'bert'" in error, error
 
 
-@pytest.mark.parametrize("name, words", [
-    ("missing_train_dir", ("--train_dir", "no_such_images", "no such folder")),
-    ("empty_train_dir", ("--train_dir", "text_data", "holds no image file", "1 files", ".png")),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("missing_train_dir", ("--train_dir", "no_such_images", "no such folder")),
+        ("empty_train_dir", ("--train_dir", "text_data", "holds no image file", "1 files", ".png")),
+    ],
+)
 def test_a_missing_or_imageless_train_dir_is_named_with_what_was_looked_for(early_exits, name, words):
     error = assert_failed_before_training(early_exits[name])
     assert all(word in error for word in words), error
     assert "corresponds to no data" not in early_exits[name].output
 
 
-@pytest.mark.parametrize("name, words", [
-    ("bad_decorrelation_lr", ("decorrelation_lr", "-1")), ("bert_before_data", ("'bert'",)),
-    ("unknown_checkpoint", ("--model_name_or_path someone/no-such-mae", "no such folder here", "the Hub")),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("bad_decorrelation_lr", ("decorrelation_lr", "-1")),
+        ("bert_before_data", ("'bert'",)),
+        ("unknown_checkpoint", ("--model_name_or_path someone/no-such-mae", "no such folder here", "the Hub")),
+    ],
+)
 def test_bad_dbp_settings_and_checkpoints_are_refused_before_the_data_is_read(early_exits, name, words):
     error = assert_failed_before_training(early_exits[name])
     assert all(word in error for word in words), error
@@ -485,8 +533,15 @@ def prepare_plain_checkpoint(root: Path) -> tuple[list, dict]:
     ViTImageProcessor(image_mean=[0.4, 0.4, 0.4], image_std=[0.3, 0.3, 0.3]).save_pretrained(root / "plain")
     write_images(root / "train", 12)
     # No --config_overrides: the architecture comes from the checkpoint.
-    return ["--train_dir", root / "train", "--model_name_or_path", root / "plain", "--output_dir", root / "out",
-            *as_flags(TINY_RUN)], {}  # fmt: skip
+    return [
+        "--train_dir",
+        root / "train",
+        "--model_name_or_path",
+        root / "plain",
+        "--output_dir",
+        root / "out",
+        *as_flags(TINY_RUN),
+    ], {}
 
 
 def test_dbp_training_starts_from_a_plain_vit_mae_checkpoint(standalone):
@@ -521,9 +576,24 @@ def prepare_lr_zero(root: Path) -> tuple[list, dict]:
     write_images(root / "train", 12)
     # With transformers' run_mae.py flags too: --image_processor_name (whose normalisation is used), --trust_remote_code.
     ViTImageProcessor(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3]).save_pretrained(root / "processor")
-    return ["--train_dir", root / "train", "--model_name_or_path", root / "dbp", "--decorrelation_lr", 0,
-            "--weight_decay", 0.5, "--base_learning_rate", 0.1, "--image_processor_name", root / "processor",
-            "--trust_remote_code", "--output_dir", root / "out", *as_flags(TINY_RUN)], {}  # fmt: skip
+    return [
+        "--train_dir",
+        root / "train",
+        "--model_name_or_path",
+        root / "dbp",
+        "--decorrelation_lr",
+        0,
+        "--weight_decay",
+        0.5,
+        "--base_learning_rate",
+        0.1,
+        "--image_processor_name",
+        root / "processor",
+        "--trust_remote_code",
+        "--output_dir",
+        root / "out",
+        *as_flags(TINY_RUN),
+    ], {}
 
 
 def test_dbp_checkpoint_trained_with_decorrelation_lr_zero_keeps_R_exactly(standalone):

@@ -48,11 +48,29 @@ TINY_MODEL = dict(TINY_ENCODER)
 NUM_R = 1 + 4 * TINY_MODEL["num_hidden_layers"]  # the patch embedding, then qkv, o_proj, fc1 and fc2 of each block
 # Two optimizer steps of 4 pairs, a log record after each, nothing saved but the final model.
 TINY_FLAGS = [
-    "--upernet_hidden_size", "16", "--auxiliary_channels", "8", "--crop_size", "32",
-    "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--max_steps", "2",
-    "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no", "--dataloader_num_workers", "0",
-    "--warmup_steps", "0",
-]  # fmt: skip
+    "--upernet_hidden_size",
+    "16",
+    "--auxiliary_channels",
+    "8",
+    "--crop_size",
+    "32",
+    "--per_device_train_batch_size",
+    "4",
+    "--per_device_eval_batch_size",
+    "4",
+    "--max_steps",
+    "2",
+    "--logging_steps",
+    "1",
+    "--report_to",
+    "none",
+    "--save_strategy",
+    "no",
+    "--dataloader_num_workers",
+    "0",
+    "--warmup_steps",
+    "0",
+]
 RESULT_METRICS = ("eval_mean_iou", "eval_mean_accuracy", "eval_overall_accuracy")
 R_SUFFIX = "_decorrelation.R"
 
@@ -177,8 +195,11 @@ def make_parquet(data_dir: Path, out: Path) -> None:
     """All 12 pairs of `data_dir` as one train.parquet (no validation split), under non-default column names."""
     out.mkdir()
     features = Features({"pixels": Image(), "segmentation": Image(), "name": Value("string")})
-    pairs = [(p, data_dir / "annotations" / folder / f"{p.stem}.png") for folder in ("training", "validation")
-             for p in sorted((data_dir / "images" / folder).glob("*.jpg"))]  # fmt: skip
+    pairs = [
+        (p, data_dir / "annotations" / folder / f"{p.stem}.png")
+        for folder in ("training", "validation")
+        for p in sorted((data_dir / "images" / folder).glob("*.jpg"))
+    ]
     Dataset.from_dict(
         {
             "pixels": [load_image(image) for image, _ in pairs],
@@ -249,8 +270,17 @@ def inputs(tmp_path_factory) -> Inputs:
             {"image": images, "caption": [f"noise {i}" for i in range(4)]},
             features=Features({"image": Image(), "caption": Value("string")}),
         ).to_parquet(str(root / "no_annotation" / f"{split}.parquet"))
-    return Inputs(data_dir, root / "messy", root / "dbp", root / "plain", root / "bert", root / "parquet",
-                  root / "no_annotation", root / "frozen_dbp", root / "vit_processor")  # fmt: skip
+    return Inputs(
+        data_dir,
+        root / "messy",
+        root / "dbp",
+        root / "plain",
+        root / "bert",
+        root / "parquet",
+        root / "no_annotation",
+        root / "frozen_dbp",
+        root / "vit_processor",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -275,13 +305,22 @@ def runs(inputs, tmp_path_factory) -> dict[str, Run]:
     root = tmp_path_factory.mktemp("runs")
     futures: dict[str, Future] = {}
 
-    def job(name: str, *args, after: str | None = None, cwd: Path | None = None, last: tuple = ()) -> Callable[[], Run]:
+    def job(
+        name: str, *args, after: str | None = None, cwd: Path | None = None, last: tuple = ()
+    ) -> Callable[[], Run]:
         def call() -> Run:  # `last`: flags after TINY_FLAGS, which they override
             if after is not None:
                 futures[after].result()
             output_dir = root / name / "out"
-            result = run_script(*args, "--output_dir", output_dir, *TINY_FLAGS, *last, hf_home=root / name / "hf_home",
-                                cwd=cwd or REPO_ROOT)  # fmt: skip
+            result = run_script(
+                *args,
+                "--output_dir",
+                output_dir,
+                *TINY_FLAGS,
+                *last,
+                hf_home=root / name / "hf_home",
+                cwd=cwd or REPO_ROOT,
+            )
             return Run(result, output_dir)
 
         return call
@@ -292,16 +331,53 @@ def runs(inputs, tmp_path_factory) -> dict[str, Run]:
         "dbp": job("dbp", *data, *dbp),
         "keep": job("keep", *data, *dbp, "--keep_decorrelation"),
         # The weights of the DBP checkpoint, the configuration (decorrelation_lr 0) of the frozen one: --config_name.
-        "keep_frozen": job("keep_frozen", *data, *dbp, "--config_name", inputs.frozen_dbp_checkpoint,
-                           "--keep_decorrelation", "--learning_rate", 0.1, "--weight_decay", 0.5),
+        "keep_frozen": job(
+            "keep_frozen",
+            *data,
+            *dbp,
+            "--config_name",
+            inputs.frozen_dbp_checkpoint,
+            "--keep_decorrelation",
+            "--learning_rate",
+            0.1,
+            "--weight_decay",
+            0.5,
+        ),
         "messy": job("messy", "--data_dir", inputs.messy_dir, *dbp),
-        "parquet": job("parquet", "--dataset_name", inputs.parquet_dir, "--image_column_name", "pixels",
-                       "--label_column_name", "segmentation", "--train_val_split", 0.25, "--max_train_samples", 6,
-                       "--max_eval_samples", 3, *dbp),
+        "parquet": job(
+            "parquet",
+            "--dataset_name",
+            inputs.parquet_dir,
+            "--image_column_name",
+            "pixels",
+            "--label_column_name",
+            "segmentation",
+            "--train_val_split",
+            0.25,
+            "--max_train_samples",
+            6,
+            "--max_eval_samples",
+            3,
+            *dbp,
+        ),
         # transformers' flags of run_semantic_segmentation.py, as a command line written for it passes them.
-        "plain": job("plain", *data, "--model_name_or_path", inputs.plain_checkpoint, "--train_fraction", 0.5,
-                     "--image_processor_name", inputs.vit_processor, "--cache_dir", root / "plain" / "cache",
-                     "--model_revision", "main", "--token", "hf_not_a_token", "--trust_remote_code"),
+        "plain": job(
+            "plain",
+            *data,
+            "--model_name_or_path",
+            inputs.plain_checkpoint,
+            "--train_fraction",
+            0.5,
+            "--image_processor_name",
+            inputs.vit_processor,
+            "--cache_dir",
+            root / "plain" / "cache",
+            "--model_revision",
+            "main",
+            "--token",
+            "hf_not_a_token",
+            "--trust_remote_code",
+        ),
         "bert": job("bert", *data, "--model_name_or_path", inputs.bert_checkpoint),
         "no_annotation": job("no_annotation", "--dataset_name", inputs.no_annotation_dir, *dbp),
         # A crop no memory holds (1,048,576 tokens at patch 4), with a data folder that does not exist: refused first.
@@ -309,14 +385,31 @@ def runs(inputs, tmp_path_factory) -> dict[str, Run]:
         # A sliding window that is no multiple of the patch (4): refused, naming the flag, before the data.
         "bad_window": job("bad_window", "--data_dir", root / "no_such_data", *dbp, "--eval_window_size", 30),
         # Offline, a Hub name that is not cached (as `bert-base-uncased` was for a user): refused naming the flag.
-        "unknown_checkpoint": job("unknown_checkpoint", "--data_dir", root / "no_such_data", "--model_name_or_path",
-                                  "someone/no-such-mae"),
+        "unknown_checkpoint": job(
+            "unknown_checkpoint", "--data_dir", root / "no_such_data", "--model_name_or_path", "someone/no-such-mae"
+        ),
         "fresh": job("fresh", *data, cwd=root / "fresh_cwd"),
         # Sliding-window evaluation, drop path, a checkpoint per step.
-        "continued": job("continued", *data, "--model_name_or_path", root / "dbp" / "out", after="dbp",
-                         last=("--eval_window_size", 16, "--eval_window_stride", 8, "--drop_path_rate", 0.1,
-                               "--save_strategy", "steps", "--save_steps", 1)),
-    }  # fmt: skip
+        "continued": job(
+            "continued",
+            *data,
+            "--model_name_or_path",
+            root / "dbp" / "out",
+            after="dbp",
+            last=(
+                "--eval_window_size",
+                16,
+                "--eval_window_stride",
+                8,
+                "--drop_path_rate",
+                0.1,
+                "--save_strategy",
+                "steps",
+                "--save_steps",
+                1,
+            ),
+        ),
+    }
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
         for name, call in jobs.items():
             futures[name] = pool.submit(call)
@@ -349,8 +442,9 @@ def assert_pipeline_gives_the_scored_masks(run: Run, data_dir: Path) -> None:
     validation = load_ade20k_folder(str(data_dir))["validation"]
     transform = SegmentationTransform(32, train=False, image_processor=segmenter.image_processor)
     batch = segmentation_collate([transform(row["image"], row["annotation"]) for row in validation])
-    predictions, loss = predict_batch(segmenter.model, segmenter.image_processor, batch["pixel_values"],
-                                      batch["target_sizes"], batch["labels"])  # fmt: skip
+    predictions, loss = predict_batch(
+        segmenter.model, segmenter.image_processor, batch["pixel_values"], batch["target_sizes"], batch["labels"]
+    )
     assert float(loss) == pytest.approx(read_json(run.output_dir / "all_results.json")["eval_loss"], rel=1e-5)
     class_id = {name: i for i, name in segmenter.model.config.id2label.items()}
     sizes = set()
@@ -395,7 +489,9 @@ def test_a_pushed_segmentation_folder_carries_its_processor_and_pipeline_runs_fr
     api = FakeHubApi(tmp_path / "hub")
     push_folder(str(folder), "me/upernet-dbp", api=api)
     uploaded = tmp_path / "hub" / "me" / "upernet-dbp"
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {p.name for p in uploaded.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {
+        p.name for p in uploaded.iterdir()
+    }
     assert 'from_pretrained("me/upernet-dbp")' in (uploaded / "README.md").read_text()
     masks = pipeline("image-segmentation", model=str(uploaded))(PILImage.new("RGB", (40, 32), (90, 120, 60)))
     assert masks and all(m["mask"].size == (40, 32) for m in masks)
@@ -717,9 +813,12 @@ def test_a_crop_that_cannot_fit_memory_is_refused_before_the_data_naming_the_num
     """What the out-of-memory killer did silently at 23.6 GB: 512 px around a patch-4 encoder, 16,384 tokens per
     image. The default crop (32 patches) fits; 512 px is refused with the tokens, the GiB and the way out."""
     script = _segmentation_module()
-    encoder = ViTMAEConfig(image_size=32, patch_size=4, hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
-                           intermediate_size=384)  # fmt: skip
-    args = script.SegmentationTrainingArguments(tmp_path, per_device_train_batch_size=8, report_to="none", use_cpu=True)
+    encoder = ViTMAEConfig(
+        image_size=32, patch_size=4, hidden_size=96, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384
+    )
+    args = script.SegmentationTrainingArguments(
+        tmp_path, per_device_train_batch_size=8, report_to="none", use_cpu=True
+    )
     script.check_fits_in_memory(encoder, script.CROP_PATCHES * encoder.patch_size, args)  # 128 px: fits
     with pytest.raises(ValueError) as refused:
         script.check_fits_in_memory(encoder, 512, args)

@@ -61,7 +61,9 @@ def pairs_dataset(pairs):
 
 
 def warnings_text(caplog):
-    return "\n".join(r.getMessage() for r in caplog.records if r.name.startswith(LOGGER) and r.levelno >= logging.WARNING)
+    return "\n".join(
+        r.getMessage() for r in caplog.records if r.name.startswith(LOGGER) and r.levelno >= logging.WARNING
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- folders

@@ -14,7 +14,9 @@ from hf_dbp.tasks.segmentation.image_processing import rescaled_size, window_box
 
 
 def processor(**kwargs) -> DBPSegmentationImageProcessor:
-    return DBPSegmentationImageProcessor(**{"size": {"shortest_edge": 32, "longest_edge": 128}, "size_divisor": 8, **kwargs})
+    return DBPSegmentationImageProcessor(
+        **{"size": {"shortest_edge": 32, "longest_edge": 128}, "size_divisor": 8, **kwargs}
+    )
 
 
 def test_rescaling_is_mmsegmentations_keep_ratio_resize():
@@ -102,7 +104,9 @@ def test_bad_settings_and_mismatched_outputs_are_refused():
     with pytest.raises(ValueError, match="target_sizes is required"):
         processor().post_process_semantic_segmentation(torch.zeros(1, 2, 32, 32))
     with pytest.raises(ValueError, match="3 logits for 1 images that make 4 inputs"):
-        processor(window_size=32, window_stride=16).post_process_semantic_segmentation(torch.zeros(3, 2, 32, 32), [(40, 100)])
+        processor(window_size=32, window_stride=16).post_process_semantic_segmentation(
+            torch.zeros(3, 2, 32, 32), [(40, 100)]
+        )
 
 
 def test_low_resolution_logits_of_a_mixed_size_batch_map_each_image_onto_its_own_part():

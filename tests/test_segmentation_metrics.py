@@ -365,7 +365,15 @@ def test_the_predictions_legend_names_the_ignored_black_label(tmp_path):
     entries = legend_entries(labels, predictions, id2label, _label_colors(3), 3)
     assert [name for name, _ in entries] == ["wall", "floor", "tree", IGNORED_LABEL_NAME]
     assert entries[-1][1] == (0.0, 0.0, 0.0)
-    assert IGNORED_LABEL_NAME not in [n for n, _ in legend_entries(predictions, predictions, id2label, _label_colors(3), 3)]
-    path = plot_segmentation_examples(np.zeros((1, 3, 2, 2), dtype=np.float32), labels, predictions,
-                                      str(tmp_path / "p.png"), num_labels=3, id2label=id2label)  # fmt: skip
+    assert IGNORED_LABEL_NAME not in [
+        n for n, _ in legend_entries(predictions, predictions, id2label, _label_colors(3), 3)
+    ]
+    path = plot_segmentation_examples(
+        np.zeros((1, 3, 2, 2), dtype=np.float32),
+        labels,
+        predictions,
+        str(tmp_path / "p.png"),
+        num_labels=3,
+        id2label=id2label,
+    )
     assert (tmp_path / "p.png").stat().st_size > 1000 and path

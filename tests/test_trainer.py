@@ -13,9 +13,16 @@ from hf_dbp.tasks.image_data import MAEImageTransform, demo_image_dataset
 
 def training_args(tmp_path, **overrides):
     values = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, per_device_eval_batch_size=16, logging_steps=1,
-        report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
     values.update(overrides)
     return TrainingArguments(**values)
 
@@ -72,11 +79,18 @@ def test_plain_model_is_measured_but_not_changed(tmp_path, tiny_kwargs):
     model = ViTMAEForPreTraining(ViTMAEConfig(**tiny_kwargs))
     keys = set(model.state_dict())
     args = training_args(tmp_path, max_steps=2)
-    trainer = DBPTrainer(model=model, args=args, train_dataset=noise_images(),
-                         decorrelation_config=ViTMAEDBPConfig(decorrelation_layers=["fc1"]))  # fmt: skip
+    trainer = DBPTrainer(
+        model=model,
+        args=args,
+        train_dataset=noise_images(),
+        decorrelation_config=ViTMAEDBPConfig(decorrelation_layers=["fc1"]),
+    )
     trainer.train()
     assert set(model.state_dict()) == keys  # no R was added
-    assert list(trainer.decorrelation_callback.decorrelation_config.groups) == ["vit.layers.0.mlp.fc1", "vit.layers.1.mlp.fc1"]
+    assert list(trainer.decorrelation_callback.decorrelation_config.groups) == [
+        "vit.layers.0.mlp.fc1",
+        "vit.layers.1.mlp.fc1",
+    ]
     assert all(r["decorrelation_loss"] > 0 for r in trainer.state.log_history if "loss" in r)
 
 
@@ -86,16 +100,28 @@ def test_a_model_without_default_targets_is_refused_with_the_way_out(tmp_path):
     model = DistilBertModel(DistilBertConfig(dim=8, n_layers=1, n_heads=2, hidden_dim=8, vocab_size=20))
     with pytest.raises(ValueError, match="'distilbert'.*target_modules"):
         DBPTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=noise_images())
-    trainer = DBPTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=noise_images(),
-                         decorrelation_config=hf_dbp.DecorrelationConfig(target_modules=["q_lin", "k_lin", "v_lin"]))  # fmt: skip
+    trainer = DBPTrainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=1),
+        train_dataset=noise_images(),
+        decorrelation_config=hf_dbp.DecorrelationConfig(target_modules=["q_lin", "k_lin", "v_lin"]),
+    )
     assert list(trainer.decorrelation_callback.decorrelation_config.groups) == ["transformer.layer.0.attention.qkv"]
 
 
 def _train_on_natural_images(tmp_path, model, dataset):
     args = training_args(
-        tmp_path, num_train_epochs=6, per_device_train_batch_size=32, learning_rate=2e-3, warmup_steps=5,
-        lr_scheduler_type="cosine", weight_decay=0.05, adam_beta2=0.95, logging_steps=4, remove_unused_columns=False,
-    )  # fmt: skip
+        tmp_path,
+        num_train_epochs=6,
+        per_device_train_batch_size=32,
+        learning_rate=2e-3,
+        warmup_steps=5,
+        lr_scheduler_type="cosine",
+        weight_decay=0.05,
+        adam_beta2=0.95,
+        logging_steps=4,
+        remove_unused_columns=False,
+    )
     trainer = DBPTrainer(model=model, args=args, train_dataset=dataset)
     trainer.train()
     records = [r for r in trainer.state.log_history if "loss" in r]
@@ -106,7 +132,9 @@ def test_short_training_on_natural_images(tmp_path, tiny_kwargs):
     """Real training on crops of photographs: DBP lowers both losses, and ends better decorrelated than BP."""
     images = demo_image_dataset(num_train=256, num_validation=1, min_size=24, max_size=64)["train"]
     transform = MAEImageTransform(16)
-    dataset = images.with_transform(lambda batch: {"pixel_values": [torch.from_numpy(transform(i)) for i in batch["image"]]})
+    dataset = images.with_transform(
+        lambda batch: {"pixel_values": [torch.from_numpy(transform(i)) for i in batch["image"]]}
+    )
     config = ViTMAEDBPConfig(**tiny_kwargs, norm_pix_loss=True, decorrelation_lr=1e-2)
     torch.manual_seed(0)
     dbp = ViTMAEDBPForPreTraining(config)
@@ -140,10 +168,20 @@ def test_no_pinned_memory_is_asked_for_without_an_accelerator(tmp_path):
 
         from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
 
-        model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=1,
-                                                        num_attention_heads=2, intermediate_size=48,
-                                                        decoder_hidden_size=16, decoder_num_hidden_layers=1,
-                                                        decoder_num_attention_heads=2, decoder_intermediate_size=32))  # fmt: skip
+        model = ViTMAEDBPForPreTraining(
+            ViTMAEDBPConfig(
+                image_size=16,
+                patch_size=4,
+                hidden_size=24,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=48,
+                decoder_hidden_size=16,
+                decoder_num_hidden_layers=1,
+                decoder_num_attention_heads=2,
+                decoder_intermediate_size=32,
+            )
+        )
         data = Dataset.from_dict({"pixel_values": torch.randn(8, 3, 16, 16).numpy()}).with_format("torch")
         trainer = DBPTrainer(model=model, args=args, train_dataset=data)
         next(iter(trainer.get_train_dataloader()))

@@ -58,9 +58,19 @@ def _fetch_common_tests() -> Path:
         _unavailable(f"cannot create the cache folder for transformers' common model tests: {error}")
     with tempfile.TemporaryDirectory(dir=CACHE_DIR.parent) as work:
         command = [
-            sys.executable, "-m", "pip", "download", f"transformers=={TRANSFORMERS_VERSION}", "--no-binary", ":all:",
-            "--no-deps", "--disable-pip-version-check", "-q", "-d", work,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            f"transformers=={TRANSFORMERS_VERSION}",
+            "--no-binary",
+            ":all:",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            work,
+        ]
         what = f"transformers=={TRANSFORMERS_VERSION}'s source distribution (for its common model tests)"
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -116,17 +126,20 @@ def _import_common_tests():
             _stub(f"{PACKAGE}.{sub}", __path__=[])
         _stub(f"{PACKAGE}.exporters.test_export", ExportTesterMixin=type("ExportTesterMixin", (), {}))
         _stub(f"{PACKAGE}.generation.test_utils", GenerationTesterMixin=type("GenerationTesterMixin", (), {}))
-        _stub(f"{PACKAGE}.utils.test_configuration_utils", config_common_kwargs={
-            "return_dict": False,
-            "output_hidden_states": True,
-            "output_attentions": True,
-            "dtype": "float16",
-            "chunk_size_feed_forward": 5,
-            "architectures": ["BertModel"],
-            "id2label": {0: "label"},
-            "label2id": {"label": "0"},
-            "problem_type": "regression",
-        })  # fmt: skip
+        _stub(
+            f"{PACKAGE}.utils.test_configuration_utils",
+            config_common_kwargs={
+                "return_dict": False,
+                "output_hidden_states": True,
+                "output_attentions": True,
+                "dtype": "float16",
+                "chunk_size_feed_forward": 5,
+                "architectures": ["BertModel"],
+                "id2label": {0: "label"},
+                "label2id": {"label": "0"},
+                "problem_type": "regression",
+            },
+        )
     try:
         with warnings.catch_warnings():  # the marks of transformers' own conftest (flash_attn_test, ...)
             warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)

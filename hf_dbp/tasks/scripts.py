@@ -26,9 +26,11 @@ def parse_script_arguments(dataclass_types: Sequence[type], demo_args: dict) -> 
     if files and sys.argv[1] in files:
         # transformers' convention: a settings file is the only argument, or flags only; say so instead of argparse's
         # "unrecognized arguments".
-        parser.error(f"{files[0]} is a settings file: give it as the only argument (`{os.path.basename(sys.argv[0])} "
-                     f"{files[0]}`), or give every setting as flags; a file plus flags is not read. Put "
-                     f"{' '.join(sys.argv[2:])} into the file instead.")  # fmt: skip
+        parser.error(
+            f"{files[0]} is a settings file: give it as the only argument (`{os.path.basename(sys.argv[0])} "
+            f"{files[0]}`), or give every setting as flags; a file plus flags is not read. Put "
+            f"{' '.join(sys.argv[2:])} into the file instead."
+        )
     return parser.parse_args_into_dataclasses()
 
 
@@ -71,8 +73,11 @@ def run_main(main: Callable[[], None]) -> None:
 def setup_logging(training_args: transformers.TrainingArguments, script_logger: str) -> None:
     """transformers' and datasets' verbosity from the process's log level; the script's own account of what it does
     (and hf_dbp's) goes to the main process's log even at the default level."""
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
-                        handlers=[logging.StreamHandler(sys.stdout)])  # fmt: skip
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
     log_level = training_args.get_process_log_level()
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
@@ -105,10 +110,15 @@ def image_normalisation(
             found = AutoImageProcessor.from_pretrained(name, **load_kwargs)
         except (OSError, ValueError) as error:
             if image_processor_name is not None:  # asked for by name: its absence is the user's to fix
-                raise ValueError(f"--image_processor_name {name}: no image processor could be loaded ({error})") from None
+                raise ValueError(
+                    f"--image_processor_name {name}: no image processor could be loaded ({error})"
+                ) from None
             logging.getLogger(__name__).warning(
                 "No image processor loaded from %s (%s): normalising with ImageNet's mean and std; give "
-                "--image_processor_name to choose", name, str(error).splitlines()[0])  # fmt: skip
+                "--image_processor_name to choose",
+                name,
+                str(error).splitlines()[0],
+            )
         else:
             if getattr(found, "image_mean", None) is not None and getattr(found, "image_std", None) is not None:
                 return list(found.image_mean), list(found.image_std), f"{name}'s {type(found).__name__}"

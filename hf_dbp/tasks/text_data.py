@@ -15,13 +15,27 @@ import re
 import datasets
 
 DEFAULT_TRAIN_PLAYS = (
-    "tragedies/hamlet", "tragedies/king-lear", "tragedies/macbeth", "tragedies/othello", "tragedies/romeo-and-juliet",
-    "comedies/a-midsummer-night-s-dream", "comedies/as-you-like-it", "comedies/much-ado-about-nothing",
-    "comedies/twelfth-night", "comedies/the-merry-wives-of-windsor", "histories/henry-v", "histories/richard-iii",
-)  # fmt: skip
+    "tragedies/hamlet",
+    "tragedies/king-lear",
+    "tragedies/macbeth",
+    "tragedies/othello",
+    "tragedies/romeo-and-juliet",
+    "comedies/a-midsummer-night-s-dream",
+    "comedies/as-you-like-it",
+    "comedies/much-ado-about-nothing",
+    "comedies/twelfth-night",
+    "comedies/the-merry-wives-of-windsor",
+    "histories/henry-v",
+    "histories/richard-iii",
+)
 DEFAULT_VALIDATION_PLAYS = ("tragedies/timon-of-athens", "comedies/the-comedy-of-errors")
-HELDOUT_TRAIN_PLAYS = ("romances/a-winter-s-tale", "romances/cymbeline", "romances/pericles", "roman/coriolanus",
-                       "roman/antony-and-cleopatra")  # fmt: skip
+HELDOUT_TRAIN_PLAYS = (
+    "romances/a-winter-s-tale",
+    "romances/cymbeline",
+    "romances/pericles",
+    "roman/coriolanus",
+    "roman/antony-and-cleopatra",
+)
 HELDOUT_VALIDATION_PLAYS = ("romances/the-tempest", "roman/julius-caesar")
 
 TEXT_SETS = ("default", "heldout_plays", "heldout_python_docs")

@@ -114,9 +114,12 @@ class DecorrelationCallback(TrainerCallback):
             )
         self.decorrelation_config = decorrelation_config
         self.options = dict(
-            lr_schedule=lr_schedule, update_every=update_every, transfer_dtype=transfer_dtype, guard=guard,
+            lr_schedule=lr_schedule,
+            update_every=update_every,
+            transfer_dtype=transfer_dtype,
+            guard=guard,
             max_loss=max_loss,
-        )  # fmt: skip
+        )
         DecorrelationHook.check_options(**self.options)
         self.overlap = overlap
         self.hook: DecorrelationHook | None = None
@@ -188,7 +191,8 @@ class DecorrelationCallback(TrainerCallback):
             if dropped := drop_decorrelation_matrices(optimizer, model):
                 logger.warning(
                     "Removed %d decorrelation matrices R from the optimizer: R is updated by the decorrelation step, "
-                    "never by an optimizer.", dropped
+                    "never by an optimizer.",
+                    dropped,
                 )
         self._checked_model = model
 
@@ -201,13 +205,18 @@ class DecorrelationCallback(TrainerCallback):
         clear_folded_weights(model)
         decorrelated = self.decorrelation_config is None
         self.hook = DecorrelationHook(
-            model, lr_scheduler=lr_scheduler, gradient_accumulation_steps=args.gradient_accumulation_steps,
-            measure_only=None if decorrelated else self.decorrelation_config, **self.options,
-        )  # fmt: skip
+            model,
+            lr_scheduler=lr_scheduler,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            measure_only=None if decorrelated else self.decorrelation_config,
+            **self.options,
+        )
         self.hook.attach(optimizer)
         self.hook.optimizer_steps = state.global_step  # a resumed run goes on counting (R every k steps)
         if state.global_step > 0:
-            self.load_state(self.resume_from or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+            self.load_state(
+                self.resume_from or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            )
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if self.overlap and world > 1 and not args.fp16:
             from accelerate.state import GradientState
@@ -261,7 +270,9 @@ class DecorrelationCallback(TrainerCallback):
         if not os.path.isfile(path):
             logger.warning(
                 "%s holds no DBP state (%s): the rows of R's statistics are drawn afresh, so the resumed run differs "
-                "from an uninterrupted one in them", folder, os.path.basename(path)
+                "from an uninterrupted one in them",
+                folder,
+                os.path.basename(path),
             )
             return
         saved = torch.load(path)
@@ -362,8 +373,14 @@ class EmissionsCallback(TrainerCallback):
         mains = _gather(process.is_local_main_process)
         machine, num_machines = sum(mains[: process.process_index]), sum(mains)
         carried = carried_for_machine(self.carried_machines, machine, num_machines)
-        self.meter = EmissionsMeter(args.output_dir, self.country, process.is_local_main_process, machine=machine,
-                                    num_machines=num_machines, carried=carried)  # fmt: skip
+        self.meter = EmissionsMeter(
+            args.output_dir,
+            self.country,
+            process.is_local_main_process,
+            machine=machine,
+            num_machines=num_machines,
+            carried=carried,
+        )
         self.meter.start()
 
     def read(self) -> EmissionsReport | None:

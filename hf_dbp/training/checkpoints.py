@@ -38,8 +38,12 @@ MANIFEST = "checkpoint_files.json"
 """Written last into every checkpoint DBPTrainer saves (once every process's files are in): each file's name and size,
 so that a checkpoint missing or shortening any file afterwards is recognised as not whole."""
 
-_LEGACY_SETTINGS = {"lr": "decorrelation_lr", "kappa": "decorrelation_kappa",
-                    "sample_fraction": "decorrelation_sample_fraction", "variance_form": "decorrelation_variance_form"}  # fmt: skip
+_LEGACY_SETTINGS = {
+    "lr": "decorrelation_lr",
+    "kappa": "decorrelation_kappa",
+    "sample_fraction": "decorrelation_sample_fraction",
+    "variance_form": "decorrelation_variance_form",
+}
 """The DBP step's settings as fields of their own, as config.json files of ViTMAE-DBP written by hf-dbp 0.1 hold them."""
 
 
@@ -162,8 +166,10 @@ def checkpoint_problem(folder: str, needs_optimizer: bool = True) -> str | None:
         return problem
     optimizer = names & {"optimizer.pt", "optimizer.bin"} or any(name.startswith("global_step") for name in names)
     if needs_optimizer and not optimizer:
-        return (f"{os.path.join(folder, 'optimizer.pt')} is missing: the checkpoint was saved without its optimizer "
-                "state (save_only_model) or damaged, so training cannot go on from it as it was")  # fmt: skip
+        return (
+            f"{os.path.join(folder, 'optimizer.pt')} is missing: the checkpoint was saved without its optimizer "
+            "state (save_only_model) or damaged, so training cannot go on from it as it was"
+        )
     try:
         with open(os.path.join(folder, "trainer_state.json")) as file:
             json.load(file)
@@ -176,8 +182,11 @@ def _checkpoints(output_dir: str) -> list[tuple[int, str]]:
     """`(step, path)` of every `checkpoint-N` folder in `output_dir`, newest first."""
     if not os.path.isdir(output_dir):
         return []
-    found = [(int(m.group(1)), os.path.join(output_dir, name)) for name in os.listdir(output_dir)
-             if (m := _CHECKPOINT.match(name)) and os.path.isdir(os.path.join(output_dir, name))]  # fmt: skip
+    found = [
+        (int(m.group(1)), os.path.join(output_dir, name))
+        for name in os.listdir(output_dir)
+        if (m := _CHECKPOINT.match(name)) and os.path.isdir(os.path.join(output_dir, name))
+    ]
     return sorted(found, reverse=True)
 
 
@@ -191,11 +200,13 @@ def remove_staging_folders(output_dir: str) -> list[str]:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
                 if name.endswith("-removed"):
-                    logger.warning("Removed %s: an old checkpoint a run was killed while deleting (save_total_limit)",
-                                   path)  # fmt: skip
+                    logger.warning(
+                        "Removed %s: an old checkpoint a run was killed while deleting (save_total_limit)", path
+                    )
                 else:
-                    logger.warning("Removed %s: a checkpoint a run was killed while saving (it was never complete)",
-                                   path)  # fmt: skip
+                    logger.warning(
+                        "Removed %s: a checkpoint a run was killed while saving (it was never complete)", path
+                    )
     return removed
 
 
@@ -231,9 +242,13 @@ def resolve_checkpoint(
         if newer:
             # Trainer numbers checkpoints by step: the resumed run overwrites them one by one, and until then a later
             # automatic resume would pick the newest, a checkpoint of the run abandoned here.
-            logger.warning("Resuming from %s while %s holds newer checkpoints (%s) of the run it abandons: they are "
-                           "replaced as this run reaches their steps", resume_from_checkpoint, output_dir,
-                           ", ".join(os.path.basename(p) for p in newer))  # fmt: skip
+            logger.warning(
+                "Resuming from %s while %s holds newer checkpoints (%s) of the run it abandons: they are "
+                "replaced as this run reaches their steps",
+                resume_from_checkpoint,
+                output_dir,
+                ", ".join(os.path.basename(p) for p in newer),
+            )
         return resume_from_checkpoint
     removed = remove_staging_folders(output_dir) if clean_up else []
     checkpoint = last_whole_checkpoint(output_dir, needs_optimizer)

@@ -30,7 +30,15 @@ WORLD_AVERAGE = "unknown (codecarbon's world-average carbon intensity)"
 EMISSIONS_CSV = "emissions.csv"
 RUN_TOTALS = "run_totals.json"
 # The columns of codecarbon's rows that add up over time: what a resumed run carries on from its checkpoint.
-CUMULATIVE_COLUMNS = ("duration", "emissions", "cpu_energy", "gpu_energy", "ram_energy", "energy_consumed", "water_consumed")
+CUMULATIVE_COLUMNS = (
+    "duration",
+    "emissions",
+    "cpu_energy",
+    "gpu_energy",
+    "ram_energy",
+    "energy_consumed",
+    "water_consumed",
+)
 _MACHINE_CSV = re.compile(r"emissions_machine(\d+)\.csv")
 
 
@@ -81,10 +89,13 @@ def combine_reports(reports: list[EmissionsReport]) -> EmissionsReport:
     else:
         hardware = f"{len(reports)} machines: " + "; ".join(r.hardware for r in reports)
     return EmissionsReport(
-        energy_kwh=sum(r.energy_kwh for r in reports), emissions_g=sum(r.emissions_g for r in reports),
-        duration_s=max(r.duration_s for r in reports), location=", ".join(locations), hardware=hardware,
+        energy_kwh=sum(r.energy_kwh for r in reports),
+        emissions_g=sum(r.emissions_g for r in reports),
+        duration_s=max(r.duration_s for r in reports),
+        location=", ".join(locations),
+        hardware=hardware,
         final=all(r.final for r in reports),
-    )  # fmt: skip
+    )
 
 
 def write_run_totals(
@@ -113,9 +124,14 @@ def carried_for_machine(machines: list[dict], machine: int, num_machines: int) -
     takes those of machines the checkpoint's run had beyond `num_machines`, so that the sum stays whole."""
     own = [machines[machine]] if machine < len(machines) else []
     if machine == 0 and len(machines) > num_machines:
-        logger.warning("The checkpoint was saved by a run on %d machines, this one has %d: machine 0 carries on the "
-                       "figures of machines %d-%d as well.", len(machines), num_machines, num_machines,
-                       len(machines) - 1)  # fmt: skip
+        logger.warning(
+            "The checkpoint was saved by a run on %d machines, this one has %d: machine 0 carries on the "
+            "figures of machines %d-%d as well.",
+            len(machines),
+            num_machines,
+            num_machines,
+            len(machines) - 1,
+        )
         own += machines[num_machines:]
     return {column: sum(float(m.get(column) or 0.0) for m in own) for column in CUMULATIVE_COLUMNS}
 

@@ -49,7 +49,9 @@ def check_model_folder(path: str, role: str, repo_id_allowed: bool = True) -> No
     problems are reported before anything about the Hub."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"{role} {path} holds no saved model (no config.json in it: {sorted(os.listdir(path))[:8]})")
+            raise FileNotFoundError(
+                f"{role} {path} holds no saved model (no config.json in it: {sorted(os.listdir(path))[:8]})"
+            )
     elif os.path.exists(path):
         raise FileNotFoundError(f"{role} {path} is a file, not a saved model folder")
     elif not (repo_id_allowed and is_repo_id(path)):
@@ -85,17 +87,23 @@ def push_folder(
         # `from_pretrained("./my_tokenizer")`) are left alone.
         with open(card, encoding="utf-8") as file:
             text = file.read()
-        rewritten = re.sub(r'((?:from_pretrained\(|load_decorrelated\(\s*\w+\s*,)\s*)"([^"]+)"',
-                           lambda m: f'{m.group(1)}"{repo_id}"' if os.path.isabs(m.group(2)) else m.group(0), text)  # fmt: skip
+        rewritten = re.sub(
+            r'((?:from_pretrained\(|load_decorrelated\(\s*\w+\s*,)\s*)"([^"]+)"',
+            lambda m: f'{m.group(1)}"{repo_id}"' if os.path.isabs(m.group(2)) else m.group(0),
+            text,
+        )
         if rewritten != text:
             with open(card, "w", encoding="utf-8") as file:
                 file.write(rewritten)
     api = api or HfApi()
     api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
     commit = api.upload_folder(
-        folder_path=folder, repo_id=repo_id, token=token, commit_message=commit_message,
+        folder_path=folder,
+        repo_id=repo_id,
+        token=token,
+        commit_message=commit_message,
         ignore_patterns=["checkpoint-*", "checkpoint-*/**", "*.lock"],
-    )  # fmt: skip
+    )
     return getattr(commit, "commit_url", str(commit))
 
 
@@ -105,5 +113,6 @@ def checkpoint_not_found(name: str, flag: str, error: OSError) -> OSError:
     if os.path.exists(name):
         return error  # a local folder that does not load: transformers' message is about its files
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return OSError(f"{flag} {name}: no such folder here (from {os.getcwd()}), and the Hub gave no model of that id: "
-                   f"{first}")
+    return OSError(
+        f"{flag} {name}: no such folder here (from {os.getcwd()}), and the Hub gave no model of that id: {first}"
+    )

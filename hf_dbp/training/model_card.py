@@ -67,9 +67,13 @@ def _read_last_row(path: str) -> EmissionsReport | None:
     if float(last.get("gpu_count") or 0):
         hardware += f", {int(float(last['gpu_count']))} x {last['gpu_model']}"
     return EmissionsReport(
-        energy_kwh=float(last["energy_consumed"]), emissions_g=float(last["emissions"]) * 1000.0,
-        duration_s=float(last["duration"]), location=location, hardware=hardware, final=True,
-    )  # fmt: skip
+        energy_kwh=float(last["energy_consumed"]),
+        emissions_g=float(last["emissions"]) * 1000.0,
+        duration_s=float(last["duration"]),
+        location=location,
+        hardware=hardware,
+        final=True,
+    )
 
 
 def read_results(folder: str) -> dict:
@@ -99,7 +103,10 @@ def hub_dataset_ids(datasets: list[str] | None) -> list[str]:
 def decorrelation_of(config) -> dict | None:
     """The DBP settings (a `DecorrelationConfig` dict) of a saved model's config or of one of its sub-configs (a
     backbone's), if they decorrelate any layer; None for a plain model."""
-    for candidate in [config, *(v for v in vars(config).values() if hasattr(v, "to_dict") and hasattr(v, "model_type"))]:
+    for candidate in [
+        config,
+        *(v for v in vars(config).values() if hasattr(v, "to_dict") and hasattr(v, "model_type")),
+    ]:
         values = getattr(candidate, CONFIG_ATTRIBUTE, None)
         if isinstance(values, Mapping) and values.get("groups"):
             return dict(values)
@@ -111,13 +118,15 @@ def _settings_rows(settings: dict) -> list[str]:
     layers = sum(len(paths) for paths in groups.values())
     targets = settings.get("target_modules")
     return [
-        "| setting | value |", "| --- | --- |",
+        "| setting | value |",
+        "| --- | --- |",
         f"| decorrelated layers | {layers}, sharing {len(groups)} matrices R |",
         f"| target modules | {targets if targets is not None else 'the defaults of its architecture'} |",
-        f"| decorrelation lr | {settings.get('lr')} |", f"| kappa | {settings.get('kappa')} |",
+        f"| decorrelation lr | {settings.get('lr')} |",
+        f"| kappa | {settings.get('kappa')} |",
         f"| sample fraction | {settings.get('sample_fraction')} |",
         f"| variance term | {_VARIANCE_TERMS.get(settings.get('variance_form'), _VARIANCE_TERMS['rows'])} |",
-    ]  # fmt: skip
+    ]
 
 
 def build_model_card(
@@ -160,36 +169,60 @@ def build_model_card(
     dataset_name = (datasets or ["unspecified"])[0]
     eval_results = [
         EvalResult(
-            task_type=profile.task_type or "other", task_name=profile.task_name, dataset_type=dataset_name,
-            dataset_name=dataset_name, dataset_split="validation", metric_type=key.removeprefix("eval_"),
-            metric_name=label, metric_value=float(results[key]),
-        )  # fmt: skip
+            task_type=profile.task_type or "other",
+            task_name=profile.task_name,
+            dataset_type=dataset_name,
+            dataset_name=dataset_name,
+            dataset_split="validation",
+            metric_type=key.removeprefix("eval_"),
+            metric_name=label,
+            metric_value=float(results[key]),
+        )
         for key, label in profile.metrics.items()
         if key in results
     ]
     co2 = None
     if emissions is not None:
-        co2 = {"emissions": emissions.emissions_g, "source": "codecarbon",
-               "training_type": "fine-tuning" if base_model or profile.fine_tuning else "pre-training",
-               "geographical_location": emissions.location, "hardware_used": emissions.hardware}  # fmt: skip
-    facts = {"datasets": datasets, "steps": steps, "training_seconds": training_seconds,
-             "decorrelation": settings or trained_with}  # fmt: skip
+        co2 = {
+            "emissions": emissions.emissions_g,
+            "source": "codecarbon",
+            "training_type": "fine-tuning" if base_model or profile.fine_tuning else "pre-training",
+            "geographical_location": emissions.location,
+            "hardware_used": emissions.hardware,
+        }
+    facts = {
+        "datasets": datasets,
+        "steps": steps,
+        "training_seconds": training_seconds,
+        "decorrelation": settings or trained_with,
+    }
     data = ModelCardData(
-        library_name="transformers", tags=tags, datasets=hub_dataset_ids(datasets) or None,
+        library_name="transformers",
+        tags=tags,
+        datasets=hub_dataset_ids(datasets) or None,
         # The metadata's base_model is a Hub id; a local folder is named in the body only.
-        base_model=base_model if base_model and not os.path.exists(base_model) else None, model_name=model_name,
-        eval_results=eval_results or None, co2_eq_emissions=co2, pipeline_tag=profile.pipeline_tag,
+        base_model=base_model if base_model and not os.path.exists(base_model) else None,
+        model_name=model_name,
+        eval_results=eval_results or None,
+        co2_eq_emissions=co2,
+        pipeline_tag=profile.pipeline_tag,
         **{FACTS_KEY: {k: v for k, v in facts.items() if v is not None}},
-    )  # fmt: skip
+    )
     method = "decorrelated backpropagation (DBP)" if dbp else "plain backpropagation (the BP baseline)"
     lines = [f"# {model_name}", "", profile.describe(config, method, merged_from), "", "## Decorrelation", ""]
     if dbp:
-        lines += ["Each decorrelated layer computes y = W (R x) + b; R is updated after every optimizer step to "
-                  "decorrelate the layer's inputs. Layers that read the same input share one R.", ""]  # fmt: skip
+        lines += [
+            "Each decorrelated layer computes y = W (R x) + b; R is updated after every optimizer step to "
+            "decorrelate the layer's inputs. Layers that read the same input share one R.",
+            "",
+        ]
         lines += _settings_rows(settings)
     elif merged_from and trained_with:
-        lines += ["Trained with these DBP settings; every R is now folded into its layer's weight (W R), so the model "
-                  "computes the same outputs with plain layers.", ""]  # fmt: skip
+        lines += [
+            "Trained with these DBP settings; every R is now folded into its layer's weight (W R), so the model "
+            "computes the same outputs with plain layers.",
+            "",
+        ]
         lines += _settings_rows(trained_with)
     elif merged_from or profile.fine_tuning:
         lines.append("The model holds no R: any decorrelation from pre-training is folded into its weights.")
@@ -202,9 +235,12 @@ def build_model_card(
     if training_seconds is not None:
         lines.append(f"| training time | {training_seconds:.1f} s ({training_seconds / 3600:.2f} h) |")
     if emissions is not None:
-        lines += [f"| energy | {emissions.energy_kwh:.6g} kWh |",
-                  f"| emissions | {emissions.emissions_g:.6g} g CO2-eq (codecarbon) |",
-                  f"| location | {emissions.location} |", f"| hardware | {emissions.hardware} |"]  # fmt: skip
+        lines += [
+            f"| energy | {emissions.energy_kwh:.6g} kWh |",
+            f"| emissions | {emissions.emissions_g:.6g} g CO2-eq (codecarbon) |",
+            f"| location | {emissions.location} |",
+            f"| hardware | {emissions.hardware} |",
+        ]
     shown = [(label, results[key]) for key, label in profile.metrics.items() if key in results]
     if shown:
         lines += ["", "## Results", "", "| metric | value |", "| --- | --- |"]

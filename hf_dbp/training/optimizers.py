@@ -99,32 +99,44 @@ def matrices_with_adamw(
     every matrix does.
     """
     if matrix_optimizer not in MATRIX_OPTIMIZERS or matrix_optimizer == "adamw":
-        raise ValueError(f"matrix_optimizer must be one of {[o for o in MATRIX_OPTIMIZERS if o != 'adamw']}, got "
-                         f"{matrix_optimizer!r}")  # fmt: skip
+        raise ValueError(
+            f"matrix_optimizer must be one of {[o for o in MATRIX_OPTIMIZERS if o != 'adamw']}, got "
+            f"{matrix_optimizer!r}"
+        )
     matrices = set(muon_matrices(model))
     if not matrices:
         raise ValueError(f"{type(model).__name__} has no trainable hidden 2-D weight matrix for {matrix_optimizer}")
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for n, p in trainable if n in matrices]
     if matrix_optimizer == "muon":
-        first = torch.optim.Muon(params, lr=learning_rate * muon_lr_multiplier, weight_decay=weight_decay,
-                                 momentum=muon_momentum, adjust_lr_fn="match_rms_adamw")  # fmt: skip
+        first = torch.optim.Muon(
+            params,
+            lr=learning_rate * muon_lr_multiplier,
+            weight_decay=weight_decay,
+            momentum=muon_momentum,
+            adjust_lr_fn="match_rms_adamw",
+        )
     else:
         try:
             from pytorch_optimizer import SOAP
         except ImportError as error:
-            raise ImportError("matrix_optimizer='soap' needs pytorch-optimizer: pip install pytorch-optimizer") from error
+            raise ImportError(
+                "matrix_optimizer='soap' needs pytorch-optimizer: pip install pytorch-optimizer"
+            ) from error
         first = SOAP(params, lr=learning_rate, betas=adam_betas, weight_decay=weight_decay, eps=adam_epsilon)
     rest = [(n, p) for n, p in trainable if n not in matrices]
-    groups = [{"params": [p for n, p in rest if n in decay_parameters], "weight_decay": weight_decay},
-              {"params": [p for n, p in rest if n not in decay_parameters], "weight_decay": 0.0}]  # fmt: skip
+    groups = [
+        {"params": [p for n, p in rest if n in decay_parameters], "weight_decay": weight_decay},
+        {"params": [p for n, p in rest if n not in decay_parameters], "weight_decay": 0.0},
+    ]
     groups = [group for group in groups if group["params"]]
     if not groups:
         return CombinedOptimizer([first])
     return CombinedOptimizer([first, torch.optim.AdamW(groups, lr=learning_rate, betas=adam_betas, eps=adam_epsilon)])
 
 
-def muon_with_adamw(model: nn.Module, learning_rate: float, weight_decay: float,
-                    decay_parameters: set[str] | list[str], **kwargs) -> CombinedOptimizer:  # fmt: skip
+def muon_with_adamw(
+    model: nn.Module, learning_rate: float, weight_decay: float, decay_parameters: set[str] | list[str], **kwargs
+) -> CombinedOptimizer:
     """``torch.optim.Muon`` on the hidden matrices and AdamW on the rest: `matrices_with_adamw` with ``"muon"``."""
     return matrices_with_adamw(model, "muon", learning_rate, weight_decay, decay_parameters, **kwargs)

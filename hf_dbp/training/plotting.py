@@ -26,8 +26,15 @@ def plot_training_curves(
     import matplotlib.pyplot as plt
 
     def say_empty(ax, what: str) -> None:
-        ax.text(0.5, 0.5, f"no {what} logged" + (f"\n({empty_note})" if empty_note else ""), ha="center",
-                va="center", transform=ax.transAxes, color="gray")  # fmt: skip
+        ax.text(
+            0.5,
+            0.5,
+            f"no {what} logged" + (f"\n({empty_note})" if empty_note else ""),
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="gray",
+        )
 
     fig, (ax_loss, ax_decor) = plt.subplots(1, 2, figsize=(11, 4))
     drawn = 0

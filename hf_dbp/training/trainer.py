@@ -82,7 +82,9 @@ class DBPTrainer(Trainer):
             self.model, self.optimizer, self.args.gradient_accumulation_steps, self.is_deepspeed_enabled
         )
         self.clock = TrainingClockCallback(dbp_argument(self.args, "max_train_minutes"))
-        ours = [self.decorrelation_callback, self.clock] + ([self.emissions_callback] if self.emissions_callback else [])
+        ours = [self.decorrelation_callback, self.clock] + (
+            [self.emissions_callback] if self.emissions_callback else []
+        )
         self.callback_handler.callbacks[:0] = ours
         self.emissions = None  # the run's total once training ended
         self.resumed_from: str | None = None  # the checkpoint the last train() resumed from
@@ -103,10 +105,15 @@ class DBPTrainer(Trainer):
         if self.optimizer is None and matrix_optimizer != "adamw":
             opt_model = self.model if model is None else model
             self.optimizer = matrices_with_adamw(
-                opt_model, matrix_optimizer, self.args.learning_rate, self.args.weight_decay,
-                self.get_decay_parameter_names(opt_model), adam_betas=(self.args.adam_beta1, self.args.adam_beta2),
-                adam_epsilon=self.args.adam_epsilon, muon_lr_multiplier=dbp_argument(self.args, "muon_lr_multiplier"),
-            )  # fmt: skip
+                opt_model,
+                matrix_optimizer,
+                self.args.learning_rate,
+                self.args.weight_decay,
+                self.get_decay_parameter_names(opt_model),
+                adam_betas=(self.args.adam_beta1, self.args.adam_beta2),
+                adam_epsilon=self.args.adam_epsilon,
+                muon_lr_multiplier=dbp_argument(self.args, "muon_lr_multiplier"),
+            )
             return self.optimizer
         return super().create_optimizer(model)
 
@@ -117,8 +124,9 @@ class DBPTrainer(Trainer):
         (`schedule_warnings`) and says when there is nothing left to train. The train metrics' `train_loss` is the
         mean over all the run's steps, as an uninterrupted run reports it, also when resumed (the checkpoint carries
         the sum); `resumed_from`, `resumed_at_step` and `steps_trained` say what this call did."""
-        checkpoint = resolve_checkpoint(self.args.output_dir, resume_from_checkpoint, not self.args.save_only_model,
-                                        clean_up=self.args.should_save)  # fmt: skip
+        checkpoint = resolve_checkpoint(
+            self.args.output_dir, resume_from_checkpoint, not self.args.save_only_model, clean_up=self.args.should_save
+        )
         if checkpoint and resume_from_checkpoint is True and self.args.should_save:
             # A run killed after saving its newest checkpoint and before deleting the oldest (save_total_limit)
             # deletes it now: a resumed run keeps the checkpoints an uninterrupted one would.
@@ -131,26 +139,41 @@ class DBPTrainer(Trainer):
             for warning in schedule_warnings(self.args, planned):
                 logger.warning(warning)
         if checkpoint and planned is not None and start >= planned:
-            logger.warning("Nothing to train: %s is already at %s %d; the run saves the model, evaluates and writes "
-                           "its card only", os.path.basename(checkpoint),
-                           "max_steps" if self.args.max_steps > 0 else "the end of its epochs, step", planned)  # fmt: skip
+            logger.warning(
+                "Nothing to train: %s is already at %s %d; the run saves the model, evaluates and writes "
+                "its card only",
+                os.path.basename(checkpoint),
+                "max_steps" if self.args.max_steps > 0 else "the end of its epochs, step",
+                planned,
+            )
         self.resumed_from, self.resumed_at_step, self.steps_trained = checkpoint, start, 0
         # The train loss of the steps before the checkpoint: carried, so that train_loss covers the whole run.
-        self._carried_loss = {} if not checkpoint else {k: v for k, v in (totals or {}).items() if k.startswith("train_loss")}
+        self._carried_loss = (
+            {} if not checkpoint else {k: v for k, v in (totals or {}).items() if k.startswith("train_loss")}
+        )
         self._carried_loss_sum = 0.0 if not checkpoint else self._carried_loss.get("train_loss_sum")
         if checkpoint and self._carried_loss_sum is None:
-            logger.warning("%s holds no train loss total (saved by an older hf-dbp or another Trainer): train_loss "
-                           "covers the steps after it only", checkpoint)  # fmt: skip
+            logger.warning(
+                "%s holds no train loss total (saved by an older hf-dbp or another Trainer): train_loss "
+                "covers the steps after it only",
+                checkpoint,
+            )
         if checkpoint and totals is None:
-            logger.warning("%s has no run_totals.json: energy, emissions and train_seconds count from this resume on "
-                           "only", checkpoint)  # fmt: skip
+            logger.warning(
+                "%s has no run_totals.json: energy, emissions and train_seconds count from this resume on only",
+                checkpoint,
+            )
         elif checkpoint and self.emissions_callback is not None and not totals.get("machines"):
             logger.warning("%s was saved without measuring emissions: they count from this resume on only", checkpoint)
         every = dbp_argument(self.args, "decorrelation_update_every")
         if checkpoint and every > 1 and _global_step(checkpoint) % every:
             # The statistics gathered since the last update live in the modules, not in checkpoints.
-            logger.warning("%s was saved between two decorrelation updates (every %d steps): the statistics gathered "
-                           "since the last one are not in it, so the next update sees fewer steps", checkpoint, every)  # fmt: skip
+            logger.warning(
+                "%s was saved between two decorrelation updates (every %d steps): the statistics gathered "
+                "since the last one are not in it, so the next update sees fewer steps",
+                checkpoint,
+                every,
+            )
         self.clock.carried_seconds = (totals or {}).get("train_seconds") or 0.0
         if self.emissions_callback is not None:
             self.emissions_callback.carried_machines = (totals or {}).get("machines") or []
@@ -160,7 +183,9 @@ class DBPTrainer(Trainer):
         self.train_runtime = result.metrics.get("train_runtime")
         if self.emissions_callback is not None and self.emissions_callback.total is not None:
             self.emissions = self.emissions_callback.total
-            result.metrics.update(train_energy_kwh=self.emissions.energy_kwh, train_emissions_g=self.emissions.emissions_g)
+            result.metrics.update(
+                train_energy_kwh=self.emissions.energy_kwh, train_emissions_g=self.emissions.emissions_g
+            )
         return TrainOutput(result.global_step, result.metrics.get("train_loss", float("nan")), result.metrics)
 
     def _run_epoch(self, *args, **kwargs):
@@ -203,9 +228,11 @@ class DBPTrainer(Trainer):
         name = os.path.basename(self.resumed_from) if self.resumed_from else None
         loss = next((r["train_loss"] for r in reversed(self.state.log_history) if "train_loss" in r), None)
         if name is not None and self.steps_trained == 0:
-            return (f"nothing to train: {name} is already at max_steps {self.state.max_steps}"
-                    if start == self.state.max_steps else
-                    f"nothing to train: {name} is at step {start}, past max_steps {self.state.max_steps}")  # fmt: skip
+            return (
+                f"nothing to train: {name} is already at max_steps {self.state.max_steps}"
+                if start == self.state.max_steps
+                else f"nothing to train: {name} is at step {start}, past max_steps {self.state.max_steps}"
+            )
         runtime = f" in {self.train_runtime:.1f} s" if self.train_runtime is not None else ""
         if name is None:
             return f"{step} steps{runtime}, train loss {loss:.4f}" if loss is not None else f"{step} steps{runtime}"
@@ -247,8 +274,11 @@ class DBPTrainer(Trainer):
         unlogged = []
         if self.state.global_step > self._globalstep_last_logged:  # the same on every process: all gather or none
             unlogged = self.accelerator.gather(self._tr_loss.detach().reshape(1)).tolist()
-        return {"train_loss_sum": self._total_loss_scalar, "train_loss_unlogged": unlogged,
-                "train_loss_logged_step": self._globalstep_last_logged}  # fmt: skip
+        return {
+            "train_loss_sum": self._total_loss_scalar,
+            "train_loss_unlogged": unlogged,
+            "train_loss_logged_step": self._globalstep_last_logged,
+        }
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         # Overridden (private): Trainer pushes from inside its save, here the staging folder, which lacks DBP's files
@@ -273,7 +303,9 @@ class DBPTrainer(Trainer):
         # Overridden (private) for the same reason as `_load_from_checkpoint`.
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return super()._load_best_model()
-        logger.info("Loading the best model from %s (score: %s)", self.state.best_model_checkpoint, self.state.best_metric)
+        logger.info(
+            "Loading the best model from %s (score: %s)", self.state.best_model_checkpoint, self.state.best_metric
+        )
         self._load_weights_from(self.state.best_model_checkpoint)
 
     def _load_weights_from(self, folder: str) -> None:
@@ -320,8 +352,14 @@ class DBPTrainer(Trainer):
             **self._card_kwargs,
         )
 
-    def create_model_card(self, model_name: str | None = None, finetuned_from: str | None = None,
-                          dataset: str | list[str] | None = None, tags=None, **kwargs) -> None:  # fmt: skip
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        dataset: str | list[str] | None = None,
+        tags=None,
+        **kwargs,
+    ) -> None:
         """Write hf-dbp's model card (emissions, DBP settings, results) instead of Trainer's generic one."""
         if model_name is not None:
             # Trainer.push_to_hub passes the repo's name without its owner; the card's loading code needs the repo id.
@@ -354,7 +392,9 @@ class _CarryTrainLoss(TrainerCallback):
         if unlogged and len(unlogged) == args.world_size:
             # The steps since the last log, trained before the checkpoint: the next log covers them too, as it would
             # have without the interruption.
-            value = torch.tensor(unlogged[args.process_index], dtype=trainer._tr_loss.dtype, device=trainer._tr_loss.device)
+            value = torch.tensor(
+                unlogged[args.process_index], dtype=trainer._tr_loss.dtype, device=trainer._tr_loss.device
+            )
             trainer._tr_loss += value
             trainer._globalstep_last_logged = carried.get("train_loss_logged_step", state.global_step)
         elif unlogged:  # saved on another number of processes: their mean joins the total, the next log is new steps'

@@ -32,59 +32,78 @@ class DBPTrainingArguments(TrainingArguments):
 
     emissions_country: str | None = field(
         default=None,
-        metadata={"help": "ISO 3166-1 alpha-3 code of the country the machines are in (e.g. FRA), for the CO2 figure. "
-                  "Also read from CODECARBON_COUNTRY_ISO_CODE or codecarbon's .codecarbon.config."},
-    )  # fmt: skip
+        metadata={
+            "help": "ISO 3166-1 alpha-3 code of the country the machines are in (e.g. FRA), for the CO2 figure. "
+            "Also read from CODECARBON_COUNTRY_ISO_CODE or codecarbon's .codecarbon.config."
+        },
+    )
     track_emissions: bool = field(default=True, metadata={"help": "Measure energy and emissions with codecarbon."})
     max_train_minutes: float | None = field(
         default=None,
-        metadata={"help": "Stop training after this much training time (evaluation not counted), like max_steps in minutes."},
+        metadata={
+            "help": "Stop training after this much training time (evaluation not counted), like max_steps in minutes."
+        },
     )
 
     matrix_optimizer: str = field(
         default="adamw",
-        metadata={"help": "What updates the 2-D hidden weight matrices: 'adamw' (with everything else, as --optim says), "
-                  "'muon' (torch.optim.Muon, scaled to AdamW's RMS) or 'soap' (pytorch-optimizer's SOAP); with the "
-                  "last two AdamW keeps the rest. DBP works with any: R "
-                  "is updated by the decorrelation step, never by an optimizer.", "choices": list(MATRIX_OPTIMIZERS)},
-    )  # fmt: skip
+        metadata={
+            "help": "What updates the 2-D hidden weight matrices: 'adamw' (with everything else, as --optim says), "
+            "'muon' (torch.optim.Muon, scaled to AdamW's RMS) or 'soap' (pytorch-optimizer's SOAP); with the "
+            "last two AdamW keeps the rest. DBP works with any: R "
+            "is updated by the decorrelation step, never by an optimizer.",
+            "choices": list(MATRIX_OPTIMIZERS),
+        },
+    )
     muon_lr_multiplier: float = field(
         default=1.0, metadata={"help": "With --matrix_optimizer muon: Muon's learning rate over AdamW's."}
     )
 
     decorrelation_lr_schedule: str = field(
         default="constant",
-        metadata={"help": "The decorrelation learning rate over training: 'constant' (the config's decorrelation_lr at "
-                  "every step) or 'tied' (times the weights' schedule factor: the same warm-up and decay as "
-                  "--lr_scheduler_type).", "choices": list(DECORRELATION_LR_SCHEDULES)},
-    )  # fmt: skip
+        metadata={
+            "help": "The decorrelation learning rate over training: 'constant' (the config's decorrelation_lr at "
+            "every step) or 'tied' (times the weights' schedule factor: the same warm-up and decay as "
+            "--lr_scheduler_type).",
+            "choices": list(DECORRELATION_LR_SCHEDULES),
+        },
+    )
 
     decorrelation_overlap: bool = field(
         default=True,
-        metadata={"help": "Over several processes, start exchanging the decorrelation statistics after the forward of "
-                  "each step's last micro-batch, so that it runs during the backward (off under --fp16, whose grad "
-                  "scaler can skip steps)."},
-    )  # fmt: skip
+        metadata={
+            "help": "Over several processes, start exchanging the decorrelation statistics after the forward of "
+            "each step's last micro-batch, so that it runs during the backward (off under --fp16, whose grad "
+            "scaler can skip steps)."
+        },
+    )
 
     decorrelation_update_every: int = field(
         default=1,
-        metadata={"help": "Update R every this many optimizer steps, from the statistics of all of them (a k-th of "
-                  "DBP's traffic between processes). 1 (the default) updates at every step, as the method does."},
-    )  # fmt: skip
+        metadata={
+            "help": "Update R every this many optimizer steps, from the statistics of all of them (a k-th of "
+            "DBP's traffic between processes). 1 (the default) updates at every step, as the method does."
+        },
+    )
 
     decorrelation_transfer_dtype: str = field(
         default="float32",
-        metadata={"help": "Precision the decorrelation statistics travel in between processes: 'float32' (exact) or "
-                  "'bfloat16'/'float16' (half the bytes; R is rounded, identically on every process).",
-                  "choices": list(TRANSFER_DTYPES)},
-    )  # fmt: skip
+        metadata={
+            "help": "Precision the decorrelation statistics travel in between processes: 'float32' (exact) or "
+            "'bfloat16'/'float16' (half the bytes; R is rounded, identically on every process).",
+            "choices": list(TRANSFER_DTYPES),
+        },
+    )
 
     decorrelation_guard: str = field(
         default="skip",
-        metadata={"help": "An update of R that would make it non-finite or comes from exploding statistics (loss above "
-                  "--decorrelation_max_loss): 'skip' it (R stays, a warning, decorrelation_skipped_updates counts it) or "
-                  "'stop' the run with an error.", "choices": list(GUARDS)},
-    )  # fmt: skip
+        metadata={
+            "help": "An update of R that would make it non-finite or comes from exploding statistics (loss above "
+            "--decorrelation_max_loss): 'skip' it (R stays, a warning, decorrelation_skipped_updates counts it) or "
+            "'stop' the run with an error.",
+            "choices": list(GUARDS),
+        },
+    )
     decorrelation_max_loss: float = field(
         default=1e6, metadata={"help": "The decorrelation loss taken as exploded (see --decorrelation_guard)."}
     )
@@ -100,15 +119,23 @@ class DBPTrainingArguments(TrainingArguments):
         if self.use_cpu or not (torch.cuda.is_available() or _has_other_accelerator()):
             self.dataloader_pin_memory = False
         if self.matrix_optimizer not in MATRIX_OPTIMIZERS:
-            raise ValueError(f"matrix_optimizer must be one of {list(MATRIX_OPTIMIZERS)}, got {self.matrix_optimizer!r}")
+            raise ValueError(
+                f"matrix_optimizer must be one of {list(MATRIX_OPTIMIZERS)}, got {self.matrix_optimizer!r}"
+            )
         if self.decorrelation_lr_schedule not in DECORRELATION_LR_SCHEDULES:
-            raise ValueError(f"decorrelation_lr_schedule must be one of {list(DECORRELATION_LR_SCHEDULES)}, got "
-                             f"{self.decorrelation_lr_schedule!r}")  # fmt: skip
+            raise ValueError(
+                f"decorrelation_lr_schedule must be one of {list(DECORRELATION_LR_SCHEDULES)}, got "
+                f"{self.decorrelation_lr_schedule!r}"
+            )
         if not (isinstance(self.decorrelation_update_every, int) and self.decorrelation_update_every >= 1):
-            raise ValueError(f"decorrelation_update_every must be an integer >= 1, got {self.decorrelation_update_every!r}")
+            raise ValueError(
+                f"decorrelation_update_every must be an integer >= 1, got {self.decorrelation_update_every!r}"
+            )
         if self.decorrelation_transfer_dtype not in TRANSFER_DTYPES:
-            raise ValueError(f"decorrelation_transfer_dtype must be one of {list(TRANSFER_DTYPES)}, got "
-                             f"{self.decorrelation_transfer_dtype!r}")  # fmt: skip
+            raise ValueError(
+                f"decorrelation_transfer_dtype must be one of {list(TRANSFER_DTYPES)}, got "
+                f"{self.decorrelation_transfer_dtype!r}"
+            )
         if self.decorrelation_guard not in GUARDS:
             raise ValueError(f"decorrelation_guard must be one of {list(GUARDS)}, got {self.decorrelation_guard!r}")
         if not self.decorrelation_max_loss >= 0:
@@ -147,16 +174,24 @@ def schedule_warnings(args: TrainingArguments, total_steps: int | None) -> list[
         value = getattr(args, name) or (args.logging_steps if name == "eval_steps" else None)
         steps = getattr(strategy, "value", strategy) == "steps"
         if steps and value is not None and 1 <= value and value > total_steps:
-            found.append(f"--{name} {value:g} is longer than the run ({total_steps} optimizer steps): {consequence}. "
-                         f"Give --{name} at most {total_steps}, or a fraction of the run below 1.")  # fmt: skip
+            found.append(
+                f"--{name} {value:g} is longer than the run ({total_steps} optimizer steps): {consequence}. "
+                f"Give --{name} at most {total_steps}, or a fraction of the run below 1."
+            )
     every = dbp_argument(args, "decorrelation_update_every")
     if every > total_steps:
-        found.append(f"--decorrelation_update_every {every} is longer than the run ({total_steps} optimizer steps): R "
-                     f"is never updated. Give it at most {total_steps} (1, the method's, updates R at every step).")  # fmt: skip
+        found.append(
+            f"--decorrelation_update_every {every} is longer than the run ({total_steps} optimizer steps): R "
+            f"is never updated. Give it at most {total_steps} (1, the method's, updates R at every step)."
+        )
     return found
 
 
-_DEFAULTS = {f.name: f.default for f in fields(DBPTrainingArguments) if f.name not in {g.name for g in fields(TrainingArguments)}}
+_DEFAULTS = {
+    f.name: f.default
+    for f in fields(DBPTrainingArguments)
+    if f.name not in {g.name for g in fields(TrainingArguments)}
+}
 
 
 def dbp_argument(args: TrainingArguments, name: str):

@@ -202,7 +202,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 ANNOTATION_SUFFIXES = (".png",)
 
 
-
 def _list_files(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     """stem -> path of the files in `folder` with one of `suffixes`; the second file of a stem is reported, skipped."""
     files: dict[str, Path] = {}

@@ -22,8 +22,16 @@ logger = logging.getLogger(__name__)
 # texture is still needed (gravel vs moon rock, brick vs coffee). Textures are cut from the left 70% of each
 # photograph for training and the right 30% for validation, so validation textures are unseen.
 DEMO_ADE20K_CLASSES = {
-    0: "other", 1: "wall", 3: "sky", 10: "grass", 13: "person", 14: "earth", 35: "rock", 121: "food", 127: "animal",
-}  # fmt: skip
+    0: "other",
+    1: "wall",
+    3: "sky",
+    10: "grass",
+    13: "person",
+    14: "earth",
+    35: "rock",
+    121: "food",
+    127: "animal",
+}
 _DEMO_TEXTURES = {
     # id: (photograph, tint for grayscale ones or None)
     0: ("immunohistochemistry", None),
@@ -155,8 +163,13 @@ def make_demo_ade20k(root: str, num_train: int = 96, num_validation: int = 24, s
         )
     folder = Path(root)
     marker = folder / _DEMO_MARKER
-    settings = {"version": _DEMO_VERSION, "num_train": num_train, "num_validation": num_validation, "size": size,
-                "seed": seed}  # fmt: skip
+    settings = {
+        "version": _DEMO_VERSION,
+        "num_train": num_train,
+        "num_validation": num_validation,
+        "size": size,
+        "seed": seed,
+    }
     files = _demo_files(folder, num_train, num_validation)
     recorded = json.loads(marker.read_text()) if marker.is_file() else None
     if recorded == settings and all(image.is_file() and label.is_file() for image, label in files):

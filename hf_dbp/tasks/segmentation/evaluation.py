@@ -45,7 +45,9 @@ def predict_batch(
     # take part in the encoder's attention and change the prediction. So the masks are those of one image at a time
     # (as pipeline() and mmsegmentation's evaluation, batch size 1, give), while inputs of equal size still share a
     # forward (all windows do).
-    shapes = [image_processor.input_shape(*size) for size, count in zip(sizes, counts, strict=True) for _ in range(count)]
+    shapes = [
+        image_processor.input_shape(*size) for size, count in zip(sizes, counts, strict=True) for _ in range(count)
+    ]
     logits: list[torch.Tensor | None] = [None] * len(shapes)
     for shape in dict.fromkeys(shapes):
         same = [j for j, s in enumerate(shapes) if s == shape]
@@ -53,7 +55,7 @@ def predict_batch(
             out = model(pixel_values=pixel_values[chunk, :, : shape[0], : shape[1]]).logits
             for j, one in zip(chunk, out, strict=True):
                 logits[j] = one
-    height, width = (labels.shape[-2:] if labels is not None else (max(h for h, _ in sizes), max(w for _, w in sizes)))
+    height, width = labels.shape[-2:] if labels is not None else (max(h for h, _ in sizes), max(w for _, w in sizes))
     predictions = torch.full((len(sizes), height, width), IGNORE_INDEX, dtype=torch.int64, device=pixel_values.device)
     # Summed on the device: one read of the pixel count per batch, not one per image.
     loss_sum = pixel_values.new_zeros((), dtype=torch.float32)

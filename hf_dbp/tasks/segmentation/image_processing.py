@@ -64,7 +64,9 @@ def window_boxes(height: int, width: int, window: int, stride: int) -> list[tupl
     side: a grid of `stride` steps whose last row and column are moved back to end at the border."""
     rows = max(height - window + stride - 1, 0) // stride + 1
     cols = max(width - window + stride - 1, 0) // stride + 1
-    return [(min(r * stride, height - window), min(c * stride, width - window)) for r in range(rows) for c in range(cols)]
+    return [
+        (min(r * stride, height - window), min(c * stride, width - window)) for r in range(rows) for c in range(cols)
+    ]
 
 
 GEOMETRY_KEYS = ("size", "do_resize", "size_divisor", "window_size", "window_stride")
@@ -136,11 +138,15 @@ class DBPSegmentationImageProcessor(PilBackend):
         super().__init__(**kwargs)
         if self.window_size is not None:
             if self.window_size % (self.size_divisor or 1):
-                raise ValueError(f"window_size {self.window_size} must be a multiple of size_divisor {self.size_divisor}")
+                raise ValueError(
+                    f"window_size {self.window_size} must be a multiple of size_divisor {self.size_divisor}"
+                )
             if self.window_stride is None:
                 self.window_stride = int(self.window_size * 2 / 3)  # 341 for 512, as in mmsegmentation's configs
             if not 0 < self.window_stride <= self.window_size:
-                raise ValueError(f"window_stride must be in 1..window_size ({self.window_size}); got {self.window_stride}")
+                raise ValueError(
+                    f"window_stride must be in 1..window_size ({self.window_size}); got {self.window_stride}"
+                )
 
     def preprocess(
         self,
@@ -159,8 +165,10 @@ class DBPSegmentationImageProcessor(PilBackend):
         processor instead).
         """
         if overridden := sorted(k for k in GEOMETRY_KEYS if k in kwargs):
-            raise ValueError(f"{', '.join(overridden)}: the geometry is set on the processor, not per call (post-"
-                             "processing must know it); build a DBPSegmentationImageProcessor with these values")  # fmt: skip
+            raise ValueError(
+                f"{', '.join(overridden)}: the geometry is set on the processor, not per call (post-"
+                "processing must know it); build a DBPSegmentationImageProcessor with these values"
+            )
         return super().preprocess(images, segmentation_maps, **kwargs)
 
     def convert_to_rgb(self, image: Any, input_data_format: Any = None) -> Any:
@@ -185,7 +193,9 @@ class DBPSegmentationImageProcessor(PilBackend):
             return height, width
         return rescaled_size(height, width, *self._short_long())
 
-    def _padded_size(self, height: int, width: int, window_size: int | None, size_divisor: int | None) -> tuple[int, int]:
+    def _padded_size(
+        self, height: int, width: int, window_size: int | None, size_divisor: int | None
+    ) -> tuple[int, int]:
         if window_size is not None:  # windows (multiples of the divisor) on the image itself, as mmsegmentation's grid
             return max(height, window_size), max(width, window_size)
         divisor = size_divisor or 1
@@ -219,7 +229,9 @@ class DBPSegmentationImageProcessor(PilBackend):
         # here and map the logits back in `image_scores`.
         if segmentation_maps is not None and self.window_size is not None:
             raise ValueError("segmentation_maps go with whole-image inputs; set window_size=None for them")
-        images = self._prepare_image_like_inputs(images=images, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format)
+        images = self._prepare_image_like_inputs(
+            images=images, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format
+        )
         window = self.window_size
         cv2 = _cv2()
         inputs = []
@@ -241,15 +253,21 @@ class DBPSegmentationImageProcessor(PilBackend):
             if window is None:
                 inputs.append(array)
             else:
-                inputs.extend(array[:, top : top + window, left : left + window]
-                              for top, left in window_boxes(*padded, window, self.window_stride))  # fmt: skip
+                inputs.extend(
+                    array[:, top : top + window, left : left + window]
+                    for top, left in window_boxes(*padded, window, self.window_stride)
+                )
         # One batch: pad every input to the largest at the bottom/right (windows are all the same size already).
         height, width = max(a.shape[1] for a in inputs), max(a.shape[2] for a in inputs)
         pixel_values = [np.pad(a, ((0, 0), (0, height - a.shape[1]), (0, width - a.shape[2]))) for a in inputs]
         data = {"pixel_values": np.stack(pixel_values) if return_tensors else pixel_values}
         if segmentation_maps is not None:
-            maps = self._prepare_image_like_inputs(images=segmentation_maps, expected_ndims=2, do_convert_rgb=False,
-                                                   input_data_format=ChannelDimension.FIRST)  # fmt: skip
+            maps = self._prepare_image_like_inputs(
+                images=segmentation_maps,
+                expected_ndims=2,
+                do_convert_rgb=False,
+                input_data_format=ChannelDimension.FIRST,
+            )
             labels = []
             for label_map, array in zip(maps, pixel_values, strict=True):
                 label_map = label_map[0].astype(np.uint8)
@@ -282,9 +300,17 @@ class DBPSegmentationImageProcessor(PilBackend):
         Returns:
             One int64 (height, width) map per image, or dicts with `segmentation` and `segmentation_scores`.
         """
-        logits = outputs.logits if hasattr(outputs, "logits") else outputs["logits"] if isinstance(outputs, dict) else outputs
+        logits = (
+            outputs.logits
+            if hasattr(outputs, "logits")
+            else outputs["logits"]
+            if isinstance(outputs, dict)
+            else outputs
+        )
         if target_sizes is None:
-            raise ValueError("target_sizes is required: the original (height, width) of each image, as given to preprocess")
+            raise ValueError(
+                "target_sizes is required: the original (height, width) of each image, as given to preprocess"
+            )
         if isinstance(target_sizes, torch.Tensor):
             target_sizes = target_sizes.tolist()
         counts = [self.num_inputs(int(h), int(w)) for h, w in target_sizes]
@@ -303,7 +329,11 @@ class DBPSegmentationImageProcessor(PilBackend):
             scores = self.image_scores(logits[start : start + count], (int(height), int(width)), canvas)
             start += count
             segmentation = scores.argmax(dim=0)
-            results.append({"segmentation": segmentation, "segmentation_scores": scores} if return_segmentation_scores else segmentation)
+            results.append(
+                {"segmentation": segmentation, "segmentation_scores": scores}
+                if return_segmentation_scores
+                else segmentation
+            )
         return results
 
     def image_scores(
@@ -325,13 +355,18 @@ class DBPSegmentationImageProcessor(PilBackend):
             at_input = full.shape[-2] >= own[0] and full.shape[-1] >= own[1]
             padded = tuple(full.shape[-2:]) if at_input else (canvas or own)
         else:
-            window, padded = self.window_size, self._padded_size(new_height, new_width, self.window_size, self.size_divisor)
+            window, padded = (
+                self.window_size,
+                self._padded_size(new_height, new_width, self.window_size, self.size_divisor),
+            )
             boxes = window_boxes(*padded, window, self.window_stride)
             full = logits.new_zeros((logits.shape[1], *padded))
             count = logits.new_zeros((1, *padded))
             for (top, left), window_logits in zip(boxes, logits, strict=True):
                 if window_logits.shape[-2:] != (window, window):
-                    window_logits = F.interpolate(window_logits[None], size=(window, window), mode="bilinear", align_corners=False)[0]
+                    window_logits = F.interpolate(
+                        window_logits[None], size=(window, window), mode="bilinear", align_corners=False
+                    )[0]
                 full[:, top : top + window, left : left + window] += window_logits
                 count[:, top : top + window, left : left + window] += 1
             full = full / count

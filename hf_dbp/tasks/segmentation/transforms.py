@@ -109,8 +109,6 @@ class _RescaleCrop(A.DualTransform):
         return self._resize_crop(mask, new_size, box, cv2.INTER_NEAREST)  # never anything else: labels are ids
 
 
-
-
 def _as_label_map(annotation: Any) -> np.ndarray:
     if isinstance(annotation, PILImage.Image) and annotation.getexif().get(ExifTags.Base.Orientation, 1) != 1:
         # The pair rule above: an annotation is oriented by its own tag only (a no-op after `datasets` decoded it).
@@ -208,16 +206,24 @@ class SegmentationTransform(EpochSeededAugmentation):
                 normalize,
                 # After normalisation, so padding is 0 in pixel_values. "top_left" places the image there: the
                 # padding goes to the bottom and right.
-                A.PadIfNeeded(min_height=self.crop_size[0], min_width=self.crop_size[1], position="top_left",
-                              border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX),
-            ]  # fmt: skip
+                A.PadIfNeeded(
+                    min_height=self.crop_size[0],
+                    min_width=self.crop_size[1],
+                    position="top_left",
+                    border_mode=cv2.BORDER_CONSTANT,
+                    fill=0,
+                    fill_mask=IGNORE_INDEX,
+                ),
+            ]
             # mask_interpolation on Compose forces nearest neighbour on every step that resizes masks.
             self.transform = A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST)
         else:
             self.image_processor = image_processor or DBPSegmentationImageProcessor(
-                size={"shortest_edge": short_side, "longest_edge": 4 * short_side}, size_divisor=size_divisor or 1,
-                image_mean=list(mean), image_std=list(std),
-            )  # fmt: skip
+                size={"shortest_edge": short_side, "longest_edge": 4 * short_side},
+                size_divisor=size_divisor or 1,
+                image_mean=list(mean),
+                image_std=list(std),
+            )
 
     def __call__(self, image: Any, annotation: Any, index: int | None = None) -> dict[str, np.ndarray]:
         """Transform one pair.
@@ -245,8 +251,11 @@ class SegmentationTransform(EpochSeededAugmentation):
             labels = REDUCE_LABELS[labels]  # the one place labels are reduced (the processor's for segmentation_maps)
         if not self.train:
             inputs = self.image_processor(pixels, do_convert_rgb=False, return_tensors="np")["pixel_values"]
-            return {"pixel_values": inputs.astype(np.float32, copy=False), "labels": labels.astype(np.int64),
-                    "target_size": np.asarray(labels.shape, dtype=np.int64)}  # fmt: skip
+            return {
+                "pixel_values": inputs.astype(np.float32, copy=False),
+                "labels": labels.astype(np.int64),
+                "target_size": np.asarray(labels.shape, dtype=np.int64),
+            }
         self._seed(self.transform, index)
         out = self.transform(image=pixels, mask=labels)
         return {
@@ -268,9 +277,13 @@ class SegmentationTransform(EpochSeededAugmentation):
             `pixel_values` and `labels` (and `target_size` in evaluation): lists with one array per row.
         """
         indices = batch.get(SAMPLE_INDEX_COLUMN) or [None] * len(batch[image_column])
-        outputs = [self(image, label, index) for image, label, index in
-                   zip(batch[image_column], batch[label_column], indices, strict=True)]  # fmt: skip
-        return {key: [o[key] for o in outputs] for key in outputs[0]} if outputs else {"pixel_values": [], "labels": []}
+        outputs = [
+            self(image, label, index)
+            for image, label, index in zip(batch[image_column], batch[label_column], indices, strict=True)
+        ]
+        return (
+            {key: [o[key] for o in outputs] for key in outputs[0]} if outputs else {"pixel_values": [], "labels": []}
+        )
 
 
 def segmentation_collate(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -308,7 +321,9 @@ def segmentation_collate(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         label_batch[i, : label.shape[0], : label.shape[1]] = label
     batch = {"pixel_values": pixel_batch, "labels": label_batch}
     if evaluation:
-        batch["target_sizes"] = torch.stack([torch.as_tensor(example["target_size"], dtype=torch.int64) for example in examples])
+        batch["target_sizes"] = torch.stack(
+            [torch.as_tensor(example["target_size"], dtype=torch.int64) for example in examples]
+        )
     return batch
 
 
