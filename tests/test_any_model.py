@@ -321,3 +321,29 @@ def test_dbp_trainer_trains_a_decorrelated_language_model_and_measures_its_bp_ba
     assert not decorrelation_modules(bp) and len(bp_losses) == 24
     assert bp_losses[0] == pytest.approx(losses[0], rel=1e-4)  # the same layers, data and rows at step one
     assert losses[-1] < 0.5 * bp_losses[-1]
+
+
+def test_planning_leaves_the_random_generators_where_they_were():
+    """The tracing forward of the plan draws ViTMAE's random masks; a BP run's measurement is planned before it
+    trains, and must not change the masks its training draws (BP and DBP with one seed see the same masks)."""
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    model = ViTMAEForPreTraining(
+        ViTMAEConfig(
+            image_size=16,
+            patch_size=4,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            decoder_hidden_size=8,
+            decoder_num_hidden_layers=1,
+            decoder_num_attention_heads=2,
+            decoder_intermediate_size=16,
+        )
+    )
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    plan_decorrelation(model, DecorrelationConfig())
+    assert torch.equal(torch.rand(4), expected)

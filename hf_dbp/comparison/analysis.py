@@ -20,6 +20,9 @@ def compare(bp: RunRecord, dbp: RunRecord) -> dict:
     deterministic for a seed, seconds are what a user pays."""
     reached = first_reaching(dbp.evals, bp.best_eval_loss)
     out = {
+        # Whether DBP left a worse model: its best and its last evaluation against BP's (above 0: worse).
+        "best_eval_loss_over_bp": dbp.best_eval_loss - bp.best_eval_loss,
+        "final_eval_loss_over_bp": dbp.evals[-1].eval_loss - bp.evals[-1].eval_loss,
         "dbp_steps_to_bp_best": None,
         "dbp_seconds_to_bp_best": None,
         "steps_saved_fraction": None,
@@ -75,10 +78,26 @@ EARLY_STEPS = 32
 """What a user sees early in a BP run: its records up to this step."""
 
 
+def shift_ratio(record: RunRecord, share: float = 0.25) -> float | None:
+    """How far the validation data lies from the training data, as a BP run sees it within `share` of its budget:
+    its eval loss at the last evaluation by then over its mean training loss in the eighth of the budget before it.
+    Near 1 or below: the validation images are of the training images' kind; well above 1 (the diagnosis split of
+    docs/results.md: 1.6-3.3) the validation set lies elsewhere, where DBP's better fit of the training data did not
+    carry over (its best eval loss matched BP's, its last one was worse). None without the records."""
+    budget = max(r.step for r in record.evals)
+    seen = [r for r in record.evals if r.step <= share * budget]
+    window = [t.loss for t in record.train if share * budget / 2 < t.step <= share * budget and t.loss is not None]
+    if not seen or not window:
+        return None
+    return seen[-1].eval_loss / statistics.mean(window)
+
+
 def predictors(runs: list[dict], bp: str) -> dict:
     """What a user can measure on their data before DBP's result is known, per seed: the decorrelation loss that the
-    BP run reports in its first `EARLY_STEPS` steps (the mean of those records), and the share of BP's budget at
-    which its eval loss came within 1% of its best (small: BP flattens early and leaves little to catch up with).
+    BP run reports in its first `EARLY_STEPS` steps (the mean of those records), the share of BP's budget at which
+    its eval loss came within 1% of its best (small: BP flattens early and leaves little to catch up with), and the
+    validation-over-training loss of BP within a quarter of its budget (`shift_ratio`: large when the validation data
+    lies away from the training data).
 
     Args:
         runs (`list[dict]`):
@@ -86,8 +105,9 @@ def predictors(runs: list[dict], bp: str) -> dict:
         bp (`str`):
             The method whose records are read.
     """
-    out = {"early_bp_decorrelation_loss": [], "bp_share_of_budget_to_within_1pct": []}
+    out = {"early_bp_decorrelation_loss": [], "bp_share_of_budget_to_within_1pct": [], "bp_shift_ratio": []}
     for run in runs:
+        out["bp_shift_ratio"].append(shift_ratio(run[bp]))
         early = [
             t.decorrelation_loss for t in run[bp].train if t.step <= EARLY_STEPS and t.decorrelation_loss is not None
         ]

@@ -43,11 +43,19 @@ def write_markdown(path: str, result: dict) -> None:
                 f"{fmt(b.emissions_g, 3)} | {fmt(d.emissions_g, 3)} | {', '.join(busy) or 'no'} |"
             )
         steps, time_ = summary["steps_saved_fraction"], summary["time_saved_fraction"]
+        over = [run["comparisons"][dbp] for run in runs]
+        spread = max(run[bp].best_eval_loss for run in runs) - min(run[bp].best_eval_loss for run in runs)
         lines += [
             "",
             f"Over seeds: steps saved min {fmt(steps['min'], 3)}, mean {fmt(steps['mean'], 3)}; time saved "
             f"min {fmt(time_['min'], 3)}, mean {fmt(time_['mean'], 3)}, std {fmt(time_['std'], 3)}, max "
             f"{fmt(time_['max'], 3)} ({dbp} reached {bp}'s best in {time_['reached']} seeds).",
+            "",
+            f"Never worse? {dbp}'s eval loss minus {bp}'s (above 0: {dbp} worse), per seed: best "
+            + " / ".join(fmt(c.get("best_eval_loss_over_bp")) for c in over)
+            + ", last evaluation "
+            + " / ".join(fmt(c.get("final_eval_loss_over_bp")) for c in over)
+            + f"; the spread of {bp}'s own best over the seeds {fmt(spread)}.",
             "",
         ]
     if runs and runs[0].get("speedup_curve"):
@@ -87,6 +95,9 @@ def write_markdown(path: str, result: dict) -> None:
             + " / ".join(fmt(v, 3) for v in predicted["early_bp_decorrelation_loss"])
             + "; the share of BP's budget after which its eval loss was within 1% of its best "
             + " / ".join(fmt(v, 2) for v in predicted["bp_share_of_budget_to_within_1pct"])
+            + "; BP's validation over training loss within a quarter of its budget (the shift ratio; above 1.5 the "
+            "validation data lies away from the training data, see docs/results.md) "
+            + " / ".join(fmt(v, 2) for v in predicted.get("bp_shift_ratio", []))
             + ".",
             "",
         ]

@@ -157,6 +157,15 @@ def example_inputs(model: nn.Module) -> ExampleInputs | None:
     return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
 
 
+def _random_state_kept(model: nn.Module):
+    """`torch.random.fork_rng` over the CPU generator and that of the accelerator the model is on, if any."""
+    accelerators = {p.device for p in model.parameters() if p.device.type not in ("cpu", "meta")}
+    if not accelerators:
+        return torch.random.fork_rng(devices=[])
+    device_type = next(iter(accelerators)).type
+    return torch.random.fork_rng(devices=sorted(d.index or 0 for d in accelerators), device_type=device_type)
+
+
 def _run(model: nn.Module, inputs: ExampleInputs) -> None:
     if isinstance(inputs, Mapping):
         model(**inputs)
@@ -217,7 +226,9 @@ def plan_decorrelation(
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        # The tracing forward may draw random numbers (ViTMAE's masking does): it must not move the caller's
+        # generators, or planning a BP baseline's measurement would change the masks its training draws.
+        with torch.no_grad(), _random_state_kept(model):
             _run(model, inputs)
     except Exception as error:
         raise ValueError(
