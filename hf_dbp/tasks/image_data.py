@@ -204,10 +204,16 @@ def _photo(name: str) -> np.ndarray:
     return _rgb(image)
 
 
-def _random_crops(photos: tuple[str, ...], count: int, rng: np.random.Generator, min_size: int, max_size: int):
+def _sources(names: tuple[str, ...]) -> list[np.ndarray]:
+    return [image for name in names for image in _images(name)]
+
+
+def random_crops(images: list[np.ndarray], count: int, rng: np.random.Generator, min_size: int, max_size: int) -> list:
+    """`count` square crops (PIL images) of `images` (uint8 RGB arrays) taken in turn, each between `min_size` and
+    `max_size` pixels wide at a random position (an image smaller than `min_size` is taken whole): how the embedded
+    sets are cut, and `examples/crop_folders.py` cuts a user's photographs."""
     from PIL import Image as PILImage
 
-    images = [image for name in photos for image in _images(name)]
     crops = []
     for i in range(count):
         image = images[i % len(images)]
@@ -241,9 +247,9 @@ def demo_image_dataset(
     train_photos, validation_photos = DEMO_SETS[photos]
     rng = np.random.default_rng(seed)
     return DatasetDict(
-        train=Dataset.from_dict({"image": _random_crops(train_photos, num_train, rng, min_size, max_size)}),
+        train=Dataset.from_dict({"image": random_crops(_sources(train_photos), num_train, rng, min_size, max_size)}),
         validation=Dataset.from_dict(
-            {"image": _random_crops(validation_photos, num_validation, rng, min_size, max_size)}
+            {"image": random_crops(_sources(validation_photos), num_validation, rng, min_size, max_size)}
         ),
     )
 
