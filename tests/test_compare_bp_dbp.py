@@ -52,6 +52,8 @@ def test_time_saved_is_measured_at_bps_best_loss():
     assert result["emissions_saved_fraction"] == pytest.approx(1 - 2.4 / 3.0)
     never = curve([(10, 12.0, 0.8, 1.2), (20, 24.0, 0.61, 2.4)])
     assert compare(bp, never) == {
+        "best_eval_loss_over_bp": pytest.approx(0.61 - 0.6),
+        "final_eval_loss_over_bp": pytest.approx(0.61 - 0.65),
         "dbp_steps_to_bp_best": None,
         "dbp_seconds_to_bp_best": None,
         "steps_saved_fraction": None,
@@ -490,3 +492,27 @@ def test_dbp_updating_every_k_steps_is_one_more_record_against_bp(tmp_path):
     assert baseline_of("dbp_every4") == "bp" and baseline_of("dbp_muon") == "bp_muon"
     with pytest.raises(ValueError, match="decorrelation_update_every"):
         ComparisonArguments(decorrelation_update_every=[0])
+
+
+def test_a_dbp_that_ends_worse_than_bp_beyond_bps_spread_is_named_per_seed():
+    """`worse_than_bp`: the seeds where DBP's best or last eval loss lies above BP's by more than the spread of BP's
+    own best over the seeds (what `compare_bp_dbp.py` warns about); the shift ratio is BP's validation loss over its
+    training loss within a quarter of its budget."""
+    from hf_dbp.comparison.analysis import shift_ratio, worse_than_bp
+
+    def run(seed, bp_curve, dbp_curve):
+        bp, dbp = curve(bp_curve), curve(dbp_curve)
+        return {"seed": seed, "bp": bp, "dbp": dbp, "comparisons": {"dbp": compare(bp, dbp)}}
+
+    # BP's best: 0.50 and 0.52 (spread 0.02). Seed 0: DBP better. Seed 1: best fine, last 0.05 above BP's last.
+    runs = [
+        run(0, [(8, 1.0, 0.6, 0), (16, 2.0, 0.5, 0)], [(8, 1.0, 0.55, 0), (16, 2.0, 0.48, 0)]),
+        run(1, [(8, 1.0, 0.52, 0), (16, 2.0, 0.53, 0)], [(8, 1.0, 0.51, 0), (16, 2.0, 0.58, 0)]),
+    ]
+    assert worse_than_bp(runs, "bp", "dbp") == ["seed 1: dbp's last eval loss is 0.0500 above bp's (spread 0.0200)"]
+    assert worse_than_bp(runs[:1], "bp", "dbp") == []
+    record = curve([(4, 1.0, 0.9, 0), (8, 2.0, 0.6, 0), (16, 4.0, 0.5, 0), (32, 8.0, 0.4, 0)])
+    record = dataclasses.replace(
+        record, train=[TrainingLog(step=s, train_seconds=s, loss=loss) for s, loss in ((2, 0.8), (6, 0.5), (8, 0.3))]
+    )
+    assert shift_ratio(record) == pytest.approx(0.6 / 0.4)  # eval at step 8 over the training losses of steps 5-8

@@ -118,6 +118,22 @@ def predictors(runs: list[dict], bp: str) -> dict:
     return out
 
 
+def worse_than_bp(runs: list[dict], bp: str, dbp: str) -> list[str]:
+    """The seeds where `dbp` left a model worse than `bp`'s by more than the spread of `bp`'s own best eval loss over
+    the seeds (its best, or its last evaluation), as lines to warn with; [] where it never did."""
+    best = [run[bp].best_eval_loss for run in runs]
+    spread = max(best) - min(best)
+    lines = []
+    for run in runs:
+        for key, what in (("best_eval_loss_over_bp", "best"), ("final_eval_loss_over_bp", "last")):
+            over = run["comparisons"][dbp][key]
+            if over > spread:
+                lines.append(
+                    f"seed {run['seed']}: {dbp}'s {what} eval loss is {over:.4f} above {bp}'s (spread {spread:.4f})"
+                )
+    return lines
+
+
 def summarize(values: list) -> dict:
     """Mean, standard deviation, minimum and maximum of the known values (None: never reached), and how many of
     them are known (`reached`, e.g. "2/3")."""

@@ -8,16 +8,19 @@ The package does not know where the example scripts are: the caller passes the p
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 
-from .analysis import choose_learning_rates, compare, predictors, speedup_curve, summarize
+from .analysis import choose_learning_rates, compare, predictors, speedup_curve, summarize, worse_than_bp
 from .arguments import ComparisonArguments
 from .methods import method_names, update_every_of
 from .records import MaeRunRecord
 from .report import write_comparison
 from .runs import train_every_run
+
+logger = logging.getLogger(__name__)
 
 
 def pretraining_command(
@@ -175,6 +178,16 @@ def run_comparison(args: ComparisonArguments, pretraining_script: str, finetune_
     }
     summary["busy_runs"] = sum(bool(r[m].machine.busy) for r in runs for m in methods)
     summary["predictors"] = predictors(runs, pairs[0][0])
+    summary["worse_than_bp"] = {dbp: worse_than_bp(runs, bp, dbp) for bp, dbp in pairs}
+    for dbp, lines in summary["worse_than_bp"].items():
+        if lines:  # what the user came to find out, before spending a whole training on DBP
+            logger.warning(
+                "On this data %s left a worse model than BP in %s. Keep the best checkpoint when you train with it "
+                "(--load_best_model_at_end true with evaluation), or train with BP; see docs/results.md, 'Data "
+                "nobody tuned on'.",
+                dbp,
+                "; ".join(lines),
+            )
     first_bp, first_dbp = pairs[0]
     result = {
         "settings": {k: v for k, v in vars(args).items()},

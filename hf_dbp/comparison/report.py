@@ -58,6 +58,9 @@ def write_markdown(path: str, result: dict) -> None:
             + f"; the spread of {bp}'s own best over the seeds {fmt(spread)}.",
             "",
         ]
+        worse = result["summary"].get("worse_than_bp", {}).get(dbp)
+        if worse:
+            lines += [f"**{dbp} left a worse model than {bp} here**: " + "; ".join(worse) + ".", ""]
     if runs and runs[0].get("speedup_curve"):
         baseline = next(m for m in methods if m not in runs[0]["speedup_curve"])
         lines += [
