@@ -97,5 +97,5 @@ def test_crop_folders_cuts_a_users_photographs_as_the_embedded_sets_are_cut(tmp_
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses resolve the module's annotations through it
     spec.loader.exec_module(module)
-    with pytest.raises(ValueError, match="no such image file: .*nowhere.png"):
+    with pytest.raises(ValueError, match="no such image file, nor an embedded source: .*nowhere.png"):
         module.CropArguments([str(tmp_path / "nowhere.png")], [str(tmp_path / "c.png")], str(tmp_path / "bad"))

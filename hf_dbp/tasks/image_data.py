@@ -208,6 +208,20 @@ def _sources(names: tuple[str, ...]) -> list[np.ndarray]:
     return [image for name in names for image in _images(name)]
 
 
+def source_images(name: str) -> list[np.ndarray]:
+    """The uint8 RGB images of one source of the embedded sets: a scikit-image photograph by name, or
+    `package:name` (`pywt:aero`, `panda3d:envir-rock2.jpg`, `lfw:train`, ...)."""
+    return _images(name)
+
+
+def is_source(name: str) -> bool:
+    """Whether `name` names a source of the embedded sets that this installation can read."""
+    try:
+        return bool(_images(name))
+    except (ValueError, AttributeError, TypeError, OSError):
+        return False
+
+
 def random_crops(images: list[np.ndarray], count: int, rng: np.random.Generator, min_size: int, max_size: int) -> list:
     """`count` square crops (PIL images) of `images` (uint8 RGB arrays) taken in turn, each between `min_size` and
     `max_size` pixels wide at a random position (an image smaller than `min_size` is taken whole): how the embedded
