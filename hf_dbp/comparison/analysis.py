@@ -80,10 +80,10 @@ EARLY_STEPS = 32
 
 def shift_ratio(record: RunRecord, share: float = 0.25) -> float | None:
     """How far the validation data lies from the training data, as a BP run sees it within `share` of its budget:
-    its eval loss at the last evaluation by then over its mean training loss in the eighth of the budget before it.
-    Near 1 or below: the validation images are of the training images' kind; well above 1 (the diagnosis split of
-    docs/results.md: 1.6-3.3) the validation set lies elsewhere, where DBP's better fit of the training data did not
-    carry over (its best eval loss matched BP's, its last one was worse). None without the records."""
+    its eval loss at the last evaluation by then over its mean training loss in the eighth of the budget before it
+    (near 1 or below: validation images of the training images' kind). Reported for the user to read, not as a
+    verdict: on the sets of docs/results.md ("Can a user tell before training?") it did not single out the one split
+    where DBP's last model was worse. None without the records."""
     budget = max(r.step for r in record.evals)
     seen = [r for r in record.evals if r.step <= share * budget]
     window = [t.loss for t in record.train if share * budget / 2 < t.step <= share * budget and t.loss is not None]

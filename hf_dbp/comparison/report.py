@@ -98,8 +98,8 @@ def write_markdown(path: str, result: dict) -> None:
             + " / ".join(fmt(v, 3) for v in predicted["early_bp_decorrelation_loss"])
             + "; the share of BP's budget after which its eval loss was within 1% of its best "
             + " / ".join(fmt(v, 2) for v in predicted["bp_share_of_budget_to_within_1pct"])
-            + "; BP's validation over training loss within a quarter of its budget (the shift ratio; above 1.5 the "
-            "validation data lies away from the training data, see docs/results.md) "
+            + "; BP's validation over training loss within a quarter of its budget (the shift ratio: how far the "
+            "validation data lies from the training data) "
             + " / ".join(fmt(v, 2) for v in predicted.get("bp_shift_ratio", []))
             + ".",
             "",
