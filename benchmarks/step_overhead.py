@@ -117,7 +117,7 @@ PHASES = ("forward", "backward", "optimizer", "decorrelation")
 
 
 def train_step(variant, model, optimizer, pixels, phases: dict[str, list[float]] | None = None):
-    """One training step; with ``phases``, the seconds of each phase are appended to it."""
+    """One training step; with `phases`, the seconds of each phase are appended to it."""
     marks = [time.perf_counter()]
 
     def mark():

@@ -171,12 +171,12 @@ class EmissionsMeter:
 
     Args:
         output_dir: where this machine's rows are written, one per `read()`, the last one the total: `emissions.csv`,
-            or `emissions_machine<machine>.csv` when `num_machines > 1` (see :func:`emissions_csv_name`).
-        country_iso_code: see :func:`resolve_country`.
+            or `emissions_machine<machine>.csv` when `num_machines > 1` (see [`emissions_csv_name`]).
+        country_iso_code: see [`resolve_country`].
         is_local_main_process: whether this process measures its machine.
         machine, num_machines: which machine this is, of how many.
         carried: this machine's cumulative columns in the checkpoint a run resumes from (see
-            :func:`carried_for_machine`); every figure and row continues from them.
+            [`carried_for_machine`]); every figure and row continues from them.
     """
 
     def __init__(
@@ -276,7 +276,7 @@ class EmissionsMeter:
 
         `gather(report) -> list` collects one object from every process, in rank order, when several take part (every
         process must call it together); the result then combines the reports of all machines (see
-        :func:`combine_reports`), the processes that do not measure contributing None. Without it, this machine's.
+        [`combine_reports`]), the processes that do not measure contributing None. Without it, this machine's.
         """
         if self._final is not None:
             return self._final

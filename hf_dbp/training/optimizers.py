@@ -1,6 +1,6 @@
 """The optimizers a user would pick instead of (or together with) DBP: torch's Muon or SOAP (from pytorch-optimizer)
 for the hidden matrices, AdamW for the rest, as one optimizer that Trainer, its schedulers and its checkpoints handle
-like any other. (Schedule-free AdamW needs nothing here: it is transformers' own ``--optim schedule_free_adamw``.)
+like any other. (Schedule-free AdamW needs nothing here: it is transformers' own `--optim schedule_free_adamw`.)
 
 DBP is independent of the optimizer: R is updated by the decorrelation step, never by an optimizer, so every choice
 here leaves R out (it requires no grad), and DBP with Muon is Muon on the weights plus the decorrelation step.
@@ -24,10 +24,10 @@ in Muon's own recipe, which keeps embeddings and the output head on AdamW)."""
 class CombinedOptimizer(torch.optim.Optimizer):
     """Several optimizers over disjoint parameter groups, stepped together, seen as one.
 
-    Why by hand: torch has no such wrapper (only ``ChainedScheduler`` for schedulers), and Trainer, accelerate and the
+    Why by hand: torch has no such wrapper (only `ChainedScheduler` for schedulers), and Trainer, accelerate and the
     learning-rate schedulers all take a single optimizer. The parameter groups are the inner optimizers' own dicts
-    (so a scheduler setting ``lr`` reaches them) and the state is one dict shared by all, so the generic
-    ``state_dict`` saves everything and ``load_state_dict`` restores it.
+    (so a scheduler setting `lr` reaches them) and the state is one dict shared by all, so the generic
+    `state_dict` saves everything and `load_state_dict` restores it.
     """
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
@@ -60,8 +60,8 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
 
 def muon_matrices(model: nn.Module) -> list[str]:
-    """Names of the parameters Muon takes: the trainable 2-D weights of the hidden linear layers (``nn.Linear`` and
-    transformers' ``Conv1D``), not embeddings, convolutions, norms, biases or output layers (see `OUTPUT_LAYERS`)."""
+    """Names of the parameters Muon takes: the trainable 2-D weights of the hidden linear layers (`nn.Linear` and
+    transformers' `Conv1D`), not embeddings, convolutions, norms, biases or output layers (see `OUTPUT_LAYERS`)."""
     names = []
     for module_name, module in model.named_modules():
         weight = getattr(module, "weight", None)
@@ -86,16 +86,16 @@ def matrices_with_adamw(
     muon_lr_multiplier: float = 1.0,
     muon_momentum: float = 0.95,
 ) -> CombinedOptimizer:
-    """``matrix_optimizer`` on the hidden matrices (`muon_matrices`) and ``torch.optim.AdamW`` on every other trainable
+    """`matrix_optimizer` on the hidden matrices (`muon_matrices`) and `torch.optim.AdamW` on every other trainable
     parameter, as one `CombinedOptimizer`.
 
-    - ``"muon"``: ``torch.optim.Muon`` with its updates scaled to AdamW's RMS (``adjust_lr_fn="match_rms_adamw"``),
-      so both share the learning-rate scale: Muon runs at ``learning_rate * muon_lr_multiplier``.
-    - ``"soap"``: ``pytorch_optimizer.SOAP`` (Adam in Shampoo's eigenbasis) at ``learning_rate`` with AdamW's betas and
+    - `"muon"`: `torch.optim.Muon` with its updates scaled to AdamW's RMS (`adjust_lr_fn="match_rms_adamw"`),
+      so both share the learning-rate scale: Muon runs at `learning_rate * muon_lr_multiplier`.
+    - `"soap"`: `pytorch_optimizer.SOAP` (Adam in Shampoo's eigenbasis) at `learning_rate` with AdamW's betas and
       epsilon. Why that package: torch and transformers have no SOAP, and pytorch-optimizer is maintained and tested.
       As in the SOAP paper, the 1-D parameters stay with Adam(W).
 
-    ``decay_parameters`` (Trainer's ``get_decay_parameter_names``) decides which AdamW parameters get weight decay;
+    `decay_parameters` (Trainer's `get_decay_parameter_names`) decides which AdamW parameters get weight decay;
     every matrix does.
     """
     if matrix_optimizer not in MATRIX_OPTIMIZERS or matrix_optimizer == "adamw":
@@ -138,5 +138,5 @@ def matrices_with_adamw(
 def muon_with_adamw(
     model: nn.Module, learning_rate: float, weight_decay: float, decay_parameters: set[str] | list[str], **kwargs
 ) -> CombinedOptimizer:
-    """``torch.optim.Muon`` on the hidden matrices and AdamW on the rest: `matrices_with_adamw` with ``"muon"``."""
+    """`torch.optim.Muon` on the hidden matrices and AdamW on the rest: `matrices_with_adamw` with `"muon"`."""
     return matrices_with_adamw(model, "muon", learning_rate, weight_decay, decay_parameters, **kwargs)

@@ -2,7 +2,7 @@
 
 The classes: in the order the model sees them after label reduction. Raw ADE20K annotations use 0 for "other
 objects" and 1..150 for the classes. hf-dbp reduces labels exactly once, in the data transform (0 -> 255 = ignored,
-k -> k - 1), so class index ``i`` here is raw label ``i + 1``.
+k -> k - 1), so class index `i` here is raw label `i + 1`.
 """
 
 from __future__ import annotations
@@ -180,17 +180,17 @@ ADE20K_NUM_LABELS: int = len(ADE20K_CLASSES)
 
 
 def ade20k_id2label() -> dict[int, str]:
-    """Map each reduced ADE20K class index (0..149) to its name, e.g. ``{0: "wall", ..., 149: "flag"}``.
+    """Map each reduced ADE20K class index (0..149) to its name, e.g. `{0: "wall", ..., 149: "flag"}`.
 
-    A fresh dict each call, suitable for ``config.id2label``.
+    A fresh dict each call, suitable for `config.id2label`.
     """
     return dict(enumerate(ADE20K_CLASSES))
 
 
 def ade20k_label2id() -> dict[str, int]:
-    """Map each ADE20K class name to its reduced class index (0..149), the inverse of :func:`ade20k_id2label`.
+    """Map each ADE20K class name to its reduced class index (0..149), the inverse of [`ade20k_id2label`].
 
-    Names are verbatim from the Hub label file, so the key for class 7 is ``"bed "`` (with a trailing space).
+    Names are verbatim from the Hub label file, so the key for class 7 is `"bed "` (with a trailing space).
     """
     return {name: index for index, name in enumerate(ADE20K_CLASSES)}
 

@@ -1,9 +1,9 @@
-"""Bounded-memory semantic-segmentation metrics (mean IoU & co.) for ``transformers.Trainer``.
+"""Bounded-memory semantic-segmentation metrics (mean IoU & co.) for `transformers.Trainer`.
 
 The evaluation keeps one (num_labels x num_labels) confusion matrix, never the predictions: per batch,
-:func:`confusion_matrix` counts (reference, predicted) pixel pairs with ``torch.bincount``; at the end the summed
-matrix goes through the local ``evaluate`` metric ``hf_dbp/tasks/segmentation/segmentation_iou`` (definitions of the Hub's
-``evaluate-metric/mean_iou``).
+[`confusion_matrix`] counts (reference, predicted) pixel pairs with `torch.bincount`; at the end the summed
+matrix goes through the local `evaluate` metric `hf_dbp/tasks/segmentation/segmentation_iou` (definitions of the Hub's
+`evaluate-metric/mean_iou`).
 
 Typical use with a segmentation model whose logits are (B, C, h, w) and labels (B, H, W) already reduced
 (ADE20K: 0..149, 255 = ignored)::
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 SEGMENTATION_METRIC_PATH: Path = Path(__file__).resolve().parent / "segmentation_iou"
-"""Folder of the local ``evaluate`` metric script (``segmentation_iou.py``)."""
+"""Folder of the local `evaluate` metric script (`segmentation_iou.py`)."""
 
 TRAINER_PAD_INDEX: int = -100
 """Value the Trainer pads labels with when it gathers batches of different sizes across processes."""
@@ -64,19 +64,19 @@ def confusion_matrix(
     Args:
         predictions: predicted class ids, integer tensor or array of any shape (e.g. (B, H, W)), values in
             [0, num_labels) wherever the reference is not ignored (predictions at ignored pixels are not looked at).
-        references: reference class ids, same shape as ``predictions``; values in [0, num_labels) or ``ignore_index``.
+        references: reference class ids, same shape as `predictions`; values in [0, num_labels) or `ignore_index`.
             Labels must already be reduced (this function does not shift them).
         num_labels: number of classes.
-        ignore_index: reference value of pixels to skip (255 for reduced ADE20K); ``None`` skips nothing.
+        ignore_index: reference value of pixels to skip (255 for reduced ADE20K); `None` skips nothing.
 
     Returns:
-        int64 tensor of shape (num_labels, num_labels) on the device of ``references``: entry [r, p] is the number of
+        int64 tensor of shape (num_labels, num_labels) on the device of `references`: entry [r, p] is the number of
         non-ignored pixels with reference class r and predicted class p (rows = reference, columns = prediction).
 
     Raises:
         ValueError: if the shapes differ, or a non-ignored reference (or the prediction at a non-ignored pixel) lies
             outside [0, num_labels); the message names the offending value.
-        TypeError: if ``predictions`` or ``references`` are floating point (logits rather than class ids).
+        TypeError: if `predictions` or `references` are floating point (logits rather than class ids).
     """
     if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)) or num_labels < 1:
         raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
@@ -110,13 +110,13 @@ def confusion_matrix(
 
 
 def load_segmentation_metric(**kwargs: Any):
-    """Load this package's ``segmentation_iou`` evaluate metric from its own folder (offline; no Hub access).
+    """Load this package's `segmentation_iou` evaluate metric from its own folder (offline; no Hub access).
 
     Args:
-        **kwargs: passed to ``evaluate.load`` (e.g. ``keep_in_memory=True``, ``experiment_id=...``).
+        **kwargs: passed to `evaluate.load` (e.g. `keep_in_memory=True`, `experiment_id=...`).
 
     Returns:
-        The ``evaluate.EvaluationModule``; call ``compute(confusion=[flat_matrix, ...], num_labels=...)``.
+        The `evaluate.EvaluationModule`; call `compute(confusion=[flat_matrix, ...], num_labels=...)`.
     """
     import evaluate
 
@@ -126,16 +126,16 @@ def load_segmentation_metric(**kwargs: Any):
 def logits_to_predictions(
     logits: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor | tuple[torch.Tensor, ...] | None
 ) -> torch.Tensor:
-    """Turn segmentation logits into per-pixel class ids at label resolution (for ``preprocess_logits_for_metrics``).
+    """Turn segmentation logits into per-pixel class ids at label resolution (for `preprocess_logits_for_metrics`).
 
-    With this as ``Trainer(preprocess_logits_for_metrics=...)`` the Trainer only ever holds class-id maps, never
+    With this as `Trainer(preprocess_logits_for_metrics=...)` the Trainer only ever holds class-id maps, never
     (B, C, H, W) logits.
 
     Args:
         logits: (B, C, h, w) class scores, or the tuple of model outputs the Trainer passes when the model returns
             several (the first element is taken as the logits).
         labels: the batch's (B, H, W) labels (or a tuple whose first element they are); the logits are upsampled
-            bilinearly (``align_corners=False``) to (H, W) before the argmax. If ``None`` the argmax is taken at the
+            bilinearly (`align_corners=False`) to (H, W) before the argmax. If `None` the argmax is taken at the
             logits' own resolution.
 
     Returns:
@@ -153,28 +153,28 @@ def logits_to_predictions(
 
 
 class SegmentationEvaluator:
-    """``compute_metrics`` for ``Trainer`` with ``TrainingArguments(batch_eval_metrics=True)``; bounded memory.
+    """`compute_metrics` for `Trainer` with `TrainingArguments(batch_eval_metrics=True)`; bounded memory.
 
-    The Trainer calls ``evaluator(eval_pred, compute_result=...)`` once per evaluation batch, with
-    ``eval_pred.predictions`` the output of ``preprocess_logits_for_metrics`` (use :func:`logits_to_predictions`, so
-    it is an int (B, H, W) class-id tensor) and ``eval_pred.label_ids`` the (B, H, W) labels, both torch tensors on
+    The Trainer calls `evaluator(eval_pred, compute_result=...)` once per evaluation batch, with
+    `eval_pred.predictions` the output of `preprocess_logits_for_metrics` (use [`logits_to_predictions`], so
+    it is an int (B, H, W) class-id tensor) and `eval_pred.label_ids` the (B, H, W) labels, both torch tensors on
     the evaluation device (gathered across processes). Each call adds the batch's confusion matrix to a running
-    total on that device and returns ``{}``; the call with ``compute_result=True`` (last batch) adds its batch too,
-    computes the metrics through the ``segmentation_iou`` evaluate module, resets the total and returns a flat dict
-    of floats: ``mean_iou``, ``mean_accuracy``, ``overall_accuracy`` and ``iou_<class>`` per class (the Trainer
-    prefixes them with ``eval_``).
+    total on that device and returns `{}`; the call with `compute_result=True` (last batch) adds its batch too,
+    computes the metrics through the `segmentation_iou` evaluate module, resets the total and returns a flat dict
+    of floats: `mean_iou`, `mean_accuracy`, `overall_accuracy` and `iou_<class>` per class (the Trainer
+    prefixes them with `eval_`).
 
     Classes whose IoU is NaN (absent from both prediction and reference in the whole evaluation) are LEFT OUT of the
-    per-class entries unless ``keep_nan=True`` (then they are ``float("nan")``), so the logs stay valid JSON.
+    per-class entries unless `keep_nan=True` (then they are `float("nan")`), so the logs stay valid JSON.
 
     Args:
         num_labels: number of classes (150 for ADE20K).
         ignore_index: reference value of ignored pixels (255).
-        id2label: optional class index -> name; per-class keys are then ``iou_<name>`` (name stripped of surrounding
-            whitespace, e.g. ADE20K's ``"bed "`` -> ``iou_bed``), otherwise ``iou_<index>``.
-        keep_nan: keep NaN per-class IoUs as ``float("nan")`` instead of leaving them out.
+        id2label: optional class index -> name; per-class keys are then `iou_<name>` (name stripped of surrounding
+            whitespace, e.g. ADE20K's `"bed "` -> `iou_bed`), otherwise `iou_<index>`.
+        keep_nan: keep NaN per-class IoUs as `float("nan")` instead of leaving them out.
         pad_index: label value the Trainer pads with when it gathers unequal batches across processes (-100);
-            such pixels are ignored like ``ignore_index``. ``None`` disables this.
+            such pixels are ignored like `ignore_index`. `None` disables this.
     """
 
     def __init__(
@@ -202,11 +202,11 @@ class SegmentationEvaluator:
         self.metric = load_segmentation_metric(keep_in_memory=True)
 
     def reset(self) -> None:
-        """Forget the batches accumulated so far (done automatically after each ``compute_result=True`` call)."""
+        """Forget the batches accumulated so far (done automatically after each `compute_result=True` call)."""
         self.confusion = None
 
     def update(self, predictions: torch.Tensor | np.ndarray, references: torch.Tensor | np.ndarray) -> None:
-        """Add one batch: ``predictions`` and ``references`` are same-shape integer class-id maps (e.g. (B, H, W))."""
+        """Add one batch: `predictions` and `references` are same-shape integer class-id maps (e.g. (B, H, W))."""
         references = _as_tensor(references, "references")
         if self.pad_index is not None and self.pad_index != self.ignore_index:
             references = torch.where(references == self.pad_index, self.ignore_index, references)
@@ -236,15 +236,15 @@ class SegmentationEvaluator:
         """One evaluation batch from the Trainer.
 
         Args:
-            eval_pred: ``transformers.EvalPrediction`` whose ``predictions`` are int class-id maps (B, H, W) and
-                ``label_ids`` the (B, H, W) labels (tensors, possibly on GPU; numpy arrays also work).
-            compute_result: ``True`` on the last batch: return the metrics of the whole evaluation and reset. With
-                ``batch_eval_metrics=True`` the Trainer always passes it; it defaults to ``True`` so that a Trainer
-                without ``batch_eval_metrics`` (one call with all predictions concatenated, as numpy arrays) still
-                gets its metrics instead of ``{}`` -- correct, but then the Trainer keeps all predictions in memory.
+            eval_pred: `transformers.EvalPrediction` whose `predictions` are int class-id maps (B, H, W) and
+                `label_ids` the (B, H, W) labels (tensors, possibly on GPU; numpy arrays also work).
+            compute_result: `True` on the last batch: return the metrics of the whole evaluation and reset. With
+                `batch_eval_metrics=True` the Trainer always passes it; it defaults to `True` so that a Trainer
+                without `batch_eval_metrics` (one call with all predictions concatenated, as numpy arrays) still
+                gets its metrics instead of `{}` -- correct, but then the Trainer keeps all predictions in memory.
 
         Returns:
-            ``{}`` for intermediate batches; the metric dict when ``compute_result`` is ``True``.
+            `{}` for intermediate batches; the metric dict when `compute_result` is `True`.
         """
         predictions, references = eval_pred.predictions, eval_pred.label_ids
         if isinstance(predictions, (tuple, list)) and len(predictions) == 1:

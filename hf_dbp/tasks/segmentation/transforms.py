@@ -2,7 +2,7 @@
 the evaluation transform, and the collate function that pads a batch.
 
 Label convention: ADE20K annotation PNGs hold raw ids, 0 = "other" and 1..150 = the classes of objectInfo150. With
-``reduce_labels=True`` (the ADE20K default) the transform maps 0 to 255 (ignored by the loss) and k to k - 1, exactly
+`reduce_labels=True` (the ADE20K default) the transform maps 0 to 255 (ignored by the loss) and k to k - 1, exactly
 once; nothing else changes label values.
 """
 

@@ -13,8 +13,8 @@
 # limitations under the License.
 """Segmentation IoU: mean IoU / accuracy for semantic segmentation, computed from summed confusion matrices.
 
-This is an ``evaluate`` metric script. ``evaluate.load("<path>/segmentation_iou")`` loads it from this local folder
-(no network); it depends only on ``datasets``, ``evaluate`` and ``numpy``.
+This is an `evaluate` metric script. `evaluate.load("<path>/segmentation_iou")` loads it from this local folder
+(no network); it depends only on `datasets`, `evaluate` and `numpy`.
 """
 
 from __future__ import annotations
