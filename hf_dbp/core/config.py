@@ -1,4 +1,4 @@
-"""`DecorrelationConfig`: what to decorrelate in a transformers model, and how (the DBP counterpart of a PEFT config)."""
+"""`DecorrelationConfig`: what to decorrelate in a model, and how (the DBP counterpart of a PEFT config)."""
 
 from __future__ import annotations
 

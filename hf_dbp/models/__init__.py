@@ -1,6 +1,7 @@
-"""Model integrations: what DBP needs to know about particular architectures.
+"""Model integrations: what DBP needs to know about particular models, beyond the defaults of
+`hf_dbp.target_modules`.
 
-- `mapping`: the default target and excluded layers per transformers `model_type` (PEFT's target-module mappings).
-- `vit_mae_dbp`: the paper's model, a ViTMAE whose encoder is decorrelated, with its own config fields, Auto-class
-  registrations, remote code and a UperNet backbone; built on the core like every other family.
+- `vit_mae_dbp`: the paper's model, a ViTMAE whose encoder is decorrelated, with Auto-class registrations, remote
+  code and a UperNet backbone; its config carries a `DecorrelationConfig` like every other decorrelated model's.
+- `card_profiles`: what a model card says about each kind of model.
 """

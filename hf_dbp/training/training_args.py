@@ -1,4 +1,4 @@
-"""Training arguments shared by hf-dbp's example scripts."""
+"""`DBPTrainingArguments`: `TrainingArguments` plus every setting `DBPTrainer` adds."""
 
 from __future__ import annotations
 
