@@ -141,10 +141,28 @@ def test_a_run_record_is_written_as_the_runs_own_records(tmp_path):
     }
 
 
-def test_comparison_from_a_dbp_checkpoint_with_finetuning_end_to_end(tmp_path):
-    """The real thing, small: BP and DBP from a DBP checkpoint (R far from I) with --decorrelation_lr 0 on the
-    alternate photographs, then UperNet fine-tuning of both. The DBP run trains the weights and keeps every R bitwise;
-    the BP run starts from the same model with R folded in; the comparison files come from the runs' own records."""
+class Launched:
+    """A script started in the background, waited for when a test needs its result."""
+
+    def __init__(self, command: list[str], env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self._result = None
+
+    def result(self) -> subprocess.CompletedProcess:
+        if self._result is None:
+            stdout, stderr = self.process.communicate(timeout=600)
+            self._result = subprocess.CompletedProcess(self.process.args, self.process.returncode, stdout, stderr)
+        return self._result
+
+
+@pytest.fixture(scope="module")
+def end_to_end(tmp_path_factory) -> dict:
+    """The two end-to-end runs of this file (a comparison with fine-tuning, a settings sweep), started together, one
+    per core: each spends most of its time starting processes, which run side by side."""
+    runs = {}
+    tmp_path = tmp_path_factory.mktemp("comparison")
     tiny = dict(
         image_size=16,
         patch_size=4,
@@ -166,43 +184,86 @@ def test_comparison_from_a_dbp_checkpoint_with_finetuning_end_to_end(tmp_path):
         "--upernet_hidden_size 16 --auxiliary_channels 8 --crop_size 32 --per_device_train_batch_size 2 "
         "--per_device_eval_batch_size 2 --max_steps 2 --warmup_steps 0 --dataloader_num_workers 0"
     )
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "compare_bp_dbp.py"),
-            "--output_dir",
-            str(tmp_path / "cmp"),
-            "--model_name_or_path",
-            str(tmp_path / "dbp"),
-            "--decorrelation_lr",
-            "0",
-            "--max_steps",
-            "2",
-            "--eval_steps",
-            "1",
-            "--per_device_train_batch_size",
-            "8",
-            "--max_train_samples",
-            "32",
-            "--max_eval_samples",
-            "8",
-            "--emissions_country",
-            "FRA",
-            "--seeds",
-            "0",
-            "--demo_photos",
-            "alternate",
-            "--finetune_data_dir",
-            ade20k,
-            "--finetune_args",
-            finetune,
-        ],
-        cwd=ROOT,
-        env=offline_env(tmp_path / "hf"),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    runs["comparison"] = (
+        tmp_path,
+        original,
+        Launched(
+            [
+                sys.executable,
+                str(ROOT / "examples" / "compare_bp_dbp.py"),
+                "--output_dir",
+                str(tmp_path / "cmp"),
+                "--model_name_or_path",
+                str(tmp_path / "dbp"),
+                "--decorrelation_lr",
+                "0",
+                "--max_steps",
+                "2",
+                "--eval_steps",
+                "1",
+                "--per_device_train_batch_size",
+                "8",
+                "--max_train_samples",
+                "32",
+                "--max_eval_samples",
+                "8",
+                "--emissions_country",
+                "FRA",
+                "--seeds",
+                "0",
+                "--demo_photos",
+                "alternate",
+                "--finetune_data_dir",
+                ade20k,
+                "--finetune_args",
+                finetune,
+            ],
+            offline_env(tmp_path / "hf"),
+        ),
     )
+    sweep_path = tmp_path_factory.mktemp("sweep")
+    variants = [
+        "bp:weight_decay=0,base_learning_rate=1e-2",
+        "dbp:decorrelation_lr_schedule=tied,decorrelation_layers=qkv fc1,decorrelation_kappa=0.1",
+    ]
+    runs["sweep"] = (
+        sweep_path,
+        variants,
+        Launched(
+            [
+                sys.executable,
+                str(ROOT / "examples" / "sweep_bp_dbp.py"),
+                "--output_dir",
+                str(sweep_path / "sweep"),
+                "--config_overrides",
+                TINY_MAE,
+                "--max_steps",
+                "4",
+                "--eval_steps",
+                "2",
+                "--per_device_train_batch_size",
+                "8",
+                "--max_train_samples",
+                "32",
+                "--max_eval_samples",
+                "8",
+                "--seeds",
+                "0",
+                "--variants",
+                *variants,
+            ],
+            offline_env(sweep_path / "hf"),
+        ),
+    )
+    return runs
+
+
+def test_comparison_from_a_dbp_checkpoint_with_finetuning_end_to_end(end_to_end):
+    """The real thing, small: BP and DBP from a DBP checkpoint (R far from I) with --decorrelation_lr 0 on the
+    alternate photographs, then UperNet fine-tuning of both. The DBP run trains the weights and keeps every R bitwise;
+    the BP run starts from the same model with R folded in; the comparison files come from the runs' own records."""
+    tmp_path, original, launched = end_to_end["comparison"]
+    result = launched.result()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (result.stdout + result.stderr).count("embedded alternate demo set") == 2
     matrices = [k for k in original.state_dict() if k.endswith("_decorrelation.R")]
@@ -361,40 +422,9 @@ TINY_MAE = (
 )
 
 
-def test_settings_sweep_tunes_bp_and_measures_every_variant_against_the_best_bp(tmp_path):
-    variants = [
-        "bp:weight_decay=0,base_learning_rate=1e-2",
-        "dbp:decorrelation_lr_schedule=tied,decorrelation_layers=qkv fc1,decorrelation_kappa=0.1",
-    ]
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "sweep_bp_dbp.py"),
-            "--output_dir",
-            str(tmp_path / "sweep"),
-            "--config_overrides",
-            TINY_MAE,
-            "--max_steps",
-            "4",
-            "--eval_steps",
-            "2",
-            "--per_device_train_batch_size",
-            "8",
-            "--max_train_samples",
-            "32",
-            "--max_eval_samples",
-            "8",
-            "--seeds",
-            "0",
-            "--variants",
-            *variants,
-        ],
-        cwd=ROOT,
-        env=offline_env(tmp_path / "hf"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def test_settings_sweep_tunes_bp_and_measures_every_variant_against_the_best_bp(end_to_end):
+    tmp_path, variants, launched = end_to_end["sweep"]
+    result = launched.result()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     means = {v: sweep["variants"][v]["mean_best_eval_loss"] for v in variants}

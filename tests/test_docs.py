@@ -433,7 +433,8 @@ def environment(tmp_path: Path, python_path: Path) -> dict[str, str]:
     return env
 
 
-def run_python_blocks(page: str, tmp_path: Path, root: Path = ROOT) -> subprocess.CompletedProcess:
+def start_python_blocks(page: str, tmp_path: Path, root: Path = ROOT) -> subprocess.Popen:
+    """The python blocks of `page`, started in one fresh interpreter in a copy of the page's folder."""
     blocks = [b for b in read_page(page, root)[0] if b.language == "python"]
     folder = tmp_path / "page"
     folder.mkdir(parents=True)
@@ -441,14 +442,41 @@ def run_python_blocks(page: str, tmp_path: Path, root: Path = ROOT) -> subproces
         if item.is_file() and not item.name.startswith("."):
             shutil.copy(item, folder / item.name)
     (tmp_path / "blocks.json").write_text(json.dumps([b.__dict__ for b in blocks]))
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-c", RUNNER, str(tmp_path / "blocks.json")],
         cwd=folder,
         env=environment(tmp_path, ROOT),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
     )
+
+
+def finished(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_python_blocks(page: str, tmp_path: Path, root: Path = ROOT) -> subprocess.CompletedProcess:
+    return finished(start_python_blocks(page, tmp_path, root))
+
+
+PYTHON_PAGES = [p for p in PAGES if any(b.language == "python" for b in read_page(p)[0])]
+
+
+@pytest.fixture(scope="session")
+def python_block_results(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """Every page's python blocks, run two pages at a time (one per core of the CI machines): a page spends most of
+    its seconds importing, in a process of its own."""
+    results, running = {}, []
+    for page in PYTHON_PAGES:
+        running.append((page, start_python_blocks(page, tmp_path_factory.mktemp("page"))))
+        if len(running) == 2:
+            page_done, process = running.pop(0)
+            results[page_done] = finished(process)
+    for page_done, process in running:
+        results[page_done] = finished(process)
+    return results
 
 
 def test_the_pages_are_found():
@@ -456,9 +484,9 @@ def test_the_pages_are_found():
     assert any(p.startswith("docs/") for p in PAGES)
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if any(b.language == "python" for b in read_page(p)[0])])
-def test_python_blocks_run(page, tmp_path):
-    result = run_python_blocks(page, tmp_path)
+@pytest.mark.parametrize("page", PYTHON_PAGES)
+def test_python_blocks_run(page, python_block_results):
+    result = python_block_results[page]
     assert result.returncode == 0, f"{page}'s python blocks failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
 
 
