@@ -3,6 +3,8 @@
 
     python benchmarks/step_overhead.py                      # ViT-B/16 MAE, batches 8 32 64, 2 threads on CPU
     python benchmarks/step_overhead.py --batch_sizes 8 --steps 3 --layers qkv o_proj fc1 patch_embeddings
+    python benchmarks/step_overhead.py --batch_sizes 64 --accumulation_steps 1 4 8 \
+        --variants bp dbp dbp_map_per_micro_batch --no_memory --no_floor   # gradient accumulation
 
 One step = forward, backward, AdamW step and (for DBP) the decorrelation step, of ViT-B/16 MAE (224 px, mask 0.75,
 norm_pix_loss) from the same weights. Three variants run interleaved after warm-up:
@@ -11,6 +13,12 @@ norm_pix_loss) from the same weights. Three variants run interleaved after warm-
 - dbp: hf_dbp's ViTMAEDBPForPreTraining (default DBP settings, sample fraction 0.1).
 - reference: the straightforward implementation, kept here as the reference style: explicit R x in every layer,
   one R for each of q, k and v, and the full d^3 product C @ R in every update.
+- dbp_map_per_micro_batch (under gradient accumulation only): DBP as it was before the gradient of each reused fold
+  was mapped to W once per optimizer step (`hf_dbp.defer_weight_gradients`): `dW = dF R^T` in every micro-batch.
+
+With `--accumulation_steps k`, one step is k micro-batches of the batch size (forward and backward each, the loss
+divided by k), then AdamW and the decorrelation step, as Trainer runs them: DBP reuses one fold `W R` across the
+micro-batches and maps the fold's gradient to W in the last one only (with k = 1 it folds inside the graph).
 
 It prints, per batch size, the ratio of median step times to BP's, the ratio of peak memory (each variant measured
 in a fresh process: CPU max RSS, or CUDA max allocated), and the arithmetic floor: the multiply-adds of a DBP step
@@ -20,6 +28,7 @@ over BP's, counted by torch's FlopCounterMode on the same step. The table is als
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -34,7 +43,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
-from hf_dbp import DECORRELATION_LAYER_KINDS, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
+from hf_dbp import DECORRELATION_LAYER_KINDS, ViTMAEDBPConfig, ViTMAEDBPForPreTraining, defer_weight_gradients
+
+DBP_VARIANTS = ("dbp", "dbp_map_per_micro_batch")
 
 
 class ReferenceDecorrelatedLinear(nn.Module):
@@ -98,11 +109,29 @@ def reference_model(plain: ViTMAEForPreTraining, kinds, sample_fraction=0.1) -> 
     return plain
 
 
-def build(variant: str, batch: int, kinds, device, seed=0):
-    torch.manual_seed(seed)  # the same seed gives all three the same initial weights (checked in the tests)
+class LastMicroBatch:
+    """The signal `train_step` gives DBP's layers: True while a step's last micro-batch runs (what accelerate's
+    `GradientState().sync_gradients` is under Trainer)."""
+
+    def __init__(self):
+        self.value = True
+
+    def __call__(self) -> bool:
+        return self.value
+
+
+def build(variant: str, batch: int, kinds, device, seed=0, accumulation_steps: int = 1):
+    torch.manual_seed(seed)  # the same seed gives every variant the same initial weights (checked in the tests)
     config = ViTMAEDBPConfig(norm_pix_loss=True, decorrelation_layers=list(kinds))  # ViT-B/16, 224 px, mask 0.75
-    if variant == "dbp":
+    if variant in DBP_VARIANTS:
         model = ViTMAEDBPForPreTraining(config)
+        # As DecorrelationCallback sets them for Trainer: one fold per step under accumulation, and (dbp) its gradient
+        # mapped to W in the step's last micro-batch.
+        for d in model.decorrelation_modules():
+            d.reuse_fold_in_training = accumulation_steps > 1
+        if variant == "dbp" and accumulation_steps > 1:
+            model.last_micro_batch = LastMicroBatch()
+            defer_weight_gradients(model, model.last_micro_batch)
     else:  # built directly, so that its peak memory does not include a DBP model
         model = ViTMAEForPreTraining(ViTMAEConfig(norm_pix_loss=True))
         if variant == "reference":
@@ -116,31 +145,41 @@ def build(variant: str, batch: int, kinds, device, seed=0):
 PHASES = ("forward", "backward", "optimizer", "decorrelation")
 
 
-def train_step(variant, model, optimizer, pixels, phases: dict[str, list[float]] | None = None):
-    """One training step; with `phases`, the seconds of each phase are appended to it."""
-    marks = [time.perf_counter()]
+def train_step(
+    variant, model, optimizer, pixels, phases: dict[str, list[float]] | None = None, accumulation_steps: int = 1
+):
+    """One training step of `accumulation_steps` micro-batches; with `phases`, the seconds of each phase (summed over
+    the micro-batches) are appended to it."""
+    seconds = dict.fromkeys(PHASES, 0.0)
+    last = time.perf_counter()
 
-    def mark():
+    def mark(phase):
+        nonlocal last
         if phases is not None:
             synchronize(pixels.device)
-            marks.append(time.perf_counter())
+            now = time.perf_counter()
+            seconds[phase] += now - last
+            last = now
 
-    loss = model(pixels).loss
-    mark()
-    loss.backward()
-    mark()
+    for micro_batch in range(accumulation_steps):
+        if hasattr(model, "last_micro_batch"):
+            model.last_micro_batch.value = micro_batch == accumulation_steps - 1
+        loss = model(pixels).loss / accumulation_steps
+        mark("forward")
+        loss.backward()
+        mark("backward")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    mark()
-    if variant == "dbp":
+    mark("optimizer")
+    if variant in DBP_VARIANTS:
         model.decorrelation_step()
     elif variant == "reference":
         for layer in model.reference_layers:
             layer.step()
-    mark()
+    mark("decorrelation")
     if phases is not None:
-        for name, start, end in zip(PHASES, marks[:-1], marks[1:], strict=True):
-            phases.setdefault(name, []).append(end - start)
+        for name, value in seconds.items():
+            phases.setdefault(name, []).append(value)
 
 
 def synchronize(device):
@@ -148,10 +187,10 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def count_flops(variant, batch, kinds, device) -> int:
-    model, optimizer, pixels = build(variant, batch, kinds, device)
+def count_flops(variant, batch, kinds, device, accumulation_steps: int = 1) -> int:
+    model, optimizer, pixels = build(variant, batch, kinds, device, accumulation_steps=accumulation_steps)
     with FlopCounterMode(display=False) as counter:
-        train_step(variant, model, optimizer, pixels)
+        train_step(variant, model, optimizer, pixels, accumulation_steps=accumulation_steps)
     return counter.get_total_flops()
 
 
@@ -165,12 +204,14 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def peak_memory(variant: str, batch: int, kinds, device) -> float:
-    """Peak memory of one step in a fresh process (MiB): peak RSS on CPU, max allocated on CUDA."""
+def peak_memory(variant: str, batch: int, kinds, device, accumulation_steps: int = 1) -> float:
+    """Peak memory of two steps in a fresh process (MiB): peak RSS on CPU, max allocated on CUDA."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    k = accumulation_steps
     code = (
-        f"import sys, json, torch, resource; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import step_overhead as b; "
-        f"d = torch.device({str(device)!r}); m, o, p = b.build({variant!r}, {batch}, {list(kinds)!r}, d); "
-        f"b.train_step({variant!r}, m, o, p); b.train_step({variant!r}, m, o, p); "
+        f"import sys, json, torch, resource; sys.path.insert(0, {here!r}); import step_overhead as b; "
+        f"d = torch.device({str(device)!r}); m, o, p = b.build({variant!r}, {batch}, {list(kinds)!r}, d, 0, {k}); "
+        f"b.train_step({variant!r}, m, o, p, None, {k}); b.train_step({variant!r}, m, o, p, None, {k}); "
         "print(json.dumps(torch.cuda.max_memory_allocated() / 2**20 if d.type == 'cuda' else b.peak_rss_mib()))"
     )
     env = os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -188,15 +229,29 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--variants", nargs="+", default=["bp", "dbp", "reference"])
+    parser.add_argument(
+        "--accumulation_steps",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="micro-batches per optimizer step (each of the batch size); one row per batch size and count",
+    )
     parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--no_floor", action="store_true", help="skip counting the FLOPs (one more step per variant)")
     parser.add_argument("--output", default="step_overhead.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if "bp" not in args.variants:
+        parser.error("--variants must include bp: every ratio is to BP's step")
+    if "dbp_map_per_micro_batch" in args.variants and max(args.accumulation_steps) == 1:
+        parser.error(
+            "dbp_map_per_micro_batch differs from dbp under gradient accumulation only (--accumulation_steps)"
+        )
     rows = []
-    for batch in args.batch_sizes:
-        built = {v: build(v, batch, args.layers, device) for v in args.variants}
-        for v in args.variants:  # warm-up
+    for batch, k in itertools.product(args.batch_sizes, args.accumulation_steps):
+        built = {v: build(v, batch, args.layers, device, accumulation_steps=k) for v in args.variants}
+        for v in args.variants:  # warm-up: one micro-batch is enough to allocate and cache
             train_step(v, *built[v])
         times = {v: [] for v in args.variants}
         phases = {v: {} for v in args.variants}
@@ -204,15 +259,16 @@ def main() -> None:
             for v in args.variants:
                 synchronize(device)
                 start = time.perf_counter()
-                train_step(v, *built[v], phases=phases[v])
+                train_step(v, *built[v], phases=phases[v], accumulation_steps=k)
                 synchronize(device)
                 times[v].append(time.perf_counter() - start)
         del built
-        flops = {v: count_flops(v, batch, args.layers, device) for v in args.variants}
-        memory = {} if args.no_memory else {v: peak_memory(v, batch, args.layers, device) for v in args.variants}
+        flops = {} if args.no_floor else {v: count_flops(v, batch, args.layers, device, k) for v in args.variants}
+        memory = {} if args.no_memory else {v: peak_memory(v, batch, args.layers, device, k) for v in args.variants}
         base = statistics.median(times["bp"])
         row = {
             "batch": batch,
+            "accumulation_steps": k,
             "layers": args.layers,
             "device": str(device),
             "threads": args.threads,
@@ -226,28 +282,30 @@ def main() -> None:
             if v == "bp":
                 continue
             row[f"{v}_time_ratio"] = round(statistics.median(times[v]) / base, 3)
-            row[f"{v}_flop_floor"] = round(flops[v] / flops["bp"], 3)
+            if flops:
+                row[f"{v}_flop_floor"] = round(flops[v] / flops["bp"], 3)
             if memory:
                 row[f"{v}_memory_ratio"] = round(memory[v] / memory["bp"], 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    header = ["batch", "bp s/step"] + [
+    header = ["batch", "micro-batches", "bp s/step"] + [
         f"{v} {k}" for v in args.variants if v != "bp" for k in ("time", "floor", "memory")
     ]
     print("\n| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
     for row in rows:
-        cells = [str(row["batch"]), f"{row['bp_median_s']:.3f}"]
+        cells = [str(row["batch"]), str(row["accumulation_steps"]), f"{row['bp_median_s']:.3f}"]
         for v in args.variants:
             if v != "bp":
                 cells += [
                     f"{row.get(f'{v}_{k}', float('nan')):.3f}" for k in ("time_ratio", "flop_floor", "memory_ratio")
                 ]
         print("| " + " | ".join(cells) + " |")
-    print("\nWhere the time goes (median seconds per phase):\n\n| batch | variant | " + " | ".join(PHASES) + " |")
-    print("|" + " --- |" * (2 + len(PHASES)))
+    print("\nWhere the time goes (median seconds per phase and step):\n")
+    print("| batch | micro-batches | variant | " + " | ".join(PHASES) + " |\n|" + " --- |" * (3 + len(PHASES)))
     for row in rows:
         for v, seconds in row["phases_s"].items():
-            print(f"| {row['batch']} | {v} | " + " | ".join(f"{seconds.get(k, 0.0):.3f}" for k in PHASES) + " |")
+            cells = [str(row["batch"]), str(row["accumulation_steps"]), v] + [f"{seconds[p]:.3f}" for p in PHASES]
+            print("| " + " | ".join(cells) + " |")
     with open(args.output, "w") as file:
         json.dump(rows, file, indent=1)
     print(f"\nwritten to {args.output}; layers: {' '.join(args.layers)}")

@@ -22,6 +22,7 @@ from .core.model import (
     decorrelate,
     decorrelation_config_of,
     decorrelation_step,
+    defer_weight_gradients,
     load_decorrelated,
     merge_decorrelation,
 )
@@ -107,6 +108,7 @@ __all__ = [
     "decorrelate",
     "decorrelation_config_of",
     "decorrelation_step",
+    "defer_weight_gradients",
     "fold_decorrelation",
     "fsdp_ignored_params",
     "inject_decorrelation",

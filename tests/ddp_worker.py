@@ -41,9 +41,14 @@ layer = model.vit.layers[0].attention.q_proj
 rows = []  # (global step, rows) of every training forward on this rank
 
 
+patch = model.vit.embeddings.patch_embeddings.projection
+deferred = []  # whether the patch conv's weight gradient waited for each step's last micro-batch (DDP's no_sync)
+
+
 def record(module, args):
     if module.training:
         rows.append((trainer.state.global_step, args[0].detach().reshape(-1, 24).double().clone()))
+        deferred.append(patch.decorrelation.is_last_micro_batch is not None)
 
 
 layer.register_forward_pre_hook(record)
@@ -78,6 +83,8 @@ torch.save(
         "rows": rows,
         "begun": begun,
         "R": model.vit.layers[0].attention.qkv_decorrelation.R.clone(),
+        "deferred": deferred,
+        "patch_weight": patch.weight.detach().clone(),
         "losses": [r["decorrelation_loss"] for r in trainer.state.log_history if "decorrelation_loss" in r],
     },
     os.path.join(output_dir, f"rank{rank}.pt"),

@@ -9,10 +9,17 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from hf_dbp.core.config import DecorrelationConfig
 from hf_dbp.core.decorrelation import Decorrelation
 from hf_dbp.core.inject import DecorrelationMonitor, fold_decorrelation, inject_decorrelation
 from hf_dbp.core.layers import DecorrelatedConv2d, DecorrelatedLinear
-from hf_dbp.core.model import decorrelation_step
+from hf_dbp.core.model import (
+    decorrelate,
+    decorrelation_step,
+    defer_weight_gradients,
+    waiting_weight_gradients,
+)
+from hf_dbp.core.optimizer_hook import attach_decorrelation
 from hf_dbp.core.sampling import RowSampler
 
 
@@ -423,8 +430,10 @@ def test_patch_conv_gives_the_outputs_and_gradients_of_the_folded_conv(reuse):
     torch.testing.assert_close(model.patch.bias.grad, b.grad)
 
 
-def test_folded_weight_is_formed_once_per_optimizer_step_across_micro_batches(monkeypatch):
-    """Gradient accumulation: one W R for all micro-batches, gradients equal to autograd's, refolded after a step."""
+@pytest.mark.parametrize("deferred", [False, True])  # dW = dF R^T per micro-batch, or once per step
+def test_folded_weight_is_formed_once_per_optimizer_step_across_micro_batches(monkeypatch, deferred):
+    """Gradient accumulation: one W R for all micro-batches, gradients equal to autograd's, refolded after a step;
+    with `defer_weight_gradients`, W's gradient is unset until the step's last micro-batch, then the same."""
     torch.manual_seed(0)
     model = TwoBranches().double()
     groups = inject_decorrelation(model, {"abc": ["a", "b", "c"], "patch": ["patch"]})
@@ -432,6 +441,8 @@ def test_folded_weight_is_formed_once_per_optimizer_step_across_micro_batches(mo
         d.double()
         d.R.copy_(torch.eye(d.dim, dtype=torch.float64) + 0.1 * torch.randn(d.dim, d.dim, dtype=torch.float64))
         d.reuse_fold_in_training = True  # as DBPTrainer sets it under gradient accumulation
+    micro_batch = [0]
+    defer_weight_gradients(model, (lambda: micro_batch[0] == 2) if deferred else None)
     folds = []
     for cls in (DecorrelatedLinear, DecorrelatedConv2d):
         original = cls.fold
@@ -451,10 +462,14 @@ def test_folded_weight_is_formed_once_per_optimizer_step_across_micro_batches(mo
         folds.clear()
         plain.zero_grad()
         optimizer.zero_grad()
-        for _ in range(3):  # micro-batches of 20 rows > 12 outputs: the folded form
+        for micro_batch[0] in range(3):  # micro-batches of 20 rows > 12 outputs: the folded form
             x, image = torch.randn(20, 6, dtype=torch.float64), torch.randn(2, 2, 4, 4, dtype=torch.float64)
             for net in (model, plain):
                 (net.a(x).pow(2).sum() + net.b(x).sum() + net.c(x).sum() + net.patch(image).pow(2).sum()).backward()
+            waiting = deferred and micro_batch[0] < 2
+            assert all((getattr(model, name).weight.grad is None) == waiting for name in ("a", "b", "c", "patch"))
+            assert all(getattr(model, name).bias.grad is not None for name in ("a", "b", "c", "patch"))
+            assert sorted(waiting_weight_gradients(model)) == (["a", "b", "c", "patch"] if waiting else [])
         assert sorted(id(layer) for layer in folds) == sorted(map(id, (model.a, model.b, model.c, model.patch)))
         for name in ("a", "b", "c", "patch"):
             # The folded layer's weight gradient is W R's gradient times R^T.
@@ -465,6 +480,21 @@ def test_folded_weight_is_formed_once_per_optimizer_step_across_micro_batches(mo
             torch.testing.assert_close(getattr(model, name).bias.grad, getattr(plain, name).bias.grad)
         optimizer.step()
         decorrelation_step(groups.values(), lr=0.01, kappa=0.5)
+
+
+def test_an_optimizer_step_before_the_waiting_weight_gradients_arrive_is_refused():
+    """A loop whose signal never says "last micro-batch" would step without part of W's gradient: the hook refuses."""
+    torch.manual_seed(0)
+    model = decorrelate(
+        nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), DecorrelationConfig(target_modules=["0"])
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    attach_decorrelation(optimizer, model, gradient_accumulation_steps=2)  # one fold serves the micro-batches
+    defer_weight_gradients(model, lambda: False)
+    model(torch.randn(20, 6)).sum().backward()  # 20 rows > 8 outputs: the folded form
+    assert model[0].weight.grad is None
+    with pytest.raises(RuntimeError, match=r"1 decorrelated layer\(s\) \(0\) still held fold gradients"):
+        optimizer.step()
 
 
 @pytest.mark.parametrize("reuse", [False, True])

@@ -58,6 +58,10 @@ def test_torchrun_ddp_ranks_end_with_the_same_R_computed_from_all_ranks_rows(tmp
         assert [step for step, _ in result["rows"]] == [0, 0, 1, 1, 2, 2]
         assert result["begun"] == [0, 1, 2]  # after each step's second (last) micro-batch, before its backward
     assert not torch.equal(results[0]["rows"][0][1], results[1]["rows"][0][1])
+    # The patch conv (folded) gave W its gradient once per step, in the last micro-batch, which DDP then averaged:
+    # had it left a part out of the all-reduce, the ranks' weights would differ.
+    assert all(result["deferred"] == [True] * 6 for result in results)
+    assert torch.equal(results[0]["patch_weight"], results[1]["patch_weight"])
     R = torch.eye(24, dtype=torch.float64)
     for step in range(3):
         rows = torch.cat([x for result in results for s, x in result["rows"] if s == step])

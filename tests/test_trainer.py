@@ -53,6 +53,38 @@ def test_one_decorrelation_step_per_optimizer_step_with_gradient_accumulation(tm
     assert all(0 < a < b for a, b in zip(seconds[:-1], seconds[1:], strict=True))
 
 
+def test_under_gradient_accumulation_W_gets_its_gradient_once_per_step_and_trains_as_before(
+    tmp_path, tiny_kwargs, monkeypatch
+):
+    """DBPTrainer maps the summed gradient of each reused fold to W in a step's last micro-batch only
+    (`defer_weight_gradients`, with accelerate's signal that Trainer sets); the weights end where the same run with a
+    map per micro-batch ends, up to float rounding."""
+    import hf_dbp.training.callbacks as callbacks
+
+    signal = callbacks._last_micro_batch_signal
+    answers = []
+
+    def recorded(args, model):
+        is_last = signal(args, model)
+        assert is_last is not None  # one process, no FSDP or DeepSpeed: the weight gradient may wait
+        return lambda: answers.append(is_last()) or answers[-1]
+
+    weights = {}
+    for deferred in (True, False):
+        monkeypatch.setattr(callbacks, "_last_micro_batch_signal", recorded if deferred else lambda *_: None)
+        torch.manual_seed(0)
+        model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs))
+        args = training_args(tmp_path, max_steps=3, gradient_accumulation_steps=3, per_device_train_batch_size=4)
+        DBPTrainer(model=model, args=args, train_dataset=noise_images()).train()
+        weights[deferred] = {k: v.clone() for k, v in model.state_dict().items()}
+        assert all(d.is_last_micro_batch is None for d in model.decorrelation_modules())  # off after training
+    # The patch conv is always folded: each backward asked, and only a step's last mapped. 32 images make 8
+    # micro-batches of 4 an epoch: the third step is the epoch's last two, and maps after its second.
+    assert answers == [False, False, True, False, False, True, False, True]
+    for name, value in weights[True].items():
+        torch.testing.assert_close(value, weights[False][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_without_gradient_accumulation_training_folds_in_the_graph(tmp_path, tiny_kwargs):
     model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**tiny_kwargs))
     DBPTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=noise_images())

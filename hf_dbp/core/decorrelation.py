@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,11 @@ class Decorrelation(nn.Module):
         # Whether training forwards share one cached W R between optimizer steps (set it under gradient accumulation;
         # DBPTrainer does).
         self.reuse_fold_in_training = False
+        # With the fold reused: a function that says whether the running micro-batch is the last of its optimizer
+        # step. The layers then sum the gradient of their fold over the others and map it to W once, in the last
+        # (hf_dbp.core.layers._FoldedForward; `hf_dbp.core.model.defer_weight_gradients`). None: every backward
+        # gives W its gradient.
+        self.is_last_micro_batch: Callable[[], bool] | None = None
         # Set by `inject_decorrelation`: the layers reading z, and their outputs together (what folding costs).
         self.consumers = 1
         self.group_out_features = dim

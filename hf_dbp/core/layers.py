@@ -33,6 +33,7 @@ def _rebase(layer: nn.Module, cls: type, decorrelation: Decorrelation, record_st
     new.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in layer.__dict__.items()})
     new.record_statistics = record_statistics
     new._folded_cache = None
+    new._pending_folded_grad = None  # the summed gradient of W R while W's waits (`_FoldedForward`)
     object.__setattr__(new, "decorrelation", decorrelation)  # a reference, not a registered sub-module
     return new
 
@@ -96,17 +97,23 @@ class _FoldedForward(torch.autograd.Function):
     Why by hand: autograd would need `W @ R` inside every micro-batch's graph to reach W, costing `d_out * d^2`
     per micro-batch in the forward. Here `F` comes from the cache (once per optimizer step) and the backward turns
     the gradient of `F` into that of W: `dW = dF R^T`, exactly what autograd computes for `W @ R`.
+
+    That map costs `d_out * d^2` too, as much as the fold. Where the layer's `Decorrelation.is_last_micro_batch`
+    says a micro-batch is not the last of its step, its `dF` is added to the layer's sum and W gets no gradient yet;
+    the last micro-batch maps the whole sum at once: `(dF_1 + ... + dF_k) R^T`, the same sum as `dF_1 R^T + ... +
+    dF_k R^T` up to float rounding, for one product per optimizer step instead of k.
     """
 
     @staticmethod
-    def forward(x, weight, bias, R, folded, stride):
+    def forward(x, weight, bias, R, folded, stride, layer):
         if stride is None:
             return F.linear(x, folded, bias)
         return F.conv2d(x, folded, bias, stride)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, R, folded, stride = inputs
+        x, weight, bias, R, folded, stride, layer = inputs
+        ctx.layer = layer
         ctx.stride = stride
         ctx.input_shape = x.shape
         ctx.has_bias = bias is not None
@@ -138,8 +145,17 @@ class _FoldedForward(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # F = W R with W flattened to (d_out, d) for the conv: dW = dF R^T, in R's precision.
             flat = grad_folded.reshape(grad_folded.shape[0], -1).to(R.dtype)
-            grad_weight = (flat @ R.t()).reshape(grad_folded.shape)
-        return grad_x, grad_weight, grad_bias, None, None, None
+            layer = ctx.layer
+            pending = getattr(layer, "_pending_folded_grad", None)  # absent from a layer pickled by hf_dbp < 0.3
+            if pending is not None:
+                flat = pending.add_(flat)
+            is_last = layer.decorrelation.is_last_micro_batch
+            if is_last is not None and not is_last():
+                layer._pending_folded_grad = flat  # W's gradient comes with the step's last micro-batch
+            else:
+                layer._pending_folded_grad = None
+                grad_weight = (flat @ R.t()).reshape(grad_folded.shape)
+        return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
 def _folded_forward(layer: nn.Module, x: torch.Tensor, stride: tuple[int, int] | None) -> torch.Tensor:
@@ -158,7 +174,9 @@ def _folded_forward(layer: nn.Module, x: torch.Tensor, stride: tuple[int, int] |
     else:
         folded = _cached_fold(layer)
         if needs_grad:
-            return _FoldedForward.apply(x, layer.weight, layer.bias, layer.decorrelation.R.detach(), folded, stride)
+            return _FoldedForward.apply(
+                x, layer.weight, layer.bias, layer.decorrelation.R.detach(), folded, stride, layer
+            )
     if stride is None:
         return F.linear(x, folded, layer.bias)
     return layer._conv_forward(x, folded, layer.bias)

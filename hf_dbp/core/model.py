@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -137,6 +137,33 @@ def is_decorrelated(model: nn.Module) -> bool:
 def decorrelation_modules(model: nn.Module) -> list[Decorrelation]:
     """Every [`~hf_dbp.core.decorrelation.Decorrelation`] (one R each) of `model`, in module order."""
     return [m for m in model.modules() if isinstance(m, Decorrelation)]
+
+
+def defer_weight_gradients(model: nn.Module, is_last_micro_batch: Callable[[], bool] | None) -> None:
+    """Under gradient accumulation, map the gradient of each reused fold `W R` to W once per optimizer step.
+
+    Where the fold is reused across the micro-batches of a step (`Decorrelation.reuse_fold_in_training`), each
+    backward turns the fold's gradient into W's (`dW = dF R^T`), which costs as much as the fold itself. With
+    `is_last_micro_batch` (a function that is True while the step's last micro-batch runs, such as accelerate's
+    `GradientState().sync_gradients` under `accelerator.accumulate` or Trainer), the other micro-batches only add `dF`
+    to a sum, W's gradient stays unset there, and the last one maps the whole sum: the same gradient up to float
+    rounding, with one product per step instead of one per micro-batch. `None` turns it off.
+
+    Only where nothing reads or reduces W's gradient before the last micro-batch: a single process, or DDP under
+    `no_sync` until the last micro-batch. Not under FSDP or DeepSpeed, which reduce or partition the gradient of
+    every micro-batch as it comes. The optimizer-step hook ([`~hf_dbp.DecorrelationHook`]) raises if a step finds a
+    sum still waiting.
+    """
+    for d in decorrelation_modules(model):
+        d.is_last_micro_batch = is_last_micro_batch
+
+
+def waiting_weight_gradients(model: nn.Module) -> list[str]:
+    """The decorrelated layers of `model` holding a sum of fold gradients not yet given to W
+    ([`defer_weight_gradients`])."""
+    return [
+        name for name, module in model.named_modules() if getattr(module, "_pending_folded_grad", None) is not None
+    ]
 
 
 def _modules_and_settings(model, lr, kappa, kwargs) -> tuple[list[Decorrelation], float, float]:
@@ -335,7 +362,7 @@ def merge_decorrelation(model: nn.Module, inplace: bool = False) -> nn.Module:
         if isinstance(module, DECORRELATED_LAYERS):
             plain_class = PLAIN_LAYERS[type(module)]
             plain = plain_class.__new__(plain_class)
-            ours = ("record_statistics", "_folded_cache", "decorrelation")
+            ours = ("record_statistics", "_folded_cache", "_pending_folded_grad", "decorrelation")
             plain.__dict__.update(
                 {k: v.copy() if isinstance(v, dict) else v for k, v in module.__dict__.items() if k not in ours}
             )

@@ -27,7 +27,7 @@ from torch import nn
 from .collectives import resolve_transfer_dtype
 from .decorrelation import Decorrelation
 from .inject import DecorrelationMonitor, decorrelation_matrices, drop_decorrelation_matrices
-from .model import decorrelation_config_of, decorrelation_modules
+from .model import decorrelation_config_of, decorrelation_modules, waiting_weight_gradients
 from .plan import plan_decorrelation
 from .sampling import RowSampler
 from .step import PendingStatistics, begin_decorrelation_step, update_decorrelations
@@ -266,6 +266,13 @@ class DecorrelationHook:
     def step(self) -> float | None:
         """The decorrelation step after one optimizer step; returns its mean decorrelation loss (None if nothing
         was measured)."""
+        if waiting := waiting_weight_gradients(self.model):
+            raise RuntimeError(
+                f"the optimizer stepped while {len(waiting)} decorrelated layer(s) ({', '.join(waiting[:3])}"
+                f"{', ...' if len(waiting) > 3 else ''}) still held fold gradients meant for W: the step ran without part of W's gradient. The function given to "
+                "hf_dbp.defer_weight_gradients said the micro-batch was not the last of its step; give it the loop's "
+                "own signal (accelerate's GradientState().sync_gradients) or None"
+            )
         update, pending, self.pending = self.updates_now(), self.pending, None
         self.optimizer_steps += 1
         common = dict(pending=pending, transfer_dtype=self.transfer_dtype, update=update)

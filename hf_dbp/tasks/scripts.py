@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 import datasets
+import torch
 import transformers
 from transformers import HfArgumentParser, TrainerCallback
 
@@ -68,6 +69,11 @@ def run_main(main: Callable[[], None]) -> None:
         sys.stdout.flush()
         print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
         sys.exit(1)
+    # Trainer leaves the process group open; torch then tears gloo's threads down at interpreter exit, and a process
+    # sometimes aborts there ("terminate called without an active exception", exit -6) after a run that succeeded.
+    # Closing it while Python is alive, as accelerate's `end_training` does, ends every process cleanly.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def setup_logging(training_args: transformers.TrainingArguments, script_logger: str) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from transformers import TrainerCallback, TrainingArguments
@@ -25,7 +25,7 @@ from ..core.config import CONFIG_ATTRIBUTE, DecorrelationConfig
 from ..core.engines import prepare_for_deepspeed
 from ..core.inject import decorrelation_matrices, drop_decorrelation_matrices
 from ..core.layers import clear_folded_weights
-from ..core.model import decorrelation_config_of, decorrelation_modules
+from ..core.model import decorrelation_config_of, decorrelation_modules, defer_weight_gradients
 from ..core.optimizer_hook import DecorrelationHook
 from ..core.plan import plan_decorrelation
 from .emissions import EmissionsMeter, EmissionsReport, carried_for_machine, resolve_country
@@ -47,6 +47,31 @@ def _uses_deepspeed(args: TrainingArguments) -> bool:
     """Whether the Trainer with these arguments runs DeepSpeed (a `deepspeed` config, or `accelerate launch` with a
     DeepSpeed config file)."""
     return getattr(args, "deepspeed_plugin", None) is not None
+
+
+def _last_micro_batch_signal(args: TrainingArguments, model) -> Callable[[], bool] | None:
+    """Trainer's signal of a step's last micro-batch, where W's gradient may wait for it
+    ([`~hf_dbp.defer_weight_gradients`]): under gradient accumulation on one process or under DDP, whose `no_sync`
+    Trainer keeps until the last micro-batch. None under FSDP and DeepSpeed, which reduce or partition each
+    micro-batch's gradient as it comes, and where accelerate syncs every batch (`sync_each_batch`).
+
+    The signal is accelerate's `GradientState().sync_gradients`, which Trainer sets before each micro-batch (True for
+    the last one of a step, the last of an epoch included)."""
+    if args.gradient_accumulation_steps <= 1 or _uses_deepspeed(args) or model is None:
+        return None
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DistributedType
+    from torch.distributed.tensor import DTensor
+
+    engine = AcceleratorState().distributed_type if AcceleratorState._shared_state else DistributedType.NO
+    if engine in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA):
+        return None
+    if any(isinstance(p, DTensor) for p in model.parameters()):  # sharded by transformers at load time (FSDP2, TP)
+        return None
+    gradient_state = GradientState()
+    if gradient_state.plugin_kwargs.get("sync_each_batch", False):
+        return None
+    return lambda: gradient_state.sync_gradients
 
 
 def _process_index() -> int:
@@ -212,6 +237,8 @@ class DecorrelationCallback(TrainerCallback):
             **self.options,
         )
         self.hook.attach(optimizer)
+        # Under gradient accumulation, W's gradient from each reused fold is mapped once per step, not per micro-batch.
+        defer_weight_gradients(model, _last_micro_batch_signal(args, model))
         self.hook.optimizer_steps = state.global_step  # a resumed run goes on counting (R every k steps)
         if state.global_step > 0:
             self.load_state(
@@ -248,6 +275,7 @@ class DecorrelationCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
             clear_folded_weights(model)  # after Trainer's load of the best model (load_best_model_at_end)
+            defer_weight_gradients(model, None)  # a later loop of the user's gives W its gradient at every backward
         if self.hook is None:
             return
         if self.hook.monitor is None:
