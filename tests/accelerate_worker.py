@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import hf_dbp
+from hf_dbp.tasks.scripts import end_distributed_process
 
 GRADIENT_ACCUMULATION_STEPS = 2
 BATCH_SIZE = 2  # per process and micro-batch
@@ -112,3 +113,4 @@ if __name__ == "__main__":
         "without_hook_state": matrices(unregistered),
     }
     torch.save(record, os.path.join(output_dir, f"rank{torch.distributed.get_rank()}.pt"))
+    end_distributed_process()  # leave before Python's teardown, where gloo can abort (hf_dbp.tasks.scripts)

@@ -14,6 +14,7 @@ from datasets import Dataset
 
 import hf_dbp.training.trainer
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
+from hf_dbp.tasks.scripts import end_distributed_process
 from hf_dbp.training.training_args import DBPTrainingArguments
 
 logging.basicConfig(level=logging.WARNING)
@@ -89,3 +90,4 @@ torch.save(
     },
     os.path.join(output_dir, f"rank{rank}.pt"),
 )
+end_distributed_process()  # leave before Python's teardown, where gloo can abort (hf_dbp.tasks.scripts)

@@ -17,6 +17,7 @@ from accelerate.state import AcceleratorState
 from datasets import Dataset
 
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
+from hf_dbp.tasks.scripts import end_distributed_process
 from hf_dbp.training.training_args import DBPTrainingArguments
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "deepspeed"
@@ -113,3 +114,4 @@ for stage in (2, 3):
     trainer.save_model(str(out / f"zero{stage}" / "final"))  # ZeRO-3: the 16-bit weights gathered (the config)
     AcceleratorState._reset_state()  # the next Trainer sets up its own DeepSpeed
 torch.save({"start_R": start_R, **results}, out / f"rank{rank}.pt")
+end_distributed_process()  # leave before Python's teardown, where gloo can abort (hf_dbp.tasks.scripts)

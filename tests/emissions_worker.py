@@ -16,6 +16,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
+from hf_dbp.tasks.scripts import end_distributed_process
 from hf_dbp.training.training_args import DBPTrainingArguments
 
 logging.basicConfig(level=logging.WARNING)
@@ -73,6 +74,4 @@ resumed = train(os.path.join(root, "resumed"), resume=True)
 if int(os.environ["RANK"]) == 0:
     with open(os.path.join(root, "reports.json"), "w") as file:
         json.dump({"full": full.emissions.to_dict(), "resumed": resumed.emissions.to_dict()}, file)
-# Both ranks leave together: a rank that exits with the gloo group still up can abort at exit (std::terminate).
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
+end_distributed_process()  # leave before Python's teardown, where gloo can abort (hf_dbp.tasks.scripts)

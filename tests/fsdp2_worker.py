@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor
 
 import hf_dbp
 from hf_dbp import ViTMAEDBPConfig, ViTMAEDBPForPreTraining
+from hf_dbp.tasks.scripts import end_distributed_process
 
 STEPS, MICRO_BATCHES, BATCH = 3, 2, 16  # 16 images x 5 tokens: more rows than outputs, so every linear layer folds
 
@@ -142,4 +143,4 @@ record.update(
     hook_steps=hook.optimizer_steps,
 )
 torch.save(record, os.path.join(sys.argv[1], f"fsdp2_rank{rank}.pt"))
-dist.destroy_process_group()
+end_distributed_process()  # leave before Python's teardown, where gloo can abort (hf_dbp.tasks.scripts)

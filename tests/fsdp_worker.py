@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from hf_dbp import ViTMAEDBPConfig, ViTMAEDBPForPreTraining
+from hf_dbp.tasks.scripts import end_distributed_process
 
 IGNORED = ".*_decorrelation"  # as in examples/accelerate_configs/fsdp.yaml
 
@@ -57,4 +58,4 @@ torch.save(
     },
     os.path.join(sys.argv[1], f"fsdp_rank{rank}.pt"),
 )
-dist.destroy_process_group()
+end_distributed_process()  # leave before Python's teardown, where gloo can abort (hf_dbp.tasks.scripts)

@@ -249,3 +249,35 @@ def test_segmentation_evaluates_on_two_processes_with_images_of_other_sizes_on_e
     alone = evaluator(EvalPrediction(predictions=predictions, label_ids=batch["labels"]), compute_result=True)
     for key in ("mean_iou", "mean_accuracy", "overall_accuracy"):
         assert results[f"eval_{key}"] == pytest.approx(alone[key], abs=1e-6), key
+
+
+def test_a_finished_process_leaves_before_teardown_with_its_exit_handlers_run(tmp_path):
+    """`end_distributed_process` (every example script's last act under torchrun or accelerate launch): exit status 0
+    on every process, the `atexit` handlers ran (they flush logs and trackers), and nothing after it runs."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import atexit, os, sys, torch, torch.distributed as dist\n"
+        "from hf_dbp.tasks.scripts import end_distributed_process\n"
+        "dist.init_process_group('gloo')\n"
+        "out = sys.argv[1] + f'/rank{dist.get_rank()}'\n"
+        "atexit.register(lambda: open(out + '.atexit', 'w').close())\n"
+        "gathered = [None, None]\n"
+        "dist.all_gather_object(gathered, dist.get_rank())\n"
+        "end_distributed_process()\n"
+        "open(out + '.after', 'w').close()\n"
+    )
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(script),
+            str(tmp_path),
+        ],
+        tmp_path,
+    )
+    assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0.atexit", "rank1.atexit"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -69,11 +70,28 @@ def run_main(main: Callable[[], None]) -> None:
         sys.stdout.flush()
         print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
         sys.exit(1)
-    # Trainer leaves the process group open; torch then tears gloo's threads down at interpreter exit, and a process
-    # sometimes aborts there ("terminate called without an active exception", exit -6) after a run that succeeded.
-    # Closing it while Python is alive, as accelerate's `end_training` does, ends every process cleanly.
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_distributed_process()
+
+
+def end_distributed_process() -> None:
+    """End a process of a multi-process run now, after its work is done, without Python's interpreter teardown.
+
+    Why: a collective's work object holds tensors that Python owns, and gloo's worker thread may drop the last
+    reference to it just after the collective returns. If the interpreter has begun finalizing by then (the
+    collective was the script's last act), that thread cannot take the GIL, Python ends it with `pthread_exit`, and
+    the unwinding through torch's C++ frames calls `std::terminate`: "terminate called without an active exception",
+    exit -6, after a run that succeeded (seen under load, about one run in 30; the core dump shows
+    `AsyncAllgatherWork::~AsyncAllgatherWork` -> `decref_pyobject` -> `take_gil` -> `pthread_exit`).
+    `destroy_process_group` cannot prevent it while DDP still references the group (its threads live on). So: run the
+    `atexit` handlers (logging, trackers such as wandb's, codecarbon's) and flush, as an exit would, then leave with
+    `os._exit(0)`, before any finalization. A single process returns at once and exits as usual.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def setup_logging(training_args: transformers.TrainingArguments, script_logger: str) -> None:
