@@ -1,6 +1,8 @@
 import json
 import os
+import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +12,29 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAE_SCRIPT = REPO_ROOT / "examples" / "run_mae_dbp.py"
 SEGMENTATION_SCRIPT = REPO_ROOT / "examples" / "run_segmentation.py"
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a test's process group (tests may run beside each other)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: str | Path, *args, processes: int = 2) -> list[str]:
+    """The command that runs `script` with `args` on `processes` local processes under torchrun, on a free port."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        str(free_port()),
+        str(script),
+        *map(str, args),
+    ]
+
 
 TINY = dict(
     image_size=16,

@@ -1,21 +1,14 @@
 """DBP across processes: DDP over gloo on CPU, launched with torchrun and with accelerate."""
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import offline_env
+from conftest import free_port, offline_env, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(command, tmp_path, timeout=300):
@@ -36,17 +29,7 @@ def reference_update(R, rows, lr=0.05, kappa=0.3):
 
 def test_torchrun_ddp_ranks_end_with_the_same_R_computed_from_all_ranks_rows(tmp_path):
     output = run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            str(ROOT / "tests" / "ddp_worker.py"),
-            str(tmp_path),
-        ],
+        torchrun(str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path)),
         tmp_path,
     )
     assert "R identical on all 2 processes" in output
@@ -112,17 +95,7 @@ def test_example_script_with_two_processes(tmp_path):
 
 def test_fsdp_with_R_left_out_of_the_sharding_keeps_R_identical(tmp_path):
     run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            str(ROOT / "tests" / "fsdp_worker.py"),
-            str(tmp_path),
-        ],
+        torchrun(str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path)),
         tmp_path,
     )
     ranks = [torch.load(tmp_path / f"fsdp_rank{r}.pt") for r in (0, 1)]
@@ -144,14 +117,7 @@ def test_distributed_step_benchmark_counts_what_dbp_sends(tmp_path):
 
     output = tmp_path / "traffic.jsonl"
     run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
+        torchrun(
             str(ROOT / "benchmarks" / "distributed_step.py"),
             "--models",
             "demo",
@@ -164,7 +130,7 @@ def test_distributed_step_benchmark_counts_what_dbp_sends(tmp_path):
             "0",
             "--output",
             str(output),
-        ],
+        ),
         tmp_path,
     )
     result = json.loads(output.read_text())
@@ -267,17 +233,7 @@ def test_a_finished_process_leaves_before_teardown_with_its_exit_handlers_run(tm
         "open(out + '.after', 'w').close()\n"
     )
     run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            str(script),
-            str(tmp_path),
-        ],
+        torchrun(str(script), str(tmp_path)),
         tmp_path,
     )
     assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0.atexit", "rank1.atexit"]

@@ -11,7 +11,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import codecarbon
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY, offline_env, read_json
+from conftest import REPO_ROOT, TINY, free_port, offline_env, read_json
 from datasets import Dataset
 from fake_tracker import FakeTracker
 from huggingface_hub import ModelCard
@@ -178,12 +177,6 @@ def test_records_of_a_run_on_another_number_of_machines_are_set_aside(tmp_path, 
     ]
     # Machine 0's own stale file had other columns: backed up too (by the writer, as codecarbon does), rows afresh.
     assert float(last_row(tmp_path / "emissions_machine0.csv")["energy_consumed"]) == report.energy_kwh
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_machines_keep_a_record_each_and_resume_each_from_its_own(tmp_path):

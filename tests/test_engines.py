@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 from accelerate.utils.fsdp_utils import get_parameters_from_modules
-from conftest import TINY, offline_env
+from conftest import TINY, free_port, offline_env, torchrun
 from safetensors.torch import load_file
-from test_distributed import free_port, reference_update
+from test_distributed import reference_update
 
 import hf_dbp
 from hf_dbp import ViTMAEDBPConfig, ViTMAEDBPForPreTraining
@@ -167,17 +167,7 @@ def test_deepspeed_zero2_and_zero3_keep_R_whole_and_update_it_from_every_process
     the rows of both processes, and is the same on both."""
     pytest.importorskip("deepspeed")
     launch(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            str(ROOT / "tests" / "deepspeed_worker.py"),
-            str(tmp_path),
-        ],
+        torchrun(str(ROOT / "tests" / "deepspeed_worker.py"), str(tmp_path)),
         tmp_path,
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]

@@ -6,7 +6,6 @@ SFTTrainer; and the errors that stop a wrong set-up before the first step. docs/
 from __future__ import annotations
 
 import copy
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import accelerate_worker
 import pytest
 import torch
-from conftest import offline_env
+from conftest import free_port, offline_env
 from datasets import Dataset
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
@@ -246,12 +245,6 @@ def test_a_step_the_grad_scaler_skips_leaves_R_and_keeps_its_statistics_for_the_
 
 
 # 3. Accelerate on 2 processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
