@@ -33,7 +33,7 @@ def _rebase(layer: nn.Module, cls: type, decorrelation: Decorrelation, record_st
     new.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in layer.__dict__.items()})
     new.record_statistics = record_statistics
     new._folded_cache = None
-    new._pending_folded_grad = None  # the summed gradient of W R while W's waits (`_FoldedForward`)
+    new._pending_folded_grad = None  # the sum of the fold's gradients while W's waits (`_FoldedForward`)
     object.__setattr__(new, "decorrelation", decorrelation)  # a reference, not a registered sub-module
     return new
 
@@ -146,7 +146,7 @@ class _FoldedForward(torch.autograd.Function):
             # F = W R with W flattened to (d_out, d) for the conv: dW = dF R^T, in R's precision.
             flat = grad_folded.reshape(grad_folded.shape[0], -1).to(R.dtype)
             layer = ctx.layer
-            pending = getattr(layer, "_pending_folded_grad", None)  # absent from a layer pickled by hf_dbp < 0.3
+            pending = getattr(layer, "_pending_folded_grad", None)  # absent from a layer pickled by an earlier hf_dbp
             if pending is not None:
                 flat = pending.add_(flat)
             is_last = layer.decorrelation.is_last_micro_batch

@@ -267,9 +267,10 @@ class DecorrelationHook:
         """The decorrelation step after one optimizer step; returns its mean decorrelation loss (None if nothing
         was measured)."""
         if waiting := waiting_weight_gradients(self.model):
+            names = ", ".join(waiting[:3]) + (", ..." if len(waiting) > 3 else "")
             raise RuntimeError(
-                f"the optimizer stepped while {len(waiting)} decorrelated layer(s) ({', '.join(waiting[:3])}"
-                f"{', ...' if len(waiting) > 3 else ''}) still held fold gradients meant for W: the step ran without part of W's gradient. The function given to "
+                f"the optimizer stepped while {len(waiting)} decorrelated layer(s) ({names}) still held fold "
+                "gradients meant for W: the step ran without part of W's gradient. The function given to "
                 "hf_dbp.defer_weight_gradients said the micro-batch was not the last of its step; give it the loop's "
                 "own signal (accelerate's GradientState().sync_gradients) or None"
             )

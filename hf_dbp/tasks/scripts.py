@@ -80,8 +80,8 @@ def end_distributed_process() -> None:
     reference to it just after the collective returns. If the interpreter has begun finalizing by then (the
     collective was the script's last act), that thread cannot take the GIL, Python ends it with `pthread_exit`, and
     the unwinding through torch's C++ frames calls `std::terminate`: "terminate called without an active exception",
-    exit -6, after a run that succeeded (seen under load, about one run in 30; the core dump shows
-    `AsyncAllgatherWork::~AsyncAllgatherWork` -> `decref_pyobject` -> `take_gil` -> `pthread_exit`).
+    exit -6, after a run that succeeded (here in 2 of 94 runs of a DDP worker, some beside busy loops; a core dump
+    shows `AsyncAllgatherWork::~AsyncAllgatherWork` -> `decref_pyobject` -> `take_gil` -> `pthread_exit`).
     `destroy_process_group` cannot prevent it while DDP still references the group (its threads live on). So: run the
     `atexit` handlers (logging, trackers such as wandb's, codecarbon's) and flush, as an exit would, then leave with
     `os._exit(0)`, before any finalization. A single process returns at once and exits as usual.
