@@ -1,4 +1,4 @@
-"""What every example script does the same way: read its arguments, set up its logging."""
+"""What every example script does the same way: read its arguments, set up its logging, end its process."""
 
 from __future__ import annotations
 
