@@ -31,6 +31,7 @@ import hf_dbp
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
 from hf_dbp.core.model import from_pretrained_checked
 from hf_dbp.tasks.image_data import (
+    DEMO_MODEL,
     DEMO_SETS,
     SAMPLE_INDEX_COLUMN,
     MAEImageTransform,
@@ -61,10 +62,7 @@ logger = logging.getLogger(__name__)
 # photographs, a few minutes on 2 CPU cores.
 DEMO_ARGS = {
     "output_dir": "outputs/mae-dbp-demo",
-    "config_overrides": (
-        "image_size=32,patch_size=4,hidden_size=96,num_hidden_layers=4,num_attention_heads=4,intermediate_size=384,"
-        "decoder_hidden_size=64,decoder_num_hidden_layers=2,decoder_num_attention_heads=4,decoder_intermediate_size=256"
-    ),
+    "config_overrides": DEMO_MODEL,
     "norm_pix_loss": True,
     "per_device_train_batch_size": 64,
     "per_device_eval_batch_size": 128,

@@ -9,18 +9,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..tasks.image_data import DEMO_SETS
+from ..tasks.image_data import DEMO_MODEL, DEMO_SETS
 from ..tasks.text_data import DEMO_MODEL as CLM_DEMO_MODEL
 from ..tasks.text_data import TEXT_SETS
 from ..training.training_args import DECORRELATION_LR_SCHEDULES
 from .methods import OPTIMIZERS
-
-DEMO_MODEL = (
-    "image_size=32,patch_size=4,hidden_size=96,num_hidden_layers=4,num_attention_heads=4,intermediate_size=384,"
-    "decoder_hidden_size=64,decoder_num_hidden_layers=2,decoder_num_attention_heads=4,decoder_intermediate_size=256"
-)
-"""The ViTMAE the MAE comparison trains from scratch (`--config_overrides`): the size of `examples/run_mae_dbp.py`'s
-demo."""
 
 
 @dataclass

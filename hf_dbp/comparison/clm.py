@@ -13,7 +13,7 @@ from .analysis import choose_learning_rates, compare, predictors, speedup_curve,
 from .arguments import ClmComparisonArguments
 from .records import ClmRunRecord
 from .report import write_comparison
-from .runs import train_every_run
+from .runs import decorrelation_flags, train_every_run
 
 
 def training_command(
@@ -31,14 +31,7 @@ def training_command(
     command += ["--learning_rate", str(lr), "--warmup_steps", str(args.warmup_steps), "--lr_scheduler_type", "cosine"]
     command += ["--weight_decay", str(args.weight_decay), "--adam_beta2", "0.95", "--save_strategy", "no"]
     command += ["--report_to", "none", "--dataloader_num_workers", "0", "--disable_tqdm", "true"]
-    command += [
-        "--decorrelation_lr",
-        str(args.decorrelation_lr),
-        "--decorrelation_kappa",
-        str(args.decorrelation_kappa),
-    ]
-    command += ["--decorrelation_sample_fraction", str(args.decorrelation_sample_fraction)]
-    command += ["--decorrelation_lr_schedule", args.decorrelation_lr_schedule]
+    command += decorrelation_flags(args)
     if args.train_file is not None:
         command += ["--train_file", args.train_file]
         command += ["--validation_file", args.validation_file] if args.validation_file else []

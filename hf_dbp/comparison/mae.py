@@ -18,7 +18,7 @@ from .arguments import ComparisonArguments
 from .methods import method_names, update_every_of
 from .records import MaeRunRecord
 from .report import write_comparison
-from .runs import train_every_run
+from .runs import decorrelation_flags, train_every_run
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +51,7 @@ def pretraining_command(
     command += ["--num_train_epochs", str(args.num_train_epochs), "--max_steps", str(args.max_steps)]
     command += ["--base_learning_rate", str(base_lr), "--weight_decay", str(weight_decay)]
     command += ["--adam_beta2", "0.95", "--warmup_steps", str(args.warmup_steps), "--dataloader_num_workers", "0"]
-    command += ["--disable_tqdm", "true", "--decorrelation_lr_schedule", args.decorrelation_lr_schedule]
-    command += [
-        "--decorrelation_lr",
-        str(args.decorrelation_lr),
-        "--decorrelation_kappa",
-        str(args.decorrelation_kappa),
-    ]
-    command += ["--decorrelation_sample_fraction", str(args.decorrelation_sample_fraction)]
+    command += ["--disable_tqdm", "true", *decorrelation_flags(args)]
     command += ["--decorrelation_variance_form", args.decorrelation_variance_form]
     command += ["--decorrelation_layers", *args.decorrelation_layers]
     command += ["--muon_lr_multiplier", str(args.muon_lr_multiplier)]

@@ -6,8 +6,24 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from .arguments import ClmComparisonArguments, ComparisonArguments
 from .machine import run_alone
 from .records import RunRecord, read_run
+
+
+def decorrelation_flags(args: ComparisonArguments | ClmComparisonArguments) -> list[str]:
+    """The DBP settings every comparison gives its training script, whose flags of these names are the same in
+    `run_mae_dbp.py` and `run_clm_dbp.py` (a BP run measures its decorrelation loss with them)."""
+    return [
+        "--decorrelation_lr",
+        str(args.decorrelation_lr),
+        "--decorrelation_kappa",
+        str(args.decorrelation_kappa),
+        "--decorrelation_sample_fraction",
+        str(args.decorrelation_sample_fraction),
+        "--decorrelation_lr_schedule",
+        args.decorrelation_lr_schedule,
+    ]
 
 
 def train_every_run(

