@@ -10,6 +10,7 @@ import os
 import sys
 
 import torch
+from conftest import TINY
 from datasets import Dataset
 
 import hf_dbp.training.trainer
@@ -23,16 +24,7 @@ output_dir = sys.argv[1]
 rank = int(os.environ["RANK"])
 torch.manual_seed(0)
 config = ViTMAEDBPConfig(
-    image_size=16,
-    patch_size=4,
-    hidden_size=24,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=48,
-    decoder_hidden_size=16,
-    decoder_num_hidden_layers=1,
-    decoder_num_attention_heads=2,
-    decoder_intermediate_size=32,
+    **TINY,
     decorrelation_lr=0.05,
     decorrelation_kappa=0.3,
     decorrelation_sample_fraction=1.0,

@@ -14,6 +14,7 @@ from pathlib import Path
 import deepspeed
 import torch
 from accelerate.state import AcceleratorState
+from conftest import TINY
 from datasets import Dataset
 
 from hf_dbp import DBPTrainer, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
@@ -29,16 +30,7 @@ torch.set_num_threads(1)
 torch.manual_seed(0)
 model = ViTMAEDBPForPreTraining(
     ViTMAEDBPConfig(
-        image_size=16,
-        patch_size=4,
-        hidden_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        decoder_hidden_size=16,
-        decoder_num_hidden_layers=1,
-        decoder_num_attention_heads=2,
-        decoder_intermediate_size=32,
+        **TINY,
         decorrelation_lr=0.05,
         decorrelation_kappa=0.3,
         decorrelation_sample_fraction=1.0,

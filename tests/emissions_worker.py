@@ -12,6 +12,7 @@ import sys
 
 import fake_tracker
 import torch
+from conftest import TINY
 from datasets import Dataset
 from transformers import TrainerCallback
 
@@ -33,16 +34,7 @@ class StopAfterSave(TrainerCallback):
 def train(output_dir: str, resume=None, callbacks=()) -> DBPTrainer:
     torch.manual_seed(0)
     config = ViTMAEDBPConfig(
-        image_size=16,
-        patch_size=4,
-        hidden_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        decoder_hidden_size=16,
-        decoder_num_hidden_layers=1,
-        decoder_num_attention_heads=2,
-        decoder_intermediate_size=32,
+        **TINY,
     )
     data = Dataset.from_dict({"pixel_values": torch.randn(16, 3, 16, 16).numpy()}).with_format("torch")
     args = DBPTrainingArguments(

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from conftest import TINY
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
@@ -37,16 +38,7 @@ torch.set_num_threads(1)
 torch.manual_seed(0)
 model = ViTMAEDBPForPreTraining(
     ViTMAEDBPConfig(
-        image_size=16,
-        patch_size=4,
-        hidden_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        decoder_hidden_size=16,
-        decoder_num_hidden_layers=1,
-        decoder_num_attention_heads=2,
-        decoder_intermediate_size=32,
+        **TINY,
         decorrelation_lr=0.05,
         decorrelation_sample_fraction=1.0,
     )

@@ -11,6 +11,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from conftest import TINY
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from hf_dbp import ViTMAEDBPConfig, ViTMAEDBPForPreTraining
@@ -24,16 +25,7 @@ torch.set_num_threads(1)
 torch.manual_seed(0)
 model = ViTMAEDBPForPreTraining(
     ViTMAEDBPConfig(
-        image_size=16,
-        patch_size=4,
-        hidden_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        decoder_hidden_size=16,
-        decoder_num_hidden_layers=1,
-        decoder_num_attention_heads=2,
-        decoder_intermediate_size=32,
+        **TINY,
         decorrelation_lr=0.05,
     )
 )

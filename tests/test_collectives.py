@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import TINY
 
 from hf_dbp.core import collectives
 from hf_dbp.core.collectives import symmetric_from_upper_triangle, upper_triangle
@@ -313,16 +314,7 @@ def tiny_mae():
     torch.manual_seed(0)
     return ViTMAEDBPForPreTraining(
         ViTMAEDBPConfig(
-            image_size=16,
-            patch_size=4,
-            hidden_size=24,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=48,
-            decoder_hidden_size=16,
-            decoder_num_hidden_layers=1,
-            decoder_num_attention_heads=2,
-            decoder_intermediate_size=32,
+            **TINY,
         )
     )
 
