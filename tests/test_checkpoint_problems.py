@@ -47,9 +47,9 @@ def mae_script():
     return load_script("run_mae_dbp")
 
 
-def run_mae(module, monkeypatch, capsys, images: Path, output_dir: Path, *flags, caplog=None) -> tuple[int, str, str]:
-    """The script as `python examples/run_mae_dbp.py ...` runs it: (exit status, stdout and log, stderr)."""
-    argv = [
+def mae_argv(images: Path, output_dir: Path, *flags) -> list[str]:
+    """`run_mae_dbp.py`'s command line for a 2-step run of the tiny ViT with a checkpoint every step, plus `flags`."""
+    return [
         "run_mae_dbp.py",
         "--train_dir",
         str(images),
@@ -75,7 +75,11 @@ def run_mae(module, monkeypatch, capsys, images: Path, output_dir: Path, *flags,
         "true",
         *map(str, flags),
     ]
-    monkeypatch.setattr(sys, "argv", argv)
+
+
+def run_mae(module, monkeypatch, capsys, images: Path, output_dir: Path, *flags, caplog=None) -> tuple[int, str, str]:
+    """The script as `python examples/run_mae_dbp.py ...` runs it: (exit status, stdout and log, stderr)."""
+    monkeypatch.setattr(sys, "argv", mae_argv(images, output_dir, *flags))
     monkeypatch.setattr(TrainingBegan, "began", False)
     monkeypatch.setattr(module, "plot_training_curves", lambda *args, **kwargs: None)
     try:
@@ -99,32 +103,7 @@ def trained(tmp_path_factory, mae_script):
     for i in range(12):
         Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
     with pytest.MonkeyPatch.context() as monkeypatch:
-        argv = [
-            "run_mae_dbp.py",
-            "--train_dir",
-            str(root / "images"),
-            "--output_dir",
-            str(root / "out"),
-            "--config_overrides",
-            TINY_VIT,
-            "--per_device_train_batch_size",
-            "4",
-            "--max_steps",
-            "2",
-            "--save_steps",
-            "1",
-            "--logging_steps",
-            "1",
-            "--report_to",
-            "none",
-            "--dataloader_num_workers",
-            "0",
-            "--track_emissions",
-            "false",
-            "--disable_tqdm",
-            "true",
-        ]
-        monkeypatch.setattr(sys, "argv", argv)
+        monkeypatch.setattr(sys, "argv", mae_argv(root / "images", root / "out"))
         monkeypatch.setattr(TrainingBegan, "began", False)
         monkeypatch.setattr(mae_script, "plot_training_curves", lambda *args, **kwargs: None)
         run_main(mae_script.main)
