@@ -230,28 +230,7 @@ def end_to_end(tmp_path_factory) -> dict:
         sweep_path,
         variants,
         Launched(
-            [
-                sys.executable,
-                str(ROOT / "examples" / "sweep_bp_dbp.py"),
-                "--output_dir",
-                str(sweep_path / "sweep"),
-                "--config_overrides",
-                TINY_MAE,
-                "--max_steps",
-                "4",
-                "--eval_steps",
-                "2",
-                "--per_device_train_batch_size",
-                "8",
-                "--max_train_samples",
-                "32",
-                "--max_eval_samples",
-                "8",
-                "--seeds",
-                "0",
-                "--variants",
-                *variants,
-            ],
+            sweep_command(sweep_path / "sweep", *variants),
             offline_env(sweep_path / "hf"),
         ),
     )
@@ -422,6 +401,32 @@ TINY_MAE = (
 )
 
 
+def sweep_command(output_dir: Path, *variants: str) -> list[str]:
+    """examples/sweep_bp_dbp.py on the tiny ViT: 4 steps of 8 images, one seed, the given `variants`."""
+    return [
+        sys.executable,
+        str(ROOT / "examples" / "sweep_bp_dbp.py"),
+        "--output_dir",
+        str(output_dir),
+        "--config_overrides",
+        TINY_MAE,
+        "--max_steps",
+        "4",
+        "--eval_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "8",
+        "--max_train_samples",
+        "32",
+        "--max_eval_samples",
+        "8",
+        "--seeds",
+        "0",
+        "--variants",
+        *variants,
+    ]
+
+
 def test_settings_sweep_tunes_bp_and_measures_every_variant_against_the_best_bp(end_to_end):
     tmp_path, variants, launched = end_to_end["sweep"]
     result = launched.result()
@@ -446,29 +451,7 @@ def test_settings_sweep_tunes_bp_and_measures_every_variant_against_the_best_bp(
     # Rerun with --reuse_runs (a sweep stopped half-way, or shrunk): the finished runs of the same commands are read,
     # not rerun, and make the same sweep.
     again = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "sweep_bp_dbp.py"),
-            "--output_dir",
-            str(tmp_path / "sweep"),
-            "--config_overrides",
-            TINY_MAE,
-            "--max_steps",
-            "4",
-            "--eval_steps",
-            "2",
-            "--per_device_train_batch_size",
-            "8",
-            "--max_train_samples",
-            "32",
-            "--max_eval_samples",
-            "8",
-            "--seeds",
-            "0",
-            "--variants",
-            variants[0],
-            "--reuse_runs",
-        ],
+        [*sweep_command(tmp_path / "sweep", variants[0]), "--reuse_runs"],
         cwd=ROOT,
         env=offline_env(tmp_path / "hf"),
         capture_output=True,
