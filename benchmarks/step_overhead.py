@@ -15,6 +15,10 @@ norm_pix_loss) from the same weights. Three variants run interleaved after warm-
   one R for each of q, k and v, and the full d^3 product C @ R in every update.
 - dbp_map_per_micro_batch (under gradient accumulation only): DBP as it was before the gradient of each reused fold
   was mapped to W once per optimizer step (`hf_dbp.defer_weight_gradients`): `dW = dF R^T` in every micro-batch.
+- DBP's levers, as `dbp:<setting>=<value>,...`: `block_size=256` (block-diagonal R), `layers=qkv+o_proj+fc1` (the
+  layer kinds decorrelated, instead of --layers), `update_every=4` (R updated every 4th step from the statistics of
+  all 4; its step time is then the median of the other phases plus the mean of the decorrelation phase over the timed
+  steps, which should be a multiple of 4). Example: `--variants bp dbp dbp:block_size=256 dbp:layers=qkv+fc1`.
 
 With `--accumulation_steps k`, one step is k micro-batches of the batch size (forward and backward each, the loss
 divided by k), then AdamW and the decorrelation step, as Trainer runs them: DBP reuses one fold `W R` across the
@@ -46,6 +50,26 @@ from transformers import ViTMAEConfig, ViTMAEForPreTraining
 from hf_dbp import DECORRELATION_LAYER_KINDS, ViTMAEDBPConfig, ViTMAEDBPForPreTraining, defer_weight_gradients
 
 DBP_VARIANTS = ("dbp", "dbp_map_per_micro_batch")
+LEVERS = ("block_size", "layers", "update_every")
+
+
+def lever_settings(variant: str) -> tuple[str, dict]:
+    """`"dbp:block_size=256,update_every=4"` -> `("dbp", {"block_size": 256, "update_every": 4})`."""
+    name, _, spec = variant.partition(":")
+    settings = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key not in LEVERS or not value:
+            raise ValueError(f"variant {variant!r}: {item!r} is not one of {LEVERS} = value")
+        if key == "layers":
+            settings[key] = value.split("+")
+            if not set(settings[key]) <= set(DECORRELATION_LAYER_KINDS):
+                raise ValueError(f"variant {variant!r}: layer kinds are {list(DECORRELATION_LAYER_KINDS)}")
+        else:
+            settings[key] = int(value)
+    if settings and name != "dbp":
+        raise ValueError(f"variant {variant!r}: only dbp takes settings")
+    return name, settings
 
 
 class ReferenceDecorrelatedLinear(nn.Module):
@@ -122,9 +146,15 @@ class LastMicroBatch:
 
 def build(variant: str, batch: int, kinds, device, seed=0, accumulation_steps: int = 1):
     torch.manual_seed(seed)  # the same seed gives every variant the same initial weights (checked in the tests)
-    config = ViTMAEDBPConfig(norm_pix_loss=True, decorrelation_layers=list(kinds))  # ViT-B/16, 224 px, mask 0.75
+    variant, settings = lever_settings(variant)
+    config = ViTMAEDBPConfig(
+        norm_pix_loss=True,
+        decorrelation_layers=list(settings.get("layers", kinds)),
+        decorrelation_block_size=settings.get("block_size"),
+    )  # ViT-B/16, 224 px, mask 0.75
     if variant in DBP_VARIANTS:
         model = ViTMAEDBPForPreTraining(config)
+        model.update_every, model.steps_taken = settings.get("update_every", 1), 0
         # As DecorrelationCallback sets them for Trainer: one fold per step under accumulation, and (dbp) its gradient
         # mapped to W in the step's last micro-batch.
         for d in model.decorrelation_modules():
@@ -171,8 +201,9 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     mark("optimizer")
-    if variant in DBP_VARIANTS:
-        model.decorrelation_step()
+    if hasattr(model, "update_every"):
+        model.steps_taken += 1
+        model.decorrelation_step(update=model.steps_taken % model.update_every == 0)
     elif variant == "reference":
         for layer in model.reference_layers:
             layer.step()
@@ -244,6 +275,15 @@ def main() -> None:
     device = torch.device(args.device)
     if "bp" not in args.variants:
         parser.error("--variants must include bp: every ratio is to BP's step")
+    for v in args.variants:
+        try:
+            name, settings = lever_settings(v)
+        except ValueError as error:
+            parser.error(str(error))
+        if name not in ("bp", "reference", *DBP_VARIANTS):
+            parser.error(f"unknown variant {v!r}")
+        if args.steps % settings.get("update_every", 1):
+            parser.error(f"{v}: --steps must be a multiple of update_every, so that the timed steps hold whole cycles")
     if "dbp_map_per_micro_batch" in args.variants and max(args.accumulation_steps) == 1:
         parser.error(
             "dbp_map_per_micro_batch differs from dbp under gradient accumulation only (--accumulation_steps)"
@@ -266,6 +306,11 @@ def main() -> None:
         flops = {} if args.no_floor else {v: count_flops(v, batch, args.layers, device, k) for v in args.variants}
         memory = {} if args.no_memory else {v: peak_memory(v, batch, args.layers, device, k) for v in args.variants}
         base = statistics.median(times["bp"])
+        for v in args.variants:  # R updated every k-th step: its update's share is the mean over the steps
+            every = lever_settings(v)[1].get("update_every", 1)
+            if every > 1:
+                others = [t - d for t, d in zip(times[v], phases[v]["decorrelation"], strict=True)]
+                times[v] = [statistics.median(others) + statistics.mean(phases[v]["decorrelation"])]
         row = {
             "batch": batch,
             "accumulation_steps": k,

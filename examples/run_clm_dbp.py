@@ -37,7 +37,14 @@ import hf_dbp
 from hf_dbp import DBPTrainer, DecorrelationConfig
 from hf_dbp.core.config import CONFIG_ATTRIBUTE, VARIANCE_FORMS
 from hf_dbp.core.model import from_pretrained_checked
-from hf_dbp.tasks.scripts import TrainingBegan, parse_script_arguments, run_main, saved_files, setup_logging
+from hf_dbp.tasks.scripts import (
+    DecorrelationPresetArguments,
+    TrainingBegan,
+    parse_script_arguments,
+    run_main,
+    saved_files,
+    setup_logging,
+)
 from hf_dbp.tasks.text_data import DEMO_MODEL, TEXT_SETS, demo_text_dataset
 from hf_dbp.training.checkpoints import check_pretrained
 from hf_dbp.training.hub import ensure_hub_reachable
@@ -166,7 +173,7 @@ class DataTrainingArguments:
 
 
 @dataclass
-class DBPArguments:
+class DBPArguments(DecorrelationPresetArguments):
     """Decorrelated backpropagation settings (see hf_dbp.DecorrelationConfig)."""
 
     bp_baseline: bool = field(
@@ -211,6 +218,7 @@ class DBPArguments:
             target_modules=one_or_list(self.target_modules),
             exclude_modules=one_or_list(self.exclude_modules),
             variance_form=self.decorrelation_variance_form,
+            block_size=self.block_size(),
         )
 
 

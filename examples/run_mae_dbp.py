@@ -44,6 +44,7 @@ from hf_dbp.tasks.image_data import (
     with_sample_index,
 )
 from hf_dbp.tasks.scripts import (
+    DecorrelationPresetArguments,
     TrainingBegan,
     image_normalisation,
     parse_script_arguments,
@@ -156,7 +157,7 @@ class ModelArguments:
 
 
 @dataclass
-class DBPArguments:
+class DBPArguments(DecorrelationPresetArguments):
     """Decorrelated backpropagation settings (see hf_dbp.ViTMAEDBPConfig)."""
 
     bp_baseline: bool = field(
@@ -182,7 +183,9 @@ class DBPArguments:
     )
 
     def config_values(self) -> dict:
-        return {
+        # Without a block size (flag or preset), a checkpoint's own block size (its R's shape) is kept.
+        blocks = {} if self.block_size() is None else {"decorrelation_block_size": self.block_size()}
+        return blocks | {
             "decorrelation_lr": self.decorrelation_lr,
             "decorrelation_kappa": self.decorrelation_kappa,
             "decorrelation_sample_fraction": self.decorrelation_sample_fraction,

@@ -39,6 +39,16 @@ def rows_of(name: str, rank: int, step: int) -> torch.Tensor:
     return torch.randn(count, WIDTHS[name], generator=generator, dtype=torch.float64) * 1.5
 
 
+BLOCKS = {"rows": (96, 32, 5), "sums": (64, 16, 30)}
+"""Block-diagonal R: (width, block size, rows per process); few rows travel as rows, many as the blocks of z^T z."""
+
+
+def block_rows_of(name: str, rank: int, step: int) -> torch.Tensor:
+    width, _, count = BLOCKS[name]
+    generator = torch.Generator().manual_seed(1000 * step + 10 * rank + 7 * width)
+    return torch.randn(count + rank, width, generator=generator, dtype=torch.float64) * 1.5
+
+
 def reference_update(R, rows, lr=LR, kappa=KAPPA):
     z = rows @ R.T
     X = z.T @ z / z.shape[0]
@@ -118,16 +128,28 @@ def _worker(rank: int, world: int, port: int, results) -> None:
             "bf16_gather32",
             "gather32",
             "every2",
+            "blocks",  # block-diagonal R only ("blocks" in all-reduce slots, "blocks_gather" by all-gather)
+            "blocks_gather",
         )
         for transport in transports:
             collectives.rows_by_all_gather = lambda group=None, _t=transport: "gather" in _t
             dtype = torch.float32 if transport.endswith("32") else torch.float64
             transfer = "bfloat16" if transport.startswith("bf16") else None
-            modules = {name: Decorrelation(width, sample_fraction=1.0).to(dtype) for name, width in WIDTHS.items()}
+            if transport.startswith("blocks"):
+                modules = {
+                    name: Decorrelation(width, sample_fraction=1.0, block_size=block).to(dtype)
+                    for name, (width, block, _) in BLOCKS.items()
+                }
+            else:
+                modules = {name: Decorrelation(width, sample_fraction=1.0).to(dtype) for name, width in WIDTHS.items()}
             reads, per_step_sent, per_step_bytes = [], [], []
             for step in range(2):
                 for name, module in modules.items():
-                    rows = rows_of(name, rank, step)
+                    rows = (
+                        block_rows_of(name, rank, step)
+                        if transport.startswith("blocks")
+                        else rows_of(name, rank, step)
+                    )
                     if rows.shape[0]:
                         module.observe(rows.to(dtype))  # z = R x of these rows, with this process's R
                 sent.clear()
@@ -233,6 +255,31 @@ def test_the_step_reads_the_device_once(two_processes, transport):
     for rank in (0, 1):
         for callers in two_processes[rank][transport]["reads"]:
             assert sorted(callers) == ["_gather_counts", "update_decorrelations"], callers
+
+
+@pytest.mark.parametrize("transport", ["blocks", "blocks_gather"])
+def test_block_diagonal_R_is_identical_on_both_processes_and_equal_to_each_block_updated_from_all_rows(
+    two_processes, transport
+):
+    """Each block of a block-diagonal R takes the update of a full R of its width from its slice of every process's
+    rows; only its slice of the rows (few rows) or its block of z^T z travels."""
+    results = [two_processes[rank][transport] for rank in (0, 1)]
+    for name, (width, block, _) in BLOCKS.items():
+        assert torch.equal(results[0]["R"][name], results[1]["R"][name]), name
+        R = [torch.eye(block, dtype=torch.float64) for _ in range(width // block)]
+        for step in range(2):
+            x = torch.cat([block_rows_of(name, rank, step) for rank in (0, 1)])
+            R = [reference_update(r, x[:, i * block : (i + 1) * block]) for i, r in enumerate(R)]
+        torch.testing.assert_close(results[0]["R"][name], torch.stack(R), rtol=1e-10, atol=1e-12)
+    rows_numbers = 6 * BLOCKS["rows"][0] * (1 if transport == "blocks_gather" else 2)  # the most rows x d (x slots)
+    triangles = (64 // 16) * 16 * 17 // 2
+    expected = [("all_gather", 96 // 32 + 64 // 16)]  # the row counts, one per block
+    if transport == "blocks_gather":
+        expected += [("all_gather", rows_numbers), ("all_reduce", triangles)]
+    else:
+        expected += [("all_reduce", rows_numbers + triangles)]
+    for rank in (0, 1):
+        assert results[rank]["sent"] == [expected, expected]
 
 
 @pytest.mark.parametrize("begun, plain", [("begun", "all_reduce"), ("begun32", "plain32")])

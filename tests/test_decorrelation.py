@@ -585,3 +585,20 @@ def test_an_unknown_layer_kind_is_refused_with_its_name_and_the_choices():
 
     with pytest.raises(ValueError, match=r"unknown kinds \['fc3'\].*patch_embeddings"):
         ViTMAEDBPConfig(decorrelation_layers=["qkv", "fc3"])
+
+
+@pytest.mark.parametrize("block_size", [None, 4])
+@pytest.mark.parametrize("rows", [3, 40])  # the update from the rows, and from z^T z
+def test_a_decorrelation_step_taken_inside_autocast_updates_R_in_its_own_precision(rows, block_size):
+    """A loop that runs its whole step under bf16 autocast (benchmarks/gpu_check.py does) gets the float32 update."""
+    torch.manual_seed(0)
+    x = torch.randn(rows, 16) @ torch.randn(16, 16)
+    modules = [Decorrelation(16, sample_fraction=1.0, block_size=block_size) for _ in range(2)]
+    for module in modules:
+        module.observe(x)
+    decorrelation_step(modules[:1], lr=0.1, kappa=0.2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        decorrelation_step(modules[1:], lr=0.1, kappa=0.2)
+    assert modules[1].R.dtype == torch.float32
+    torch.testing.assert_close(modules[1].R, modules[0].R, rtol=1e-6, atol=1e-7)
+    assert not modules[0].is_identity()

@@ -202,6 +202,11 @@ def comparison_run(root: Path) -> subprocess.CompletedProcess:
         "4",
         "--warmup_steps",
         "1",
+        "--optimizers",
+        "adamw",
+        "muon",
+        "--optimizer_learning_rates",
+        "muon=2e-3",
     ]
     return subprocess.run(
         command, cwd=REPO_ROOT, env=offline_env(root / "hf"), capture_output=True, text=True, timeout=300
@@ -393,6 +398,16 @@ def test_text_comparison_end_to_end(runs):
     assert "decorrelation" in json.loads((root / "cmp" / "seed0" / "dbp" / "config.json").read_text())
     assert "decorrelation" not in json.loads((root / "cmp" / "seed0" / "bp" / "config.json").read_text())
     assert (root / "cmp" / "comparison.md").is_file() and (root / "cmp" / "comparison.png").is_file()
+    # --optimizers: BP and DBP with Muon too, at the rate given for it, each DBP against the BP of its optimizer.
+    assert comparison["methods"] == ["bp", "dbp", "bp_muon", "dbp_muon"]
+    assert set(run["comparisons"]) == {"dbp", "dbp_muon"}
+    assert {run[m]["optimizer"] for m in ("bp_muon", "dbp_muon")} == {"muon"} and run["dbp"]["optimizer"] == "adamw"
+    assert run["bp_muon"]["learning_rate"] == run["dbp_muon"]["learning_rate"] == 2e-3 != run["bp"]["learning_rate"]
+    muon_args = json.loads((root / "cmp" / "seed0" / "dbp_muon" / "all_results.json").read_text())
+    assert (
+        muon_args["eval_loss"]
+        != json.loads((root / "cmp" / "seed0" / "dbp" / "all_results.json").read_text())["eval_loss"]
+    )
     card = (root / "cmp" / "seed0" / "dbp" / "README.md").read_text()  # emissions measured: on the card
     assert (
         "co2_eq_emissions" in card

@@ -7,6 +7,7 @@ and those fixtures start their runs side by side, one per CPU core: most of a ru
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -192,6 +193,7 @@ def standalone(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess,
         "bp_baseline": prepare_bp_baseline,
         "plain_checkpoint": prepare_plain_checkpoint,
         "lr_zero": prepare_lr_zero,
+        "block_diagonal": prepare_block_diagonal,
         "config_json": partial(prepare_config_file, file_format="json"),
         "config_yaml": partial(prepare_config_file, file_format="yaml"),
     }
@@ -284,6 +286,7 @@ def early_exits(tmp_path_factory) -> dict[str, Run]:
         "empty_train_dir": ["--train_dir", root / "text_data"],  # a folder, but not one image in it
         # A bad DBP flag (or checkpoint) with data that would fail too: the flag's error comes first, before the data.
         "bad_decorrelation_lr": ["--train_dir", root / "no_such_images", "--decorrelation_lr", "-1"],
+        "bad_block_size": ["--train_dir", root / "no_such_images", "--decorrelation_block_size", "0"],
         "bert_before_data": ["--train_dir", root / "no_such_images", "--model_name_or_path", root / "bert"],
         # Offline, a name that is neither a folder here nor a cached Hub model: one line naming the flag and the name.
         "unknown_checkpoint": ["--train_dir", root / "no_such_images", "--model_name_or_path", "someone/no-such-mae"],
@@ -510,6 +513,7 @@ def test_a_missing_or_imageless_train_dir_is_named_with_what_was_looked_for(earl
     "name, words",
     [
         ("bad_decorrelation_lr", ("decorrelation_lr", "-1")),
+        ("bad_block_size", ("decorrelation_block_size must be an integer >= 1", "0")),
         ("bert_before_data", ("'bert'",)),
         ("unknown_checkpoint", ("--model_name_or_path someone/no-such-mae", "no such folder here", "the Hub")),
     ],
@@ -594,6 +598,40 @@ def prepare_lr_zero(root: Path) -> tuple[list, dict]:
         root / "out",
         *as_flags(TINY_RUN),
     ], {}
+
+
+def prepare_block_diagonal(root: Path) -> tuple[list, dict]:
+    torch.manual_seed(0)
+    config = hf_dbp.ViTMAEDBPConfig(**TINY_MODEL, decorrelation_block_size=8)
+    hf_dbp.ViTMAEDBPForPreTraining(config).save_pretrained(root / "blocks")
+    write_images(root / "train", 12)
+    # Continued without a block flag: the checkpoint's own blocks are kept (the 'paper' preset does not undo them).
+    return [
+        "--train_dir",
+        root / "train",
+        "--model_name_or_path",
+        root / "blocks",
+        "--output_dir",
+        root / "out",
+        *as_flags(TINY_RUN),
+    ], {}
+
+
+def test_a_block_diagonal_checkpoint_continues_with_its_own_blocks(standalone):
+    result, root = standalone["block_diagonal"]
+    assert_succeeded(result)
+    model = hf_dbp.ViTMAEDBPForPreTraining.from_pretrained(root / "out")
+    assert model.config.decorrelation["block_size"] == 8
+    for module in model.decorrelation_modules():
+        assert module.R.dim() == 3 and module.R.shape[1:] == (8, 8)
+        assert not module.is_identity()  # trained
+    # The script's flags: the preset's block size, the flag's over it, and none (the checkpoint's) for 'paper'.
+    spec = importlib.util.spec_from_file_location("run_mae_dbp", SCRIPT)
+    script = sys.modules["run_mae_dbp"] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
+    spec.loader.exec_module(script)
+    assert script.DBPArguments(decorrelation_preset="fast").config_values()["decorrelation_block_size"] == 256
+    assert script.DBPArguments(decorrelation_preset="fast", decorrelation_block_size=16).block_size() == 16
+    assert "decorrelation_block_size" not in script.DBPArguments().config_values()
 
 
 def test_dbp_checkpoint_trained_with_decorrelation_lr_zero_keeps_R_exactly(standalone):

@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..core.config import PRESETS
 from ..tasks.image_data import DEMO_MODEL, DEMO_SETS
 from ..tasks.text_data import DEMO_MODEL as CLM_DEMO_MODEL
 from ..tasks.text_data import TEXT_SETS
+from ..training.optimizers import MATRIX_OPTIMIZERS
 from ..training.training_args import DECORRELATION_LR_SCHEDULES
 from .methods import OPTIMIZERS
 
@@ -86,6 +88,17 @@ class ComparisonArguments:
     decorrelation_variance_form: str = field(
         default="rows", metadata={"help": "'rows' (diag(v) R) or 'columns' (R diag(v), the reference code)."}
     )
+    decorrelation_preset: str = field(
+        default="paper",
+        metadata={
+            "help": "DBP's named settings: 'paper' (full R) or 'fast' (block-diagonal R; hf_dbp.core.config.PRESETS).",
+            "choices": list(PRESETS),
+        },
+    )
+    decorrelation_block_size: int | None = field(
+        default=None,
+        metadata={"help": "Block-diagonal R, blocks of at most this many inputs (default: the preset's)."},
+    )
     decorrelation_lr_schedule: str = field(
         default="tied",
         metadata={
@@ -142,19 +155,21 @@ class ComparisonArguments:
 
     def peer_rates(self) -> dict[str, float]:
         """`--optimizer_base_learning_rates` as {peer: base learning rate}."""
-        rates = {}
-        for item in self.optimizer_base_learning_rates:
-            name, _, rate = item.partition("=")
-            try:
-                rates[name] = float(rate)
-            except ValueError:
-                rates[name] = None
-            if name not in OPTIMIZERS[1:] or rates[name] is None or not rates[name] > 0:
-                raise ValueError(
-                    f"--optimizer_base_learning_rates takes peer=rate with a peer of "
-                    f"{list(OPTIMIZERS[1:])} and a rate > 0, got {item!r}"
-                )
-        return rates
+        return parse_peer_rates(self.optimizer_base_learning_rates, OPTIMIZERS[1:], "--optimizer_base_learning_rates")
+
+
+def parse_peer_rates(items: list[str], peers: tuple[str, ...], flag: str) -> dict[str, float]:
+    """`["muon=1.5e-3", ...]` as {peer: rate}; a `ValueError` naming `flag` for an unknown peer or a rate not > 0."""
+    rates = {}
+    for item in items:
+        name, _, rate = item.partition("=")
+        try:
+            rates[name] = float(rate)
+        except ValueError:
+            rates[name] = None
+        if name not in peers or rates[name] is None or not rates[name] > 0:
+            raise ValueError(f"{flag} takes peer=rate with a peer of {list(peers)} and a rate > 0, got {item!r}")
+    return rates
 
 
 @dataclass
@@ -204,6 +219,17 @@ class ClmComparisonArguments:
     decorrelation_lr: float = field(default=1e-3, metadata={"help": "R's learning rate."})
     decorrelation_kappa: float = field(default=1e-2)
     decorrelation_sample_fraction: float = field(default=0.1)
+    decorrelation_preset: str = field(
+        default="paper",
+        metadata={
+            "help": "DBP's named settings: 'paper' (full R) or 'fast' (block-diagonal R; hf_dbp.core.config.PRESETS).",
+            "choices": list(PRESETS),
+        },
+    )
+    decorrelation_block_size: int | None = field(
+        default=None,
+        metadata={"help": "Block-diagonal R, blocks of at most this many inputs (default: the preset's)."},
+    )
     decorrelation_lr_schedule: str = field(
         default="tied",
         metadata={
@@ -214,6 +240,31 @@ class ClmComparisonArguments:
     target_modules: list[str] | None = field(
         default=None, metadata={"help": "Layers to decorrelate (default: the architecture's)."}
     )
+    optimizers: list[str] = field(
+        default_factory=lambda: ["adamw"],
+        metadata={
+            "help": "Run BP and DBP with each: 'adamw', 'muon' (torch.optim.Muon on the hidden matrices, AdamW on "
+            "the rest), 'soap'. Records: bp, dbp, bp_muon, dbp_muon, ...",
+            "choices": list(MATRIX_OPTIMIZERS),
+        },
+    )
+    optimizer_learning_rates: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "optimizer=rate each (e.g. 'muon=2e-3'): the peak learning rate of BP and DBP with that peer, "
+            "where its own tuning chose another than --learning_rate (default: BP's and DBP's own rates)."
+        },
+    )
+    muon_lr_multiplier: float = field(
+        default=4.0, metadata={"help": "Muon's learning rate over AdamW's (its updates are scaled to AdamW's RMS)."}
+    )
+
+    def __post_init__(self) -> None:
+        self.peer_rates()  # checked before anything runs
+
+    def peer_rates(self) -> dict[str, float]:
+        """`--optimizer_learning_rates` as {peer: learning rate}."""
+        return parse_peer_rates(self.optimizer_learning_rates, MATRIX_OPTIMIZERS[1:], "--optimizer_learning_rates")
 
 
 @dataclasses.dataclass

@@ -11,16 +11,23 @@ import sys
 
 from .analysis import choose_learning_rates, compare, predictors, speedup_curve, summarize
 from .arguments import ClmComparisonArguments
+from .methods import method_names
 from .records import ClmRunRecord
 from .report import write_comparison
 from .runs import decorrelation_flags, train_every_run
 
 
 def training_command(
-    script: str, args: ClmComparisonArguments, seed: int, bp: bool, output_dir: str, lr: float
+    script: str,
+    args: ClmComparisonArguments,
+    seed: int,
+    bp: bool,
+    output_dir: str,
+    lr: float,
+    optimizer: str = "adamw",
 ) -> list[str]:
     """The command line of one run of the training script `script` (`examples/run_clm_dbp.py`): BP (`bp`) or DBP at
-    the peak learning rate `lr`."""
+    the peak learning rate `lr`, with `optimizer` on the hidden matrices."""
     command = [sys.executable, script, "--output_dir", output_dir, "--seed", str(seed)]
     command += ["--model_type", args.model_type, "--config_overrides", args.config_overrides]
     command += ["--block_size", str(args.block_size), "--tokenizer_vocab_size", str(args.tokenizer_vocab_size)]
@@ -39,6 +46,8 @@ def training_command(
         command += ["--demo_text", args.demo_text]
     if args.target_modules:
         command += ["--target_modules", *args.target_modules]
+    if optimizer != "adamw":
+        command += ["--matrix_optimizer", optimizer, "--muon_lr_multiplier", str(args.muon_lr_multiplier)]
     return command + (["--bp_baseline"] if bp else [])
 
 
@@ -56,12 +65,20 @@ def run_comparison(args: ClmComparisonArguments, training_script: str) -> dict:
         `dict`: what `comparison.json` holds, with each run as a `ClmRunRecord`.
     """
     os.makedirs(args.output_dir, exist_ok=True)
-    methods = ["bp", "dbp"]
-    rates = {"bp": args.bp_learning_rate or args.learning_rate, "dbp": args.learning_rate}
+    pairs = [method_names(optimizer) for optimizer in dict.fromkeys(args.optimizers)]  # (bp_x, dbp_x) per optimizer
+    methods = [method for pair in pairs for method in pair]
+    optimizer_of = {m: optimizer for optimizer in dict.fromkeys(args.optimizers) for m in method_names(optimizer)}
+    rates = {
+        m: (args.bp_learning_rate or args.learning_rate) if m.startswith("bp") else args.learning_rate for m in methods
+    }
+    for name, rate in args.peer_rates().items():  # a peer tuned on its own: both its BP and its DBP at its rate
+        for method in method_names(name):
+            if method in rates:
+                rates[method] = rate
     sweep = args.learning_rate_sweep or []
 
     def command(seed, method, output, lr):
-        return training_command(training_script, args, seed, method == "bp", output, lr)
+        return training_command(training_script, args, seed, method.startswith("bp"), output, lr, optimizer_of[method])
 
     trained = train_every_run(args.output_dir, args.seeds, methods, rates, sweep, command)
     trained = {key: record for key, (_, record) in trained.items()}
@@ -75,16 +92,20 @@ def run_comparison(args: ClmComparisonArguments, training_script: str) -> dict:
     for seed in args.seeds:
         run = {"seed": seed}
         for m in methods:
-            run[m] = ClmRunRecord(**vars(trained[seed, m, rates[m]]), learning_rate=rates[m])
-        run["comparisons"] = {"dbp": compare(run["bp"], run["dbp"])}
-        run["comparison"] = run["comparisons"]["dbp"]
-        run["speedup_curve"] = {"dbp": speedup_curve(run["bp"], run["dbp"])}
+            record = trained[seed, m, rates[m]]
+            run[m] = ClmRunRecord(**vars(record), learning_rate=rates[m], optimizer=optimizer_of[m])
+        # Each DBP against the BP with its own optimizer; every method's speed-up curve against the first BP.
+        run["comparisons"] = {dbp: compare(run[bp], run[dbp]) for bp, dbp in pairs}
+        run["comparison"] = run["comparisons"][pairs[0][1]]
+        run["speedup_curve"] = {m: speedup_curve(run[pairs[0][0]], run[m]) for m in methods if m != pairs[0][0]}
         runs.append(run)
     keys = ("steps_saved_fraction", "time_saved_fraction", "emissions_saved_fraction")
     summary = {key: summarize([r["comparison"][key] for r in runs]) for key in keys}
-    summary["comparisons"] = {"dbp": {key: summary[key] for key in keys}}
+    summary["comparisons"] = {
+        dbp: {key: summarize([r["comparisons"][dbp][key] for r in runs]) for key in keys} for _, dbp in pairs
+    }
     summary["busy_runs"] = sum(bool(r[m].machine.busy) for r in runs for m in methods)
-    summary["predictors"] = predictors(runs, "bp")
+    summary["predictors"] = predictors(runs, pairs[0][0])
     result = {"settings": vars(args), "methods": methods, "runs": runs, "summary": summary, "sweep": sweep_result}
     write_comparison(args.output_dir, result)
     return result

@@ -117,9 +117,11 @@ class MaeRunRecord(RunRecord):
 
 @dataclasses.dataclass(kw_only=True)
 class ClmRunRecord(RunRecord):
-    """A run of the causal language modelling comparison (`examples/compare_bp_dbp_clm.py`): also its learning rate."""
+    """A run of the causal language modelling comparison (`examples/compare_bp_dbp_clm.py`): also its learning rate
+    and its optimizer."""
 
     learning_rate: float
+    optimizer: str = "adamw"
 
 
 def read_run(output_dir: str) -> RunRecord:

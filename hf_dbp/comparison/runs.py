@@ -13,8 +13,12 @@ from .records import RunRecord, read_run
 
 def decorrelation_flags(args: ComparisonArguments | ClmComparisonArguments) -> list[str]:
     """The DBP settings every comparison gives its training script, whose flags of these names are the same in
-    `run_mae_dbp.py` and `run_clm_dbp.py` (a BP run measures its decorrelation loss with them)."""
-    return [
+    `run_mae_dbp.py` and `run_clm_dbp.py` (a BP run measures its decorrelation loss with them). R's form is passed
+    only where it is not the paper's, so that the commands of earlier runs stay those a sweep's `--reuse_runs` finds."""
+    form = [] if args.decorrelation_preset == "paper" else ["--decorrelation_preset", args.decorrelation_preset]
+    if args.decorrelation_block_size is not None:
+        form += ["--decorrelation_block_size", str(args.decorrelation_block_size)]
+    return form + [
         "--decorrelation_lr",
         str(args.decorrelation_lr),
         "--decorrelation_kappa",

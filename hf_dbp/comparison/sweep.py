@@ -79,7 +79,9 @@ def parse_variant(text: str, base: ComparisonArguments) -> tuple[str, str, Compa
         if not sep or name not in fields or name in ("seeds", "output_dir", "optimizers", "learning_rate_sweep"):
             raise ValueError(f"variant {text!r}: {item!r} is not name=value of an argument a run can vary")
         hint = str(hints[name])
-        if "list" in hint:
+        if name == "decorrelation_update_every":  # a run updates R every k steps for one k
+            values[name] = [int(value)]
+        elif "list" in hint:
             values[name] = value.split()
         elif "float" in hint:
             values[name] = float(value)
@@ -145,7 +147,8 @@ def run_sweep(args: SweepArguments, pretraining_script: str) -> dict:
         for seed in args.seeds:
             output = os.path.join(args.output_dir, f"variant{number:02d}", f"seed{seed}")
             print(f"== {text} (seed {seed}) -> {output}", flush=True)
-            command = pretraining_command(pretraining_script, run_args, seed, bp, output, lr, optimizer)
+            update_every = 1 if bp else max(run_args.decorrelation_update_every)
+            command = pretraining_command(pretraining_script, run_args, seed, bp, output, lr, optimizer, update_every)
             results[text]["commands"][seed] = command[1:]  # the script and its arguments, to rerun one
             if args.reuse_runs and finished_with(output, command[1:]):
                 print(f"   reusing the finished run in {output}: the same command", flush=True)

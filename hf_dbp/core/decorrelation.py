@@ -46,6 +46,38 @@ def deepspeed_zero_init_active() -> bool:
     return partitioning is not None and getattr(partitioning, "zero_init_context", 0) > 0
 
 
+def block_width(dim: int, block_size: int | None) -> int:
+    """The width of the diagonal blocks of a block-diagonal R for inputs of width `dim`: the largest divisor of `dim`
+    not above `block_size` (blocks must tile the width exactly), or `dim` itself (one block: a full R) for `None` or a
+    `block_size` of at least `dim`."""
+    if block_size is None or block_size >= dim:
+        return dim
+    return max(b for b in range(1, block_size + 1) if dim % b == 0)
+
+
+def identity_like(R: torch.Tensor) -> torch.Tensor:
+    """The identity of R's shape: `(d, d)`, or `(blocks, b, b)` for a block-diagonal R."""
+    eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
+    return eye.expand(R.shape).clone()
+
+
+def multiply_transposed(x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """`x R^T` over the last dimension of `x` (`z = R x` for rows x, and `dW = dF R^T` for a fold's gradient), where
+    `R` is one `(d, d)` matrix or the `(blocks, b, b)` diagonal blocks of a block-diagonal one."""
+    if R.dim() == 2:
+        return F.linear(x, R)
+    blocks = x.unflatten(-1, R.shape[:2])  # (..., blocks, b): each block of the row meets its own R
+    return torch.einsum("...ib,icb->...ic", blocks, R).flatten(-2)
+
+
+def multiply(W: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """`W R` for a `(d_out, d)` weight: the folded weight, one `d_out x b x b` product per block when R is
+    block-diagonal (`d_out x d x b` in all, against `d_out x d^2` for a full R)."""
+    if R.dim() == 2:
+        return W @ R
+    return torch.einsum("oib,ibc->oic", W.unflatten(-1, R.shape[:2]), R).flatten(-2)
+
+
 class Decorrelation(nn.Module):
     """A decorrelating matrix `R` for inputs of width `dim` and the statistics of its outputs.
 
@@ -58,6 +90,10 @@ class Decorrelation(nn.Module):
             that sampling rows does not move the global RNG (which drives masking and dropout) and BP and DBP runs with
             one seed see the same masks. A `torch.Generator` is turned into a [`~hf_dbp.core.sampling.RowSampler`] from its current
             state. Without one, the global RNG is used.
+        block_size (`int`, *optional*): make R block-diagonal, with blocks of `block_width(dim, block_size)` (the
+            largest divisor of `dim` not above `block_size`): R is then stored as its `(dim / b, b, b)` blocks, each
+            decorrelating its own `b` inputs, and its fold, statistics and update cost `b / dim` of a full R's.
+            `None` (default): a full `(dim, dim)` R.
 
     `R` is a float32 `nn.Parameter`: it is saved and loaded with the model and moves with `.to()`, and DDP does
     not re-broadcast it at every forward as it would a buffer. The statistics are plain tensors, not buffers, for the
@@ -77,21 +113,30 @@ class Decorrelation(nn.Module):
     """
 
     def __init__(
-        self, dim: int, sample_fraction: float = 0.1, generator: RowSampler | torch.Generator | None = None
+        self,
+        dim: int,
+        sample_fraction: float = 0.1,
+        generator: RowSampler | torch.Generator | None = None,
+        block_size: int | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < sample_fraction <= 1.0:
             raise ValueError(f"sample_fraction must be in (0, 1], got {sample_fraction}")
+        if block_size is not None and not (isinstance(block_size, int) and block_size >= 1):
+            raise ValueError(f"block_size must be an integer >= 1 or None, got {block_size!r}")
         self.dim = dim
+        self.block_width = block_width(dim, block_size)
         self.sample_fraction = sample_fraction
         self.generator = as_row_sampler(generator)
+        blocks = dim // self.block_width
+        shape = (dim, dim) if blocks == 1 else (blocks, self.block_width, self.block_width)
         if deepspeed_zero_init_active():
             # Built inside DeepSpeed's `zero.Init` (transformers' from_pretrained under ZeRO-3), a parameter would be
             # partitioned, and in 16 bits; a buffer is neither (hf_dbp.prepare_for_deepspeed). The constructors there
             # make every new float tensor in the 16-bit dtype: the identity survives the round trip exactly.
-            self.register_buffer("R", torch.eye(dim).float())
+            self.register_buffer("R", identity_like(torch.empty(shape)).float())
         else:
-            self.R = nn.Parameter(torch.eye(dim, dtype=torch.float32), requires_grad=False)
+            self.R = nn.Parameter(identity_like(torch.empty(shape, dtype=torch.float32)), requires_grad=False)
         self.skipped_updates = 0  # updates refused by the guard of `update_rule`
         self.steps = 0  # optimizer steps taken (`update_decorrelations`); keys the folded-weight caches
         # Whether training forwards share one cached W R between optimizer steps (set it under gradient accumulation;
@@ -109,7 +154,25 @@ class Decorrelation(nn.Module):
         self.reset_statistics()
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, sample_fraction={self.sample_fraction}"
+        blocks = f", block_width={self.block_width}" if self.block_width != self.dim else ""
+        return f"dim={self.dim}, sample_fraction={self.sample_fraction}{blocks}"
+
+    @property
+    def is_block_diagonal(self) -> bool:
+        """Whether R is stored as diagonal blocks `(dim / b, b, b)` rather than one `(dim, dim)` matrix."""
+        return self.R.dim() == 3
+
+    def is_identity(self) -> bool:
+        """Whether R is (still) exactly the identity."""
+        return torch.equal(self.R, identity_like(self.R))
+
+    def second_moment(self, z: torch.Tensor) -> torch.Tensor:
+        """`z^T z` of rows `z` `(n, dim)`, as R's update needs it: `(dim, dim)`, or its diagonal blocks
+        `(dim / b, b, b)` for a block-diagonal R (the rest never enters the update)."""
+        if not self.is_block_diagonal:
+            return z.t() @ z
+        blocks = z.unflatten(-1, self.R.shape[:2]).transpose(0, 1)  # (blocks, n, b)
+        return blocks.mT @ blocks
 
     def _apply(self, fn, recurse=True):
         # `model.to(torch.bfloat16)`, `.half()`: R follows the model's device but never drops below float32, as when
@@ -130,7 +193,7 @@ class Decorrelation(nn.Module):
         super().register_parameter(name, param)
 
     def reset_statistics(self) -> None:
-        self.sum_zz: torch.Tensor | None = None  # sum over rows of z^T z, (dim, dim)
+        self.sum_zz: torch.Tensor | None = None  # sum over rows of z^T z, (dim, dim) or its (blocks, b, b) blocks
         self.sampled_rows: list[torch.Tensor] = []  # the rows z themselves, for the cheaper form of the update
         self.num_rows = 0
 
@@ -149,36 +212,36 @@ class Decorrelation(nn.Module):
             rows = rows.index_select(0, index)
         # Statistics and R stay in R's precision (float32) whatever autocast does to the forward.
         with torch.autocast(device_type=rows.device.type, enabled=False):
-            z = rows.detach().to(self.R.dtype) @ self.R.t()
+            z = multiply_transposed(rows.detach().to(self.R.dtype), self.R)
         self.sampled_rows.append(z)
         self.num_rows += z.shape[0]
-        # While the rows are few (2 n < d) the update is cheapest from the rows themselves; past that, X = z^T z is
-        # the cheaper form and a d x d sum bounds the memory, so the rows are folded into it.
-        if 2 * sum(r.shape[0] for r in self.sampled_rows) >= self.dim:
+        # While the rows are few (2 n < b, b the width of R's blocks, d for a full R) the update is cheapest from the
+        # rows themselves; past that, X = z^T z is the cheaper form and a d x d sum bounds the memory, so the rows are
+        # folded into it.
+        if 2 * sum(r.shape[0] for r in self.sampled_rows) >= self.block_width:
             self._fold_rows_into_sum()
 
     def _fold_rows_into_sum(self) -> None:
         """Move the rows kept so far into `sum_zz` (from then on the statistics are the d x d sum)."""
         if self.sampled_rows:
             with torch.autocast(device_type=self.R.device.type, enabled=False):
-                z = torch.cat(self.sampled_rows)
-                zz = z.t() @ z
+                zz = self.second_moment(torch.cat(self.sampled_rows))
             self.sum_zz = zz if self.sum_zz is None else self.sum_zz.add_(zz)
             self.sampled_rows = []
 
     def second_moment_sum(self) -> torch.Tensor | None:
-        """The sum over the rows seen since the last step of z^T z (d x d), or None before any row; the module's
-        statistics are left as they are."""
+        """The sum over the rows seen since the last step of z^T z (d x d, or its diagonal blocks), or None before any
+        row; the module's statistics are left as they are."""
         if not self.sampled_rows:
             return self.sum_zz
         with torch.autocast(device_type=self.R.device.type, enabled=False):
-            z = torch.cat(self.sampled_rows)
-            zz = z.t() @ z
+            zz = self.second_moment(torch.cat(self.sampled_rows))
         return zz if self.sum_zz is None else self.sum_zz + zz
 
     def take_statistics(self) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
         """The statistics since the last step, as (row count, sum of z^T z or None, rows or None), and reset them:
-        the rows while they are kept (few: the update is cheapest from them), else the d x d sum."""
+        the rows while they are kept (few: the update is cheapest from them), else the d x d sum (of a block-diagonal
+        R: its `(blocks, b, b)` diagonal blocks)."""
         if self.sum_zz is not None:
             self._fold_rows_into_sum()
             statistics = (self.num_rows, self.sum_zz, None)
@@ -189,7 +252,11 @@ class Decorrelation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`z = R x` applied to the last dimension of `x` (differentiable in `x` only)."""
-        return F.linear(x, self.R.detach().to(x.dtype))
+        return multiply_transposed(x, self.R.detach().to(x.dtype))
+
+    def fold_into(self, weight: torch.Tensor) -> torch.Tensor:
+        """`W R` for a `(d_out, dim)` weight (differentiable in W only), in W's dtype."""
+        return multiply(weight, self.R.detach().to(weight.dtype))
 
     def shared_forward(self, x: torch.Tensor) -> torch.Tensor:
         """`z = R x`, computed once for all the layers of a group that read the same `x` in one forward (q, k, v).
@@ -219,7 +286,14 @@ def update_rule(
 
     `R` is one `(d, d)` matrix, or a stack `(B, d, d)` of equal-shaped ones updated together (`second_moment`
     `(B, d, d)` or `rows` `(B, n, d)`); the loss and the guard's decision then come per matrix, shape `(B,)`.
+    Computed in R's precision also where the caller runs it inside autocast (a training loop whose whole step is
+    under `torch.autocast`).
     """
+    with torch.autocast(device_type=R.device.type, enabled=False):
+        return _update_rule(R, second_moment, rows, lr, kappa, max_loss, variance_form)
+
+
+def _update_rule(R, second_moment, rows, lr, kappa, max_loss, variance_form):
     batched = R.dim() == 3
     matrix_dims = (-2, -1) if batched else None  # one 2-D R reduces as before: the same bits as one R always had
     if second_moment is not None:

@@ -53,6 +53,7 @@ def inject_decorrelation(
     groups: Mapping[str, Sequence[str]],
     sample_fraction: float = 0.1,
     generator: RowSampler | torch.Generator | None = None,
+    block_size: int | None = None,
 ) -> dict[str, Decorrelation]:
     """Decorrelate the inputs of the layers a plan names, in place.
 
@@ -64,7 +65,7 @@ def inject_decorrelation(
             paths of the layers that read the same input through it.
             Example: ``{"layers.0.attention.qkv": ["layers.0.attention.q_proj", "layers.0.attention.k_proj",
             "layers.0.attention.v_proj"]}``.
-        sample_fraction, generator: see [`~hf_dbp.core.decorrelation.Decorrelation`].
+        sample_fraction, generator, block_size: see [`~hf_dbp.core.decorrelation.Decorrelation`].
 
     Returns:
         The new `Decorrelation` modules by group name. Each starts at the identity, so the model's outputs are
@@ -78,7 +79,7 @@ def inject_decorrelation(
         if len(widths) != 1:
             raise ValueError(f"layers {list(paths)} of group {name!r} have different input widths {widths}")
         reference = layers[0].weight
-        decorrelation = Decorrelation(widths.pop(), sample_fraction, generator).to(reference.device)
+        decorrelation = Decorrelation(widths.pop(), sample_fraction, generator, block_size).to(reference.device)
         decorrelation.consumers = len(layers)
         decorrelation.group_out_features = sum(output_width(layer) for layer in layers)
         for i, (path, layer) in enumerate(zip(paths, layers, strict=True)):
@@ -112,13 +113,16 @@ class DecorrelationMonitor:
         groups: Mapping[str, Sequence[str]],
         sample_fraction: float = 0.1,
         generator: RowSampler | torch.Generator | None = None,
+        block_size: int | None = None,
     ) -> None:
         self.decorrelations: dict[str, Decorrelation] = {}
         self._handles = []
         generator = as_row_sampler(generator)  # once, so that every layer draws from the same sequence
         for name, paths in groups.items():
             layer = root.get_submodule(paths[0])
-            decorrelation = Decorrelation(input_width(layer), sample_fraction, generator).to(layer.weight.device)
+            decorrelation = Decorrelation(input_width(layer), sample_fraction, generator, block_size).to(
+                layer.weight.device
+            )
             self.decorrelations[name] = decorrelation
             self._handles.append(layer.register_forward_pre_hook(self._hook(decorrelation)))
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .decorrelation import Decorrelation, is_recomputing_forward
+from .decorrelation import Decorrelation, is_recomputing_forward, multiply_transposed
 
 
 def input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -143,7 +143,8 @@ class _FoldedForward(torch.autograd.Function):
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = grad_output.sum((0, 2, 3))
         if ctx.needs_input_grad[1]:
-            # F = W R with W flattened to (d_out, d) for the conv: dW = dF R^T, in R's precision.
+            # F = W R with W flattened to (d_out, d) for the conv: dW = dF R^T, in R's precision (block by block for a
+            # block-diagonal R).
             flat = grad_folded.reshape(grad_folded.shape[0], -1).to(R.dtype)
             layer = ctx.layer
             pending = getattr(layer, "_pending_folded_grad", None)  # absent from a layer pickled by an earlier hf_dbp
@@ -154,7 +155,7 @@ class _FoldedForward(torch.autograd.Function):
                 layer._pending_folded_grad = flat  # W's gradient comes with the step's last micro-batch
             else:
                 layer._pending_folded_grad = None
-                grad_weight = (flat @ R.t()).reshape(grad_folded.shape)
+                grad_weight = multiply_transposed(flat, R).reshape(grad_folded.shape)
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
@@ -199,7 +200,7 @@ class DecorrelatedLinear(_FoldCacheDroppedOnLoad, nn.Linear):
 
     def fold(self) -> torch.Tensor:
         """`W R`, computed now (differentiable in W only)."""
-        return self.weight @ self.decorrelation.R.detach().to(self.weight.dtype)
+        return self.decorrelation.fold_into(self.weight)
 
     def folded_weight(self) -> torch.Tensor:
         """`W R`: the weight of a plain linear layer with the same outputs (cached while W and R are unchanged)."""
@@ -244,8 +245,7 @@ class DecorrelatedConv2d(_FoldCacheDroppedOnLoad, nn.Conv2d):
 
     def fold(self) -> torch.Tensor:
         """`W R` on the flattened patches, reshaped as a conv weight, computed now (differentiable in W)."""
-        w = self.weight.reshape(self.out_channels, -1)
-        return (w @ self.decorrelation.R.detach().to(w.dtype)).reshape(self.weight.shape)
+        return self.decorrelation.fold_into(self.weight.reshape(self.out_channels, -1)).reshape(self.weight.shape)
 
     def folded_weight(self) -> torch.Tensor:
         """The weight of a plain conv with the same outputs (cached while W and R are unchanged)."""
@@ -271,7 +271,10 @@ class DecorrelatedConv1D(_FoldCacheDroppedOnLoad, Conv1D):
 
     def fold(self) -> torch.Tensor:
         """`R^T W` (the `(in, out)` weight of a plain `Conv1D` with the same outputs), differentiable in W."""
-        return self.decorrelation.R.detach().to(self.weight.dtype).t() @ self.weight
+        R = self.decorrelation.R.detach().to(self.weight.dtype)
+        if R.dim() == 2:
+            return R.t() @ self.weight
+        return self.decorrelation.fold_into(self.weight.t()).t().contiguous()
 
     def folded_weight(self) -> torch.Tensor:
         return _cached_fold(self)

@@ -55,7 +55,13 @@ def _inject(model: nn.Module, config: DecorrelationConfig) -> None:
             f"the decorrelation plan names layers that {type(model).__name__} does not have: {missing[:3]}"
         )
     groups = dict(sorted(config.groups.items(), key=lambda item: position[item[1][0]]))
-    inject_decorrelation(model, groups, sample_fraction=config.sample_fraction, generator=RowSampler(config.seed))
+    inject_decorrelation(
+        model,
+        groups,
+        sample_fraction=config.sample_fraction,
+        generator=RowSampler(config.seed),
+        block_size=config.block_size,
+    )
     if isinstance(model, PreTrainedModel):
         # R and its statistics stay in float32 when the model is loaded in half precision (matched as whole name
         # parts, so these name exactly the R of this plan).
@@ -284,7 +290,12 @@ def from_pretrained_checked(model_class, pretrained_model_name_or_path: str | os
         key, found, expected = mismatched[0]
         weights = os.path.join(pretrained_model_name_or_path, "model.safetensors")
         where = weights if os.path.isfile(weights) else str(pretrained_model_name_or_path)
-        what = "R is square, its side the width of the input it decorrelates: " if key.endswith(".R") else ""
+        what = (
+            "R is square, its side the width of the input it decorrelates (block-diagonal: its blocks, as set by "
+            "decorrelation.block_size): "
+            if key.endswith(".R")
+            else ""
+        )
         raise ValueError(
             f"{where}: {key} has shape {tuple(found)}, the model its config describes needs {tuple(expected)} "
             f"({what}the checkpoint does not match its config.json or the model asked for)"

@@ -151,7 +151,7 @@ class DecorrelationHook:
                 raise ValueError(f"{type(model).__name__} is decorrelated: measure_only is for plain models")
             groups = measure_only.groups or plan_decorrelation(model, measure_only)
             self.monitor = DecorrelationMonitor(
-                model, groups, measure_only.sample_fraction, RowSampler(measure_only.seed)
+                model, groups, measure_only.sample_fraction, RowSampler(measure_only.seed), measure_only.block_size
             )
             self._measure_kappa = measure_only.kappa
         elif config is None:

@@ -32,8 +32,42 @@ class PendingStatistics:
     def wait(self) -> list:
         """Per module: (row count, sum of z^T z or None, rows or None), over all processes."""
         if self._exchange is not None:
-            self._statistics, self._exchange = self._exchange.wait(), None
+            self._statistics, self._exchange = _join_blocks(self.decorrelations, self._exchange.wait()), None
         return self._statistics
+
+
+def _split_blocks(decorrelations: list[Decorrelation], statistics: list) -> tuple[list[int], list]:
+    """The widths and statistics the exchange between processes carries: those of each full R, and each block of a
+    block-diagonal R as an R of its own (its slice of the rows, or its block of z^T z), so that the exchange sends
+    only what the blocks' updates need."""
+    dims, local = [], []
+    for d, (count, zz, rows) in zip(decorrelations, statistics, strict=True):
+        blocks, width = d.dim // d.block_width, d.block_width
+        if blocks == 1:
+            dims.append(d.dim)
+            local.append((count, zz, rows))
+            continue
+        for i in range(blocks):
+            dims.append(width)
+            block_rows = rows[:, i * width : (i + 1) * width] if rows is not None else None
+            local.append((count, zz[i] if zz is not None else None, block_rows))
+    return dims, local
+
+
+def _join_blocks(decorrelations: list[Decorrelation], combined: list) -> list:
+    """Each module's statistics from the exchange's entries (`_split_blocks` in reverse). The blocks of one R have
+    the same width and row counts, so the exchange gave them all the same form."""
+    joined, start = [], 0
+    for d in decorrelations:
+        blocks = d.dim // d.block_width
+        parts, start = combined[start : start + blocks], start + blocks
+        count, zz, rows = parts[0]
+        if blocks > 1 and zz is not None:
+            zz = torch.stack([part[1] for part in parts])
+        elif blocks > 1 and rows is not None:
+            rows = torch.cat([part[2] for part in parts], dim=1)
+        joined.append((count, zz, rows))
+    return joined
 
 
 @torch.no_grad()
@@ -61,10 +95,11 @@ def begin_decorrelation_step(
         return PendingStatistics(decorrelations, statistics)
     reference = decorrelations[0].R
     # DBPTrainer begins inside the forward's autocast; z^T z formed here for the exchange must keep R's precision.
+    dims, local = _split_blocks(decorrelations, statistics)
     with torch.autocast(device_type=reference.device.type, enabled=False):
         exchange = StatisticsExchange(
-            [d.dim for d in decorrelations],
-            statistics,
+            dims,
+            local,
             reference.device,
             reference.dtype,
             process_group,
@@ -154,7 +189,12 @@ def update_decorrelations(
     for group in _equal_shaped_groups(updates) if batch_updates else [[u] for u in updates]:
         if len(group) == 1:
             d, second_moment, rows = group[0]
-            results.append((d, *update_rule(d.R, second_moment, rows, lr, kappa, max_loss, variance_form)))
+            if d.is_block_diagonal and rows is not None:  # (n, d) -> (blocks, n, b): each block's slice of the rows
+                rows = rows.unflatten(-1, d.R.shape[:2]).transpose(0, 1)
+            loss, applied = update_rule(d.R, second_moment, rows, lr, kappa, max_loss, variance_form)
+            if d.is_block_diagonal:  # the blocks update together, each guarded; one figure for the R
+                loss, applied = loss.mean(), applied.all()
+            results.append((d, loss, applied))
             continue
         matrices = [d.R for d, _, _ in group]
         stacked = torch.stack(
@@ -196,6 +236,8 @@ def _equal_shaped_groups(updates: list) -> list[list]:
     for update in updates:
         d, second_moment, rows = update
         key = (d.R.shape, d.R.dtype, d.R.device, None if second_moment is not None else rows.shape)
+        if d.is_block_diagonal:  # its blocks are already one batched update
+            key = id(d)
         groups.setdefault(key, []).append(update)
     chunks = []
     for group in groups.values():

@@ -1,4 +1,5 @@
-"""What every example script does the same way: read its arguments, set up its logging, end its process."""
+"""What every example script does the same way: read its arguments (and the flags that choose R's form), set up its
+logging, end its process."""
 
 from __future__ import annotations
 
@@ -7,11 +8,41 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import datasets
 import torch
 import transformers
 from transformers import HfArgumentParser, TrainerCallback
+
+from ..core.config import PRESETS
+
+
+@dataclass
+class DecorrelationPresetArguments:
+    """The flags of the example scripts that choose the form of R: a named preset, and its block size."""
+
+    decorrelation_preset: str = field(
+        default="paper",
+        metadata={
+            "help": "Named DBP settings (hf_dbp.core.config.PRESETS): 'paper' (full R, the method as published) or "
+            "'fast' (block-diagonal R, blocks of 256 inputs); --decorrelation_block_size overrides it.",
+            "choices": list(PRESETS),
+        },
+    )
+    decorrelation_block_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Block-diagonal R with blocks of at most this many inputs (cheaper; default: the preset's, full R "
+            "for 'paper')."
+        },
+    )
+
+    def block_size(self) -> int | None:
+        """--decorrelation_block_size, else the preset's (None: full R)."""
+        if self.decorrelation_block_size is not None:
+            return self.decorrelation_block_size
+        return PRESETS[self.decorrelation_preset].get("block_size")
 
 
 def parse_script_arguments(dataclass_types: Sequence[type], demo_args: dict) -> tuple:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import ViTMAEConfig
 
-from ...core.config import DecorrelationConfig, check_step_settings
+from ...core.config import DecorrelationConfig, check_block_size, check_step_settings
 from ...target_modules import VIT_LAYER_KINDS, layer_kind_targets, layer_kinds_of
 from .remote_code import save_pretrained_with_remote_code
 
@@ -40,6 +40,7 @@ def _kind_property(name: str, field: str) -> property:
         settings = {**DecorrelationConfig.from_dict(self.decorrelation).to_dict(), field: value}
         # Named as the user named it: `decorrelation_lr must be a number >= 0`.
         check_step_settings(*(settings[f] for f in _SETTINGS), prefix="decorrelation_")
+        check_block_size(settings["block_size"], prefix="decorrelation_")
         self.decorrelation = DecorrelationConfig.from_dict(settings).to_dict()
 
     return property(get, set, doc=f"`decorrelation[{field!r}]`, under the name `{name}`.")
@@ -73,6 +74,9 @@ class ViTMAEDBPConfig(ViTMAEConfig):
         decorrelation_variance_form (`str`, *optional*, defaults to `"rows"`):
             Where the update applies the variance term: `"rows"` (`diag(v) R`, the method's rule) or `"columns"`
             (`R diag(v)`, what the reference code artcogsys/decorbp computes).
+        decorrelation_block_size (`int`, *optional*):
+            Make every R block-diagonal, with blocks of at most this many inputs (see
+            [`DecorrelationConfig`]'s `block_size`); `None` (default): full R. Stored as `decorrelation["block_size"]`.
 
     The `decorrelation_*` names read and write the same `decorrelation` dict; `config.json` holds only that dict.
     Checkpoints saved before hf-dbp 0.2, with these names as fields of their own, load unchanged.
@@ -98,6 +102,7 @@ class ViTMAEDBPConfig(ViTMAEConfig):
     decorrelation_kappa = _kind_property("decorrelation_kappa", "kappa")
     decorrelation_sample_fraction = _kind_property("decorrelation_sample_fraction", "sample_fraction")
     decorrelation_variance_form = _kind_property("decorrelation_variance_form", "variance_form")
+    decorrelation_block_size = _kind_property("decorrelation_block_size", "block_size")
 
     @property
     def decorrelation_layers(self) -> list[str]:
@@ -126,6 +131,7 @@ class ViTMAEDBPConfig(ViTMAEConfig):
 
     def __post_init__(self, **kwargs):
         legacy = {name: kwargs.pop(name) for name in LEGACY_FIELDS if name in kwargs}
+        block_size = kwargs.pop("decorrelation_block_size", None)
         if self.decorrelation is None:
             self.decorrelation = vit_mae_decorrelation_config().to_dict()
         settings = DecorrelationConfig.from_dict(dict(self.decorrelation))  # checks every field
@@ -137,6 +143,8 @@ class ViTMAEDBPConfig(ViTMAEConfig):
         if "decorrelation_layers" in legacy:
             kinds = legacy["decorrelation_layers"]
             self.decorrelation_layers = VIT_LAYER_KINDS if kinds is None else kinds
+        if block_size is not None:
+            self.decorrelation_block_size = block_size
         super().__post_init__(**kwargs)
 
     def check_decorrelation_fields(self) -> None:

@@ -15,7 +15,7 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoder, ViTMAEPreTrainedModel
 
 from ...core.config import DecorrelationConfig
-from ...core.decorrelation import Decorrelation
+from ...core.decorrelation import Decorrelation, identity_like
 from ...core.inject import decorrelation_module_name, fold_decorrelation, inject_decorrelation
 from ...core.sampling import RowSampler
 from ...core.step import update_decorrelations
@@ -73,7 +73,7 @@ class ViTMAEDBPPreTrainedModel(ViTMAEPreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, Decorrelation):
             # R starts at the identity: a fresh DBP model, or one loaded from a plain checkpoint, is the plain model.
-            init.eye_(module.R)
+            init.copy_(module.R, identity_like(module.R))
 
     # hf_dbp.load_decorrelated: these classes put their R in place themselves, from their config.
     decorrelates_on_init = True
@@ -122,7 +122,11 @@ class ViTMAEDBPModel(ViTMAEDBPPreTrainedModel, ViTMAEModel):
         groups = vit_mae_decorrelation_groups(config.num_hidden_layers, config.decorrelation_layers)
         settings = DecorrelationConfig.from_dict(config.decorrelation).replace(groups=groups)
         inject_decorrelation(
-            self, groups, sample_fraction=settings.sample_fraction, generator=RowSampler(settings.seed)
+            self,
+            groups,
+            sample_fraction=settings.sample_fraction,
+            generator=RowSampler(settings.seed),
+            block_size=settings.block_size,
         )
         config.decorrelation = settings.to_dict()  # the plan, saved with the model as every decorrelated model's
         # R and its statistics stay in float32 when the rest of the model is loaded in half precision. transformers

@@ -297,7 +297,7 @@ def upernet_around_encoder(
         raise ValueError(f"{source} does not fit the backbone: {error}") from error
     if keep_decorrelation:
         how = f"R kept on {len(model.backbone.decorrelation_modules())} layer groups, DBP continues"
-    elif any(not torch.equal(d.R, torch.eye(d.dim, device=d.R.device)) for d in pretrained.decorrelation_modules()):
+    elif any(not d.is_identity() for d in pretrained.decorrelation_modules()):
         how = "R folded into the weights"
     else:
         how = "plain ViT encoder"
