@@ -10,6 +10,7 @@ machine's other CPU use measured; a busy run is marked), per seed with the minim
     python examples/compare_bp_dbp_clm.py                                   # the embedded Shakespeare default
     python examples/compare_bp_dbp_clm.py --demo_text heldout_python_docs   # a held-out set, no setting tuned on it
     python examples/compare_bp_dbp_clm.py --train_file my.txt --validation_file val.txt
+    python examples/compare_bp_dbp_clm.py --optimizers adamw muon            # also BP-Muon against DBP-Muon
 
 Writes comparison.json, comparison.md and comparison.png into --output_dir. Every flag and its default:
 `hf_dbp.comparison.arguments.ClmComparisonArguments`; the harness: `hf_dbp.comparison` (`hf_dbp.comparison.clm`).

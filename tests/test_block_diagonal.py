@@ -14,6 +14,7 @@ from hf_dbp import DecorrelationConfig, ViTMAEDBPConfig, ViTMAEDBPForPreTraining
 from hf_dbp.core.decorrelation import Decorrelation, block_width
 from hf_dbp.core.inject import DecorrelationMonitor, fold_decorrelation, inject_decorrelation
 from hf_dbp.core.model import decorrelation_step, defer_weight_gradients, from_pretrained_checked
+from hf_dbp.training.model_card import build_model_card
 
 LR, KAPPA = 0.05, 0.3
 
@@ -162,6 +163,11 @@ def test_vit_mae_with_block_diagonal_R_saves_loads_and_merges_exactly(tmp_path):
         for a, b in zip(loaded.decorrelation_modules(), model.decorrelation_modules(), strict=True):
             assert torch.equal(a.R, b.R)
         assert torch.equal(loaded.eval()(pixel_values=pixels, noise=noise).logits, expected)
+    card = str(build_model_card(model.config, "blocks"))
+    assert "| R | block-diagonal, blocks of at most 8 inputs |" in card
+    assert "block-diagonal" not in str(
+        build_model_card(ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**TINY)).config, "full")
+    )
     plain = model.merge_decorrelation()
     torch.testing.assert_close(plain(pixel_values=pixels, noise=noise).logits, expected, rtol=1e-5, atol=1e-5)
     # A config asking for other blocks than the checkpoint's R: one error that names the R and both shapes.

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import check_block_size
 from .sampling import RowSampler, as_row_sampler
 
 
@@ -122,8 +123,7 @@ class Decorrelation(nn.Module):
         super().__init__()
         if not 0.0 < sample_fraction <= 1.0:
             raise ValueError(f"sample_fraction must be in (0, 1], got {sample_fraction}")
-        if block_size is not None and not (isinstance(block_size, int) and block_size >= 1):
-            raise ValueError(f"block_size must be an integer >= 1 or None, got {block_size!r}")
+        check_block_size(block_size)
         self.dim = dim
         self.block_width = block_width(dim, block_size)
         self.sample_fraction = sample_fraction

@@ -126,7 +126,11 @@ def _settings_rows(settings: dict) -> list[str]:
         f"| kappa | {settings.get('kappa')} |",
         f"| sample fraction | {settings.get('sample_fraction')} |",
         f"| variance term | {_VARIANCE_TERMS.get(settings.get('variance_form'), _VARIANCE_TERMS['rows'])} |",
-    ]
+    ] + (  # a block-diagonal R; the card of a full R, the method as published, keeps the rows above
+        [f"| R | block-diagonal, blocks of at most {settings['block_size']} inputs |"]
+        if settings.get("block_size")
+        else []
+    )
 
 
 def build_model_card(
