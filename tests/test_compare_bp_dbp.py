@@ -529,3 +529,18 @@ def test_a_dbp_that_ends_worse_than_bp_beyond_bps_spread_is_named_per_seed():
         record, train=[TrainingLog(step=s, train_seconds=s, loss=loss) for s, loss in ((2, 0.8), (6, 0.5), (8, 0.3))]
     )
     assert shift_ratio(record) == pytest.approx(0.6 / 0.4)  # eval at step 8 over the training losses of steps 5-8
+
+
+def test_the_text_comparison_gives_each_peer_or_each_method_its_own_learning_rate():
+    from hf_dbp.comparison.arguments import ClmComparisonArguments
+    from hf_dbp.comparison.clm import learning_rates
+
+    methods = ["bp", "dbp", "bp_muon", "dbp_muon"]
+    args = ClmComparisonArguments(optimizers=["adamw", "muon"], learning_rate=8e-3, bp_learning_rate=4e-3)
+    assert learning_rates(args, methods) == {"bp": 4e-3, "dbp": 8e-3, "bp_muon": 4e-3, "dbp_muon": 8e-3}
+    args.optimizer_learning_rates = ["muon=2e-3"]
+    assert learning_rates(args, methods) == {"bp": 4e-3, "dbp": 8e-3, "bp_muon": 2e-3, "dbp_muon": 2e-3}
+    args.optimizer_learning_rates = ["bp_muon=8e-3", "dbp_muon=4e-3"]  # each tuned on its own
+    assert learning_rates(args, methods) == {"bp": 4e-3, "dbp": 8e-3, "bp_muon": 8e-3, "dbp_muon": 4e-3}
+    with pytest.raises(ValueError, match="--optimizer_learning_rates takes peer=rate"):
+        ClmComparisonArguments(optimizer_learning_rates=["adam=1e-3"])

@@ -629,7 +629,7 @@ def test_a_block_diagonal_checkpoint_continues_with_its_own_blocks(standalone):
     spec = importlib.util.spec_from_file_location("run_mae_dbp", SCRIPT)
     script = sys.modules["run_mae_dbp"] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
     spec.loader.exec_module(script)
-    assert script.DBPArguments(decorrelation_preset="fast").config_values()["decorrelation_block_size"] == 256
+    assert script.DBPArguments(decorrelation_preset="fast").config_values()["decorrelation_block_size"] == 384
     assert script.DBPArguments(decorrelation_preset="fast", decorrelation_block_size=16).block_size() == 16
     assert "decorrelation_block_size" not in script.DBPArguments().config_values()
 

@@ -252,7 +252,8 @@ class ClmComparisonArguments:
         default_factory=list,
         metadata={
             "help": "optimizer=rate each (e.g. 'muon=2e-3'): the peak learning rate of BP and DBP with that peer, "
-            "where its own tuning chose another than --learning_rate (default: BP's and DBP's own rates)."
+            "where its own tuning chose another than --learning_rate; or method=rate ('bp_muon=8e-3', "
+            "'dbp_muon=4e-3') for one of them (default: BP's and DBP's own rates)."
         },
     )
     muon_lr_multiplier: float = field(
@@ -263,8 +264,10 @@ class ClmComparisonArguments:
         self.peer_rates()  # checked before anything runs
 
     def peer_rates(self) -> dict[str, float]:
-        """`--optimizer_learning_rates` as {peer: learning rate}."""
-        return parse_peer_rates(self.optimizer_learning_rates, MATRIX_OPTIMIZERS[1:], "--optimizer_learning_rates")
+        """`--optimizer_learning_rates` as {peer or method: learning rate}."""
+        peers = MATRIX_OPTIMIZERS[1:]
+        names = (*peers, *(f"{kind}_{peer}" for peer in peers for kind in ("bp", "dbp")))
+        return parse_peer_rates(self.optimizer_learning_rates, names, "--optimizer_learning_rates")
 
 
 @dataclasses.dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
+from ..training.optimizers import MATRIX_OPTIMIZERS
 from .analysis import choose_learning_rates, compare, predictors, speedup_curve, summarize
 from .arguments import ClmComparisonArguments
 from .methods import method_names
@@ -51,6 +52,19 @@ def training_command(
     return command + (["--bp_baseline"] if bp else [])
 
 
+def learning_rates(args: ClmComparisonArguments, methods: list[str]) -> dict[str, float]:
+    """The peak learning rate of each method: BP's and DBP's own, or what `--optimizer_learning_rates` gives a peer
+    (`muon=...`: its BP and its DBP) or one method (`dbp_muon=...`)."""
+    rates = {
+        m: (args.bp_learning_rate or args.learning_rate) if m.startswith("bp") else args.learning_rate for m in methods
+    }
+    for name, rate in args.peer_rates().items():
+        for method in method_names(name) if name in MATRIX_OPTIMIZERS else (name,):
+            if method in rates:
+                rates[method] = rate
+    return rates
+
+
 def run_comparison(args: ClmComparisonArguments, training_script: str) -> dict:
     """Train BP and DBP for every seed (and every rate of `--learning_rate_sweep`), compare them, and write
     `comparison.json`, `comparison.md` and `comparison.png` to `args.output_dir`.
@@ -68,13 +82,7 @@ def run_comparison(args: ClmComparisonArguments, training_script: str) -> dict:
     pairs = [method_names(optimizer) for optimizer in dict.fromkeys(args.optimizers)]  # (bp_x, dbp_x) per optimizer
     methods = [method for pair in pairs for method in pair]
     optimizer_of = {m: optimizer for optimizer in dict.fromkeys(args.optimizers) for m in method_names(optimizer)}
-    rates = {
-        m: (args.bp_learning_rate or args.learning_rate) if m.startswith("bp") else args.learning_rate for m in methods
-    }
-    for name, rate in args.peer_rates().items():  # a peer tuned on its own: both its BP and its DBP at its rate
-        for method in method_names(name):
-            if method in rates:
-                rates[method] = rate
+    rates = learning_rates(args, methods)
     sweep = args.learning_rate_sweep or []
 
     def command(seed, method, output, lr):

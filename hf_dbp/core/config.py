@@ -20,12 +20,13 @@ ALL_LINEAR = "all-linear"
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
-    "fast": {"block_size": 256},
+    "fast": {"block_size": 384},
 }
 """Named settings of [`DecorrelationConfig`] (`DecorrelationConfig.preset(name)`, `--decorrelation_preset` of the
 example scripts): `"paper"`, the method as published (full R), the default; `"fast"`, block-diagonal R with blocks
-of 256 inputs, which cuts ViT-B/16's step overhead on a CPU from 1.19x to 1.05x BP's at 64 images
-(benchmarks/README.md, "A cheaper DBP", has the measurements that chose it and what it keeps of the gain)."""
+of 384 inputs (ViT-B/16: two blocks per 768-wide input, eight for fc2's 3072), which took ViT-B/16's step on 2 CPU
+cores at 64 images from 1.11 to 1.05 times BP's and kept at least 80% of full DBP's steps saved in every seed and
+set measured (benchmarks/README.md, "A cheaper DBP", has the measurements that chose it)."""
 
 
 def check_step_settings(lr: float, kappa: float, sample_fraction: float, variance_form: str, prefix: str = "") -> None:
@@ -76,7 +77,7 @@ class DecorrelationConfig:
             (`R diag(v)`, what the reference code computes); see `VARIANCE_FORMS`.
         block_size (`int`, *optional*): make every R block-diagonal, with blocks of at most `block_size` inputs (the
             largest divisor of the layer's input width not above it). Its fold, statistics, update and memory cost
-            `b / d` of a full R's (for ViT-B/16's fc2, `b = 256`: a twelfth), and it decorrelates only within each
+            `b / d` of a full R's (for ViT-B/16's fc2, `b = 384`: an eighth), and it decorrelates only within each
             block. `None` (default): full R, the method as published. See `DecorrelationConfig.fast()`.
         seed (`int`, defaults to 0): seed of the generator that draws the rows for the statistics. It is separate from
             torch's global RNG, so a DBP run and a BP run with one seed draw the same dropout and masks.

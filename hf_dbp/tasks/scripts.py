@@ -26,7 +26,7 @@ class DecorrelationPresetArguments:
         default="paper",
         metadata={
             "help": "Named DBP settings (hf_dbp.core.config.PRESETS): 'paper' (full R, the method as published) or "
-            "'fast' (block-diagonal R, blocks of 256 inputs); --decorrelation_block_size overrides it.",
+            "'fast' (block-diagonal R, blocks of 384 inputs); --decorrelation_block_size overrides it.",
             "choices": list(PRESETS),
         },
     )
