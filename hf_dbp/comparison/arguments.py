@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..core.config import PRESETS
 from ..tasks.image_data import DEMO_MODEL, DEMO_SETS
+from ..tasks.scripts import DecorrelationPresetArguments
 from ..tasks.text_data import DEMO_MODEL as CLM_DEMO_MODEL
 from ..tasks.text_data import TEXT_SETS
 from ..training.optimizers import MATRIX_OPTIMIZERS
@@ -19,7 +19,7 @@ from .methods import OPTIMIZERS
 
 
 @dataclass
-class ComparisonArguments:
+class ComparisonArguments(DecorrelationPresetArguments):
     output_dir: str = field(
         default="outputs/compare-bp-dbp", metadata={"help": "Where both runs and the comparison go."}
     )
@@ -87,17 +87,6 @@ class ComparisonArguments:
     )
     decorrelation_variance_form: str = field(
         default="rows", metadata={"help": "'rows' (diag(v) R) or 'columns' (R diag(v), the reference code)."}
-    )
-    decorrelation_preset: str = field(
-        default="paper",
-        metadata={
-            "help": "DBP's named settings: 'paper' (full R) or 'fast' (block-diagonal R; hf_dbp.core.config.PRESETS).",
-            "choices": list(PRESETS),
-        },
-    )
-    decorrelation_block_size: int | None = field(
-        default=None,
-        metadata={"help": "Block-diagonal R, blocks of at most this many inputs (default: the preset's)."},
     )
     decorrelation_lr_schedule: str = field(
         default="tied",
@@ -173,7 +162,7 @@ def parse_peer_rates(items: list[str], peers: tuple[str, ...], flag: str) -> dic
 
 
 @dataclass
-class ClmComparisonArguments:
+class ClmComparisonArguments(DecorrelationPresetArguments):
     output_dir: str = field(
         default="outputs/compare-bp-dbp-clm", metadata={"help": "Where the runs and the comparison go."}
     )
@@ -219,17 +208,6 @@ class ClmComparisonArguments:
     decorrelation_lr: float = field(default=1e-3, metadata={"help": "R's learning rate."})
     decorrelation_kappa: float = field(default=1e-2)
     decorrelation_sample_fraction: float = field(default=0.1)
-    decorrelation_preset: str = field(
-        default="paper",
-        metadata={
-            "help": "DBP's named settings: 'paper' (full R) or 'fast' (block-diagonal R; hf_dbp.core.config.PRESETS).",
-            "choices": list(PRESETS),
-        },
-    )
-    decorrelation_block_size: int | None = field(
-        default=None,
-        metadata={"help": "Block-diagonal R, blocks of at most this many inputs (default: the preset's)."},
-    )
     decorrelation_lr_schedule: str = field(
         default="tied",
         metadata={

@@ -25,8 +25,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 """Named settings of [`DecorrelationConfig`] (`DecorrelationConfig.preset(name)`, `--decorrelation_preset` of the
 example scripts): `"paper"`, the method as published (full R), the default; `"fast"`, block-diagonal R with blocks
 of 384 inputs (ViT-B/16: two blocks per 768-wide input, eight for fc2's 3072), which took ViT-B/16's step on 2 CPU
-cores at 64 images from 1.11 to 1.05 times BP's and kept at least 80% of full DBP's steps saved in every seed and
-set measured (benchmarks/README.md, "A cheaper DBP", has the measurements that chose it)."""
+cores at 64 images from 1.11 to 1.05 times BP's and, at the demo size with as many blocks per layer, kept at least
+80% of full DBP's steps saved in every seed and set measured (benchmarks/README.md, "A cheaper DBP", has the
+measurements that chose it)."""
 
 
 def check_step_settings(lr: float, kappa: float, sample_fraction: float, variance_form: str, prefix: str = "") -> None:
