@@ -49,9 +49,8 @@ def check_step_settings(lr: float, kappa: float, sample_fraction: float, varianc
 def check_block_size(block_size: int | None, prefix: str = "") -> None:
     """Raise a `ValueError` naming (as `prefix` + `block_size`) a block size that is neither None nor an integer
     >= 1."""
-    if block_size is not None and not (isinstance(block_size, int) and not isinstance(block_size, bool)):
-        raise ValueError(f"{prefix}block_size must be an integer >= 1 or None, got {block_size!r}")
-    if block_size is not None and block_size < 1:
+    integer = isinstance(block_size, int) and not isinstance(block_size, bool)
+    if block_size is not None and not (integer and block_size >= 1):
         raise ValueError(f"{prefix}block_size must be an integer >= 1 or None, got {block_size!r}")
 
 

@@ -166,12 +166,16 @@ class Decorrelation(nn.Module):
         """Whether R is (still) exactly the identity."""
         return torch.equal(self.R, identity_like(self.R))
 
+    def row_blocks(self, z: torch.Tensor) -> torch.Tensor:
+        """Rows `z` `(n, dim)` of a block-diagonal R as each block's slice of them, `(dim / b, n, b)`."""
+        return z.unflatten(-1, self.R.shape[:2]).transpose(0, 1)
+
     def second_moment(self, z: torch.Tensor) -> torch.Tensor:
         """`z^T z` of rows `z` `(n, dim)`, as R's update needs it: `(dim, dim)`, or its diagonal blocks
         `(dim / b, b, b)` for a block-diagonal R (the rest never enters the update)."""
         if not self.is_block_diagonal:
             return z.t() @ z
-        blocks = z.unflatten(-1, self.R.shape[:2]).transpose(0, 1)  # (blocks, n, b)
+        blocks = self.row_blocks(z)
         return blocks.mT @ blocks
 
     def _apply(self, fn, recurse=True):

@@ -42,15 +42,14 @@ def _split_blocks(decorrelations: list[Decorrelation], statistics: list) -> tupl
     only what the blocks' updates need."""
     dims, local = [], []
     for d, (count, zz, rows) in zip(decorrelations, statistics, strict=True):
-        blocks, width = d.dim // d.block_width, d.block_width
-        if blocks == 1:
+        if not d.is_block_diagonal:
             dims.append(d.dim)
             local.append((count, zz, rows))
             continue
-        for i in range(blocks):
-            dims.append(width)
-            block_rows = rows[:, i * width : (i + 1) * width] if rows is not None else None
-            local.append((count, zz[i] if zz is not None else None, block_rows))
+        block_rows = d.row_blocks(rows) if rows is not None else None
+        for i in range(d.R.shape[0]):
+            dims.append(d.block_width)
+            local.append((count, zz[i] if zz is not None else None, block_rows[i] if rows is not None else None))
     return dims, local
 
 
@@ -59,7 +58,7 @@ def _join_blocks(decorrelations: list[Decorrelation], combined: list) -> list:
     the same width and row counts, so the exchange gave them all the same form."""
     joined, start = [], 0
     for d in decorrelations:
-        blocks = d.dim // d.block_width
+        blocks = d.R.shape[0] if d.is_block_diagonal else 1
         parts, start = combined[start : start + blocks], start + blocks
         count, zz, rows = parts[0]
         if blocks > 1 and zz is not None:
@@ -190,7 +189,7 @@ def update_decorrelations(
         if len(group) == 1:
             d, second_moment, rows = group[0]
             if d.is_block_diagonal and rows is not None:  # (n, d) -> (blocks, n, b): each block's slice of the rows
-                rows = rows.unflatten(-1, d.R.shape[:2]).transpose(0, 1)
+                rows = d.row_blocks(rows)
             loss, applied = update_rule(d.R, second_moment, rows, lr, kappa, max_loss, variance_form)
             if d.is_block_diagonal:  # the blocks update together, each guarded; one figure for the R
                 loss, applied = loss.mean(), applied.all()
