@@ -160,3 +160,17 @@ def choose_learning_rates(
         result["best_eval_loss"][method] = {f"{lr:g}": summarize(values) for lr, values in losses.items()}
         result["chosen"][method] = min(sweep, key=lambda lr, losses=losses: statistics.mean(losses[lr]))
     return result
+
+
+def summarize_pairs(runs: list[dict], pairs: list[tuple[str, str]], methods: list[str]) -> dict:
+    """A comparison's summary over its seeds' `runs`: steps, time and emissions saved by the first DBP against its
+    BP (at the top level) and by every DBP of `pairs` against its own (`comparisons`), how many runs were busy, and
+    the predictors read from the first BP."""
+    keys = ("steps_saved_fraction", "time_saved_fraction", "emissions_saved_fraction")
+    summary = {key: summarize([r["comparison"][key] for r in runs]) for key in keys}
+    summary["comparisons"] = {
+        dbp: {key: summarize([r["comparisons"][dbp][key] for r in runs]) for key in keys} for _, dbp in pairs
+    }
+    summary["busy_runs"] = sum(bool(r[m].machine.busy) for r in runs for m in methods)
+    summary["predictors"] = predictors(runs, pairs[0][0])
+    return summary

@@ -10,9 +10,9 @@ import os
 import sys
 
 from ..training.optimizers import MATRIX_OPTIMIZERS
-from .analysis import choose_learning_rates, compare, predictors, speedup_curve, summarize
+from .analysis import choose_learning_rates, compare, speedup_curve, summarize_pairs
 from .arguments import ClmComparisonArguments
-from .methods import method_names
+from .methods import method_names, optimizer_pairs
 from .records import ClmRunRecord
 from .report import write_comparison
 from .runs import decorrelation_flags, train_every_run
@@ -79,9 +79,8 @@ def run_comparison(args: ClmComparisonArguments, training_script: str) -> dict:
         `dict`: what `comparison.json` holds, with each run as a `ClmRunRecord`.
     """
     os.makedirs(args.output_dir, exist_ok=True)
-    pairs = [method_names(optimizer) for optimizer in dict.fromkeys(args.optimizers)]  # (bp_x, dbp_x) per optimizer
+    pairs, optimizer_of = optimizer_pairs(args.optimizers)  # (bp_x, dbp_x) per optimizer
     methods = [method for pair in pairs for method in pair]
-    optimizer_of = {m: optimizer for optimizer in dict.fromkeys(args.optimizers) for m in method_names(optimizer)}
     rates = learning_rates(args, methods)
     sweep = args.learning_rate_sweep or []
 
@@ -107,13 +106,7 @@ def run_comparison(args: ClmComparisonArguments, training_script: str) -> dict:
         run["comparison"] = run["comparisons"][pairs[0][1]]
         run["speedup_curve"] = {m: speedup_curve(run[pairs[0][0]], run[m]) for m in methods if m != pairs[0][0]}
         runs.append(run)
-    keys = ("steps_saved_fraction", "time_saved_fraction", "emissions_saved_fraction")
-    summary = {key: summarize([r["comparison"][key] for r in runs]) for key in keys}
-    summary["comparisons"] = {
-        dbp: {key: summarize([r["comparisons"][dbp][key] for r in runs]) for key in keys} for _, dbp in pairs
-    }
-    summary["busy_runs"] = sum(bool(r[m].machine.busy) for r in runs for m in methods)
-    summary["predictors"] = predictors(runs, pairs[0][0])
+    summary = summarize_pairs(runs, pairs, methods)
     result = {"settings": vars(args), "methods": methods, "runs": runs, "summary": summary, "sweep": sweep_result}
     write_comparison(args.output_dir, result)
     return result

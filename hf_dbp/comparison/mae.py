@@ -13,9 +13,9 @@ import os
 import subprocess
 import sys
 
-from .analysis import choose_learning_rates, compare, predictors, speedup_curve, summarize, worse_than_bp
+from .analysis import choose_learning_rates, compare, speedup_curve, summarize_pairs, worse_than_bp
 from .arguments import ComparisonArguments
-from .methods import method_names, update_every_of
+from .methods import method_names, optimizer_pairs, update_every_of
 from .records import MaeRunRecord
 from .report import write_comparison
 from .runs import decorrelation_flags, train_every_run
@@ -117,11 +117,7 @@ def run_comparison(args: ComparisonArguments, pretraining_script: str, finetune_
         `dict`: what `comparison.json` holds, with each run as a `MaeRunRecord`.
     """
     os.makedirs(args.output_dir, exist_ok=True)
-    pairs = [method_names(optimizer) for optimizer in dict.fromkeys(args.optimizers)]  # (bp_x, dbp_x) per optimizer
-    methods = [method for pair in pairs for method in pair]
-    optimizer_of = {
-        method: optimizer for optimizer in dict.fromkeys(args.optimizers) for method in method_names(optimizer)
-    }
+    pairs, optimizer_of = optimizer_pairs(args.optimizers)  # (bp_x, dbp_x) per optimizer
     for k in dict.fromkeys(args.decorrelation_update_every):
         if k > 1:  # DBP with AdamW, R updated every k steps, against bp
             pairs.append(("bp", f"dbp_every{k}"))
@@ -164,13 +160,7 @@ def run_comparison(args: ComparisonArguments, pretraining_script: str, finetune_
         run["speedup_curve"] = {m: speedup_curve(run[pairs[0][0]], run[m]) for m in methods if m != pairs[0][0]}
         run["comparison"] = run["comparisons"][pairs[0][1]]
         runs.append(run)
-    keys = ("steps_saved_fraction", "time_saved_fraction", "emissions_saved_fraction")
-    summary = {key: summarize([r["comparison"][key] for r in runs]) for key in keys}
-    summary["comparisons"] = {
-        dbp: {key: summarize([r["comparisons"][dbp][key] for r in runs]) for key in keys} for _, dbp in pairs
-    }
-    summary["busy_runs"] = sum(bool(r[m].machine.busy) for r in runs for m in methods)
-    summary["predictors"] = predictors(runs, pairs[0][0])
+    summary = summarize_pairs(runs, pairs, methods)
     summary["worse_than_bp"] = {dbp: worse_than_bp(runs, bp, dbp) for bp, dbp in pairs}
     for dbp, lines in summary["worse_than_bp"].items():
         if lines:  # what the user came to find out, before spending a whole training on DBP

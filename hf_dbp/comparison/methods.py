@@ -23,3 +23,11 @@ def baseline_of(dbp: str) -> str:
 def method_names(optimizer: str) -> tuple[str, str]:
     """The records of BP and DBP with `optimizer`: bp and dbp with AdamW, bp_<optimizer> and dbp_<optimizer> else."""
     return ("bp", "dbp") if optimizer == "adamw" else (f"bp_{optimizer}", f"dbp_{optimizer}")
+
+
+def optimizer_pairs(optimizers: list[str]) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """A comparison's `--optimizers` as its (BP, DBP) record pairs, one per optimizer in order, and each record's
+    optimizer."""
+    optimizers = list(dict.fromkeys(optimizers))
+    optimizer_of = {method: optimizer for optimizer in optimizers for method in method_names(optimizer)}
+    return [method_names(optimizer) for optimizer in optimizers], optimizer_of
