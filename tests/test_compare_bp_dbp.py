@@ -225,6 +225,7 @@ def end_to_end(tmp_path_factory) -> dict:
     variants = [
         "bp:weight_decay=0,base_learning_rate=1e-2",
         "dbp:decorrelation_lr_schedule=tied,decorrelation_layers=qkv fc1,decorrelation_kappa=0.1",
+        "dbp:max_steps=3",  # an end-of-schedule share: 3 of the baseline's 4 steps, off the evaluation interval (2)
     ]
     runs["sweep"] = (
         sweep_path,
@@ -448,10 +449,23 @@ def test_settings_sweep_tunes_bp_and_measures_every_variant_against_the_best_bp(
     dbp_arguments, bp = run_mae_arguments(sweep["variants"][variants[0]]["commands"]["0"])
     assert bp.weight_decay == 0.0 and bp.base_learning_rate == 1e-2 and dbp_arguments.bp_baseline
     assert "(baseline)" in (tmp_path / "sweep" / "sweep.md").read_text()
-    # Rerun with --reuse_runs (a sweep stopped half-way, or shrunk): the finished runs of the same commands are read,
-    # not rerun, and make the same sweep.
+    # The end of each schedule: the final eval loss is the script's evaluation of the final model (all_results.json),
+    # also where the budget is no multiple of the evaluation interval, against the baseline's final.
+    share = sweep["variants"][variants[2]]
+    assert share["max_steps"] == 3 and share["share_of_baseline_steps"] == 0.75
+    finals = {
+        v: json.loads((tmp_path / "sweep" / f"variant{i:02d}" / "seed0" / "all_results.json").read_text())["eval_loss"]
+        for i, v in enumerate(variants)
+    }
+    assert share["per_seed"]["0"]["final_eval_loss"] == finals[variants[2]]
+    assert share["per_seed"]["0"]["final_over_baseline_final"] == pytest.approx(
+        finals[variants[2]] - finals[variants[0]]
+    )
+    assert "| 0.75 |" in (tmp_path / "sweep" / "sweep.md").read_text()
+    # Rerun with --reuse_runs (a sweep stopped half-way, shrunk or reordered): the finished runs of the same commands
+    # are read wherever they sit in the sweep's folder, not rerun, and make the same sweep.
     again = subprocess.run(
-        [*sweep_command(tmp_path / "sweep", variants[0]), "--reuse_runs"],
+        [*sweep_command(tmp_path / "sweep", variants[1], variants[0]), "--reuse_runs"],
         cwd=ROOT,
         env=offline_env(tmp_path / "hf"),
         capture_output=True,
@@ -459,9 +473,10 @@ def test_settings_sweep_tunes_bp_and_measures_every_variant_against_the_best_bp(
         timeout=600,
     )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count("reusing the finished run") == 1 and "Done:" not in again.stdout + again.stderr
-    rerun = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"][variants[0]]
-    assert rerun == sweep["runs"][variants[0]]
+    assert again.stdout.count("reusing the finished run") == 2 and "Done:" not in again.stdout + again.stderr
+    rerun = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"]
+    assert rerun == {v: sweep["runs"][v] for v in variants[:2]}
+    assert f"reusing the finished run in {tmp_path / 'sweep' / 'variant01' / 'seed0'}" in again.stdout  # now first
 
 
 @pytest.mark.parametrize(

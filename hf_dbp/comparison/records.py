@@ -59,8 +59,8 @@ class MachineLoad:
 @dataclasses.dataclass
 class RunRecord:
     """One finished run: every evaluation and training record, the best eval loss with the step, training seconds,
-    energy and emissions to it, the whole run's energy, emissions and training seconds, and (for a run the comparison
-    timed) the machine's load."""
+    energy and emissions to it, the whole run's energy, emissions and training seconds, its final eval loss (the
+    evaluation after its last step), and (for a run the comparison timed) the machine's load."""
 
     evals: list[Evaluation]
     train: list[TrainingLog]
@@ -72,6 +72,7 @@ class RunRecord:
     energy_kwh: float | None = None
     emissions_g: float | None = None
     train_seconds: float | None = None
+    final_eval_loss: float | None = None
     machine: MachineLoad | None = None
 
     @classmethod
@@ -93,6 +94,9 @@ class RunRecord:
             energy_kwh=results.get("train_energy_kwh"),
             emissions_g=results.get("train_emissions_g"),
             train_seconds=train[-1]["train_seconds"] if train else None,
+            # The scripts evaluate the final model once more after training (`all_results.json`), whatever the
+            # evaluation interval; a run without it ends at its last evaluation.
+            final_eval_loss=results.get("eval_loss", evals[-1]["eval_loss"]),
         )
 
     def to_dict(self) -> dict[str, Any]:

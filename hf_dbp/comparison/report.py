@@ -181,21 +181,25 @@ def write_comparison(output_dir: str, result: dict) -> None:
 
 def sweep_markdown(sweep: dict) -> str:
     """The table of a settings sweep (`sweep.md`) from its summary (`sweep.json`'s `baseline`, `seeds` and
-    `variants`): every variant, best first, against the tuned baseline."""
+    `variants`): every variant, best first, against the tuned baseline, mid-run (steps to the baseline's best) and at
+    the end of its schedule (its final eval loss against the baseline's, with its share of the baseline's steps)."""
     baseline, variants = sweep["baseline"], sweep["variants"]
     lines = [
         f"Tuned baseline: `{baseline}` (lowest mean best eval loss over seeds {sweep['seeds']}). Steps to its best "
-        "eval loss, per seed, and the fraction saved (never: the variant's best stayed above it).",
+        "eval loss, per seed, and the fraction saved (never: the variant's best stayed above it); the final eval loss "
+        "per seed and its difference from the baseline's final (at or below zero: the variant ended at least as low, "
+        "in its share of the baseline's steps).",
         "",
         "| variant | mean best eval loss | best eval loss per seed | step of best | steps to the baseline's best "
-        "| steps saved | min saved |",
-        "|" + " --- |" * 7,
+        "| steps saved | min saved | share of the baseline's steps | final eval loss per seed (over the baseline's) |",
+        "|" + " --- |" * 9,
     ]
     for text in sorted(variants, key=lambda t: variants[t]["mean_best_eval_loss"]):
-        per_seed = variants[text]["per_seed"].values()
+        variant = variants[text]
+        per_seed = variant["per_seed"].values()
         mark = " (baseline)" if text == baseline else ""
         lines.append(
-            f"| `{text}`{mark} | {format_number(variants[text]['mean_best_eval_loss'])} | "
+            f"| `{text}`{mark} | {format_number(variant['mean_best_eval_loss'])} | "
             + " / ".join(format_number(p["best_eval_loss"]) for p in per_seed)
             + " | "
             + " / ".join(str(p["step_of_best"]) for p in per_seed)
@@ -206,6 +210,12 @@ def sweep_markdown(sweep: dict) -> str:
             )
             + " | "
             + " / ".join(format_number(p["steps_saved_fraction"], 3) for p in per_seed)
-            + f" | {format_number(variants[text]['min_steps_saved_fraction'], 3)} |"
+            + f" | {format_number(variant['min_steps_saved_fraction'], 3)}"
+            + f" | {format_number(variant.get('share_of_baseline_steps'), 3)} | "
+            + " / ".join(
+                f"{format_number(p.get('final_eval_loss'))} ({p.get('final_over_baseline_final', 0):+.4f})"
+                for p in per_seed
+            )
+            + " |"
         )
     return "\n".join(lines)

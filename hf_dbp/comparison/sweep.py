@@ -7,6 +7,7 @@ The caller passes the path of `examples/run_mae_dbp.py`.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import statistics
@@ -110,14 +111,27 @@ RUN_COMMAND = "sweep_command.json"
 """In each finished run's folder: the command (script and arguments) that made it, for `--reuse_runs`."""
 
 
-def finished_with(output: str, command: list[str]) -> bool:
-    """Whether `output` holds a finished run of exactly `command` (steps are deterministic for a seed: it would only
-    come out the same again)."""
-    path = os.path.join(output, RUN_COMMAND)
-    if not os.path.isfile(path) or not os.path.isfile(os.path.join(output, "all_results.json")):
-        return False
-    with open(path) as file:
-        return json.load(file) == command
+def run_key(command: list[str]) -> tuple[str, ...]:
+    """What makes two runs of `examples/run_mae_dbp.py` the same run: their arguments, without the script's path and
+    the output folder (steps are deterministic for a seed: the same arguments would only come out the same again)."""
+    arguments = list(command[1:])  # command[0] is the script
+    if "--output_dir" in arguments:
+        at = arguments.index("--output_dir")
+        del arguments[at : at + 2]
+    return tuple(arguments)
+
+
+def finished_runs(output_dir: str) -> dict[tuple[str, ...], str]:
+    """The finished runs in a sweep's folder, by `run_key`: a sweep rerun with `--reuse_runs` finds a run it has
+    already made wherever the run sits (another variant's number, when the variants were reordered or shrunk; a
+    folder copied in from another sweep)."""
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(output_dir, "variant*", "seed*", RUN_COMMAND))):
+        folder = os.path.dirname(path)
+        if os.path.isfile(os.path.join(folder, "all_results.json")):
+            with open(path) as file:
+                runs.setdefault(run_key(json.load(file)), folder)
+    return runs
 
 
 def run_sweep(args: SweepArguments, pretraining_script: str) -> dict:
@@ -140,6 +154,7 @@ def run_sweep(args: SweepArguments, pretraining_script: str) -> dict:
     if not any(kind == "bp" for kind, _, _ in variants.values()):
         raise ValueError("the sweep needs at least one BP variant: the baseline is the best of them")
     os.makedirs(args.output_dir, exist_ok=True)
+    finished = finished_runs(args.output_dir) if args.reuse_runs else {}
     results = {}
     for number, (text, (kind, optimizer, run_args)) in enumerate(variants.items()):
         bp, lr = kind == "bp", learning_rate(kind, optimizer, run_args)
@@ -150,7 +165,8 @@ def run_sweep(args: SweepArguments, pretraining_script: str) -> dict:
             update_every = 1 if bp else max(run_args.decorrelation_update_every)
             command = pretraining_command(pretraining_script, run_args, seed, bp, output, lr, optimizer, update_every)
             results[text]["commands"][seed] = command[1:]  # the script and its arguments, to rerun one
-            if args.reuse_runs and finished_with(output, command[1:]):
+            if run_key(command[1:]) in finished:
+                output = finished[run_key(command[1:])]
                 print(f"   reusing the finished run in {output}: the same command", flush=True)
             else:
                 subprocess.run(command, check=True)
@@ -159,8 +175,10 @@ def run_sweep(args: SweepArguments, pretraining_script: str) -> dict:
             results[text]["runs"][seed] = read_run(output)
     mean_best = {text: statistics.mean(r["runs"][s].best_eval_loss for s in args.seeds) for text, r in results.items()}
     baseline = min((t for t in results if variants[t][0] == "bp"), key=mean_best.get)
+    baseline_steps = variants[baseline][2].max_steps
     for text, result in results.items():
         per_seed = {}
+        steps = variants[text][2].max_steps
         for seed in args.seeds:
             run, target = result["runs"][seed], results[baseline]["runs"][seed]
             reached = first_reaching(run.evals, target.best_eval_loss)
@@ -169,9 +187,15 @@ def run_sweep(args: SweepArguments, pretraining_script: str) -> dict:
                 "step_of_best": run.step_of_best,
                 "steps_to_baseline_best": reached.step if reached else None,
                 "steps_saved_fraction": 1 - reached.step / target.step_of_best if reached else None,
+                # the end of each schedule: a variant given fewer steps (its own warm-up and cosine) against the
+                # baseline's final eval loss
+                "final_eval_loss": run.final_eval_loss,
+                "final_over_baseline_final": run.final_eval_loss - target.final_eval_loss,
             }
         saved = [p["steps_saved_fraction"] for p in per_seed.values()]
         result |= {
+            "max_steps": steps,
+            "share_of_baseline_steps": steps / baseline_steps if steps > 0 and baseline_steps > 0 else None,
             "mean_best_eval_loss": mean_best[text],
             "per_seed": per_seed,
             "min_steps_saved_fraction": None if None in saved else min(saved),

@@ -1,0 +1,273 @@
+#!/usr/bin/env python
+"""What DBP's gain does as the model and the training budget grow: the tables and the plot, from sweeps already run.
+
+    python benchmarks/scaling.py --sizes outputs/scale/w96 outputs/scale/w192 outputs/scale/w384 \\
+        --budgets outputs/scale/w96 outputs/scale/b1024 outputs/scale/b4096 \\
+        --more outputs/scale/w96-photos outputs/scale/w384-photos --output_dir outputs/scaling
+
+Each folder is one `examples/sweep_bp_dbp.py` sweep (its `sweep.json`) of one model, budget and data set, over the
+same seeds: BP at its tuned rate (the sweep's baseline, the BP variant of the lowest mean best eval loss; tune each
+method's rate on one seed first, bracketed from both sides), DBP at its own tuned rate (the full-budget DBP variant of
+the lowest mean best eval loss), and, for the end-of-schedule measure, DBP at those settings given shares of BP's
+steps: the same variant with `,max_steps=N` added (N = 0.5-0.8 times BP's steps; each run has its own warm-up and
+cosine schedule). Per folder it reports:
+
+- steps saved (mid-run): per seed, 1 - (DBP's first step at or below BP's best eval loss) / (BP's step of best);
+- the end-of-schedule share: the smallest share of BP's steps whose DBP run ends (its final eval loss, after its
+  last step) at or below BP's final eval loss, per seed and in every seed (DBP's full budget counts as share 1);
+- compute: the floating-point operations of one BP optimizer step of the sweep's model at its batch, counted by
+  torch's FlopCounterMode (forward and backward: the matrix products, which are nearly all of it), times BP's steps;
+  and DBP's operations per step over BP's (its fold, its statistics and the update of R included).
+
+Along each axis (`--sizes`, `--budgets`: ordered by compute), each measure's least-squares trend against log2 of the
+compute: its change per doubling, and where the line would cross zero (for a shrinking gain). `--more` adds points
+(held-out sets) to the table and the plot without a trend. Writes scaling.json, scaling.md and scaling.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+from hf_dbp import ViTMAEDBPConfig, ViTMAEDBPForPreTraining
+
+MAX_STEPS_OVERRIDE = re.compile(r",?max_steps=\d+")
+
+
+def model_config(overrides: str) -> dict:
+    """The model a sweep trained: its `--config_overrides` over ViTMAE's defaults, with the comparison's
+    `norm_pix_loss` (as `examples/run_mae_dbp.py` builds it)."""
+    config = ViTMAEConfig(norm_pix_loss=True)
+    config.update_from_string(overrides)
+    return {
+        k: getattr(config, k)
+        for k in ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+        + ("intermediate_size", "decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads")
+        + ("decoder_intermediate_size", "norm_pix_loss", "mask_ratio")
+    }
+
+
+def step_flops(overrides: str, batch: int, decorrelation_layers: list[str], seed: int = 0) -> dict[str, int]:
+    """The operations of one optimizer step of BP and of DBP (forward, backward, and for DBP the decorrelation step)
+    on `batch` random images of the sweep's model."""
+    settings = model_config(overrides)
+    flops = {}
+    for method in ("bp", "dbp"):
+        torch.manual_seed(seed)
+        if method == "bp":
+            model = ViTMAEForPreTraining(ViTMAEConfig(**settings))
+        else:
+            model = ViTMAEDBPForPreTraining(ViTMAEDBPConfig(**settings, decorrelation_layers=decorrelation_layers))
+        model.train()
+        size = settings["image_size"]
+        pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+        with FlopCounterMode(display=False) as counter:
+            model(pixel_values=pixels).loss.backward()
+            if method == "dbp":
+                model.decorrelation_step()
+        flops[method] = counter.get_total_flops()
+    return flops
+
+
+def baseline_steps(sweep: dict) -> int:
+    """BP's optimizer steps: the sweep's `--max_steps`, or (a budget in epochs) the step of its last evaluation."""
+    steps = sweep["variants"][sweep["baseline"]].get("max_steps") or sweep["settings"]["max_steps"]
+    if steps and steps > 0:
+        return steps
+    return max(run["evals"][-1]["step"] for run in sweep["runs"][sweep["baseline"]].values())
+
+
+def measure_point(folder: str) -> dict:
+    """One sweep's point: its model, budget and data, BP's and DBP's tuned variants, the steps saved per seed, the
+    end-of-schedule shares and the compute."""
+    with open(os.path.join(folder, "sweep.json")) as file:
+        sweep = json.load(file)
+    variants, baseline, settings = sweep["variants"], sweep["baseline"], sweep["settings"]
+    seeds = [str(s) for s in sweep["seeds"]]
+    steps = baseline_steps(sweep)
+    full = {
+        t: v for t, v in variants.items() if v["method"] == "dbp" and v.get("share_of_baseline_steps") in (None, 1)
+    }
+    if not full:
+        raise ValueError(f"{folder}: the sweep has no DBP variant on BP's budget")
+    dbp = min(full, key=lambda t: full[t]["mean_best_eval_loss"])
+    shares = {1.0: variants[dbp]}
+    for text, variant in variants.items():
+        share = variant.get("share_of_baseline_steps")
+        if variant["method"] == "dbp" and share is not None and share < 1:
+            if MAX_STEPS_OVERRIDE.sub("", text).rstrip(":") == dbp.rstrip(":"):
+                shares[share] = variant
+            else:
+                print(f"{folder}: {text!r} is not the tuned DBP ({dbp!r}) on fewer steps; left out of the shares")
+    smallest = {}
+    for seed in seeds:
+        ended = [s for s, v in shares.items() if v["per_seed"][seed].get("final_over_baseline_final", math.inf) <= 0]
+        smallest[seed] = min(ended) if ended else None
+    saved = [variants[dbp]["per_seed"][seed]["steps_saved_fraction"] for seed in seeds]
+    every = None if None in smallest.values() else max(smallest.values())
+    flops = step_flops(
+        settings["config_overrides"], settings["per_device_train_batch_size"], settings["decorrelation_layers"]
+    )
+    model = model_config(settings["config_overrides"])
+    return {
+        "folder": folder,
+        "width": model["hidden_size"],
+        "blocks": model["num_hidden_layers"],
+        "data": settings.get("train_dir") or settings.get("dataset_name") or settings.get("demo_photos"),
+        "steps": steps,
+        "seeds": seeds,
+        "bp": baseline,
+        "dbp": dbp,
+        "bp_best_eval_loss": [variants[baseline]["per_seed"][s]["best_eval_loss"] for s in seeds],
+        "bp_final_eval_loss": [variants[baseline]["per_seed"][s].get("final_eval_loss") for s in seeds],
+        "steps_saved": saved,
+        "min_steps_saved": None if None in saved else min(saved),
+        "shares_run": sorted(shares),
+        "smallest_share": [smallest[s] for s in seeds],
+        "smallest_share_every_seed": every,
+        "end_of_schedule_saved": None if every is None else 1 - every,
+        "bp_step_flops": flops["bp"],
+        "dbp_step_flops_over_bp": flops["dbp"] / flops["bp"],
+        "bp_run_flops": flops["bp"] * steps,
+    }
+
+
+def trend(points: list[dict], key: str) -> dict | None:
+    """The least-squares line of `key` against log2 of BP's run FLOPs: its change per doubling of the compute, and
+    the compute where it would reach zero (None when it does not shrink); None with fewer than two points."""
+    pairs = [(math.log2(p["bp_run_flops"]), p[key]) for p in points if p[key] is not None]
+    if len({x for x, _ in pairs}) < 2:
+        return None
+    mean_x = sum(x for x, _ in pairs) / len(pairs)
+    mean_y = sum(y for _, y in pairs) / len(pairs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in pairs) / sum((x - mean_x) ** 2 for x, _ in pairs)
+    zero = mean_x - mean_y / slope if slope < 0 else None
+    largest = max(x for x, _ in pairs)
+    return {
+        "points": len(pairs),
+        "per_doubling": slope,
+        "zero_at_flops": None if zero is None else 2**zero,
+        "zero_doublings_past_largest": None if zero is None else zero - largest,
+    }
+
+
+def fraction(value: float | None) -> str:
+    return "never" if value is None else f"{value:.2f}"
+
+
+def markdown(points: list[dict], trends: dict) -> str:
+    lines = [
+        "| width x blocks | steps | data | BP run PFLOP | DBP FLOPs per step over BP's | BP / DBP (tuned) "
+        "| steps saved to BP's best (per seed) | min | smallest share ending at or below BP's final (per seed) "
+        "| in every seed |",
+        "|" + " --- |" * 10,
+    ]
+    for p in points:
+        lines.append(
+            f"| {p['width']} x {p['blocks']} | {p['steps']} | {p['data']} | {p['bp_run_flops'] / 1e15:.3g} "
+            f"| {p['dbp_step_flops_over_bp']:.3f} | `{p['bp']}` / `{p['dbp']}` "
+            f"| {' / '.join(fraction(s) for s in p['steps_saved'])} | {fraction(p['min_steps_saved'])} "
+            f"| {' / '.join(fraction(s) for s in p['smallest_share'])} (of {', '.join(f'{s:g}' for s in p['shares_run'])})"
+            f" | {fraction(p['smallest_share_every_seed'])} |"
+        )
+    lines += ["", "| axis | measure | points | change per doubling of compute | crosses zero at |", "|" + " --- |" * 5]
+    for axis, measures in trends.items():
+        for key, t in measures.items():
+            if t is None:
+                continue
+            zero = (
+                "does not shrink"
+                if t["zero_at_flops"] is None
+                else f"{t['zero_at_flops'] / 1e15:.3g} PFLOP ({t['zero_doublings_past_largest']:.1f} doublings past the largest)"
+            )
+            lines.append(f"| {axis} | {key} | {t['points']} | {t['per_doubling']:+.3f} | {zero} |")
+    return "\n".join(lines)
+
+
+def plot(path: str, axes_points: dict[str, list[dict]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, panels = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    measures = (
+        ("steps_saved", "min_steps_saved", "steps saved to BP's best (mid-run)"),
+        (None, "end_of_schedule_saved", "1 - smallest share ending at BP's final"),
+    )
+    for panel, (per_seed, headline, title) in zip(panels, measures, strict=True):
+        for (axis, points), marker in zip(axes_points.items(), "osd", strict=False):
+            points = sorted(points, key=lambda p: p["bp_run_flops"])
+            xs = [p["bp_run_flops"] for p in points]
+            ys = [p[headline] if p[headline] is not None else float("nan") for p in points]
+            (line,) = panel.plot(
+                xs, ys, marker=marker, label=f"{axis} ({'min over seeds' if per_seed else 'every seed'})"
+            )
+            if per_seed:
+                for p in points:
+                    seeds = [s for s in p[per_seed] if s is not None]
+                    panel.scatter([p["bp_run_flops"]] * len(seeds), seeds, color=line.get_color(), alpha=0.35, s=14)
+            for p in points:
+                panel.annotate(
+                    f"{p['width']}x{p['blocks']}, {p['steps']}",
+                    (p["bp_run_flops"], 0),
+                    fontsize=7,
+                    rotation=90,
+                    va="bottom",
+                    alpha=0.6,
+                )
+        panel.axhline(0, color="grey", linewidth=0.8)
+        panel.set_xscale("log", base=2)
+        panel.set_xlabel("compute of BP's run (FLOPs)")
+        panel.set_title(title)
+        panel.legend(fontsize=8)
+    panels[0].set_ylabel("fraction of BP's steps saved")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="*", default=[], help="sweeps of growing models (one budget): a trend")
+    parser.add_argument("--budgets", nargs="*", default=[], help="sweeps of growing budgets (one model): a trend")
+    parser.add_argument("--more", nargs="*", default=[], help="more sweeps (held-out sets): points, no trend")
+    parser.add_argument("--output_dir", default="outputs/scaling")
+    args = parser.parse_args()
+    if not (args.sizes or args.budgets or args.more):
+        parser.error("give at least one sweep folder (--sizes, --budgets or --more)")
+    for folder in {*args.sizes, *args.budgets, *args.more}:
+        if not os.path.isfile(os.path.join(folder, "sweep.json")):
+            parser.error(f"{folder} holds no sweep.json (a finished examples/sweep_bp_dbp.py sweep)")
+    measured = {folder: measure_point(folder) for folder in dict.fromkeys([*args.sizes, *args.budgets, *args.more])}
+    axes_points = {
+        axis: sorted((measured[f] for f in folders), key=lambda p: p["bp_run_flops"])
+        for axis, folders in (("model size", args.sizes), ("budget", args.budgets), ("more", args.more))
+        if folders
+    }
+    trends = {
+        axis: {key: trend(points, key) for key in ("min_steps_saved", "end_of_schedule_saved")}
+        for axis, points in axes_points.items()
+        if axis != "more"
+    }
+    os.makedirs(args.output_dir, exist_ok=True)
+    points = sorted(measured.values(), key=lambda p: (p["data"], p["bp_run_flops"]))
+    table = markdown(points, trends)
+    with open(os.path.join(args.output_dir, "scaling.md"), "w") as file:
+        file.write(table + "\n")
+    with open(os.path.join(args.output_dir, "scaling.json"), "w") as file:
+        json.dump({"points": points, "trends": trends}, file, indent=1)
+    plot(os.path.join(args.output_dir, "scaling.png"), axes_points)
+    print(table)
+    print(f"Written: {args.output_dir}/scaling.json, scaling.md, scaling.png")
+
+
+if __name__ == "__main__":
+    main()
