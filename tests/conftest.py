@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import socket
@@ -64,6 +65,17 @@ def randomise_R(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> N
     with torch.no_grad():
         for d in model.decorrelation_modules():
             d.R.add_(scale * torch.randn(d.R.shape, generator=generator))
+
+
+def load_script(path: str, name: str | None = None):
+    """A script of the repository (`"examples/run_mae_dbp.py"`, `"benchmarks/scaling.py"`) as a module, loaded once
+    and kept in `sys.modules` (its dataclasses look their module up there)."""
+    name = name or f"script_{Path(path).stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / path)
+        module = sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def read_json(path: Path) -> dict:

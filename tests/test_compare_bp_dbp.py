@@ -2,7 +2,6 @@
 records as the comparison writes them, and tiny end-to-end runs of the scripts."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import offline_env, randomise_R
+from conftest import load_script, offline_env, randomise_R
 from transformers import HfArgumentParser, TrainingArguments, ViTMAEForPreTraining
 
 from hf_dbp import ViTMAEDBPConfig, ViTMAEDBPForPreTraining
@@ -225,7 +224,8 @@ def end_to_end(tmp_path_factory) -> dict:
     variants = [
         "bp:weight_decay=0,base_learning_rate=1e-2",
         "dbp:decorrelation_lr_schedule=tied,decorrelation_layers=qkv fc1,decorrelation_kappa=0.1",
-        "dbp:max_steps=3",  # an end-of-schedule share: 3 of the baseline's 4 steps, off the evaluation interval (2)
+        # an end-of-schedule share: the DBP variant on 3 of the baseline's 4 steps, off the evaluation interval (2)
+        "dbp:decorrelation_lr_schedule=tied,decorrelation_layers=qkv fc1,decorrelation_kappa=0.1,max_steps=3",
     ]
     runs["sweep"] = (
         sweep_path,
@@ -357,11 +357,7 @@ def test_peer_optimizers_add_a_bp_and_a_dbp_run_each_compared_with_each_other(mo
 
 def run_mae_arguments(command: list[str]):
     """The DBP and training arguments `examples/run_mae_dbp.py` parses from `command` (its script and arguments)."""
-    module = sys.modules.get("run_mae_dbp_parsed")
-    if module is None:  # dataclasses look their module up in sys.modules while the script runs
-        spec = importlib.util.spec_from_file_location("run_mae_dbp_parsed", ROOT / "examples" / "run_mae_dbp.py")
-        module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    module = load_script("examples/run_mae_dbp.py", "run_mae_dbp_parsed")
     parser = HfArgumentParser(
         (module.ModelArguments, module.DataTrainingArguments, module.DBPArguments, module.CustomTrainingArguments)
     )
@@ -462,6 +458,12 @@ def test_settings_sweep_tunes_bp_and_measures_every_variant_against_the_best_bp(
         finals[variants[2]] - finals[variants[0]]
     )
     assert "| 0.75 |" in (tmp_path / "sweep" / "sweep.md").read_text()
+    # benchmarks/scaling.py reads the sweep as one point: the tuned DBP, its share, BP's compute.
+    point = load_script("benchmarks/scaling.py").measure_point(str(tmp_path / "sweep"))
+    assert (point["bp"], point["dbp"], point["steps"], point["shares_run"]) == (*variants[:2], 4, [0.75, 1.0])
+    ended = [s for s, v in ((0.75, variants[2]), (1.0, variants[1])) if finals[v] <= finals[variants[0]]]
+    assert point["smallest_share"] == [min(ended) if ended else None]
+    assert point["bp_run_flops"] == 4 * point["bp_step_flops"] and point["dbp_step_flops_over_bp"] > 1
     # Rerun with --reuse_runs (a sweep stopped half-way, shrunk or reordered): the finished runs of the same commands
     # are read wherever they sit in the sweep's folder, not rerun, and make the same sweep.
     again = subprocess.run(
@@ -559,3 +561,50 @@ def test_the_text_comparison_gives_each_peer_or_each_method_its_own_learning_rat
     assert learning_rates(args, methods) == {"bp": 4e-3, "dbp": 8e-3, "bp_muon": 8e-3, "dbp_muon": 4e-3}
     with pytest.raises(ValueError, match="--optimizer_learning_rates takes peer=rate"):
         ClmComparisonArguments(optimizer_learning_rates=["adam=1e-3"])
+
+
+def test_scaling_reads_the_end_of_schedule_share_per_seed_and_the_trend_per_doubling(tmp_path):
+    scaling = load_script("benchmarks/scaling.py")
+
+    def variant(method, share, finals):
+        per_seed = {
+            str(seed): {"best_eval_loss": 0.5, "steps_saved_fraction": 0.4, "final_over_baseline_final": final}
+            for seed, final in enumerate(finals)
+        }
+        return {"method": method, "share_of_baseline_steps": share, "mean_best_eval_loss": 0.5, "per_seed": per_seed}
+
+    sweep = {
+        "baseline": "bp",
+        "seeds": [0, 1],
+        "settings": {
+            "config_overrides": TINY_MAE,
+            "per_device_train_batch_size": 8,
+            "max_steps": 100,
+            "decorrelation_layers": ["qkv", "fc1"],
+            "demo_photos": "default",
+        },
+        "variants": {
+            "bp": variant("bp", 1.0, [0, 0]),
+            "dbp:base_learning_rate=1e-3": variant("dbp", 1.0, [-0.01, -0.01]) | {"mean_best_eval_loss": 0.45},
+            "dbp": variant("dbp", 1.0, [-0.02, -0.02]),  # a worse DBP rate: its shares are not the tuned DBP's
+            "dbp:max_steps=50": variant("dbp", 0.5, [-0.01, -0.01]),
+            "dbp:base_learning_rate=1e-3,max_steps=50": variant("dbp", 0.5, [0.001, -0.001]),
+            "dbp:base_learning_rate=1e-3,max_steps=70": variant("dbp", 0.7, [-0.001, 0.002]),
+        },
+    }
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep))
+    point = scaling.measure_point(str(tmp_path))
+    assert point["dbp"] == "dbp:base_learning_rate=1e-3" and point["shares_run"] == [0.5, 0.7, 1.0]
+    # per seed the smallest share that ended at or below BP's final; in every seed, the largest of those
+    assert point["smallest_share"] == [0.7, 0.5] and point["smallest_share_every_seed"] == 0.7
+    assert point["end_of_schedule_saved"] == pytest.approx(0.3) and point["min_steps_saved"] == 0.4
+    sweep["settings"]["per_device_train_batch_size"] = 16  # the compute grows with the batch, as it should
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep))
+    assert scaling.measure_point(str(tmp_path))["bp_run_flops"] == 2 * point["bp_run_flops"]
+
+    points = [{"bp_run_flops": 2.0**k, "gain": 0.6 - 0.1 * (k - 10)} for k in (10, 11, 12)]
+    shrinking = scaling.trend(points, "gain")
+    assert shrinking["per_doubling"] == pytest.approx(-0.1) and shrinking["zero_at_flops"] == pytest.approx(2.0**16)
+    assert shrinking["zero_doublings_past_largest"] == pytest.approx(4)
+    assert scaling.trend([{**p, "gain": -p["gain"]} for p in points], "gain")["zero_at_flops"] is None  # grows
+    assert scaling.trend(points[:1], "gain") is None
