@@ -17,7 +17,8 @@ cosine schedule). Per folder it reports:
   last step) at or below BP's final eval loss, per seed and in every seed (DBP's full budget counts as share 1);
 - compute: the floating-point operations of one BP optimizer step of the sweep's model at its batch, counted by
   torch's FlopCounterMode (forward and backward: the matrix products, which are nearly all of it), times BP's steps;
-  and DBP's operations per step over BP's (its fold, its statistics and the update of R included).
+  DBP's operations per step over BP's (its fold, its statistics and the update of R included); and both measures
+  in FLOPs: 1 - (DBP's steps / BP's) x (DBP's FLOPs per step / BP's), what a user pays rather than what DBP counts.
 
 Along each axis (`--sizes`, `--budgets`: ordered by compute), each measure's least-squares trend against log2 of the
 compute: its change per doubling, and where the line would cross zero (for a shrinking gain). `--more` adds points
@@ -116,6 +117,7 @@ def measure_point(folder: str) -> dict:
         settings["config_overrides"], settings["per_device_train_batch_size"], settings["decorrelation_layers"]
     )
     model = model_config(settings["config_overrides"])
+    ratio = flops["dbp"] / flops["bp"]
     return {
         "folder": folder,
         "width": model["hidden_size"],
@@ -134,8 +136,11 @@ def measure_point(folder: str) -> dict:
         "smallest_share_every_seed": every,
         "end_of_schedule_saved": None if every is None else 1 - every,
         "bp_step_flops": flops["bp"],
-        "dbp_step_flops_over_bp": flops["dbp"] / flops["bp"],
+        "dbp_step_flops_over_bp": ratio,
         "bp_run_flops": flops["bp"] * steps,
+        # What a user pays: DBP's steps times its own FLOPs per step, against BP's run.
+        "min_compute_saved": None if None in saved else 1 - (1 - min(saved)) * ratio,
+        "end_of_schedule_compute_saved": None if every is None else 1 - every * ratio,
     }
 
 
@@ -158,24 +163,34 @@ def trend(points: list[dict], key: str) -> dict | None:
     }
 
 
+MEASURES = {
+    "min_steps_saved": "steps saved to BP's best (min over seeds)",
+    "end_of_schedule_saved": "1 - smallest share ending at BP's final (every seed)",
+    "min_compute_saved": "FLOPs saved to BP's best (min over seeds)",
+    "end_of_schedule_compute_saved": "FLOPs saved at the smallest share (every seed)",
+}
+"""The measures of each point whose trend along an axis is fitted, and their names in the tables."""
+
+
 def fraction(value: float | None) -> str:
     return "never" if value is None else f"{value:.2f}"
 
 
 def markdown(points: list[dict], trends: dict) -> str:
     lines = [
-        "| width x blocks | steps | data | BP run PFLOP | DBP FLOPs per step over BP's | BP / DBP (tuned) "
-        "| steps saved to BP's best (per seed) | min | smallest share ending at or below BP's final (per seed) "
-        "| in every seed |",
-        "|" + " --- |" * 10,
+        "| width x blocks | steps | data | BP run TFLOP | DBP FLOPs per step over BP's | BP / DBP (tuned) "
+        "| steps saved to BP's best (per seed) | min | FLOPs saved there | smallest share ending at or below BP's "
+        "final (per seed; shares run) | in every seed | FLOPs saved there |",
+        "|" + " --- |" * 12,
     ]
     for p in points:
+        shares = " / ".join(fraction(s) for s in p["smallest_share"])
         lines.append(
-            f"| {p['width']} x {p['blocks']} | {p['steps']} | {p['data']} | {p['bp_run_flops'] / 1e15:.3g} "
+            f"| {p['width']} x {p['blocks']} | {p['steps']} | {p['data']} | {p['bp_run_flops'] / 1e12:.3g} "
             f"| {p['dbp_step_flops_over_bp']:.3f} | `{p['bp']}` / `{p['dbp']}` "
             f"| {' / '.join(fraction(s) for s in p['steps_saved'])} | {fraction(p['min_steps_saved'])} "
-            f"| {' / '.join(fraction(s) for s in p['smallest_share'])} (of {', '.join(f'{s:g}' for s in p['shares_run'])})"
-            f" | {fraction(p['smallest_share_every_seed'])} |"
+            f"| {fraction(p['min_compute_saved'])} | {shares} ({', '.join(f'{s:g}' for s in p['shares_run'])}) "
+            f"| {fraction(p['smallest_share_every_seed'])} | {fraction(p['end_of_schedule_compute_saved'])} |"
         )
     lines += ["", "| axis | measure | points | change per doubling of compute | crosses zero at |", "|" + " --- |" * 5]
     for axis, measures in trends.items():
@@ -185,50 +200,52 @@ def markdown(points: list[dict], trends: dict) -> str:
             zero = (
                 "does not shrink"
                 if t["zero_at_flops"] is None
-                else f"{t['zero_at_flops'] / 1e15:.3g} PFLOP ({t['zero_doublings_past_largest']:.1f} doublings past the largest)"
+                else f"{t['zero_at_flops'] / 1e12:.3g} TFLOP ({t['zero_doublings_past_largest']:.1f} doublings past "
+                "the largest point)"
             )
-            lines.append(f"| {axis} | {key} | {t['points']} | {t['per_doubling']:+.3f} | {zero} |")
+            lines.append(f"| {axis} | {MEASURES[key]} | {t['points']} | {t['per_doubling']:+.3f} | {zero} |")
     return "\n".join(lines)
 
 
 def plot(path: str, axes_points: dict[str, list[dict]]) -> None:
+    """Two panels, mid-run and end of schedule: each axis's points against BP's run FLOPs, the share of BP's steps
+    saved (solid; mid-run with each seed's point) and of its FLOPs (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, panels = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    figure, panels = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     measures = (
-        ("steps_saved", "min_steps_saved", "steps saved to BP's best (mid-run)"),
-        (None, "end_of_schedule_saved", "1 - smallest share ending at BP's final"),
+        ("steps_saved", "min_steps_saved", "min_compute_saved", "mid-run: to BP's best (min over seeds)"),
+        (None, "end_of_schedule_saved", "end_of_schedule_compute_saved", "end of schedule: BP's final (every seed)"),
     )
-    for panel, (per_seed, headline, title) in zip(panels, measures, strict=True):
+    for panel, (per_seed, steps, compute, title) in zip(panels, measures, strict=True):
         for (axis, points), marker in zip(axes_points.items(), "osd", strict=False):
             points = sorted(points, key=lambda p: p["bp_run_flops"])
             xs = [p["bp_run_flops"] for p in points]
-            ys = [p[headline] if p[headline] is not None else float("nan") for p in points]
-            (line,) = panel.plot(
-                xs, ys, marker=marker, label=f"{axis} ({'min over seeds' if per_seed else 'every seed'})"
+            value = lambda p, key: float("nan") if p[key] is None else p[key]  # noqa: E731 - "never" leaves a gap
+            (line,) = panel.plot(xs, [value(p, steps) for p in points], marker=marker, label=f"{axis}: steps")
+            panel.plot(
+                xs,
+                [value(p, compute) for p in points],
+                marker=marker,
+                linestyle="--",
+                color=line.get_color(),
+                alpha=0.6,
+                label=f"{axis}: FLOPs",
             )
-            if per_seed:
-                for p in points:
-                    seeds = [s for s in p[per_seed] if s is not None]
-                    panel.scatter([p["bp_run_flops"]] * len(seeds), seeds, color=line.get_color(), alpha=0.35, s=14)
             for p in points:
-                panel.annotate(
-                    f"{p['width']}x{p['blocks']}, {p['steps']}",
-                    (p["bp_run_flops"], 0),
-                    fontsize=7,
-                    rotation=90,
-                    va="bottom",
-                    alpha=0.6,
-                )
+                seeds = [s for s in p[per_seed] if s is not None] if per_seed else []
+                panel.scatter([p["bp_run_flops"]] * len(seeds), seeds, color=line.get_color(), alpha=0.3, s=12)
+                label = f"{p['width']}x{p['blocks']}, {p['steps']} steps, {p['data']}"
+                panel.annotate(label, (p["bp_run_flops"], 0), fontsize=6, rotation=90, va="bottom", alpha=0.6)
         panel.axhline(0, color="grey", linewidth=0.8)
         panel.set_xscale("log", base=2)
         panel.set_xlabel("compute of BP's run (FLOPs)")
-        panel.set_title(title)
-        panel.legend(fontsize=8)
-    panels[0].set_ylabel("fraction of BP's steps saved")
+        panel.set_title(title, fontsize=10)
+        panel.legend(fontsize=7)
+    panels[0].set_ylabel("share of BP's steps / FLOPs that DBP saved")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -253,9 +270,7 @@ def main() -> None:
         if folders
     }
     trends = {
-        axis: {key: trend(points, key) for key in ("min_steps_saved", "end_of_schedule_saved")}
-        for axis, points in axes_points.items()
-        if axis != "more"
+        axis: {key: trend(points, key) for key in MEASURES} for axis, points in axes_points.items() if axis != "more"
     }
     os.makedirs(args.output_dir, exist_ok=True)
     points = sorted(measured.values(), key=lambda p: (p["data"], p["bp_run_flops"]))

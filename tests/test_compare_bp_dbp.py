@@ -598,6 +598,9 @@ def test_scaling_reads_the_end_of_schedule_share_per_seed_and_the_trend_per_doub
     # per seed the smallest share that ended at or below BP's final; in every seed, the largest of those
     assert point["smallest_share"] == [0.7, 0.5] and point["smallest_share_every_seed"] == 0.7
     assert point["end_of_schedule_saved"] == pytest.approx(0.3) and point["min_steps_saved"] == 0.4
+    ratio = point["dbp_step_flops_over_bp"]  # what a user pays: DBP's steps at DBP's FLOPs per step
+    assert point["min_compute_saved"] == pytest.approx(1 - 0.6 * ratio) and 1 < ratio < 2
+    assert point["end_of_schedule_compute_saved"] == pytest.approx(1 - 0.7 * ratio)
     sweep["settings"]["per_device_train_batch_size"] = 16  # the compute grows with the batch, as it should
     (tmp_path / "sweep.json").write_text(json.dumps(sweep))
     assert scaling.measure_point(str(tmp_path))["bp_run_flops"] == 2 * point["bp_run_flops"]
