@@ -112,8 +112,9 @@ def test_a_run_record_is_written_as_the_runs_own_records(tmp_path):
         {"step": 4, "eval_loss": 0.7},
         {"train_runtime": 4.0},
     ]
-    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
-    (tmp_path / "all_results.json").write_text(json.dumps({"train_energy_kwh": 3e-6, "train_emissions_g": 5e-3}))
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history, "global_step": 4}))
+    results = {"train_energy_kwh": 3e-6, "train_emissions_g": 5e-3, "eval_loss": 0.75}  # the final model's
+    (tmp_path / "all_results.json").write_text(json.dumps(results))
     record = read_run(str(tmp_path))
     assert record.to_dict() == {
         "evals": [
@@ -129,6 +130,8 @@ def test_a_run_record_is_written_as_the_runs_own_records(tmp_path):
         "energy_kwh": 3e-6,
         "emissions_g": 5e-3,
         "train_seconds": 1.5,
+        "final_eval_loss": 0.75,
+        "optimizer_steps": 4,
     }
     assert list(record.to_dict()) == [f.name for f in dataclasses.fields(RunRecord)][:-1]  # the JSON's key order
     record.machine = MachineLoad(wall_seconds=4.0, own_cpu_seconds=3.0, other_cpu_fraction=None, busy=None)
@@ -448,7 +451,7 @@ def test_settings_sweep_tunes_bp_and_measures_every_variant_against_the_best_bp(
     # The end of each schedule: the final eval loss is the script's evaluation of the final model (all_results.json),
     # also where the budget is no multiple of the evaluation interval, against the baseline's final.
     share = sweep["variants"][variants[2]]
-    assert share["max_steps"] == 3 and share["share_of_baseline_steps"] == 0.75
+    assert share["optimizer_steps"] == 3 and share["share_of_baseline_steps"] == 0.75
     finals = {
         v: json.loads((tmp_path / "sweep" / f"variant{i:02d}" / "seed0" / "all_results.json").read_text())["eval_loss"]
         for i, v in enumerate(variants)
@@ -571,7 +574,8 @@ def test_scaling_reads_the_end_of_schedule_share_per_seed_and_the_trend_per_doub
             str(seed): {"best_eval_loss": 0.5, "steps_saved_fraction": 0.4, "final_over_baseline_final": final}
             for seed, final in enumerate(finals)
         }
-        return {"method": method, "share_of_baseline_steps": share, "mean_best_eval_loss": 0.5, "per_seed": per_seed}
+        steps = {"optimizer_steps": round(100 * share), "share_of_baseline_steps": share}
+        return {"method": method, **steps, "mean_best_eval_loss": 0.5, "per_seed": per_seed}
 
     sweep = {
         "baseline": "bp",
@@ -579,7 +583,6 @@ def test_scaling_reads_the_end_of_schedule_share_per_seed_and_the_trend_per_doub
         "settings": {
             "config_overrides": TINY_MAE,
             "per_device_train_batch_size": 8,
-            "max_steps": 100,
             "decorrelation_layers": ["qkv", "fc1"],
             "demo_photos": "default",
         },

@@ -60,7 +60,7 @@ class MachineLoad:
 class RunRecord:
     """One finished run: every evaluation and training record, the best eval loss with the step, training seconds,
     energy and emissions to it, the whole run's energy, emissions and training seconds, its final eval loss (the
-    evaluation after its last step), and (for a run the comparison timed) the machine's load."""
+    evaluation after its last step) and optimizer steps, and (for a run the comparison timed) the machine's load."""
 
     evals: list[Evaluation]
     train: list[TrainingLog]
@@ -73,12 +73,15 @@ class RunRecord:
     emissions_g: float | None = None
     train_seconds: float | None = None
     final_eval_loss: float | None = None
+    optimizer_steps: int | None = None
     machine: MachineLoad | None = None
 
     @classmethod
-    def from_log_history(cls, history: list[dict], results: dict | None = None) -> RunRecord:
-        """The record of a run from its Trainer log history (the records carrying `train_seconds`) and its final
-        results (`all_results.json`)."""
+    def from_log_history(
+        cls, history: list[dict], results: dict | None = None, optimizer_steps: int | None = None
+    ) -> RunRecord:
+        """The record of a run from its Trainer log history (the records carrying `train_seconds`), its final
+        results (`all_results.json`) and the optimizer steps it took (`trainer_state.json`'s `global_step`)."""
         results = results or {}
         evals = [r for r in history if "eval_loss" in r and "train_seconds" in r]
         train = [r for r in history if "loss" in r and "train_seconds" in r]
@@ -97,6 +100,7 @@ class RunRecord:
             # The scripts evaluate the final model once more after training (`all_results.json`), whatever the
             # evaluation interval; a run without it ends at its last evaluation.
             final_eval_loss=results.get("eval_loss", evals[-1]["eval_loss"]),
+            optimizer_steps=optimizer_steps,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,10 +135,10 @@ class ClmRunRecord(RunRecord):
 def read_run(output_dir: str) -> RunRecord:
     """The record of the finished run in `output_dir` (its `trainer_state.json` and `all_results.json`)."""
     with open(os.path.join(output_dir, "trainer_state.json")) as file:
-        history = json.load(file)["log_history"]
+        state = json.load(file)
     with open(os.path.join(output_dir, "all_results.json")) as file:
         results = json.load(file)
-    return RunRecord.from_log_history(history, results)
+    return RunRecord.from_log_history(state["log_history"], results, state.get("global_step"))
 
 
 def json_default(value: Any) -> Any:

@@ -175,10 +175,11 @@ def run_sweep(args: SweepArguments, pretraining_script: str) -> dict:
             results[text]["runs"][seed] = read_run(output)
     mean_best = {text: statistics.mean(r["runs"][s].best_eval_loss for s in args.seeds) for text, r in results.items()}
     baseline = min((t for t in results if variants[t][0] == "bp"), key=mean_best.get)
-    baseline_steps = variants[baseline][2].max_steps
     for text, result in results.items():
         per_seed = {}
-        steps = variants[text][2].max_steps
+        # the optimizer steps each run took (a budget in epochs or minutes has no --max_steps to read)
+        steps = result["runs"][args.seeds[0]].optimizer_steps
+        baseline_steps = results[baseline]["runs"][args.seeds[0]].optimizer_steps
         for seed in args.seeds:
             run, target = result["runs"][seed], results[baseline]["runs"][seed]
             reached = first_reaching(run.evals, target.best_eval_loss)
@@ -194,8 +195,8 @@ def run_sweep(args: SweepArguments, pretraining_script: str) -> dict:
             }
         saved = [p["steps_saved_fraction"] for p in per_seed.values()]
         result |= {
-            "max_steps": steps,
-            "share_of_baseline_steps": steps / baseline_steps if steps > 0 and baseline_steps > 0 else None,
+            "optimizer_steps": steps,
+            "share_of_baseline_steps": steps / baseline_steps if steps and baseline_steps else None,
             "mean_best_eval_loss": mean_best[text],
             "per_seed": per_seed,
             "min_steps_saved_fraction": None if None in saved else min(saved),
