@@ -468,9 +468,10 @@ def test_settings_sweep_tunes_bp_and_measures_every_variant_against_the_best_bp(
     assert point["smallest_share"] == [min(ended) if ended else None]
     assert point["bp_run_flops"] == 4 * point["bp_step_flops"] and point["dbp_step_flops_over_bp"] > 1
     # Rerun with --reuse_runs (a sweep stopped half-way, shrunk or reordered): the finished runs of the same commands
-    # are read wherever they sit in the sweep's folder, not rerun, and make the same sweep.
+    # are read wherever they sit in the sweep's folder, not rerun, and make the same sweep; a new variant's run goes
+    # where another's finished run was, which is kept aside (and still found), not overwritten.
     again = subprocess.run(
-        [*sweep_command(tmp_path / "sweep", variants[1], variants[0]), "--reuse_runs"],
+        [*sweep_command(tmp_path / "sweep", variants[1], variants[0], "bp:max_steps=2"), "--reuse_runs"],
         cwd=ROOT,
         env=offline_env(tmp_path / "hf"),
         capture_output=True,
@@ -478,9 +479,13 @@ def test_settings_sweep_tunes_bp_and_measures_every_variant_against_the_best_bp(
         timeout=600,
     )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count("reusing the finished run") == 2 and "Done:" not in again.stdout + again.stderr
+    assert again.stdout.count("reusing the finished run") == 2  # and only the new variant ran:
+    assert (again.stdout + again.stderr).count("Done:") == 1
     rerun = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"]
-    assert rerun == {v: sweep["runs"][v] for v in variants[:2]}
+    assert {v: rerun[v] for v in variants[:2]} == {v: sweep["runs"][v] for v in variants[:2]}
+    kept = tmp_path / "sweep" / "variant-kept00" / "seed0"
+    assert json.loads((kept / "sweep_command.json").read_text()) == sweep["variants"][variants[2]]["commands"]["0"]
+    assert rerun["bp:max_steps=2"]["0"]["optimizer_steps"] == 2 and (kept / "all_results.json").is_file()
     assert f"reusing the finished run in {tmp_path / 'sweep' / 'variant01' / 'seed0'}" in again.stdout  # now first
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import itertools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import typing
@@ -134,6 +136,27 @@ def finished_runs(output_dir: str) -> dict[tuple[str, ...], str]:
     return runs
 
 
+def keep_aside(output: str, command: list[str], output_dir: str) -> str | None:
+    """Where a run is about to go, a finished run of another command (the variants were reordered or changed since):
+    moved to a `variant-kept<k>` folder of the sweep, where `--reuse_runs` still finds it, rather than overwritten.
+    Returns its new folder, or None where there was nothing to keep."""
+    path = os.path.join(output, RUN_COMMAND)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as file:
+        if run_key(json.load(file)) == run_key(command):
+            return None  # the same run made again (no --reuse_runs): replaced, as asked
+    kept = next(
+        folder
+        for k in itertools.count()
+        if not os.path.exists(folder := os.path.join(output_dir, f"variant-kept{k:02d}", os.path.basename(output)))
+    )
+    os.makedirs(os.path.dirname(kept), exist_ok=True)
+    shutil.move(output, kept)
+    print(f"   kept the finished run of another command that was in {output}: now in {kept}", flush=True)
+    return kept
+
+
 def run_sweep(args: SweepArguments, pretraining_script: str) -> dict:
     """Run every variant for every seed (each checked before any run), tune the BP baseline (the BP variant of the
     lowest mean best eval loss), measure every variant against it, and write `sweep.json` and `sweep.md` to
@@ -169,6 +192,8 @@ def run_sweep(args: SweepArguments, pretraining_script: str) -> dict:
                 output = finished[run_key(command[1:])]
                 print(f"   reusing the finished run in {output}: the same command", flush=True)
             else:
+                kept = keep_aside(output, command[1:], args.output_dir)
+                finished = {key: kept if folder == output else folder for key, folder in finished.items()}
                 subprocess.run(command, check=True)
                 with open(os.path.join(output, RUN_COMMAND), "w") as file:  # written once the run has finished
                     json.dump(command[1:], file)
