@@ -14,7 +14,9 @@ cosine schedule). Per folder it reports:
 
 - steps saved (mid-run): per seed, 1 - (DBP's first step at or below BP's best eval loss) / (BP's step of best);
 - the end-of-schedule share: the smallest share of BP's steps whose DBP run ends (its final eval loss, after its
-  last step) at or below BP's final eval loss, per seed and in every seed (DBP's full budget counts as share 1);
+  last step) at or below BP's final eval loss, per seed and in every seed (DBP's full budget counts as share 1).
+  BP's final is the lowest over the BP rates the sweep ran on all its seeds: add BP's runner-up rate to the seeds'
+  sweep where the rate of BP's best mid-run loss is not the one of its best final loss (a BP that overfits late);
 - compute: the floating-point operations of one BP optimizer step of the sweep's model at its batch, counted by
   torch's FlopCounterMode (forward and backward: the matrix products, which are nearly all of it), times BP's steps;
   DBP's operations per step over BP's (its fold, its statistics and the update of R included); and both measures
@@ -104,9 +106,13 @@ def measure_point(folder: str) -> dict:
                 shares[share] = variant
             else:
                 print(f"{folder}: {text!r} is not the tuned DBP ({dbp!r}) on fewer steps; left out of the shares")
+    # The end of schedule is measured against BP's lowest final eval loss over every BP rate the sweep ran on all its
+    # seeds, not only the tuned baseline's: a BP that overfits late (its best mid-run, its end worse) is no target.
+    full_bp = [v for v in variants.values() if v["method"] == "bp" and v.get("share_of_baseline_steps") in (None, 1)]
+    bp_final = {seed: min(v["per_seed"][seed]["final_eval_loss"] for v in full_bp) for seed in seeds}
     smallest = {}
     for seed in seeds:
-        ended = [s for s, v in shares.items() if v["per_seed"][seed].get("final_over_baseline_final", math.inf) <= 0]
+        ended = [s for s, v in shares.items() if v["per_seed"][seed]["final_eval_loss"] <= bp_final[seed]]
         smallest[seed] = min(ended) if ended else None
     saved = [variants[dbp]["per_seed"][seed]["steps_saved_fraction"] for seed in seeds]
     every = None if None in smallest.values() else max(smallest.values())
@@ -125,7 +131,7 @@ def measure_point(folder: str) -> dict:
         "bp": baseline,
         "dbp": dbp,
         "bp_best_eval_loss": [variants[baseline]["per_seed"][s]["best_eval_loss"] for s in seeds],
-        "bp_final_eval_loss": [variants[baseline]["per_seed"][s].get("final_eval_loss") for s in seeds],
+        "bp_final_eval_loss": [bp_final[s] for s in seeds],
         "steps_saved": saved,
         "min_steps_saved": None if None in saved else min(saved),
         "shares_run": sorted(shares),
