@@ -192,7 +192,7 @@ def markdown(points: list[dict], trends: dict) -> str:
             f"| {p['width']} x {p['blocks']} | {p['steps']} | {p['data']} | {p['bp_run_flops'] / 1e12:.3g} "
             f"| {p['dbp_step_flops_over_bp']:.3f} | `{p['bp']}` / `{p['dbp']}` "
             f"| {' / '.join(fraction(s) for s in p['steps_saved'])} | {fraction(p['min_steps_saved'])} "
-            f"| {fraction(p['min_compute_saved'])} | {shares} ({', '.join(f'{s:g}' for s in p['shares_run'])}) "
+            f"| {fraction(p['min_compute_saved'])} | {shares} ({', '.join(f'{s:.2f}' for s in p['shares_run'])}) "
             f"| {fraction(p['smallest_share_every_seed'])} | {fraction(p['end_of_schedule_compute_saved'])} |"
         )
     lines += ["", "| axis | measure | points | change per doubling of compute | crosses zero at |", "|" + " --- |" * 5]
