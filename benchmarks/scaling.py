@@ -224,7 +224,8 @@ def plot(path: str, axes_points: dict[str, list[dict]]) -> None:
         (None, "end_of_schedule_saved", "end_of_schedule_compute_saved", "end of schedule: BP's final (every seed)"),
     )
     for panel, (per_seed, steps, compute, title) in zip(panels, measures, strict=True):
-        for (axis, points), marker in zip(axes_points.items(), "osd", strict=False):
+        labelled = set()
+        for number, ((axis, points), marker) in enumerate(zip(axes_points.items(), "osd", strict=False)):
             points = sorted(points, key=lambda p: p["bp_run_flops"])
             xs = [p["bp_run_flops"] for p in points]
             value = lambda p, key: float("nan") if p[key] is None else p[key]  # noqa: E731 - "never" leaves a gap
@@ -241,8 +242,21 @@ def plot(path: str, axes_points: dict[str, list[dict]]) -> None:
             for p in points:
                 seeds = [s for s in p[per_seed] if s is not None] if per_seed else []
                 panel.scatter([p["bp_run_flops"]] * len(seeds), seeds, color=line.get_color(), alpha=0.3, s=12)
+                if p["folder"] in labelled:  # a point on two axes is named once
+                    continue
+                labelled.add(p["folder"])
+                # one axis's names along the bottom, the next's along the top: points of equal compute stay legible
+                y, align = (0.02, "bottom") if number % 2 == 0 else (0.98, "top")
                 label = f"{p['width']}x{p['blocks']}, {p['steps']} steps, {p['data']}"
-                panel.annotate(label, (p["bp_run_flops"], 0), fontsize=6, rotation=90, va="bottom", alpha=0.6)
+                panel.annotate(
+                    label,
+                    (p["bp_run_flops"], y),
+                    xycoords=("data", "axes fraction"),
+                    fontsize=6,
+                    rotation=90,
+                    va=align,
+                    color=line.get_color(),
+                )
         panel.axhline(0, color="grey", linewidth=0.8)
         panel.set_xscale("log", base=2)
         panel.set_xlabel("compute of BP's run (FLOPs)")
