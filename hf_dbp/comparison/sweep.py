@@ -188,15 +188,19 @@ def run_sweep(args: SweepArguments, pretraining_script: str) -> dict:
             update_every = 1 if bp else max(run_args.decorrelation_update_every)
             command = pretraining_command(pretraining_script, run_args, seed, bp, output, lr, optimizer, update_every)
             results[text]["commands"][seed] = command[1:]  # the script and its arguments, to rerun one
-            if run_key(command[1:]) in finished:
-                output = finished[run_key(command[1:])]
+            key = run_key(command[1:])
+            if key in finished:
+                output = finished[key]
                 print(f"   reusing the finished run in {output}: the same command", flush=True)
             else:
                 kept = keep_aside(output, command[1:], args.output_dir)
-                finished = {key: kept if folder == output else folder for key, folder in finished.items()}
+                if kept:  # the index follows the run it moved
+                    finished = {k: kept if folder == output else folder for k, folder in finished.items()}
                 subprocess.run(command, check=True)
                 with open(os.path.join(output, RUN_COMMAND), "w") as file:  # written once the run has finished
                     json.dump(command[1:], file)
+                if args.reuse_runs:  # another variant of the same arguments later in this sweep reads this run
+                    finished[key] = output
             results[text]["runs"][seed] = read_run(output)
     mean_best = {text: statistics.mean(r["runs"][s].best_eval_loss for s in args.seeds) for text, r in results.items()}
     baseline = min((t for t in results if variants[t][0] == "bp"), key=mean_best.get)
