@@ -42,6 +42,8 @@ from transformers import ViTMAEConfig, ViTMAEForPreTraining
 from hf_dbp import ViTMAEDBPConfig, ViTMAEDBPForPreTraining
 
 MAX_STEPS_OVERRIDE = re.compile(r",?max_steps=\d+")
+EXTRA_POINTS = "more points"
+"""The name of `--more`'s points (held-out sets, say) on the plot: points on no axis, so no trend and no line."""
 
 
 def model_config(overrides: str) -> dict:
@@ -229,12 +231,21 @@ def plot(path: str, axes_points: dict[str, list[dict]]) -> None:
             points = sorted(points, key=lambda p: p["bp_run_flops"])
             xs = [p["bp_run_flops"] for p in points]
             value = lambda p, key: float("nan") if p[key] is None else p[key]  # noqa: E731 - "never" leaves a gap
-            (line,) = panel.plot(xs, [value(p, steps) for p in points], marker=marker, label=f"{axis}: steps")
+            # an axis's points are joined in order of compute; the extra points (other data, other axes) are not
+            joined = axis != EXTRA_POINTS
+            (line,) = panel.plot(
+                xs,
+                [value(p, steps) for p in points],
+                marker=marker,
+                linestyle="-" if joined else "none",
+                label=f"{axis}: steps",
+            )
             panel.plot(
                 xs,
                 [value(p, compute) for p in points],
                 marker=marker,
-                linestyle="--",
+                linestyle="--" if joined else "none",
+                fillstyle="full" if joined else "none",
                 color=line.get_color(),
                 alpha=0.6,
                 label=f"{axis}: FLOPs",
@@ -283,11 +294,13 @@ def main() -> None:
     measured = {folder: measure_point(folder) for folder in dict.fromkeys([*args.sizes, *args.budgets, *args.more])}
     axes_points = {
         axis: sorted((measured[f] for f in folders), key=lambda p: p["bp_run_flops"])
-        for axis, folders in (("model size", args.sizes), ("budget", args.budgets), ("more", args.more))
+        for axis, folders in (("model size", args.sizes), ("budget", args.budgets), (EXTRA_POINTS, args.more))
         if folders
     }
     trends = {
-        axis: {key: trend(points, key) for key in MEASURES} for axis, points in axes_points.items() if axis != "more"
+        axis: {key: trend(points, key) for key in MEASURES}
+        for axis, points in axes_points.items()
+        if axis != EXTRA_POINTS
     }
     os.makedirs(args.output_dir, exist_ok=True)
     points = sorted(measured.values(), key=lambda p: (p["data"], p["bp_run_flops"]))

@@ -571,37 +571,44 @@ def test_the_text_comparison_gives_each_peer_or_each_method_its_own_learning_rat
         ClmComparisonArguments(optimizer_learning_rates=["adam=1e-3"])
 
 
-def test_scaling_reads_the_end_of_schedule_share_per_seed_and_the_trend_per_doubling(tmp_path):
-    scaling = load_script("benchmarks/scaling.py")
+def scaling_variant(method: str, share: float, finals: list[float], mean_best: float = 0.5) -> dict:
+    """One variant of a hand-made sweep.json: its share of BP's steps, its final eval loss per seed."""
+    per_seed = {
+        str(seed): {"best_eval_loss": mean_best, "steps_saved_fraction": 0.4, "final_eval_loss": final}
+        for seed, final in enumerate(finals)
+    }
+    steps = {"optimizer_steps": round(100 * share), "share_of_baseline_steps": share}
+    return {"method": method, **steps, "mean_best_eval_loss": mean_best, "per_seed": per_seed}
 
-    def variant(method, share, finals, mean_best=0.5):
-        per_seed = {
-            str(seed): {"best_eval_loss": mean_best, "steps_saved_fraction": 0.4, "final_eval_loss": final}
-            for seed, final in enumerate(finals)
-        }
-        steps = {"optimizer_steps": round(100 * share), "share_of_baseline_steps": share}
-        return {"method": method, **steps, "mean_best_eval_loss": mean_best, "per_seed": per_seed}
 
-    sweep = {
+def scaling_sweep(batch: int = 8, data: str = "default") -> dict:
+    """A hand-made sweep.json of the kind `benchmarks/scaling.py` reads: BP at two rates, DBP at two, shares of the
+    tuned DBP and of the other; two seeds."""
+    return {
         "baseline": "bp",
         "seeds": [0, 1],
         "settings": {
             "config_overrides": TINY_MAE,
-            "per_device_train_batch_size": 8,
+            "per_device_train_batch_size": batch,
             "decorrelation_layers": ["qkv", "fc1"],
-            "demo_photos": "default",
+            "demo_photos": data,
         },
         "variants": {
-            "bp": variant("bp", 1.0, [0.6, 0.6]),
+            "bp": scaling_variant("bp", 1.0, [0.6, 0.6]),
             # BP's runner-up rate: a worse best mid-run, a lower end in seed 1, which the end of schedule must beat
-            "bp:base_learning_rate=1e-3": variant("bp", 1.0, [0.61, 0.598], mean_best=0.51),
-            "dbp:base_learning_rate=1e-3": variant("dbp", 1.0, [0.59, 0.59], mean_best=0.45),
-            "dbp": variant("dbp", 1.0, [0.58, 0.58]),  # a worse DBP rate: its shares are not the tuned DBP's
-            "dbp:max_steps=50": variant("dbp", 0.5, [0.59, 0.59]),
-            "dbp:base_learning_rate=1e-3,max_steps=50": variant("dbp", 0.5, [0.601, 0.599]),
-            "dbp:base_learning_rate=1e-3,max_steps=70": variant("dbp", 0.7, [0.599, 0.597]),
+            "bp:base_learning_rate=1e-3": scaling_variant("bp", 1.0, [0.61, 0.598], mean_best=0.51),
+            "dbp:base_learning_rate=1e-3": scaling_variant("dbp", 1.0, [0.59, 0.59], mean_best=0.45),
+            "dbp": scaling_variant("dbp", 1.0, [0.58, 0.58]),  # a worse DBP rate: its shares are not the tuned DBP's
+            "dbp:max_steps=50": scaling_variant("dbp", 0.5, [0.59, 0.59]),
+            "dbp:base_learning_rate=1e-3,max_steps=50": scaling_variant("dbp", 0.5, [0.601, 0.599]),
+            "dbp:base_learning_rate=1e-3,max_steps=70": scaling_variant("dbp", 0.7, [0.599, 0.597]),
         },
     }
+
+
+def test_scaling_reads_the_end_of_schedule_share_per_seed_and_the_trend_per_doubling(tmp_path):
+    scaling = load_script("benchmarks/scaling.py")
+    sweep = scaling_sweep()
     (tmp_path / "sweep.json").write_text(json.dumps(sweep))
     point = scaling.measure_point(str(tmp_path))
     assert point["dbp"] == "dbp:base_learning_rate=1e-3" and point["shares_run"] == [0.5, 0.7, 1.0]
@@ -623,3 +630,32 @@ def test_scaling_reads_the_end_of_schedule_share_per_seed_and_the_trend_per_doub
     assert shrinking["zero_doublings_past_largest"] == pytest.approx(4)
     assert scaling.trend([{**p, "gain": -p["gain"]} for p in points], "gain")["zero_at_flops"] is None  # grows
     assert scaling.trend(points[:1], "gain") is None
+
+
+def test_scaling_writes_tables_trends_and_plot_from_sweep_folders_and_refuses_a_folder_without_a_sweep(
+    tmp_path, monkeypatch, capsys
+):
+    """The script as a user runs it: two sizes of one axis (the larger batch standing in for a larger model) and a
+    held-out point, which is tabled and plotted but fitted into no trend."""
+    scaling = load_script("benchmarks/scaling.py")
+    folders = {"small": scaling_sweep(8), "large": scaling_sweep(16), "heldout": scaling_sweep(8, "heldout_photos")}
+    for name, sweep in folders.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "sweep.json").write_text(json.dumps(sweep))
+    out = tmp_path / "out"
+    argv = ["scaling.py", "--sizes", str(tmp_path / "small"), str(tmp_path / "large"), "--more"]
+    monkeypatch.setattr(sys, "argv", [*argv, str(tmp_path / "heldout"), "--output_dir", str(out)])
+    scaling.main()
+    written = json.loads((out / "scaling.json").read_text())
+    assert [p["data"] for p in written["points"]] == ["default", "default", "heldout_photos"]
+    assert list(written["trends"]) == ["model size"]  # the held-out point is on no axis
+    size = written["trends"]["model size"]
+    assert size["min_steps_saved"]["points"] == 2 and size["min_steps_saved"]["per_doubling"] == pytest.approx(0)
+    table = (out / "scaling.md").read_text()
+    assert table.count("| 24 x 2 |") == 3 and "| model size | steps saved to BP's best (min over seeds) | 2 |" in table
+    assert (out / "scaling.png").stat().st_size > 10_000 and "scaling.png" in capsys.readouterr().out
+
+    monkeypatch.setattr(sys, "argv", ["scaling.py", "--sizes", str(tmp_path / "small"), str(tmp_path)])
+    with pytest.raises(SystemExit):
+        scaling.main()
+    assert f"{tmp_path} holds no sweep.json" in capsys.readouterr().err
