@@ -230,7 +230,12 @@ def plot(path: str, axes_points: dict[str, list[dict]]) -> None:
         for number, ((axis, points), marker) in enumerate(zip(axes_points.items(), "osd", strict=False)):
             points = sorted(points, key=lambda p: p["bp_run_flops"])
             xs = [p["bp_run_flops"] for p in points]
-            value = lambda p, key: float("nan") if p[key] is None else p[key]  # noqa: E731 - "never" leaves a gap
+
+            def value(p: dict, key: str, end_of_schedule: bool = per_seed is None) -> float:
+                # "never" leaves a gap, and so does an end of schedule with no share under BP's budget run
+                unmeasured = end_of_schedule and min(p["shares_run"]) == 1
+                return float("nan") if p[key] is None or unmeasured else p[key]
+
             # an axis's points are joined in order of compute; the extra points (other data, other axes) are not
             joined = axis != EXTRA_POINTS
             (line,) = panel.plot(
@@ -256,9 +261,22 @@ def plot(path: str, axes_points: dict[str, list[dict]]) -> None:
                 if p["folder"] in labelled:  # a point on two axes is named once
                     continue
                 labelled.add(p["folder"])
+                label = f"{p['width']}x{p['blocks']}, {p['steps']} steps, {p['data']}"
+                if not joined:  # extra points are named beside their marker, where they were measured
+                    if not math.isnan(value(p, steps)):
+                        panel.annotate(
+                            label,
+                            (p["bp_run_flops"], value(p, steps)),
+                            xytext=(-5, 0),
+                            textcoords="offset points",
+                            fontsize=6,
+                            ha="right",
+                            va="center",
+                            color=line.get_color(),
+                        )
+                    continue
                 # one axis's names along the bottom, the next's along the top: points of equal compute stay legible
                 y, align = (0.02, "bottom") if number % 2 == 0 else (0.98, "top")
-                label = f"{p['width']}x{p['blocks']}, {p['steps']} steps, {p['data']}"
                 panel.annotate(
                     label,
                     (p["bp_run_flops"], y),
