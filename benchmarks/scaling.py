@@ -212,6 +212,13 @@ def markdown(points: list[dict], trends: dict) -> str:
     return "\n".join(lines)
 
 
+def plotted(point: dict, key: str, end_of_schedule: bool) -> float:
+    """A point's measure as the plot draws it: a gap (nan) where it is "never", and at the end of the schedule where
+    no share under BP's budget was run (DBP's full run alone measures no end-of-schedule saving)."""
+    unmeasured = end_of_schedule and min(point["shares_run"]) == 1
+    return float("nan") if point[key] is None or unmeasured else point[key]
+
+
 def plot(path: str, axes_points: dict[str, list[dict]]) -> None:
     """Two panels, mid-run and end of schedule: each axis's points against BP's run FLOPs, the share of BP's steps
     saved (solid; mid-run with each seed's point) and of its FLOPs (dashed)."""
@@ -226,28 +233,24 @@ def plot(path: str, axes_points: dict[str, list[dict]]) -> None:
         (None, "end_of_schedule_saved", "end_of_schedule_compute_saved", "end of schedule: BP's final (every seed)"),
     )
     for panel, (per_seed, steps, compute, title) in zip(panels, measures, strict=True):
+        end_of_schedule = per_seed is None
         labelled = set()
         for number, ((axis, points), marker) in enumerate(zip(axes_points.items(), "osd", strict=False)):
             points = sorted(points, key=lambda p: p["bp_run_flops"])
             xs = [p["bp_run_flops"] for p in points]
 
-            def value(p: dict, key: str, end_of_schedule: bool = per_seed is None) -> float:
-                # "never" leaves a gap, and so does an end of schedule with no share under BP's budget run
-                unmeasured = end_of_schedule and min(p["shares_run"]) == 1
-                return float("nan") if p[key] is None or unmeasured else p[key]
-
             # an axis's points are joined in order of compute; the extra points (other data, other axes) are not
             joined = axis != EXTRA_POINTS
             (line,) = panel.plot(
                 xs,
-                [value(p, steps) for p in points],
+                [plotted(p, steps, end_of_schedule) for p in points],
                 marker=marker,
                 linestyle="-" if joined else "none",
                 label=f"{axis}: steps",
             )
             panel.plot(
                 xs,
-                [value(p, compute) for p in points],
+                [plotted(p, compute, end_of_schedule) for p in points],
                 marker=marker,
                 linestyle="--" if joined else "none",
                 fillstyle="full" if joined else "none",
@@ -263,10 +266,11 @@ def plot(path: str, axes_points: dict[str, list[dict]]) -> None:
                 labelled.add(p["folder"])
                 label = f"{p['width']}x{p['blocks']}, {p['steps']} steps, {p['data']}"
                 if not joined:  # extra points are named beside their marker, where they were measured
-                    if not math.isnan(value(p, steps)):
+                    measured = plotted(p, steps, end_of_schedule)
+                    if not math.isnan(measured):
                         panel.annotate(
                             label,
-                            (p["bp_run_flops"], value(p, steps)),
+                            (p["bp_run_flops"], measured),
                             xytext=(-5, 0),
                             textcoords="offset points",
                             fontsize=6,
